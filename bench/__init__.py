@@ -1,0 +1,1 @@
+"""Benchmark drivers behind ``collm bench ...`` (imported as ``collm_bench``)."""

@@ -1,0 +1,1 @@
+"""Model host, adapter store, continuous-batching engine, local trainer and batch mixer."""

@@ -1,0 +1,1 @@
+"""The agent's servers: TGI-compatible HTTP API and Prometheus metrics."""
