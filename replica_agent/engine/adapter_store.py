@@ -1,0 +1,149 @@
+"""Numbered, immutable adapter versions; the "current" pointer; per-request pinning.
+
+Publishing snapshots tensors into a new version and flips "current" under one lock, so a request
+admitted at any moment pins either the old or the new version, never a mix. A pinned version is
+never dropped; an unpinned one that is not current stays only while the retention window keeps it
+(for rollback and for peers that fetch it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import torch
+
+
+def adapter_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content hash over names, dtypes, shapes and bytes, in name order (stable across processes)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    number: int
+    round: int
+    step: int
+    sha256: str
+    eval_loss: float | None
+    created_at: float
+    tensors: Mapping[str, torch.Tensor] = field(repr=False, compare=False)
+
+    def summary(self) -> dict:
+        return {"version": self.number, "round": self.round, "step": self.step, "sha256": self.sha256, "eval_loss": self.eval_loss}
+
+
+class UnknownVersion(KeyError):
+    pass
+
+
+class AdapterStore:
+    def __init__(self, *, retain: int = 8) -> None:
+        if retain < 1:
+            raise ValueError("adapter retention must keep at least 1 version")
+        self.retain = retain
+        self._lock = threading.Lock()
+        self._versions: dict[int, AdapterVersion] = {}
+        self._pins: dict[int, int] = {}
+        self._current: int | None = None
+        self._next = 1
+        self._listeners: list[Callable[[AdapterVersion], None]] = []
+
+    # -- publishing ---------------------------------------------------------------------------
+    def publish(self, tensors: Mapping[str, torch.Tensor], *, round: int = 0, step: int = 0, eval_loss: float | None = None) -> AdapterVersion:
+        """Snapshot `tensors` into a new immutable version and make it current atomically."""
+        frozen = {k: v.detach().clone().requires_grad_(False) for k, v in tensors.items()}
+        digest = adapter_sha256(frozen)
+        with self._lock:
+            version = AdapterVersion(self._next, round, step, digest, eval_loss, time.time(), MappingProxyType(frozen))
+            self._next += 1
+            self._versions[version.number] = version
+            self._current = version.number
+            self._prune_locked()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(version)
+        return version
+
+    def rollback(self, number: int) -> AdapterVersion:
+        """Make a retained version current again (new requests pin it; running ones keep theirs)."""
+        with self._lock:
+            version = self._get_locked(number)
+            self._current = number
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(version)
+        return version
+
+    def on_change(self, listener: Callable[[AdapterVersion], None]) -> None:
+        """Call `listener(version)` after every publish or rollback (from the publishing thread)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    # -- pinning ------------------------------------------------------------------------------
+    def pin_current(self) -> AdapterVersion | None:
+        """Read the current version and hold it in one step; None before the first publish."""
+        with self._lock:
+            if self._current is None:
+                return None
+            self._pins[self._current] = self._pins.get(self._current, 0) + 1
+            return self._versions[self._current]
+
+    def release(self, number: int) -> None:
+        with self._lock:
+            count = self._pins.get(number, 0)
+            if count <= 0:
+                raise RuntimeError(f"adapter version {number} released more often than pinned")
+            if count == 1:
+                del self._pins[number]
+            else:
+                self._pins[number] = count - 1
+            self._prune_locked()
+
+    # -- reading ------------------------------------------------------------------------------
+    @property
+    def current(self) -> AdapterVersion | None:
+        with self._lock:
+            return None if self._current is None else self._versions[self._current]
+
+    def get(self, number: int) -> AdapterVersion:
+        with self._lock:
+            return self._get_locked(number)
+
+    def live_versions(self) -> set[int]:
+        """Versions in use: the current one and every pinned one."""
+        with self._lock:
+            live = set(self._pins)
+            if self._current is not None:
+                live.add(self._current)
+            return live
+
+    def pins(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._pins)
+
+    def retained(self) -> list[int]:
+        with self._lock:
+            return sorted(self._versions)
+
+    def _get_locked(self, number: int) -> AdapterVersion:
+        try:
+            return self._versions[number]
+        except KeyError:
+            raise UnknownVersion(f"adapter version {number} is not retained (retained: {sorted(self._versions)})") from None
+
+    def _prune_locked(self) -> None:
+        keep = set(sorted(self._versions)[-self.retain :]) | set(self._pins)
+        if self._current is not None:
+            keep.add(self._current)
+        for number in [n for n in self._versions if n not in keep]:
+            del self._versions[number]
