@@ -322,8 +322,7 @@ class Engine:
         token, logprob = row.sampler.choose(logits)
         row.first_token_at = time.perf_counter()
         self._rows.append(row)
-        self._emit(row, token, logprob)
-        if self._finished(row):
+        if self._advance(row, token, logprob):
             self._remove([row_index])
         return row
 
@@ -342,38 +341,35 @@ class Engine:
         for i, r in enumerate(rows):
             if i not in chosen:
                 chosen[i] = r.sampler.choose(logits[i])
-        done = []
-        for i, r in enumerate(rows):
-            self._emit(r, *chosen[i])
-            if self._finished(r):
-                done.append(i)
-        self._remove(done)
+        self._remove([i for i, r in enumerate(rows) if self._advance(r, *chosen[i])])
 
-    def _emit(self, row: _Row, token: int, logprob: float) -> None:
+    def _advance(self, row: _Row, token: int, logprob: float) -> bool:
+        """Record one generated token, stream it, and finish the row if it is done; True when finished."""
         row.last_token = token
         special = token in self.eos_token_ids or token in getattr(self.tokenizer, "all_special_ids", ())
         text = "" if special else row.detok.add(token)
+        self.inference_tokens += 1
+        reason = self._finish_reason(row, token, text)
+        if reason is not None:
+            text += row.detok.flush()  # text held back mid UTF-8 sequence goes out with the last token
         info = TokenInfo(token, text, logprob, special)
         row.generated.append(info)
-        self.inference_tokens += 1
         row.handle.callback(TokenEvent(info, len(row.generated) - 1))
+        if reason is not None:
+            self._finish(row, reason)
+        return reason is not None
 
-    def _finished(self, row: _Row) -> bool:
+    def _finish_reason(self, row: _Row, token: int, text: str) -> FinishReason | None:
         p = row.params
-        reason = None
-        last = row.generated[-1]
         if row.handle.cancelled:
-            reason = FinishReason.CANCELLED
-        elif last.id in self.eos_token_ids and not p.ignore_eos:
-            reason = FinishReason.EOS_TOKEN
-        elif p.stop and any(s in row.detok.text[-(len(s) + len(last.text)) :] for s in p.stop):
-            reason = FinishReason.STOP_SEQUENCE
-        elif len(row.generated) >= p.max_new_tokens or row.n_ctx + 1 >= self.settings.max_total_tokens:
-            reason = FinishReason.LENGTH
-        if reason is None:
-            return False
-        self._finish(row, reason)
-        return True
+            return FinishReason.CANCELLED
+        if token in self.eos_token_ids and not p.ignore_eos:
+            return FinishReason.EOS_TOKEN
+        if p.stop and text and any(s in row.detok.text[-(len(s) + len(text)) :] for s in p.stop):
+            return FinishReason.STOP_SEQUENCE
+        if len(row.generated) + 1 >= p.max_new_tokens or row.n_ctx + 1 >= self.settings.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
 
     def _finish(self, row: _Row, reason: FinishReason, error: str | None = None) -> None:
         if row.version is not None:
@@ -382,7 +378,6 @@ class Engine:
         now = time.perf_counter()
         req = row.handle.request
         n = len(row.generated)
-        tail = row.detok.flush() if reason is not FinishReason.ERROR else ""
         final = FinalEvent(
             finish_reason=reason,
             generated_text=row.detok.text,
@@ -397,7 +392,6 @@ class Engine:
             queue_s=row.admitted_at - req.arrival,
             error=error,
         )
-        del tail  # already part of final.generated_text via detok.text
         row.handle.callback(final)
         for observer in self.observers:
             observer("finished", final)

@@ -1,0 +1,78 @@
+"""Command-line entry points: `collm-agent` (a container's entrypoint) and `collm` (demo, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def agent_main(argv: list[str] | None = None) -> int:
+    from .config import load_config
+
+    config, args = load_config(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .agent import Agent
+    from .serving.http_api import run_server
+
+    try:
+        agent = Agent(config)
+    except ValueError as exc:  # bad model source, data, LoRA targets...: say what to fix, no traceback
+        print(f"collm-agent: {exc}", file=sys.stderr)
+        return 2
+    run_server(agent, config.host, config.port)
+    return 0
+
+
+def collm_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="collm", description="CoLLM: serve and fine-tune one LLM on the same replicas.")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="one agent on the tiny model: serve requests while it trains, print what happened")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
+    demo.add_argument("--model", default="tiny", help="base model (tiny, smollm2, a HF directory or a .gguf file)")
+    demo.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    demo.add_argument("--publish-every", type=int, default=40, help="publish the shadow adapter every N training steps")
+    demo.add_argument("--json", help="write every figure to this JSON file")
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures (JSON and a table)")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    coexec = kinds.add_parser("coexec", help="co-execution efficiency of one replica (DESIGN.md's CEE)")
+    coexec.add_argument("--model", default="tiny")
+    coexec.add_argument("--json", help="write the figures to this file")
+    coexec.add_argument("--ttft-ms", type=int, default=500)
+    coexec.add_argument("--tpot-ms", type=int, default=50)
+    coexec.add_argument("--trial-seconds", type=float, default=6.0, help="length of each offered-load step")
+    coexec.add_argument("--start-rate", type=float, default=4.0, help="first offered load in requests/s")
+    coexec.add_argument("--refinements", type=int, default=3, help="bisection steps after the first failing load")
+    coexec.add_argument("--train-cap-tokens", type=int, default=128)
+    coexec.add_argument("--data", help="training data (default: the standard library's json package)")
+    overhead = kinds.add_parser("overhead", help="decode speed with no adapter vs an unmerged adapter with two live versions")
+    overhead.add_argument("--model", default="tiny")
+    overhead.add_argument("--json", help="write the figures to this file")
+    overhead.add_argument("--batch", type=int, default=16)
+    overhead.add_argument("--new-tokens", type=int, default=128)
+    overhead.add_argument("--repeats", type=int, default=3)
+    overhead.add_argument("--threads", type=int, default=1, help="intra-op threads of the engine")
+    overhead.add_argument("--rank", type=int, default=8)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(model=args.model, duration_s=args.duration, clients=args.clients, publish_every=args.publish_every, json_path=args.json)
+    elif args.bench == "coexec":
+        from collm_bench import coexec as bench_coexec
+
+        bench_coexec.run(args.model, data=args.data, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, trial_s=args.trial_seconds, start_rate=args.start_rate, refinements=args.refinements, train_cap_tokens=args.train_cap_tokens, json_path=args.json)
+    elif args.bench == "overhead":
+        from collm_bench import overhead as bench_overhead
+
+        bench_overhead.run(args.model, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads, rank=args.rank, json_path=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(collm_main())

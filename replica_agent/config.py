@@ -1,0 +1,143 @@
+"""The agent's settings: one typed model, filled from defaults < YAML file < environment < flags.
+
+Every field is a flag (`--max-batch`), an environment variable (`COLLM_MAX_BATCH`) and a YAML key
+(`max_batch`); `collm-agent --help` lists them with their descriptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "COLLM_"
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # model host
+    model: str = Field("tiny", description="base model: 'tiny', 'smollm2', a Hugging Face model directory or a .gguf file")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the base weights and adapters")
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'")
+    replica_id: str = Field("agent-0", description="name of this replica in stats, metrics and federated rounds")
+    # adapter
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r)")
+    lora_targets: list[str] = Field(["q_proj", "v_proj"], description="projections that carry LoRA (comma-separated on the command line)")
+    lora_slots: int = Field(4, ge=1, le=64, description="adapter versions servable at once (pinned + current)")
+    adapter_retain: int = Field(8, ge=1, description="published versions kept for rollback and fetching")
+    # engine
+    max_batch: int = Field(16, ge=1, le=1024, description="running requests per iteration")
+    max_total_tokens: int = Field(1024, ge=16, description="prompt + generated tokens of one request")
+    max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per iteration")
+    max_queue: int = Field(1024, ge=1, description="waiting requests before new ones get HTTP 429")
+    engine_threads: int | None = Field(None, ge=1, description="intra-op threads of the serving thread (default: 1 when training, else torch's default)")
+    # SLO and fast timescale
+    ttft_ms: int = Field(1000, ge=1, description="SLO: time to first token in milliseconds")
+    tpot_ms: int = Field(100, ge=1, description="SLO: mean time per output token in milliseconds")
+    train_cap_tokens: int = Field(128, ge=0, description="most training tokens per inference iteration (the operator's plan may lower it); 0 disables training")
+    # trainer
+    train: bool = Field(True, description="train the shadow adapter when data is given")
+    data: str | None = Field(None, description="local training data: a .jsonl file, a text file or a folder (e.g. a standard-library package folder)")
+    seq_len: int = Field(128, ge=8, description="training sequence length in tokens")
+    micro_batch: int = Field(4, ge=1, description="training sequences per step")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the shadow adapter")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of the data held out for eval loss")
+    eval_batches: int = Field(8, ge=0, description="eval batches per evaluation (0 = whole eval split)")
+    publish_every: int = Field(0, ge=0, description="publish the shadow every N training steps (0 = only on demand)")
+    trainer_threads: int | None = Field(None, ge=1, description="intra-op threads of the training thread (default 1)")
+    seed: int = Field(0, description="seed of the adapter init and the data order")
+    feedback: bool = Field(False, description="enable POST /feedback, which appends served interactions to the local data")
+    feedback_path: str | None = Field(None, description="JSONL file that /feedback appends to (default: <data>/feedback.jsonl or ./feedback.jsonl)")
+    # servers
+    host: str = Field("127.0.0.1", description="HTTP listen address")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one)")
+    cache_dir: str | None = Field(None, description="where the built-in tiny model is cached (default $COLLM_CACHE_DIR or ~/.cache/collm)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AgentConfig":
+        if self.feedback and not (self.feedback_path or self.data):
+            raise ValueError("feedback needs a place to write: set feedback_path or data")
+        return self
+
+    @property
+    def training_enabled(self) -> bool:
+        return self.train and self.data is not None and self.train_cap_tokens > 0
+
+
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _coerce(field_name: str, raw: str) -> Any:
+    annotation = str(AgentConfig.model_fields[field_name].annotation)
+    if "list" in annotation:
+        return [s.strip() for s in raw.split(",") if s.strip()]
+    if "bool" in annotation:
+        if raw.lower() not in _BOOL:
+            raise ValueError(f"{field_name} must be true or false, got {raw!r}")
+        return _BOOL[raw.lower()]
+    return raw
+
+
+def build_parser(prog: str = "collm-agent") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="CoLLM replica agent: serves a LoRA-adapted model over a TGI-compatible HTTP API and fine-tunes "
+        "the adapter on local data at the same time. Settings come from defaults < --config YAML < COLLM_* "
+        "environment variables < flags.",
+    )
+    parser.add_argument("--config", help="YAML file with any of the settings below (keys in snake_case)")
+    parser.add_argument("--log-level", default=os.environ.get("COLLM_LOG_LEVEL", "INFO"), help="logging level (env COLLM_LOG_LEVEL)")
+    for name, info in AgentConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.default
+        help_text = f"{info.description} (env {ENV_PREFIX}{name.upper()}; default {default})"
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, *, environ: dict[str, str] | None = None, prog: str = "collm-agent") -> tuple[AgentConfig, argparse.Namespace]:
+    """Parse flags, read the YAML file and the environment; raise SystemExit(2) with a clear message on bad input."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            parser.error(f"cannot read config file {path}: {exc}")
+        if not isinstance(loaded, dict):
+            parser.error(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    try:
+        for name in AgentConfig.model_fields:
+            env_value = environ.get(ENV_PREFIX + name.upper())
+            if env_value is not None:
+                values[name] = _coerce(name, env_value)
+            flag_value = getattr(args, name)
+            if flag_value is not None:
+                values[name] = flag_value if isinstance(flag_value, bool) else _coerce(name, flag_value)
+        return AgentConfig(**values), args
+    except (ValidationError, ValueError) as exc:
+        parser.error(_explain(exc))
+        raise  # unreachable: parser.error exits
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            parts.append(f"{where}: {err['msg']}")
+        return "invalid settings: " + "; ".join(parts)
+    return f"invalid settings: {exc}"
