@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from replica_agent.engine.adapter_store import AdapterStore, UnknownVersion, adapter_sha256
+from replica_agent.engine.budget import TrainingBudget
+from replica_agent.engine.detokenize import IncrementalDetokenizer
+
+
+def tensors(value: float) -> dict[str, torch.Tensor]:
+    return {"a.lora_A.weight": torch.full((2, 3), value), "a.lora_B.weight": torch.full((3, 2), -value)}
+
+
+def test_sha256_is_stable_and_content_sensitive():
+    assert adapter_sha256(tensors(1.0)) == adapter_sha256(tensors(1.0))
+    assert adapter_sha256(tensors(1.0)) != adapter_sha256(tensors(1.0 + 1e-6))
+    renamed = {"b" + k: v for k, v in tensors(1.0).items()}
+    assert adapter_sha256(renamed) != adapter_sha256(tensors(1.0))
+
+
+def test_publish_snapshots_so_later_changes_to_the_source_do_not_leak():
+    store = AdapterStore()
+    source = tensors(1.0)
+    version = store.publish(source, round=2, step=40, eval_loss=1.5)
+    source["a.lora_A.weight"].add_(5)
+    assert version.tensors["a.lora_A.weight"].max() == 1.0
+    assert version.sha256 == adapter_sha256(tensors(1.0))
+    assert (version.number, version.round, version.step, version.eval_loss) == (1, 2, 40, 1.5)
+    with pytest.raises(TypeError):
+        version.tensors["x"] = torch.zeros(1)  # the mapping is read-only
+
+
+def test_pins_keep_versions_alive_and_retention_drops_the_rest():
+    store = AdapterStore(retain=2)
+    store.publish(tensors(1))
+    pinned = store.pin_current()
+    for v in range(2, 6):
+        store.publish(tensors(v))
+    assert store.retained() == [1, 4, 5]  # 1 is pinned, 4 and 5 are the retention window
+    assert store.live_versions() == {1, 5}
+    store.release(pinned.number)
+    assert store.retained() == [4, 5]
+    with pytest.raises(UnknownVersion, match="not retained"):
+        store.get(1)
+    with pytest.raises(RuntimeError, match="released more often"):
+        store.release(1)
+
+
+def test_rollback_makes_a_retained_version_current_and_notifies():
+    store = AdapterStore()
+    seen = []
+    store.on_change(lambda v: seen.append(v.number))
+    store.publish(tensors(1))
+    store.publish(tensors(2))
+    assert store.rollback(1).number == 1 and store.current.number == 1
+    assert seen == [1, 2, 1]
+
+
+def test_pin_current_is_atomic_with_publish():
+    store = AdapterStore(retain=1)
+    store.publish(tensors(0))
+    errors = []
+
+    def reader():
+        for _ in range(2000):
+            v = store.pin_current()
+            try:
+                store.get(v.number)  # a pinned version is always retrievable, even with retain=1
+            except UnknownVersion as exc:
+                errors.append(exc)
+            store.release(v.number)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(200):
+        store.publish(tensors(i))
+    for t in threads:
+        t.join()
+    assert not errors and store.pins() == {}
+
+
+def test_budget_waits_for_credit_and_caps_the_balance():
+    budget = TrainingBudget(max_balance=100)
+    assert not budget.acquire(50, timeout=0.01)
+    budget.credit(30)
+    budget.credit(1000)
+    assert budget.balance == 100
+    assert budget.acquire(80, timeout=0.01) and budget.balance == 20
+    budget.close()
+    assert not budget.acquire(1, timeout=0.01)
+
+
+def test_detokenizer_holds_back_incomplete_utf8(byte_tokenizer):
+    text = "héllo 🙂 wörld"
+    ids = byte_tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(byte_tokenizer, [])
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) + detok.flush() == text
+    assert "\ufffd" not in "".join(deltas)
+    assert deltas[ids.index(0xF0)] == ""  # the first byte of the emoji completes nothing yet
