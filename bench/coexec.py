@@ -2,8 +2,8 @@
 
 In one run, on one replica and one model:
 1. inference alone: the highest Poisson request rate served with >= 99% SLO attainment
-   (stepping the offered load), training off, the engine using every core;
-2. training alone: training tokens/s with no requests, the trainer using every core;
+   (stepping the offered load), training off, the engine at its best thread count (probed);
+2. training alone: training tokens/s with no requests, the trainer at its best thread count;
 3. co-execution: the same search with the trainer on and the batch mixer steering it, and the
    training tokens/s measured during the trial at the rate found.
 CEE = rate_co / rate_alone + train_co / train_alone (time-slicing scores 1.0; the ceiling is 2).
@@ -18,19 +18,36 @@ from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
 from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.engine.model_host import load_base_model
+from replica_agent.engine.trainer import Trainer, TrainerSettings
 
 from .load import find_max_rate, run_trial, trace_shapes
 from .report import machine, print_table, write_json
 
 
-def _training_alone(base, config: AgentConfig, seconds: float) -> float:
-    agent = Agent(config.model_copy(update={"engine_threads": None, "trainer_threads": os.cpu_count()}), base=base)
-    trainer = agent.trainer
-    trainer.train_step()  # warm-up
+def _training_alone(agent: Agent, threads: int, seconds: float) -> float:
+    """Training tokens/s of the trainer thread with no requests and no budget limit."""
+    trainer = Trainer(agent.runtime, agent.dataset, agent.store, agent.spec, settings=TrainerSettings(micro_batch=agent.config.micro_batch, torch_threads=threads))
+    trainer.start()
+    time.sleep(1.0)  # warm-up
     tokens0, t0 = trainer.tokens, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        trainer.train_step()
-    return (trainer.tokens - tokens0) / (time.perf_counter() - t0)
+    time.sleep(seconds)
+    rate = (trainer.tokens - tokens0) / (time.perf_counter() - t0)
+    trainer.stop()
+    return rate
+
+
+def _best_engine_threads(base, common: dict, shapes, *, ttft_ms, tpot_ms) -> tuple[int, dict]:
+    """Inference alone gets its best setting: probe 1 thread and every core at a saturating load."""
+    probes = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        agent = Agent(AgentConfig(**common, train=False, engine_threads=threads), base=base)
+        agent.start()
+        try:
+            result = run_trial(agent.engine, shapes, 200.0, 3.0, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+            probes[threads] = result.generated_tokens / result.duration_s
+        finally:
+            agent.stop()
+    return max(probes, key=probes.get), probes
 
 
 def _search(agent: Agent, shapes, *, ttft_ms, tpot_ms, trial_s, start_rate, refinements):
@@ -54,7 +71,8 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
     shapes = trace_shapes()
     common = dict(model=model, data=data, ttft_ms=ttft_ms, tpot_ms=tpot_ms, max_batch=max_batch, max_total_tokens=320, eval_batches=1, port=0)
 
-    alone = Agent(AgentConfig(**common, train=False), base=base)
+    engine_threads, thread_probes = _best_engine_threads(base, common, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+    alone = Agent(AgentConfig(**common, train=False, engine_threads=engine_threads), base=base)
     alone.start()
     try:
         run_trial(alone.engine, shapes, start_rate, 2.0, ttft_ms=ttft_ms, tpot_ms=tpot_ms)  # warm-up
@@ -62,10 +80,9 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
     finally:
         alone.stop()
 
-    train_config = AgentConfig(**common, train=True, train_cap_tokens=train_cap_tokens)
-    train_alone = _training_alone(base, train_config, seconds=trial_s)
-
-    co = Agent(train_config, base=base)
+    co = Agent(AgentConfig(**common, train=True, train_cap_tokens=train_cap_tokens), base=base)
+    train_probes = {threads: _training_alone(co, threads, trial_s / 2) for threads in sorted({1, os.cpu_count() or 1})}
+    train_alone = max(train_probes.values())
     co.start()
     try:
         rate_co, best_co, hist_co, train_rates = _search(co, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements)
@@ -79,6 +96,7 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
     result = {
         "benchmark": "coexec",
         "model": base.name,
+        "alone_probes": {"engine_tokens_per_s_by_threads": thread_probes, "training_tokens_per_s_by_threads": train_probes, "engine_threads": engine_threads},
         "settings": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "trial_s": trial_s, "max_batch": max_batch, "train_cap_tokens": train_cap_tokens, "data": data, "request_shapes": len(shapes)},
         "inference_alone_rps": rate_alone,
         "inference_alone_attainment": best_alone.attainment if best_alone else 0.0,

@@ -20,7 +20,7 @@ def agent_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad model source, data, LoRA targets...: say what to fix, no traceback
         print(f"collm-agent: {exc}", file=sys.stderr)
         return 2
-    run_server(agent, config.host, config.port)
+    run_server(agent)  # starts the agent, serves until SIGTERM
     return 0
 
 

@@ -141,10 +141,8 @@ class Engine:
             handle.callback(_error_event(handle.request, "the engine stopped"))
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
-        return ids
+        """Model-ready ids: the tokenizer adds what its model expects (BOS for Llama and tiny, none for SmolLM2)."""
+        return self.tokenizer.encode(text)
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         limit = self.settings.max_total_tokens
@@ -238,11 +236,19 @@ class Engine:
         self.iterations += 1
         if rows:
             self._tpot_ema_ms = iteration_ms if self._tpot_ema_ms is None else 0.8 * self._tpot_ema_ms + 0.2 * iteration_ms
+        with self._cv:
+            waiting = len(self._waiting)
+            oldest = self._waiting[0].request.arrival if waiting else None
+        if oldest is not None:
+            # The oldest waiting request's age is a lower bound of its TTFT: pressure shows while it waits,
+            # not only once it is admitted.
+            waited_ms = (time.perf_counter() - oldest) * 1000
+            ttft_ms = waited_ms if ttft_ms is None else max(ttft_ms, waited_ms)
         stats = IterationStats(
             iteration_ms=iteration_ms,
             decode_rows=rows,
             prefill_tokens=prefill_tokens,
-            queue_depth=len(self._waiting),
+            queue_depth=waiting,
             ttft_ms=ttft_ms,
             tpot_ms=self._tpot_ema_ms if rows else None,
         )

@@ -81,7 +81,7 @@ class Trainer:
         started = time.perf_counter()
         with self._lock:
             loss = self.runtime.loss(batch.input_ids, batch.labels, TensorLora(self.shadow, self.spec, self.runtime.dims))
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower the learning rate")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -91,7 +91,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         self.busy_seconds += seconds
         self.tokens += batch.tokens
-        self.last_loss = float(loss)
+        self.last_loss = loss.item()
         return StepResult(self.step, self.last_loss, batch.tokens, seconds)
 
     @torch.no_grad()

@@ -1,0 +1,449 @@
+"""The TGI-compatible HTTP API, driven by TGI's own client against a real agent on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import aiohttp
+import pytest
+from text_generation import AsyncClient, Client
+from text_generation.errors import GenerationError, OverloadedError, ValidationError
+
+from replica_agent.agent import Agent
+from replica_agent.config import AgentConfig
+from replica_agent.engine.data import stdlib_package_dir
+from replica_agent.engine.engine import RequestRejected
+from replica_agent.engine.requests import FinalEvent, FinishReason, SamplingParams, TokenEvent, TokenInfo
+from replica_agent.serving import http_api
+from replica_agent.serving.background import BackgroundServer
+from replica_agent.serving.http_api import ADAPTER_HEADER
+from replica_agent.serving.schemas import InvalidRequest, StreamFramer, parse_generate_request, prompt_ids, sampling_params
+
+PROMPT = "The Python language reference describes"
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "json"
+    shutil.copytree(stdlib_package_dir("json"), data, ignore=shutil.ignore_patterns("__pycache__"))
+    agent = Agent(AgentConfig(model="tiny", data=str(data), port=0, max_total_tokens=512, eval_batches=2))
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(scope="module")
+def server(agent):
+    server = BackgroundServer(agent)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server):
+    return Client(server.url, timeout=60)
+
+
+def post(server, path: str, body, *, raw: bool = False) -> tuple[int, dict, dict]:
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def get(server, path: str) -> tuple[int, bytes, dict]:
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=30) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def sse_events(server, body) -> list[dict]:
+    """The raw `data:` events of a stream, extra keys included."""
+    req = urllib.request.Request(server.url + "/generate_stream", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        return [json.loads(line[5:]) for line in resp.read().decode().splitlines() if line.startswith("data:")]
+
+
+# -- generation through TGI's client -------------------------------------------------------------
+def test_generate_with_details(client):
+    r = client.generate(PROMPT, max_new_tokens=12)
+    assert r.details.finish_reason.value == "length"
+    assert r.details.generated_tokens == len(r.details.tokens) == 12
+    assert r.generated_text == "".join(t.text for t in r.details.tokens)
+    assert r.details.prefill == [] and r.details.seed is None
+    assert all(t.logprob is not None and t.logprob <= 0 for t in r.details.tokens)
+
+
+def test_generate_stream_joins_to_final_text(client, server):
+    events = list(client.generate_stream(PROMPT, max_new_tokens=16))
+    assert len(events) == 16 == events[-1].details.generated_tokens
+    assert all(e.generated_text is None and e.details is None for e in events[:-1])
+    assert "".join(e.token.text for e in events if not e.token.special) == events[-1].generated_text
+    assert events[-1].generated_text == client.generate(PROMPT, max_new_tokens=16).generated_text
+
+    raw = sse_events(server, {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "details": True}})
+    final = raw[-1]
+    assert final["adapter_version"] == final["details"]["adapter_version"] == server.api.agent.store.current.number
+    assert [e["index"] for e in raw] == [0, 1, 2, 3]
+
+
+def test_concurrent_async_requests(server):
+    async def main():
+        client = AsyncClient(server.url, timeout=60)
+        prompts = [f"{PROMPT} item {i}" for i in range(8)]
+        return await asyncio.gather(*(client.generate(p, max_new_tokens=8 + i) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(main())
+    assert [r.details.generated_tokens for r in results] == [8 + i for i in range(8)]
+
+
+def test_async_stream(server):
+    async def main():
+        client = AsyncClient(server.url, timeout=60)
+        return [e async for e in client.generate_stream(PROMPT, max_new_tokens=6)]
+
+    events = asyncio.run(main())
+    assert len(events) == 6 and events[-1].generated_text == "".join(e.token.text for e in events)
+
+
+def test_stop_sequence(client):
+    text = client.generate(PROMPT, max_new_tokens=20).generated_text
+    stop = text[5:7]
+    r = client.generate(PROMPT, max_new_tokens=20, stop_sequences=[stop])
+    assert r.details.finish_reason.value == "stop_sequence"
+    assert r.generated_text.endswith(stop) and text.startswith(r.generated_text)
+    events = list(client.generate_stream(PROMPT, max_new_tokens=20, stop_sequences=[stop]))
+    assert events[-1].details.finish_reason.value == "stop_sequence" and events[-1].generated_text == r.generated_text
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(do_sample=True, temperature=1.3, top_k=100, top_p=0.95, max_new_tokens=16)
+    a = client.generate(PROMPT, seed=42, **kwargs)
+    b = client.generate(PROMPT, seed=42, **kwargs)
+    assert a.generated_text == b.generated_text and a.details.seed == 42
+    texts = {client.generate(PROMPT, seed=s, **kwargs).generated_text for s in (1, 2, 3)}
+    assert len(texts) > 1
+
+
+def test_return_full_text_and_prefill(client, agent):
+    r = client.generate(PROMPT, max_new_tokens=5, return_full_text=True, decoder_input_details=True)
+    assert r.generated_text.startswith(PROMPT) and len(r.generated_text) > len(PROMPT)
+    assert len(r.details.prefill) == len(agent.engine.encode(PROMPT))
+    assert r.details.prefill[0].logprob is None and all(t.logprob is not None for t in r.details.prefill[1:])
+
+
+def test_truncate_keeps_the_last_tokens(server, agent):
+    status, body, headers = post(server, "/generate", {"inputs": "x" * 2000 + PROMPT, "parameters": {"truncate": 100, "max_new_tokens": 3}})
+    assert status == 200 and headers["x-prompt-tokens"] == "101"  # BOS + the last 100 text tokens
+
+
+def test_compat_route_dispatches_on_stream(server):
+    status, body, _ = post(server, "/", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
+    assert status == 200 and isinstance(body, list) and "details" not in body[0]
+    status, body, _ = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
+    assert status == 200 and isinstance(body, dict) and set(body) == {"generated_text"}
+    req = urllib.request.Request(server.url + "/", data=json.dumps({"inputs": PROMPT, "stream": True, "parameters": {"max_new_tokens": 3}}).encode())
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.read().decode().count("data:") == 3
+
+
+def test_adapter_version_header(server, agent):
+    status, _, headers = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
+    assert status == 200 and headers[ADAPTER_HEADER] == str(agent.store.current.number)
+
+
+# -- validation ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(prompt=""),
+        dict(prompt=PROMPT, max_new_tokens=-1),
+        dict(prompt=PROMPT, max_new_tokens=10**9),
+        dict(prompt=PROMPT, temperature=0.0),
+        dict(prompt="word " * 200, max_new_tokens=20),
+        dict(prompt=PROMPT, typical_p=0.5),
+    ],
+)
+def test_client_validation_errors(client, kwargs):
+    with pytest.raises(ValidationError):
+        client.generate(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b'{"inputs": "x", ', "not valid JSON"),
+        (b"", "empty"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"inputs": 5}', "`inputs`"),
+        (b'{"inputs": ""}', "cannot be empty"),
+        (b'{"parameters": {}}', "`inputs` is required"),
+        (b'{"inputs": "x", "parameters": {"max_new_tokens": "20"}}', "parameters.max_new_tokens"),
+        (b'{"inputs": "x", "parameters": {"max_new_tokens": 0}}', "strictly positive"),
+        (b'{"inputs": "x", "parameters": {"max_new_tokens": 1000000000}}', "must be <= 512"),
+        (b'{"inputs": "x", "parameters": {"temperature": 0}}', "`temperature`"),
+        (b'{"inputs": "x", "parameters": {"temperature": NaN}}', "NaN"),
+        (b'{"inputs": "x", "parameters": {"top_p": 1.5}}', "`top_p`"),
+        (b'{"inputs": "x", "parameters": {"top_k": -3}}', "`top_k`"),
+        (b'{"inputs": "x", "parameters": {"seed": -1}}', "`seed`"),
+        (b'{"inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}', "up to 4"),
+        (b'{"inputs": "x", "parameters": {"best_of": 2}}', "not supported"),
+        (b'{"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "a+"}}}', "not supported"),
+        (b'{"inputs": "x", "parameters": {"max_new_token": 3}}', "unknown field `parameters.max_new_token`"),
+        (b'{"inputs": "x", "stream": true, "parameters": {"decoder_input_details": true}}', "streaming"),
+    ],
+)
+def test_malformed_requests_get_tgi_validation_errors(server, body, words):
+    status, payload, _ = post(server, "/", body, raw=True)
+    assert status == 422, payload
+    assert payload["error_type"] == "validation" and words in payload["error"]
+    assert payload["error"].startswith("Input validation error")
+
+
+def test_unknown_null_fields_are_ignored(server):
+    status, body, _ = post(server, "/generate", {"inputs": PROMPT, "model": None, "parameters": {"max_new_tokens": 1, "adapter_id": None, "new_thing": None}})
+    assert status == 200 and body["generated_text"]
+
+
+def test_overload_and_engine_failures_map_to_tgi_errors(client, server, agent, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(agent.engine.settings, "max_queue", 0)
+        with pytest.raises(OverloadedError, match="queue is full"):
+            client.generate(PROMPT, max_new_tokens=2)
+        assert post(server, "/generate", {"inputs": PROMPT})[0] == 429
+
+    async def failing(ids, params, **_):
+        yield FinalEvent(FinishReason.ERROR, "", 0, None, None, len(ids), error="engine error: boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(agent.engine, "stream", failing)
+        status, body, _ = post(server, "/generate", {"inputs": PROMPT})
+        assert (status, body) == (424, {"error": "engine error: boom", "error_type": "generation"})
+        with pytest.raises(GenerationError, match="boom"):
+            list(client.generate_stream(PROMPT))
+
+    async def stopped(ids, params, **_):
+        raise RequestRejected("the engine is not running")
+        yield
+
+    with monkeypatch.context() as m:
+        m.setattr(agent.engine, "stream", stopped)
+        status, body, _ = post(server, "/generate", {"inputs": PROMPT})
+        assert status == 503 and "not running" in body["error"]
+    metrics = get(server, "/metrics")[1].decode()
+    assert 'collm_requests_total{outcome="overloaded"} 2.0' in metrics
+
+
+# -- information and control ---------------------------------------------------------------------
+def test_info_health_stats(server, agent):
+    status, body, _ = get(server, "/info")
+    info = json.loads(body)
+    assert status == 200 and info["model_id"] and info["max_total_tokens"] == 512 and info["max_input_tokens"] == 511
+    assert info["adapter"]["version"] == agent.store.current.number and info["model_device_type"] == "cpu"
+    status, body, _ = get(server, "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body, _ = get(server, "/stats")
+    assert status == 200 and json.loads(body)["replica_id"] == "agent-0"
+    status, body, _ = get(server, "/nope")
+    assert status == 404 and json.loads(body)["error_type"] == "not_found"
+
+
+def test_metrics_exposition(server, client):
+    client.generate(PROMPT, max_new_tokens=2)
+    status, body, headers = get(server, "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    for name in ("collm_requests_total", "collm_time_to_first_token_seconds", "collm_adapter_version", "collm_training_share"):
+        assert name in text
+    assert 'collm_requests_total{outcome="validation"}' in text
+
+
+def test_publish_bumps_the_version(server, agent):
+    before = agent.store.current.number
+    status, body, _ = post(server, "/publish", {})
+    assert status == 200 and body["version"] == before + 1 == agent.store.current.number and len(body["sha256"]) == 64
+    status, _, headers = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}})
+    assert headers[ADAPTER_HEADER] == str(before + 1)
+
+
+def test_publish_without_trainer_is_a_conflict(server, agent, monkeypatch):
+    monkeypatch.setattr(agent, "trainer", None)
+    status, body, _ = post(server, "/publish", {})
+    assert status == 409 and "--data" in body["error"]
+
+
+def test_feedback(server, agent, monkeypatch):
+    status, body, _ = post(server, "/feedback", {"prompt": "p", "completion": "c"})
+    assert status == 404 and "--feedback" in body["error"]
+    monkeypatch.setattr(agent.config, "feedback", True)
+    status, body, _ = post(server, "/feedback", {"prompt": "2 + 2 =", "completion": " 4"})
+    assert status == 200
+    path = agent.config.data + "/feedback.jsonl"
+    assert body["path"] == path
+    with open(path) as f:
+        assert [json.loads(line) for line in f] == [{"prompt": "2 + 2 =", "completion": " 4"}]
+    status, body, _ = post(server, "/feedback", {"prompt": "", "completion": "x"})
+    assert status == 422 and body["error_type"] == "validation"
+
+
+def test_draining_or_stuck_replica_is_unhealthy(server, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(server.api, "draining", True)
+        status, body, _ = get(server, "/health")
+        assert status == 503 and "shutting down" in json.loads(body)["error"]
+    with monkeypatch.context() as m:
+        m.setattr(http_api, "HEALTH_STALE_S", -1.0)
+        status, body, _ = get(server, "/health")
+        assert status == 503 and "has not completed an iteration" in json.loads(body)["error"]
+
+
+SERVER_SCRIPT = """
+import logging
+from replica_agent.agent import Agent
+from replica_agent.config import AgentConfig
+from replica_agent.serving.http_api import run_server
+logging.basicConfig(level=logging.INFO)
+run_server(Agent(AgentConfig(model="tiny", port=0, max_total_tokens=256)))
+"""
+
+
+def test_sigterm_finishes_in_flight_streams_then_exits(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        url = None
+        for line in proc.stderr:
+            if "serving the TGI API on " in line:
+                url = line.strip().rsplit(" ", 1)[-1]
+                break
+        assert url, "the server did not start"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+        events = Client(url, timeout=30).generate_stream(PROMPT, max_new_tokens=60)
+        first = next(events)
+        proc.send_signal(signal.SIGTERM)
+        rest = list(events)
+        assert first.token and len(rest) == 59 and rest[-1].details.generated_tokens == 60
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- robustness ----------------------------------------------------------------------------------
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("path", ["/generate_stream", "/generate"])
+def test_disconnect_mid_request_frees_the_pin(server, agent, path):
+    cancelled = server.api.metrics.requests.labels("cancelled")
+    before = cancelled._value.get()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", path, body=json.dumps({"inputs": PROMPT, "parameters": {"max_new_tokens": 400}}))
+    if path == "/generate_stream":
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data:")
+        resp.close()
+    assert wait_for(lambda: agent.store.pins() != {}, 5.0)  # the request holds its version
+    conn.close()
+    assert wait_for(lambda: agent.store.pins() == {}, 5.0), agent.store.pins()
+    assert wait_for(lambda: cancelled._value.get() == before + 1, 2.0)  # cancelled, not run to the end
+
+
+def test_malformed_burst_does_not_disturb_valid_streams(server):
+    bad_bodies = [b"{", b'{"inputs": 5}', b'{"inputs": "x", "parameters": {"max_new_tokens": -1}}', b"\xff\xfe", b'{"inputs": "' + b"y" * 3000 + b'"}', b"null"]
+
+    async def bad(session: aiohttp.ClientSession, i: int) -> int:
+        path = ("/", "/generate", "/generate_stream")[i % 3]
+        async with session.post(server.url + path, data=bad_bodies[i % len(bad_bodies)]) as resp:
+            assert (await resp.json())["error_type"] == "validation"
+            return resp.status
+
+    async def good(client: AsyncClient, i: int) -> tuple[int, str, str]:
+        events = [e async for e in client.generate_stream(f"{PROMPT} {i}", max_new_tokens=10 + i)]
+        return len(events), "".join(e.token.text for e in events), events[-1].generated_text
+
+    async def main():
+        client = AsyncClient(server.url, timeout=60)
+        async with aiohttp.ClientSession() as session:
+            goods = [asyncio.ensure_future(good(client, i)) for i in range(6)]
+            statuses = []
+            for i in range(36):
+                statuses.append(await bad(session, i))
+                await asyncio.sleep(0.005)
+            return await asyncio.gather(*goods), statuses
+
+    goods, statuses = asyncio.run(main())
+    assert set(statuses) == {422}
+    for i, (n, joined, final) in enumerate(goods):
+        assert n == 10 + i and joined == final
+
+
+# -- pure conversions ----------------------------------------------------------------------------
+def tok(i: int, text: str, special: bool = False) -> TokenEvent:
+    return TokenEvent(TokenInfo(100 + i, text, -0.5, special), i)
+
+
+def final(text: str, n: int, reason=FinishReason.LENGTH) -> FinalEvent:
+    return FinalEvent(reason, text, n, None, 7, 3)
+
+
+def test_framer_holds_back_only_a_possible_last_token():
+    framer = StreamFramer(SamplingParams(max_new_tokens=3), prompt_tokens=3, max_total_tokens=100, details=True)
+    assert [f["token"]["text"] for f in framer.token(tok(0, "a"))] == ["a"]
+    assert [f["token"]["text"] for f in framer.token(tok(1, "b"))] == ["b"]
+    assert framer.token(tok(2, "c")) == []  # index 2 may be the last: held back
+    (last,) = framer.final(final("abcd", 3))  # "d": a tail the detokenizer released at the end
+    assert last["token"]["text"] == "cd" and last["generated_text"] == "abcd" and last["index"] == 2
+    assert last["details"] == {"finish_reason": "length", "generated_tokens": 3, "seed": None, "input_length": 3, "adapter_version": 7}
+    assert last["adapter_version"] == 7
+
+
+def test_framer_releases_a_held_token_that_was_not_last():
+    framer = StreamFramer(SamplingParams(max_new_tokens=10, stop=("xy",)), prompt_tokens=3, max_total_tokens=100, details=False, prefix="P:")
+    assert len(framer.token(tok(0, "x"))) == 1
+    assert framer.token(tok(1, "", special=True)) == []  # a special token may be EOS
+    (released,) = framer.token(tok(2, "y"))  # the special token was not the end; "y" completes the stop sequence
+    assert released["index"] == 1 and released["generated_text"] is None
+    out = framer.final(final("xy", 3, FinishReason.STOP_SEQUENCE))
+    assert out[-1]["generated_text"] == "P:xy" and out[-1]["details"] is None and out[-1]["token"]["text"] == "y"
+
+
+def test_framer_reports_errors_and_drops_cancelled():
+    framer = StreamFramer(SamplingParams(max_new_tokens=5), 3, 100, details=True)
+    framer.token(tok(0, "a"))
+    err = FinalEvent(FinishReason.ERROR, "", 0, None, None, 3, error="boom")
+    assert framer.final(err) == [{"error": "boom", "error_type": "generation"}]
+    assert StreamFramer(SamplingParams(), 3, 100, details=True).final(FinalEvent(FinishReason.CANCELLED, "", 0, None, None, 3)) == []
+
+
+def test_request_parsing_helpers():
+    req = parse_generate_request({"inputs": "hi", "stream": True, "parameters": {"top_p": 1.0, "stop": ["\n"]}}, stream=False)
+    assert req.stream is False and req.params.top_p == 1.0
+    assert sampling_params(req.params, prompt_tokens=500, max_total_tokens=512).max_new_tokens == 12
+    assert sampling_params(req.params, prompt_tokens=5, max_total_tokens=512).max_new_tokens == 20
+    assert prompt_ids([1, 5, 6, 7], 2, bos_token_id=1) == [1, 6, 7]
+    assert prompt_ids([5, 6, 7], 2, bos_token_id=None) == [6, 7]
+    with pytest.raises(InvalidRequest, match="`watermark`"):
+        parse_generate_request({"inputs": "hi", "parameters": {"watermark": True}})

@@ -1,0 +1,93 @@
+"""One agent on the tiny pretrained model: training under load, plans, and its settings."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from replica_agent.agent import Agent, Plan
+from replica_agent.config import AgentConfig, load_config
+from replica_agent.engine.data import stdlib_package_dir
+from replica_agent.engine.requests import FinishReason, SamplingParams
+
+
+def test_training_under_load_lowers_the_eval_loss_of_published_versions():
+    agent = Agent(AgentConfig(model="tiny", data=str(stdlib_package_dir("json")), eval_batches=4, max_total_tokens=256, learning_rate=5e-3))
+    first = agent.start()
+    finals, stop = [], threading.Event()
+
+    def client(seed):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            _, final = agent.engine.generate(agent.engine.encode(f"def handler_{seed}_{i}("), SamplingParams(max_new_tokens=16, ignore_eos=True))
+            finals.append(final)
+
+    clients = [threading.Thread(target=client, args=(s,)) for s in range(3)]
+    try:
+        for t in clients:
+            t.start()
+        versions = [first]
+        for target_steps in (20, 40):
+            deadline = time.monotonic() + 90
+            while agent.trainer.step < target_steps and time.monotonic() < deadline:
+                time.sleep(0.1)
+            versions.append(agent.publish())
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(30)
+        agent.stop()
+    losses = [v.eval_loss for v in versions]
+    assert agent.trainer.step >= 40, f"the trainer made only {agent.trainer.step} steps under load"
+    assert losses[2] < losses[1] < losses[0] and losses[0] - losses[2] > 0.1, losses
+    assert finals and all(f.finish_reason is FinishReason.LENGTH for f in finals)
+    assert {f.adapter_version for f in finals} >= {1}
+
+
+def test_plan_updates_the_mixer_cap_and_slo():
+    agent = Agent(AgentConfig(model="tiny"))
+    agent.apply_plan(Plan(train_cap_tokens=64, ttft_ms=200, tpot_ms=20))
+    settings = agent.mixer.settings
+    assert (settings.cap_tokens_per_iteration, settings.ttft_ms, settings.tpot_ms) == (0, 200, 20)  # no data: no training
+    with pytest.raises(RuntimeError, match="--data"):
+        agent.publish()
+
+
+def test_settings_precedence_flags_over_env_over_yaml(tmp_path):
+    config_file = tmp_path / "agent.yaml"
+    config_file.write_text("max_batch: 4\nttft_ms: 300\nlora_targets: [q_proj, k_proj]\nfeedback: false\n")
+    env = {"COLLM_MAX_BATCH": "6", "COLLM_TPOT_MS": "40", "COLLM_FEEDBACK": "true", "COLLM_DATA": "/data"}
+    config, _ = load_config(["--config", str(config_file), "--max-batch", "8", "--lora-targets", "q_proj,v_proj,o_proj"], environ=env)
+    assert config.max_batch == 8  # flag beats env and file
+    assert config.tpot_ms == 40  # env beats default
+    assert config.ttft_ms == 300  # file beats default
+    assert config.feedback is True and config.data == "/data"
+    assert config.lora_targets == ["q_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize(
+    "argv, env, words",
+    [
+        (["--max-batch", "zero"], {}, "max_batch"),
+        (["--ttft-ms", "-5"], {}, "ttft_ms"),
+        ([], {"COLLM_FEEDBACK": "maybe"}, "feedback must be true or false"),
+        (["--feedback"], {}, "feedback needs a place to write"),
+        (["--no-such-flag"], {}, "unrecognized"),
+    ],
+)
+def test_bad_settings_exit_with_a_message_that_says_what_to_fix(argv, env, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_config(argv, environ=env)
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_help_lists_each_setting_with_its_environment_variable(capsys):
+    with pytest.raises(SystemExit):
+        load_config(["--help"], environ={})
+    text = capsys.readouterr().out
+    for flag, env in (("--max-batch", "COLLM_MAX_BATCH"), ("--data", "COLLM_DATA"), ("--publish-every", "COLLM_PUBLISH_EVERY")):
+        assert flag in text and env in text
