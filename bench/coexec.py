@@ -44,13 +44,13 @@ def _best_engine_threads(base, common: dict, shapes, *, ttft_ms, tpot_ms) -> tup
         agent.start()
         try:
             result = run_trial(agent.engine, shapes, 200.0, 3.0, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
-            probes[threads] = result.generated_tokens / result.duration_s
+            probes[threads] = result.served_tokens_per_s
         finally:
             agent.stop()
     return max(probes, key=probes.get), probes
 
 
-def _search(agent: Agent, shapes, *, ttft_ms, tpot_ms, trial_s, start_rate, refinements):
+def _search(agent: Agent, shapes, *, ttft_ms, tpot_ms, trial_s, start_rate, refinements, max_doublings):
     trainer = agent.trainer
     per_trial: dict[float, float] = {}
 
@@ -61,11 +61,11 @@ def _search(agent: Agent, shapes, *, ttft_ms, tpot_ms, trial_s, start_rate, refi
         per_trial[rate] = ((trainer.tokens - tokens0) / elapsed) if trainer else 0.0
         return result
 
-    rate, best, history = find_max_rate(trial, start_rate=start_rate, refinements=refinements)
+    rate, best, history = find_max_rate(trial, start_rate=start_rate, refinements=refinements, max_doublings=max_doublings)
     return rate, best, history, per_trial
 
 
-def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpot_ms: int = 50, trial_s: float = 6.0, start_rate: float = 4.0, refinements: int = 3, max_batch: int = 16, train_cap_tokens: int = 128, json_path: str | None = None) -> dict:
+def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpot_ms: int = 50, trial_s: float = 6.0, start_rate: float = 4.0, refinements: int = 3, max_doublings: int = 8, max_batch: int = 16, train_cap_tokens: int = 128, json_path: str | None = None) -> dict:
     base = load_base_model(model)
     data = data or str(stdlib_package_dir("json"))
     shapes = trace_shapes()
@@ -76,7 +76,7 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
     alone.start()
     try:
         run_trial(alone.engine, shapes, start_rate, 2.0, ttft_ms=ttft_ms, tpot_ms=tpot_ms)  # warm-up
-        rate_alone, best_alone, hist_alone, _ = _search(alone, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements)
+        rate_alone, best_alone, hist_alone, _ = _search(alone, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements, max_doublings=max_doublings)
     finally:
         alone.stop()
 
@@ -85,7 +85,7 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
     train_alone = max(train_probes.values())
     co.start()
     try:
-        rate_co, best_co, hist_co, train_rates = _search(co, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements)
+        rate_co, best_co, hist_co, train_rates = _search(co, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements, max_doublings=max_doublings)
         train_co = train_rates.get(rate_co, 0.0)
         eval_after = co.trainer.evaluate()
     finally:

@@ -53,6 +53,11 @@ class TrialResult:
     failed: int
     rejected: int
     generated_tokens: int
+    elapsed_s: float  # from the first arrival until the last request finished
+
+    @property
+    def served_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
     @property
     def attainment(self) -> float:
@@ -107,6 +112,7 @@ def run_trial(engine: Engine, shapes: list[RequestShape], rate: float, duration_
         if len(finals) == expected[0]:
             all_done.set()
     all_done.wait(drain_timeout_s)
+    elapsed = time.perf_counter() - start
     with lock:
         done = list(finals)
     met = sum(1 for f in done if f.ok and meets_slo(f, ttft_ms, tpot_ms))
@@ -119,6 +125,7 @@ def run_trial(engine: Engine, shapes: list[RequestShape], rate: float, duration_
         failed=sum(1 for f in done if not f.ok) + (expected[0] - len(done)),
         rejected=rejected,
         generated_tokens=sum(f.generated_tokens for f in done),
+        elapsed_s=elapsed,
     )
 
 
