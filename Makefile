@@ -19,6 +19,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/collm demo
 
 test: $(VENV)/.installed
+	# Build (or reuse) the cached tiny model first, so no single test pays for the cold build.
+	$(PY) -c "from replica_agent.engine.tiny import ensure_tiny_model; ensure_tiny_model()"
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: $(VENV)/.installed

@@ -1,1 +1,0 @@
-"""The CoLLM Kubernetes operator (imported as ``collm_operator``; ``operator`` is a standard-library module)."""

@@ -1,0 +1,6 @@
+"""The CoLLM Kubernetes operator (not built yet; see the open issues).
+
+It lives in operator/collm_operator/ rather than in operator/ itself: a package directory named
+`operator` at the repository root would shadow the standard library's `operator` module for any
+`python -m ...` started there.
+"""
