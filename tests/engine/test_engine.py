@@ -12,6 +12,7 @@ from replica_agent.engine.engine import Engine, EngineSettings, QueueFull, Reque
 from replica_agent.engine.lora import LoraSpec
 from replica_agent.engine.requests import FinalEvent, FinishReason, SamplingParams, TokenEvent
 
+from ..helpers import eventually
 from .conftest import random_adapter
 
 SPEC = LoraSpec(rank=8, alpha=16)
@@ -75,7 +76,7 @@ def test_greedy_request_in_flight_during_publish_keeps_its_pinned_version(random
         assert ids_of(served) == ids_of(ref_tokens) and logprobs_of(served) == logprobs_of(ref_tokens)
         after_tokens, after_final = engine.generate(prompt, prompt_params)
         assert after_final.adapter_version == 2 and ids_of(after_tokens) == ids_of(new_tokens)
-        assert _eventually(lambda: store.pins() == {} and engine.slab.loaded_versions() == {2})
+        assert eventually(lambda: store.pins() == {} and engine.slab.loaded_versions() == {2})
     finally:
         for e in (ref_engine, new_engine, engine):
             e.stop()
@@ -136,7 +137,7 @@ def test_twenty_publishes_under_concurrent_streaming_load_fail_no_request(random
         assert len(finals) >= 20
         assert all(f.finish_reason is FinishReason.LENGTH for f in finals), {f.finish_reason for f in finals}
         assert len({f.adapter_version for f in finals}) >= 3, "requests should have been served by several versions"
-        assert _eventually(lambda: store.pins() == {})
+        assert eventually(lambda: store.pins() == {})
     finally:
         stop.set()
         engine.stop()
@@ -205,7 +206,7 @@ def test_queue_full_is_reported_not_dropped(random_runtime, byte_tokenizer, adap
             for _ in range(10):
                 engine.submit(engine.encode("q"), SamplingParams(max_new_tokens=50, ignore_eos=True), finals.append)
                 accepted += 1
-        assert _eventually(lambda: sum(isinstance(f, FinalEvent) for f in finals) == accepted, timeout=30)
+        assert eventually(lambda: sum(isinstance(f, FinalEvent) for f in finals) == accepted, timeout=30)
         assert all(f.finish_reason is FinishReason.LENGTH for f in finals if isinstance(f, FinalEvent))
     finally:
         engine.stop()
@@ -216,11 +217,11 @@ def test_cancelled_request_releases_its_pin(random_runtime, byte_tokenizer, adap
     try:
         events = []
         handle = engine.submit(engine.encode("cancel me"), SamplingParams(max_new_tokens=200, ignore_eos=True), events.append)
-        assert _eventually(lambda: len(events) >= 3)
+        assert eventually(lambda: len(events) >= 3)
         handle.cancel()
-        assert _eventually(lambda: isinstance(events[-1], FinalEvent))
+        assert eventually(lambda: isinstance(events[-1], FinalEvent))
         assert events[-1].finish_reason is FinishReason.CANCELLED
-        assert _eventually(lambda: store.pins() == {})
+        assert eventually(lambda: store.pins() == {})
     finally:
         engine.stop()
 
@@ -240,11 +241,3 @@ def test_engine_without_adapters_serves_the_base_model(random_hf_model, random_r
     finally:
         engine.stop()
 
-
-def _eventually(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()

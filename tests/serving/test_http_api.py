@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -28,6 +27,8 @@ from replica_agent.serving import http_api
 from replica_agent.serving.background import BackgroundServer
 from replica_agent.serving.http_api import ADAPTER_HEADER
 from replica_agent.serving.schemas import InvalidRequest, StreamFramer, parse_generate_request, prompt_ids, sampling_params
+
+from ..helpers import eventually
 
 PROMPT = "The Python language reference describes"
 
@@ -346,13 +347,6 @@ def test_sigterm_finishes_in_flight_streams_then_exits(tmp_path):
 
 
 # -- robustness ----------------------------------------------------------------------------------
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.mark.parametrize("path", ["/generate_stream", "/generate"])
@@ -365,10 +359,10 @@ def test_disconnect_mid_request_frees_the_pin(server, agent, path):
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data:")
         resp.close()
-    assert wait_for(lambda: agent.store.pins() != {}, 5.0)  # the request holds its version
+    assert eventually(lambda: agent.store.pins() != {}, 5.0)  # the request holds its version
     conn.close()
-    assert wait_for(lambda: agent.store.pins() == {}, 5.0), agent.store.pins()
-    assert wait_for(lambda: cancelled._value.get() == before + 1, 2.0)  # cancelled, not run to the end
+    assert eventually(lambda: agent.store.pins() == {}, 5.0), agent.store.pins()
+    assert eventually(lambda: cancelled._value.get() == before + 1, 2.0)  # cancelled, not run to the end
 
 
 def test_malformed_burst_does_not_disturb_valid_streams(server):
