@@ -1,0 +1,1 @@
+"""Federated rounds: update encoding, aggregation strategies, privacy, the round state machine."""

@@ -1,0 +1,1 @@
+"""The agent's gRPC protocol: collm.proto and its generated code."""
