@@ -119,6 +119,12 @@ class AdapterStore:
         with self._lock:
             return self._get_locked(number)
 
+    def find(self, sha256: str) -> AdapterVersion | None:
+        """The newest retained version with this content hash, if any."""
+        with self._lock:
+            matches = [v for v in self._versions.values() if v.sha256 == sha256]
+            return max(matches, key=lambda v: v.number) if matches else None
+
     def live_versions(self) -> set[int]:
         """Versions in use: the current one and every pinned one."""
         with self._lock:

@@ -44,6 +44,14 @@ class StepResult:
     seconds: float
 
 
+@dataclass
+class _RoundGoal:
+    round_id: str
+    target_step: int
+    on_done: object  # callable(snapshot) run on the trainer thread when the goal is reached
+    only_b: bool
+
+
 class Trainer:
     def __init__(
         self,
@@ -74,6 +82,8 @@ class Trainer:
         self.busy_seconds = 0.0
         self.round = 0
         self.error: str | None = None
+        self.eval_tokens = 0  # labelled tokens in the last evaluation (weights a federated eval)
+        self._goal: _RoundGoal | None = None
 
     # -- steps --------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -85,6 +95,10 @@ class Trainer:
                 raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower the learning rate")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self._goal is not None and self._goal.only_b:
+                for key, tensor in self.shadow.items():
+                    if key.endswith("lora_A.weight"):
+                        tensor.grad = None  # FFA-LoRA: A stays frozen at the shared init
             torch.nn.utils.clip_grad_norm_(self.shadow.values(), self.settings.max_grad_norm)
             self.optimizer.step()
             self.step += 1
@@ -107,6 +121,7 @@ class Trainer:
             labelled = int((batch.labels[:, 1:] != -100).sum())
             total += float(self.runtime.loss(batch.input_ids, batch.labels, lora)) * labelled
             count += labelled
+        self.eval_tokens = count
         return total / count if count else math.nan
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -119,6 +134,17 @@ class Trainer:
         eval_loss = self.evaluate(tensors)
         self.last_eval_loss = eval_loss
         return self.store.publish(tensors, round=self.round if round is None else round, step=self.step, eval_loss=eval_loss)
+
+    def begin_round(self, round_id: str, base: dict[str, torch.Tensor], local_steps: int, on_done, *, only_b: bool = False) -> None:
+        """Train `local_steps` from `base` for a federated round, then call `on_done(snapshot)` and wait.
+
+        The trainer thread runs the steps under the usual budget; after the goal it pauses until
+        the next round begins, so a finished participant leaves the CPU to inference.
+        """
+        self.reset_shadow(base)
+        with self._lock:
+            self._goal = _RoundGoal(round_id, self.step + local_steps, on_done, only_b)
+        self.pause(False)
 
     def reset_shadow(self, tensors: dict[str, torch.Tensor]) -> None:
         """Start the shadow over from `tensors` (e.g. a new global adapter after a federated round)."""
@@ -143,6 +169,10 @@ class Trainer:
         (self._paused.set if paused else self._paused.clear)()
 
     @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def paused(self) -> bool:
         return self._paused.is_set()
 
@@ -158,7 +188,13 @@ class Trainer:
                 continue
             try:
                 self.train_step()
-                if self.settings.publish_every and self.step % self.settings.publish_every == 0:
+                goal = self._goal
+                if goal is not None and self.step >= goal.target_step:
+                    self._goal = None
+                    self.pause(True)
+                    goal.on_done(self.snapshot())
+                    continue
+                if goal is None and self.settings.publish_every and self.step % self.settings.publish_every == 0:
                     version = self.publish()
                     log.info("published adapter version %d at step %d (eval loss %.4f)", version.number, self.step, version.eval_loss)
             except Exception as exc:  # keep serving; report through stats and the log

@@ -1,0 +1,117 @@
+"""The aggregator's side of a round: take uploads until the round closes, then combine them.
+
+Any replica can be a round's aggregator; the operator picks one per round. Uploads are verified
+(sha256 of the tensors, the round's base) before they count; after `aggregate` the round is closed
+and late uploads are refused with a reason the participant can act on. Every call is idempotent
+for a round id: aggregating twice returns the first result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.adapter_store import AdapterStore, adapter_sha256
+from .aggregation import AggregateResult, AggregationError, build_strategy
+from .update import AdapterUpdate, UpdateError, apply_delta, decode_update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Upload:
+    update: AdapterUpdate
+    bytes: int
+    received_at: float
+
+
+@dataclass
+class AggregatorRound:
+    round_id: str
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    closed: bool = False
+    closed_at: float | None = None
+    candidate_sha256: str | None = None
+    result: AggregateResult | None = None
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    accepted: bool
+    reason: str = ""
+    message: str = ""
+
+
+class AggregatorError(RuntimeError):
+    """A round cannot be aggregated as asked; the message says why."""
+
+
+class Aggregator:
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+        self._rounds: dict[str, AggregatorRound] = {}
+        self._candidates: dict[str, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def round(self, round_id: str) -> AggregatorRound | None:
+        with self._lock:
+            return self._rounds.get(round_id)
+
+    def candidate(self, sha256: str) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            return self._candidates.get(sha256)
+
+    def receive(self, round_id: str, participant: str, blob: bytes, sha256: str) -> UploadOutcome:
+        with self._lock:
+            rnd = self._rounds.setdefault(round_id, AggregatorRound(round_id))
+            if rnd.closed:
+                return UploadOutcome(False, "RoundClosed", f"round {round_id} closed to uploads at {rnd.closed_at:.3f} (unix); this update came too late")
+            previous = rnd.uploads.get(participant)
+        if previous is not None:
+            if previous.update.sha256 == sha256:
+                return UploadOutcome(True, "Duplicate", "this update was already received")
+            return UploadOutcome(False, "Duplicate", f"{participant} already uploaded a different update for round {round_id}")
+        try:
+            update = decode_update(blob, expected_sha256=sha256)
+        except UpdateError as exc:
+            return UploadOutcome(False, "Corrupt", str(exc))
+        if update.participant != participant or update.round_id != round_id:
+            return UploadOutcome(False, "Corrupt", f"the update names participant {update.participant!r} of round {update.round_id!r}")
+        with self._lock:
+            if rnd.closed:
+                return UploadOutcome(False, "RoundClosed", f"round {round_id} closed while this update was in transit")
+            rnd.uploads[participant] = Upload(update, len(blob), time.time())
+        log.info("round %s: update from %s (%d bytes, %d samples)", round_id, participant, len(blob), update.num_samples)
+        return UploadOutcome(True)
+
+    def aggregate(self, round_id: str, participants: list[str], *, strategy: str, base_sha256: str, clip_norm: float | None = None, noise_multiplier: float | None = None, outlier_factor: float | None = None) -> AggregatorRound:
+        """Close the round and combine the named participants' uploads into a candidate adapter."""
+        with self._lock:
+            rnd = self._rounds.setdefault(round_id, AggregatorRound(round_id))
+            if rnd.result is not None:
+                return rnd
+            rnd.closed, rnd.closed_at = True, time.time()
+            updates = [rnd.uploads[p].update for p in participants if p in rnd.uploads]
+        if not updates:
+            raise AggregatorError(f"round {round_id}: none of {participants} uploaded an update")
+        base = self.store.find(base_sha256)
+        if base is None:
+            raise AggregatorError(f"round {round_id}: the base adapter {base_sha256[:12]} is not retained on the aggregator")
+        try:
+            result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(updates)
+        except AggregationError as exc:
+            raise AggregatorError(f"round {round_id}: {exc}") from exc
+        candidate = apply_delta(dict(base.tensors), result.delta)
+        sha = adapter_sha256(candidate)
+        with self._lock:
+            rnd.result, rnd.candidate_sha256 = result, sha
+            self._candidates[sha] = candidate
+        return rnd
+
+    def bytes_in(self, round_id: str) -> int:
+        rnd = self.round(round_id)
+        return sum(u.bytes for u in rnd.uploads.values()) if rnd else 0

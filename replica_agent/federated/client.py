@@ -1,0 +1,86 @@
+"""A gRPC client of one agent, used by the round driver and by agents calling each other.
+
+Adapter bytes travel in chunks; `fetch` reassembles and verifies them by sha256.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grpc
+
+from ..engine.adapter_store import adapter_sha256
+from ..proto import collm_pb2 as pb
+from ..proto import collm_pb2_grpc as pb_grpc
+from .update import UpdateError, chunks, decode
+
+MAX_MESSAGE = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+
+
+class AgentClient:
+    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.AgentStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- control ------------------------------------------------------------------------------
+    def stats(self) -> pb.Stats:
+        return self.stub.GetStats(pb.StatsRequest(), timeout=self.timeout)
+
+    def apply_plan(self, train_cap_tokens: int, ttft_ms: int, tpot_ms: int) -> pb.Ack:
+        return self.stub.ApplyPlan(pb.Plan(train_cap_tokens=train_cap_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms), timeout=self.timeout)
+
+    # -- rounds -------------------------------------------------------------------------------
+    def start_round(self, request: pb.StartRoundRequest) -> pb.RoundStatus:
+        return self.stub.StartRound(request, timeout=self.timeout)
+
+    def round_status(self, round_id: str) -> pb.RoundStatus:
+        return self.stub.GetRoundStatus(pb.RoundStatusRequest(round_id=round_id), timeout=self.timeout)
+
+    def upload(self, round_id: str, participant: str, blob: bytes, sha256: str) -> pb.UploadReply:
+        def messages() -> Iterator[pb.UpdateChunk]:
+            first = True
+            for part in chunks(blob):
+                if first:
+                    yield pb.UpdateChunk(round_id=round_id, participant=participant, sha256=sha256, total_bytes=len(blob), data=part)
+                    first = False
+                else:
+                    yield pb.UpdateChunk(data=part)
+
+        return self.stub.UploadUpdate(messages(), timeout=self.timeout)
+
+    def aggregate(self, request: pb.AggregateRequest) -> pb.AggregateReply:
+        return self.stub.Aggregate(request, timeout=self.timeout)
+
+    def evaluate(self, round_id: str, candidate_sha256: str, source: str) -> pb.EvaluateReply:
+        return self.stub.Evaluate(pb.EvaluateRequest(round_id=round_id, candidate_sha256=candidate_sha256, source=source), timeout=max(self.timeout, 120))
+
+    def publish(self, request: pb.PublishRequest) -> pb.PublishReply:
+        return self.stub.Publish(request, timeout=self.timeout)
+
+    def rollback(self, sha256: str) -> pb.PublishReply:
+        return self.stub.Rollback(pb.RollbackRequest(sha256=sha256), timeout=self.timeout)
+
+    # -- adapters -----------------------------------------------------------------------------
+    def fetch_bytes(self, sha256: str) -> bytes:
+        parts = [chunk.data for chunk in self.stub.FetchAdapter(pb.FetchRequest(sha256=sha256), timeout=self.timeout)]
+        return b"".join(parts)
+
+    def fetch(self, sha256: str) -> dict:
+        """Fetch an adapter by content hash and verify it; raises UpdateError on any mismatch."""
+        tensors, _ = decode(self.fetch_bytes(sha256))
+        actual = adapter_sha256(tensors)
+        if actual != sha256:
+            raise UpdateError(f"adapter fetched from {self.address} has sha256 {actual}, expected {sha256}")
+        return tensors

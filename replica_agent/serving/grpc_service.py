@@ -1,0 +1,174 @@
+"""The agent's gRPC server: translates collm.proto messages to the agent's federated roles.
+
+Thin on purpose: decisions live in federated/participant.py and federated/aggregator.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent import futures
+
+import grpc
+
+from ..agent import Plan
+from ..engine.adapter_store import AdapterVersion
+from ..federated.aggregator import Aggregator, AggregatorError
+from ..federated.client import CHANNEL_OPTIONS
+from ..federated.participant import Participant
+from ..federated.update import UpdateError, chunks, encode
+from ..proto import collm_pb2 as pb
+from ..proto import collm_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def adapter_ref(version: AdapterVersion | None) -> pb.AdapterRef:
+    if version is None:
+        return pb.AdapterRef()
+    return pb.AdapterRef(version=version.number, round=version.round, sha256=version.sha256, eval_loss=version.eval_loss or 0.0, has_eval_loss=version.eval_loss is not None)
+
+
+class AgentService(pb_grpc.AgentServicer):
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        self.aggregator = Aggregator(agent.store)
+        self.participant = Participant(agent, self.aggregator)
+
+    def GetStats(self, request, context):
+        stats = self.agent.stats()
+        eval_loss = stats["eval_loss"]
+        return pb.Stats(
+            replica_id=stats["replica_id"],
+            model=stats["model"],
+            adapter=adapter_ref(self.agent.store.current),
+            queue_depth=stats["queue_depth"],
+            running=stats["running"],
+            inference_tokens=stats["inference_tokens"],
+            training_tokens=stats["training_tokens"],
+            training_steps=stats["training_steps"],
+            training_share=stats["training_share"],
+            train_cap_tokens=stats["train_cap_tokens"],
+            eval_loss=eval_loss or 0.0,
+            has_eval_loss=eval_loss is not None,
+            json=json.dumps(stats, default=str),
+        )
+
+    def ApplyPlan(self, request, context):
+        try:
+            self.agent.apply_plan(Plan(request.train_cap_tokens, request.ttft_ms, request.tpot_ms))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.Ack(ok=True)
+
+    def StartRound(self, request, context):
+        if request.local_steps < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "local_steps must be >= 1")
+        rnd = self.participant.start_round(
+            request.round_id,
+            local_steps=request.local_steps,
+            base_sha256=request.base_sha256,
+            base_source=request.base_source,
+            aggregator_address=request.aggregator_address,
+            only_b=request.only_b,
+        )
+        return pb.RoundStatus(round_id=rnd.round_id, state=rnd.state, message=rnd.message, steps_done=rnd.steps_done)
+
+    def GetRoundStatus(self, request, context):
+        status = pb.RoundStatus(round_id=request.round_id, state="Unknown")
+        mine = self.participant.status(request.round_id)
+        if mine is not None:
+            status.state, status.message, status.steps_done = mine.state, mine.message, mine.steps_done
+        hosted = self.aggregator.round(request.round_id)
+        if hosted is not None:
+            for name, upload in sorted(hosted.uploads.items()):
+                status.uploads.add(participant=name, num_samples=upload.update.num_samples, sha256=upload.update.sha256, bytes=upload.bytes, received_unix=upload.received_at)
+            if mine is None:
+                status.state = "Aggregated" if hosted.result is not None else ("Closed" if hosted.closed else "Collecting")
+        return status
+
+    def UploadUpdate(self, request_iterator, context):
+        header, parts = None, []
+        for chunk in request_iterator:
+            header = header or chunk
+            parts.append(chunk.data)
+        if header is None:
+            return pb.UploadReply(accepted=False, reason="Corrupt", message="empty upload")
+        blob = b"".join(parts)
+        if header.total_bytes and len(blob) != header.total_bytes:
+            return pb.UploadReply(accepted=False, reason="Corrupt", message=f"received {len(blob)} of {header.total_bytes} bytes")
+        outcome = self.aggregator.receive(header.round_id, header.participant, blob, header.sha256)
+        return pb.UploadReply(accepted=outcome.accepted, reason=outcome.reason, message=outcome.message)
+
+    def Aggregate(self, request, context):
+        try:
+            rnd = self.aggregator.aggregate(
+                request.round_id,
+                list(request.participants),
+                strategy=request.strategy or "fedavg",
+                base_sha256=request.base_sha256,
+                clip_norm=request.clip_norm or None,
+                noise_multiplier=request.noise_multiplier or None,
+                outlier_factor=request.outlier_factor or None,
+            )
+        except (AggregatorError, ValueError) as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        result = rnd.result
+        reply = pb.AggregateReply(
+            candidate_sha256=rnd.candidate_sha256,
+            accepted=list(result.accepted),
+            clipped=list(result.clipped),
+            bytes_in=self.aggregator.bytes_in(request.round_id),
+            record_json=json.dumps(result.record(), default=str),
+        )
+        for rejection in result.rejected:
+            reply.rejected.add(participant=rejection.participant, reason=rejection.reason, detail=rejection.detail)
+        return reply
+
+    def Evaluate(self, request, context):
+        try:
+            candidate, current, tokens = self.participant.evaluate(request.candidate_sha256, request.source)
+        except (UpdateError, RuntimeError, ValueError) as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except grpc.RpcError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot fetch the candidate from {request.source}: {exc.details()}")
+        return pb.EvaluateReply(candidate_loss=candidate, current_loss=current, tokens=tokens)
+
+    def FetchAdapter(self, request, context):
+        tensors = self.participant.adapter(request.sha256)
+        if tensors is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"adapter {request.sha256[:12]} is not held by {self.agent.config.replica_id}")
+        blob = encode(tensors, {"sha256": request.sha256})
+        for part in chunks(blob):
+            yield pb.AdapterChunk(sha256=request.sha256, total_bytes=len(blob), data=part)
+
+    def Publish(self, request, context):
+        try:
+            version = self.participant.publish(request.sha256, request.source, round=request.round, eval_loss=request.eval_loss if request.has_eval_loss else None)
+        except (UpdateError, ValueError) as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except grpc.RpcError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot fetch the adapter from {request.source}: {exc.details()}")
+        return pb.PublishReply(adapter=adapter_ref(version), switched_unix=time.time())
+
+    def Rollback(self, request, context):
+        try:
+            version = self.participant.rollback(request.sha256)
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        return pb.PublishReply(adapter=adapter_ref(version), switched_unix=time.time())
+
+
+def serve_grpc(agent, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8) -> tuple[grpc.Server, AgentService, int]:
+    """Start the gRPC server; returns (server, service, bound port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collm-grpc"), options=CHANNEL_OPTIONS)
+    service = AgentService(agent)
+    pb_grpc.add_AgentServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    server.start()
+    service.participant.local_address = f"{host}:{bound}"
+    log.info("gRPC on %s:%d", host, bound)
+    return server, service, bound
