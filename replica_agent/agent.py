@@ -79,7 +79,7 @@ class Agent:
                 settings=TrainerSettings(
                     learning_rate=c.learning_rate,
                     micro_batch=c.micro_batch,
-                    publish_every=c.publish_every,
+                    publish_every=0 if c.federated else c.publish_every,
                     eval_batches=c.eval_batches,
                     seed=c.seed,
                     torch_threads=c.trainer_threads or 1,
@@ -95,8 +95,8 @@ class Agent:
         else:
             first = self.store.publish(init_adapter(self.spec, self.runtime.dims, seed=self.config.seed, dtype=self.runtime.dtype))
         self.engine.start()
-        if self.trainer is not None and self.config.training_enabled:
-            self.trainer.start()
+        if self.trainer is not None and self.config.training_enabled and not self.config.federated:
+            self.trainer.start()  # federated replicas train when a round begins
         log.info("agent %s serving %s with adapter version %d", self.config.replica_id, self.base.name, first.number)
         return first
 

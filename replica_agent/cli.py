@@ -13,6 +13,7 @@ def agent_main(argv: list[str] | None = None) -> int:
     config, args = load_config(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .agent import Agent
+    from .serving.grpc_service import serve_grpc
     from .serving.http_api import run_server
 
     try:
@@ -20,7 +21,11 @@ def agent_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad model source, data, LoRA targets...: say what to fix, no traceback
         print(f"collm-agent: {exc}", file=sys.stderr)
         return 2
-    run_server(agent)  # starts the agent, serves until SIGTERM
+    grpc_server, _, _ = serve_grpc(agent, config.host, config.grpc_port)
+    try:
+        run_server(agent)  # starts the agent, serves HTTP until SIGTERM
+    finally:
+        grpc_server.stop(grace=5)
     return 0
 
 

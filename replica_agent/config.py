@@ -50,6 +50,7 @@ class AgentConfig(BaseModel):
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of the data held out for eval loss")
     eval_batches: int = Field(8, ge=0, description="eval batches per evaluation (0 = whole eval split)")
     publish_every: int = Field(0, ge=0, description="publish the shadow every N training steps (0 = only on demand)")
+    federated: bool = Field(False, description="train only inside federated rounds (the operator or local mode starts them) and never publish local versions")
     trainer_threads: int | None = Field(None, ge=1, description="intra-op threads of the training thread (default 1)")
     seed: int = Field(0, description="seed of the adapter init and the data order")
     feedback: bool = Field(False, description="enable POST /feedback, which appends served interactions to the local data")
@@ -57,6 +58,7 @@ class AgentConfig(BaseModel):
     # servers
     host: str = Field("127.0.0.1", description="HTTP listen address")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one)")
+    grpc_port: int = Field(9090, ge=0, le=65535, description="gRPC port for rounds, plans and adapter transfer (0 picks a free one)")
     cache_dir: str | None = Field(None, description="where the built-in tiny model is cached (default $COLLM_CACHE_DIR or ~/.cache/collm)")
 
     @model_validator(mode="after")

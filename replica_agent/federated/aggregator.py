@@ -102,7 +102,7 @@ class Aggregator:
         if base is None:
             raise AggregatorError(f"round {round_id}: the base adapter {base_sha256[:12]} is not retained on the aggregator")
         try:
-            result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(updates)
+            result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(updates, base_sha256=base_sha256)
         except AggregationError as exc:
             raise AggregatorError(f"round {round_id}: {exc}") from exc
         candidate = apply_delta(dict(base.tensors), result.delta)

@@ -1,0 +1,197 @@
+"""Secure aggregation: pairwise additive masks, so the aggregator only ever learns the sum.
+
+Each participant i turns its update into fixed point over Z_2^64 (num_samples x delta, in float64,
+times 2**24, rounded; arithmetic wraps) and adds, per tensor key, sum_{j>i} PRG(s_ij) - sum_{j<i}
+PRG(s_ij) (names ordered as strings). Each mask appears once with + and once with -, so the masks
+cancel in the modular sum; the aggregator dequantizes and divides by sum(num_samples), which is
+public. One masked update alone looks uniformly random.
+
+Choices, and what they mean for a deployment:
+- PRG: SHAKE-256 (standard library) keyed by the pair seed and the tensor key. Not numpy's PCG64:
+  a quantized update is small, so a masked value shows the mask's high bits, and a
+  non-cryptographic generator can be predicted from such output.
+- Pair seeds: HMAC-SHA256(round secret, [round_id, sorted pair]). The `cryptography` package
+  (X25519 key agreement, as in Bonawitz et al. 2017) is not installed, so the participants share one
+  secret instead. It must come from the participants' own configuration (e.g. a Secret mounted
+  into the agents only): the operator and whichever process aggregates must never hold it, or they
+  can rebuild every mask. Any participant can rebuild the others' masks too, so this protects
+  against a curious aggregator, not against a participant colluding with it. The round id in
+  the seed keeps masks from repeating across rounds (two updates masked alike leak their difference).
+- Dropout after masking: the aggregator `close()`s the round, names the dropped participants, and
+  each survivor `reveal_seeds` only the seeds it shared with them; `unmask` removes the unmatched
+  masks. A late upload from a dropped participant is ignored. Masks are single (no self-masks as in
+  Bonawitz et al.), so the aggregator is trusted to name as dropped only those it did not receive.
+- Robust checks cannot see through masks: each participant checks (NaN/Inf) and clips its own
+  update with `aggregation.clip_update` before masking (`mask_update(..., clip_norm=...)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .aggregation import AggregationError, clip_update
+from .update import AdapterUpdate, UpdateError, decode, encode
+
+FRACTION_BITS = 24
+SCALE = float(1 << FRACTION_BITS)
+FORMAT = "collm-masked-update/1"
+
+
+@dataclass(frozen=True)
+class MaskedUpdate:
+    participant: str
+    round_id: str
+    base_sha256: str
+    num_samples: int
+    masked: dict[str, torch.Tensor]  # int64, the bits of a uint64 in Z_2^64
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.masked.items()}
+
+
+def pair_seeds(me: str, participants: Sequence[str], round_secret: bytes, round_id: str) -> dict[str, bytes]:
+    """The seed `me` shares with every other participant of the round (both ends derive the same)."""
+    if len(round_secret) < 16:
+        raise ValueError("the secure-aggregation round secret must be at least 16 bytes (use 32 random bytes)")
+    return {
+        peer: hmac.new(round_secret, json.dumps(["collm-secagg", round_id, *sorted((me, peer))]).encode(), hashlib.sha256).digest()
+        for peer in participants if peer != me
+    }
+
+
+def _prg(seed: bytes, key: str, numel: int) -> np.ndarray:
+    stream = hashlib.shake_256(seed + b"\0" + key.encode()).digest(8 * numel)
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+
+
+def _quantize(delta: torch.Tensor, num_samples: int) -> np.ndarray:
+    fixed = torch.round(delta.detach().cpu().double().flatten() * (num_samples * SCALE))
+    if fixed.numel() and float(fixed.abs().max()) >= 2.0**62:
+        raise UpdateError("update too large for fixed point: clip it (clip_norm) before masking")
+    return fixed.to(torch.int64).numpy().view(np.uint64)
+
+
+def mask_update(update: AdapterUpdate, participants: Sequence[str], pair_seeds: Mapping[str, bytes], *,
+                clip_norm: float | None = None) -> MaskedUpdate:
+    """Participant side: check, optionally clip, quantize and mask this participant's own update."""
+    me = update.participant
+    if me not in participants or len(set(participants)) != len(participants):
+        raise ValueError(f"participants must list each name once, {me!r} included; got {list(participants)}")
+    peers = [p for p in participants if p != me]
+    missing = [p for p in peers if p not in pair_seeds]
+    if missing:
+        raise ValueError(f"no pair seed for {missing}; derive them with pair_seeds()")
+    bad = next((k for k, v in update.delta.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UpdateError(f"{bad} has NaN or Inf values; this update must not be uploaded")
+    if clip_norm is not None:
+        update = clip_update(update, clip_norm)
+    masked = {}
+    for key in sorted(update.delta):
+        value = _quantize(update.delta[key], update.num_samples)
+        for peer in peers:
+            mask = _prg(pair_seeds[peer], key, value.size)
+            value = value + mask if peer > me else value - mask  # uint64: wraps modulo 2**64
+        masked[key] = torch.from_numpy(value.view(np.int64).reshape(update.delta[key].shape))
+    return MaskedUpdate(me, update.round_id, update.base_sha256, update.num_samples, masked)
+
+
+def reveal_seeds(me: str, dropped: Sequence[str], pair_seeds: Mapping[str, bytes]) -> dict[tuple[str, str], bytes]:
+    """Survivor side: the seeds `me` shared with the dropped participants, and no others."""
+    if me in dropped:
+        raise ValueError(f"{me} is named as dropped: it must not reveal seeds for its own update")
+    return {tuple(sorted((me, d))): pair_seeds[d] for d in dropped}
+
+
+class SecureAggregator:
+    """Aggregator side: sums masked updates; sees no single update in the clear."""
+
+    def __init__(self, round_id: str, participants: Sequence[str], *, min_survivors: int = 2) -> None:
+        if len(set(participants)) != len(participants) or len(participants) < 2:
+            raise ValueError(f"secure aggregation needs >= 2 distinct participants, got {list(participants)}")
+        self.round_id, self.participants = round_id, tuple(participants)
+        self.min_survivors = min_survivors
+        self._received: dict[str, MaskedUpdate] = {}
+        self._dropped: frozenset[str] | None = None
+
+    def add(self, masked: MaskedUpdate) -> bool:
+        """Take one masked update; False (ignored) once the round is closed. UpdateError if it does not fit."""
+        if self._dropped is not None:
+            return False
+        who = masked.participant
+        if masked.round_id != self.round_id or who not in self.participants:
+            raise UpdateError(f"masked update from {who!r} of round {masked.round_id!r} does not belong to round {self.round_id!r} of {list(self.participants)}")
+        if who in self._received:
+            raise UpdateError(f"{who} already uploaded a masked update for round {self.round_id}")
+        if any(t.dtype != torch.int64 for t in masked.masked.values()):
+            raise UpdateError(f"masked update from {who} must hold int64 tensors")
+        if self._received:
+            first = next(iter(self._received.values()))
+            if masked.shapes != first.shapes or masked.base_sha256 != first.base_sha256:
+                raise UpdateError(f"masked update from {who} has other keys, shapes or base than {first.participant}'s")
+        self._received[who] = masked
+        return True
+
+    def missing(self) -> set[str]:
+        return set(self.participants) - set(self._received)
+
+    def close(self) -> frozenset[str]:
+        """Stop taking uploads; returns the dropped participants, whose pair seeds survivors must reveal."""
+        if self._dropped is None:
+            self._dropped = frozenset(self.missing())
+        return self._dropped
+
+    @property
+    def survivors(self) -> tuple[str, ...]:
+        return tuple(sorted(self._received))
+
+    def unmask(self, revealed: Mapping[tuple[str, str], bytes] | None = None) -> dict[str, torch.Tensor]:
+        """FedAvg (by num_samples) of the survivors' updates; closes the round if still open."""
+        dropped = self.close()
+        survivors = self.survivors
+        if len(survivors) < self.min_survivors:
+            raise AggregationError(
+                f"round {self.round_id}: {len(survivors)} masked updates received, secure aggregation needs "
+                f">= {self.min_survivors} (fewer would reveal a single update)"
+            )
+        seeds = {tuple(sorted(pair)): seed for pair, seed in (revealed or {}).items()}
+        needed = [(s, d) for s in survivors for d in sorted(dropped)]
+        lacking = [pair for pair in needed if tuple(sorted(pair)) not in seeds]
+        if lacking:
+            raise AggregationError(f"round {self.round_id}: survivors must reveal the seeds shared with dropped {sorted(dropped)}; missing {lacking[:4]}")
+        total_samples = sum(self._received[s].num_samples for s in survivors)
+        out = {}
+        for key, shape in self._received[survivors[0]].shapes.items():
+            total = np.zeros(int(np.prod(shape, dtype=np.int64)), dtype=np.uint64)
+            for s in survivors:
+                total += self._received[s].masked[key].flatten().numpy().view(np.uint64)
+            for s, d in needed:  # s added +PRG(s_sd) when d > s and -PRG(s_sd) otherwise: undo that
+                mask = _prg(seeds[tuple(sorted((s, d)))], key, total.size)
+                total = total - mask if d > s else total + mask
+            mean = total.view(np.int64).astype(np.float64) / SCALE / total_samples
+            out[key] = torch.from_numpy(mean.astype(np.float32)).reshape(shape)
+        return out
+
+
+def encode_masked(masked: MaskedUpdate) -> bytes:
+    meta = {"format": FORMAT, "participant": masked.participant, "round_id": masked.round_id,
+            "base_sha256": masked.base_sha256, "num_samples": str(masked.num_samples)}
+    return encode(masked.masked, meta)
+
+
+def decode_masked(blob: bytes) -> MaskedUpdate:
+    tensors, meta = decode(blob)
+    if meta.get("format") != FORMAT:
+        raise UpdateError(f"not a masked update: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        return MaskedUpdate(meta["participant"], meta["round_id"], meta["base_sha256"], int(meta["num_samples"]), tensors)
+    except (KeyError, ValueError) as exc:
+        raise UpdateError(f"masked update metadata is incomplete or malformed ({exc!r})") from None
