@@ -37,6 +37,7 @@ class AggregatorRound:
     closed_at: float | None = None
     candidate_sha256: str | None = None
     result: AggregateResult | None = None
+    failure: AggregationError | None = None  # every update was rejected (failure.rejected says why)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class Aggregator:
         """Close the round and combine the named participants' uploads into a candidate adapter."""
         with self._lock:
             rnd = self._rounds.setdefault(round_id, AggregatorRound(round_id))
-            if rnd.result is not None:
+            if rnd.result is not None or rnd.failure is not None:
                 return rnd
             rnd.closed, rnd.closed_at = True, time.time()
             updates = [rnd.uploads[p].update for p in participants if p in rnd.uploads]
@@ -104,7 +105,9 @@ class Aggregator:
         try:
             result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(updates, base_sha256=base_sha256)
         except AggregationError as exc:
-            raise AggregatorError(f"round {round_id}: {exc}") from exc
+            with self._lock:
+                rnd.failure = exc
+            return rnd
         candidate = apply_delta(dict(base.tensors), result.delta)
         sha = adapter_sha256(candidate)
         with self._lock:

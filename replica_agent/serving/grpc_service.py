@@ -114,6 +114,11 @@ class AgentService(pb_grpc.AgentServicer):
             )
         except (AggregatorError, ValueError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if rnd.failure is not None:  # every update rejected: no candidate, the reasons say why
+            reply = pb.AggregateReply(bytes_in=self.aggregator.bytes_in(request.round_id))
+            for rejection in rnd.failure.rejected:
+                reply.rejected.add(participant=rejection.participant, reason=rejection.reason, detail=rejection.detail)
+            return reply
         result = rnd.result
         reply = pb.AggregateReply(
             candidate_sha256=rnd.candidate_sha256,

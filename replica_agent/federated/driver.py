@@ -1,0 +1,206 @@
+"""Runs one federated round: the pure state machine (rounds.py) on one side, agents over gRPC on the other.
+
+The operator's AdapterRound handler and the local mode both use this driver. It owns the clock
+(unix seconds, the same clock the agents' deadlines use) and the transport: it feeds events into
+`rounds.step`, persists the state through `persist` before it acts, executes the actions, and
+polls the aggregator and the participants for progress. A driver started with a persisted state
+resumes with `rounds.pending_actions`, so no finished stage runs again (and every agent call is
+idempotent for the round id anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import grpc
+
+from ..proto import collm_pb2 as pb
+from . import rounds as R
+from .client import AgentClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"  # fedavg | ffa | median | trimmed_mean
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    outlier_factor: float | None = None
+
+    @property
+    def only_b(self) -> bool:
+        return self.name == "ffa"
+
+
+class RoundDriver:
+    def __init__(
+        self,
+        spec: R.RoundSpec,
+        addresses: Mapping[str, str],
+        *,
+        strategy: StrategyConfig = StrategyConfig(),
+        round_number: int = 0,
+        state: R.RoundState | None = None,
+        persist: Callable[[dict], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        poll_s: float = 0.2,
+        rpc_timeout_s: float = 30.0,
+    ) -> None:
+        missing = [r for r in spec.replicas if r not in addresses]
+        if missing:
+            raise ValueError(f"no gRPC address for replicas {missing}")
+        self.spec, self.addresses, self.strategy = spec, dict(addresses), strategy
+        self.round_number = round_number
+        self.state = state or R.start(spec)
+        self.persist = persist or (lambda _: None)
+        self.clock, self.poll_s, self.rpc_timeout_s = clock, poll_s, rpc_timeout_s
+        self.refusals: list[R.Refused] = []
+        self.aggregate_record: str = ""
+        self._clients: dict[str, AgentClient] = {}
+        self._seen_uploads: set[str] = set()
+
+    def client(self, replica: str) -> AgentClient:
+        if replica not in self._clients:
+            self._clients[replica] = AgentClient(self.addresses[replica], timeout=self.rpc_timeout_s)
+        return self._clients[replica]
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(self, timeout_s: float | None = None) -> R.RoundState:
+        limit = None if timeout_s is None else self.clock() + timeout_s
+        try:
+            if self.state.started_at is None:
+                base = self.client(self.spec.aggregator).stats().adapter
+                actions = self._feed(R.Started(self.clock(), str(base.version), base.sha256))
+            else:
+                actions = R.pending_actions(self.state)
+            while True:
+                while actions:
+                    actions = [a for act in actions for a in self._execute(act)]
+                if self.state.finished:
+                    return self.state
+                if limit is not None and self.clock() > limit:
+                    raise TimeoutError(f"round {self.spec.round_id} did not finish within {timeout_s} s (stage {self.state.stage})")
+                time.sleep(self.poll_s)
+                actions = self._poll()
+        finally:
+            self.close()
+
+    def _feed(self, event) -> list:
+        self.state, actions = R.step(self.state, event)
+        self.persist(self.state.to_dict())
+        for action in actions:
+            if isinstance(action, R.Refused):
+                self.refusals.append(action)
+                log.info("round %s refused an event from %s: %s", self.spec.round_id, action.to or "the driver", action)
+        return [a for a in actions if not isinstance(a, R.Refused)]
+
+    def _poll(self) -> list:
+        """Progress of the training stage (uploads, dead participants), then a Tick for deadlines."""
+        actions = []
+        if self.state.stage is R.Condition.TRAINED:
+            actions += self._poll_uploads()
+            for participant, record in self.state.participants.items():
+                if record.outcome is R.Outcome.PENDING:
+                    actions += self._poll_participant(participant)
+        return actions + self._feed(R.Tick(self.clock()))
+
+    def _poll_uploads(self) -> list:
+        try:
+            status = self.client(self.spec.aggregator).round_status(self.spec.round_id)
+        except grpc.RpcError as exc:
+            return self._feed(R.AggregatorFailed(self.clock(), f"aggregator unreachable: {exc.code().name}"))
+        actions = []
+        for upload in status.uploads:
+            if upload.participant not in self._seen_uploads:
+                self._seen_uploads.add(upload.participant)
+                actions += self._feed(R.UpdateUploaded(self.clock(), upload.participant, upload.num_samples, upload.sha256, upload.bytes))
+        return actions
+
+    def _poll_participant(self, participant: str) -> list:
+        try:
+            status = self.client(participant).round_status(self.spec.round_id)
+        except grpc.RpcError as exc:
+            return self._feed(R.ParticipantFailed(self.clock(), participant, f"unreachable: {exc.code().name}"))
+        if status.state == "Failed":
+            return self._feed(R.ParticipantFailed(self.clock(), participant, status.message))
+        return []
+
+    # -- actions ------------------------------------------------------------------------------
+    def _execute(self, action) -> list:
+        if isinstance(action, R.StartTraining):
+            return self._start_training(action)
+        if isinstance(action, R.Aggregate):
+            return self._aggregate(action)
+        if isinstance(action, R.Evaluate):
+            return self._evaluate(action)
+        if isinstance(action, R.Publish):
+            return self._publish(action)
+        if isinstance(action, R.Finish):
+            log.info("round %s finished: %s (%s) %s", self.spec.round_id, "succeeded" if action.succeeded else "failed", action.reason, action.message)
+        return []
+
+    def _start_training(self, action: R.StartTraining) -> list:
+        aggregator = self.addresses[action.aggregator]
+        request = dict(round_id=self.spec.round_id, local_steps=action.local_steps, deadline_unix=action.deadline_at, base_sha256=action.base_sha256, base_source=aggregator, aggregator_address=aggregator, only_b=self.strategy.only_b)
+        actions = []
+        for participant in action.participants:
+            try:
+                status = self.client(participant).start_round(pb.StartRoundRequest(**request))
+            except grpc.RpcError as exc:
+                actions += self._feed(R.ParticipantFailed(self.clock(), participant, f"cannot start training: {exc.code().name}"))
+                continue
+            if status.state == "Failed":
+                actions += self._feed(R.ParticipantFailed(self.clock(), participant, status.message))
+        return actions
+
+    def _aggregate(self, action: R.Aggregate) -> list:
+        s = self.strategy
+        request = pb.AggregateRequest(round_id=self.spec.round_id, participants=list(action.participants), strategy=s.name, clip_norm=s.clip_norm or 0.0, noise_multiplier=s.noise_multiplier or 0.0, outlier_factor=s.outlier_factor or 0.0, base_sha256=self.state.base_sha256)
+        try:
+            reply = self.client(action.aggregator).aggregate(request)
+        except grpc.RpcError as exc:
+            return self._feed(R.AggregatorFailed(self.clock(), f"aggregation failed: {exc.code().name}: {exc.details()}"))
+        self.aggregate_record = reply.record_json
+        rejected = tuple((r.participant, f"{r.reason}: {r.detail}") for r in reply.rejected)
+        # With every update rejected there is no candidate; the state machine ends NoUpdateAccepted.
+        return self._feed(R.Aggregated(self.clock(), reply.candidate_sha256 or "no-candidate", tuple(reply.accepted), rejected, reply.bytes_in))
+
+    def _evaluate(self, action: R.Evaluate) -> list:
+        source = self.addresses[self.spec.aggregator]
+
+        def one(participant):
+            try:
+                reply = self.client(participant).evaluate(self.spec.round_id, action.version_sha256, source)
+                return R.Evaluated(self.clock(), participant, reply.candidate_loss, reply.current_loss, reply.tokens)
+            except grpc.RpcError as exc:
+                return R.EvaluationFailed(self.clock(), participant, f"{exc.code().name}: {exc.details()}")
+
+        with ThreadPoolExecutor(max_workers=max(1, len(action.participants))) as pool:
+            events = list(pool.map(one, action.participants))
+        return [a for event in events for a in self._feed(event)]
+
+    def _publish(self, action: R.Publish) -> list:
+        loss = self.state.eval_loss_after
+
+        def one(replica):
+            for source in action.sources:
+                request = pb.PublishRequest(round_id=self.spec.round_id, sha256=action.version_sha256, source=self.addresses[source], round=self.round_number, eval_loss=loss or 0.0, has_eval_loss=loss is not None)
+                try:
+                    reply = self.client(replica).publish(request)
+                    return R.PublishAcked(self.clock(), replica, reply.adapter.sha256)
+                except grpc.RpcError as exc:
+                    reason = f"{exc.code().name}: {exc.details()}"
+            return R.PublishFailed(self.clock(), replica, reason)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(action.replicas))) as pool:
+            events = list(pool.map(one, action.replicas))
+        return [a for event in events for a in self._feed(event)]
