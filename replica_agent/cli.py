@@ -62,6 +62,21 @@ def collm_main(argv: list[str] | None = None) -> int:
     overhead.add_argument("--threads", type=int, default=1, help="intra-op threads of the engine")
     overhead.add_argument("--rank", type=int, default=8)
 
+    rnd = kinds.add_parser("round", help="federated round on loopback: wall time, bytes, freshness for LoRA ranks 8/16/64, FedAvg and FFA")
+    rnd.add_argument("--json", help="write the figures to this file")
+    rnd.add_argument("--no-big", action="store_true", help="skip the 8-participant ~10 MB case")
+    fed = kinds.add_parser("federated", help="federated rounds on non-IID replicas against centralized training on the union")
+    fed.add_argument("--json", help="write the figures to this file")
+    fed.add_argument("--rounds", type=int, default=4)
+    fed.add_argument("--local-steps", type=int, default=10)
+    sim = kinds.add_parser("simulate", help="replay the Azure code trace through allocation + a latency model, per policy (pure, fast)")
+    sim.add_argument("--json", help="write the figures to this file")
+    sim.add_argument("--replicas", type=int, default=4)
+    sim.add_argument("--slow-interval", type=float, default=10.0)
+    alloc = kinds.add_parser("allocation", help="time the slow-timescale allocation for many replicas")
+    alloc.add_argument("--json", help="write the figures to this file")
+    alloc.add_argument("--replicas", type=int, default=1000)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -72,6 +87,22 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import coexec as bench_coexec
 
         bench_coexec.run(args.model, data=args.data, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, trial_s=args.trial_seconds, start_rate=args.start_rate, refinements=args.refinements, train_cap_tokens=args.train_cap_tokens, json_path=args.json)
+    elif args.bench == "round":
+        from collm_bench import rounds as bench_rounds
+
+        bench_rounds.run_round_bench(json_path=args.json, big=not args.no_big)
+    elif args.bench == "federated":
+        from collm_bench import rounds as bench_rounds
+
+        bench_rounds.run_federated_bench(rounds=args.rounds, local_steps=args.local_steps, json_path=args.json)
+    elif args.bench == "simulate":
+        from collm_bench import simulate
+
+        simulate.run(replicas=args.replicas, slow_interval_s=args.slow_interval, json_path=args.json)
+    elif args.bench == "allocation":
+        from collm_bench import allocation_bench
+
+        allocation_bench.run(replicas=args.replicas, json_path=args.json)
     elif args.bench == "overhead":
         from collm_bench import overhead as bench_overhead
 

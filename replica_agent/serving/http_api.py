@@ -5,6 +5,7 @@
     GET  /info, /health, /metrics, /stats model and adapter, liveness, Prometheus, agent.stats()
     POST /publish                         publish the shadow adapter now
     POST /feedback                        append {"prompt", "completion"} to the local data (opt-in)
+    /v1/completions, /v1/chat/completions, /v1/models   OpenAI's API (openai_api.py)
 
 Errors have TGI's body `{"error": ..., "error_type": ...}`: validation 422 (413 for a body over
 the size limit), overloaded 429, generation 424, engine not running 503. In a stream, a failure
@@ -29,6 +30,7 @@ from .. import __version__
 from ..engine.data import DataError, append_feedback
 from ..engine.engine import QueueFull, RequestRejected
 from ..engine.requests import FinalEvent
+from . import openai_api
 from .metrics import AgentMetrics
 from .schemas import (
     MAX_STOP_SEQUENCES,
@@ -288,6 +290,7 @@ def create_app(agent) -> web.Application:
             web.post("/feedback", api.feedback),
         ]
     )
+    openai_api.add_routes(app, api)
     return app
 
 

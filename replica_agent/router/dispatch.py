@@ -1,0 +1,58 @@
+"""Which replica serves the next request: weighted power of two choices (pure; no I/O).
+
+The operator's allocation gives each replica a routing weight (its share of the traffic); the
+router's own count of outstanding requests corrects it for the queue a replica has now. Two distinct
+candidates are drawn with probability proportional to weight and the one with the lower
+outstanding/weight wins (a tie goes to the first drawn). With an idle cluster this sends traffic in
+proportion to the weights; under load it keeps each replica's queue proportional to its weight,
+and it never piles onto one replica that a stale weight overrates (Mitzenmacher's two choices).
+
+A replica gets no traffic while it is unhealthy, has weight 0 (drained, e.g. a training-only
+replica), already failed this request, or holds `max_outstanding` requests (saturated).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What dispatch needs to know about one replica at the moment of a choice."""
+
+    name: str
+    weight: float
+    healthy: bool
+    outstanding: int
+    max_outstanding: int
+
+    @property
+    def saturated(self) -> bool:
+        return self.outstanding >= self.max_outstanding
+
+
+def eligible(replicas: Sequence[ReplicaLoad], exclude: Collection[str] = ()) -> list[ReplicaLoad]:
+    """Replicas that may take traffic now, saturated ones included."""
+    return [r for r in replicas if r.healthy and r.weight > 0 and r.name not in exclude]
+
+
+def choose(replicas: Sequence[ReplicaLoad], rng: random.Random, exclude: Collection[str] = ()) -> ReplicaLoad | None:
+    """The replica for the next request, or None when every eligible one is saturated (or none is eligible)."""
+    candidates = [r for r in eligible(replicas, exclude) if not r.saturated]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    first = _draw(candidates, rng)
+    second = _draw([r for r in candidates if r is not first], rng)
+    return second if second.outstanding / second.weight < first.outstanding / first.weight else first
+
+
+def why_none(replicas: Sequence[ReplicaLoad], exclude: Collection[str] = ()) -> Literal["saturated", "unavailable"]:
+    """After `choose` returned None: "saturated" (shed load, 429) or "unavailable" (no replica can serve, 503)."""
+    return "saturated" if eligible(replicas, exclude) else "unavailable"
+
+
+def _draw(candidates: Sequence[ReplicaLoad], rng: random.Random) -> ReplicaLoad:
+    return rng.choices(candidates, weights=[r.weight for r in candidates])[0]
