@@ -138,5 +138,6 @@ class Agent:
             "live_versions": sorted(self.store.live_versions()),
             "pins": self.store.pins(),
             "slo": {"ttft_ms": self.mixer.settings.ttft_ms, "tpot_ms": self.mixer.settings.tpot_ms},
+            "lora": {"rank": self.spec.rank, "alpha": self.spec.alpha, "target_modules": list(self.spec.target_modules)},
             "torch_threads": torch.get_num_threads(),
         }

@@ -41,6 +41,13 @@ def collm_main(argv: list[str] | None = None) -> int:
     demo.add_argument("--publish-every", type=int, default=40, help="publish the shadow adapter every N training steps")
     demo.add_argument("--json", help="write every figure to this JSON file")
 
+    adapter = sub.add_parser("adapter", help="adapter tools")
+    adapter_cmds = adapter.add_subparsers(dest="adapter", required=True)
+    export = adapter_cmds.add_parser("export", help="fetch an agent's adapter over gRPC and write it in PEFT format")
+    export.add_argument("--from", dest="source", required=True, help="the agent's gRPC address, host:port")
+    export.add_argument("--sha256", help="the adapter to export (default: the agent's current one)")
+    export.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
+
     bench = sub.add_parser("bench", help="benchmarks that print figures (JSON and a table)")
     kinds = bench.add_subparsers(dest="bench", required=True)
     coexec = kinds.add_parser("coexec", help="co-execution efficiency of one replica (DESIGN.md's CEE)")
@@ -79,6 +86,8 @@ def collm_main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "adapter":
+        return _export_adapter(args.source, args.sha256, args.out)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -107,6 +116,24 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import overhead as bench_overhead
 
         bench_overhead.run(args.model, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads, rank=args.rank, json_path=args.json)
+    return 0
+
+
+def _export_adapter(source: str, sha256: str | None, out: str) -> int:
+    import json
+
+    from .engine.lora import LoraSpec
+    from .federated.client import AgentClient
+    from .federated.export import export_peft
+
+    with AgentClient(source) as peer:
+        stats = peer.stats()
+        info = json.loads(stats.json)
+        sha = sha256 or stats.adapter.sha256
+        tensors = peer.fetch(sha)
+    spec = LoraSpec(rank=info["lora"]["rank"], alpha=info["lora"]["alpha"], target_modules=tuple(info["lora"]["target_modules"]))
+    path = export_peft(tensors, spec, out, base_model=stats.model, metadata={"sha256": sha})
+    print(f"wrote adapter {sha[:12]} of {stats.replica_id} to {path}")
     return 0
 
 

@@ -111,3 +111,42 @@ def test_a_dead_participant_is_dropped_and_a_dead_aggregator_ends_the_round_clea
         state = driver.run(timeout_s=120)
         assert not state.succeeded and state.conditions[R.Condition.SUCCEEDED].reason == "AggregatorLost"
         assert c["agent-1"].agent.store.current.sha256 == before["agent-1"], "no replica serves a half-applied version"
+
+
+def test_poisoned_and_nan_updates_are_screened_and_the_round_still_publishes(tiny_base, monkeypatch):
+    import math
+
+    import replica_agent.federated.participant as participant_module
+    from replica_agent.federated.update import make_update as honest
+
+    def hostile(participant, round_id, shadow, base, num_samples, **kw):
+        update = honest(participant, round_id, shadow, base, num_samples, **kw)
+        if participant == "agent-1":  # a poisoned update: 100x the norm
+            shadow = {k: base[k] + (shadow[k] - base[k]) * 100 for k in shadow}
+        elif participant == "agent-2":  # a broken one: NaN
+            shadow = {k: v.clone().fill_(math.nan) if "lora_B" in k else v for k, v in shadow.items()}
+        else:
+            return update
+        return honest(participant, round_id, shadow, base, num_samples, **kw)
+
+    monkeypatch.setattr(participant_module, "make_update", hostile)
+    with LocalCluster(configs(), base=tiny_base) as c:
+        driver = RoundDriver(spec("r-poison", local_steps=3, min_participants=1, tolerance=0.5), c.addresses, strategy=StrategyConfig("fedavg", clip_norm=1.0, outlier_factor=5.0), round_number=1)
+        state = driver.run(timeout_s=120)
+        assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
+        outcomes = {p: (r.outcome, r.reason) for p, r in state.participants.items()}
+        assert outcomes["agent-0"][0] is R.Outcome.ACCEPTED
+        assert outcomes["agent-2"][0] is R.Outcome.REJECTED and "NonFinite" in outcomes["agent-2"][1]
+        poisoned_screened = outcomes["agent-1"][0] is R.Outcome.REJECTED or "agent-1" in driver.aggregate_record
+        assert poisoned_screened, (outcomes, driver.aggregate_record)
+        assert len({r.agent.store.current.sha256 for r in c.replicas.values()}) == 1
+
+
+def test_rollback_returns_every_replica_to_a_retained_version(cluster):
+    from replica_agent.federated.client import AgentClient
+
+    first = cluster["agent-0"].agent.store.get(1).sha256
+    for address in cluster.addresses.values():
+        with AgentClient(address) as peer:
+            assert peer.rollback(first).adapter.sha256 == first
+    assert set(serving_shas(cluster).values()) == {first}
