@@ -51,7 +51,7 @@ def print_table(title: str, columns: list[str], rows: list[list], *, console: Co
         table.add_column(c, justify="right" if c != columns[0] else "left")
     for row in rows:
         table.add_row(*[_fmt(v) for v in row])
-    (console or Console()).print(table)
+    (console or Console(width=max(Console().width, 140))).print(table)
 
 
 def _fmt(v) -> str:

@@ -15,6 +15,7 @@ import torch
 from .config import AgentConfig
 from .engine.adapter_store import AdapterStore, AdapterVersion
 from .engine.budget import TrainingBudget
+from .engine.capacity import CapacityProfiler
 from .engine.data import LocalDataset
 from .engine.engine import Engine, EngineSettings
 from .engine.llama import LlamaRuntime
@@ -33,6 +34,7 @@ class Plan:
     train_cap_tokens: int
     ttft_ms: int
     tpot_ms: int
+    adaptive: bool = True  # False for the `static` policy: a fixed training batch, no fast-timescale mixing
 
 
 class Agent:
@@ -87,6 +89,19 @@ class Agent:
                 budget=self.budget,
             )
 
+        self.profiler = CapacityProfiler(tpot_ms=c.tpot_ms, max_batch=c.max_batch)
+        self._training_tokens_seen = 0
+        self.engine.observers.append(self._observe)
+
+    def _observe(self, kind: str, payload) -> None:
+        """Feed the capacity profile from the engine (runs on the engine thread)."""
+        if kind == "iteration":
+            tokens = self.trainer.tokens if self.trainer is not None else 0
+            ran, self._training_tokens_seen = tokens - self._training_tokens_seen, tokens
+            self.profiler.observe_iteration(cap=self.mixer.settings.cap_tokens_per_iteration, budget=self.mixer.training_tokens, rows=payload.decode_rows, iteration_ms=payload.iteration_ms, training_tokens=ran)
+        elif kind == "finished" and payload.ok:
+            self.profiler.observe_request(payload.generated_tokens)
+
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> AdapterVersion:
         """Publish the initial adapter (version 1), then start serving and, with data, training."""
@@ -109,7 +124,8 @@ class Agent:
     def apply_plan(self, plan: Plan) -> None:
         """Take a new training cap and SLO from the operator; the mixer clamps at once."""
         cap = plan.train_cap_tokens if self.config.training_enabled else 0
-        self.mixer.update_settings(MixerSettings(ttft_ms=plan.ttft_ms, tpot_ms=plan.tpot_ms, cap_tokens_per_iteration=cap))
+        self.mixer.update_settings(MixerSettings(ttft_ms=plan.ttft_ms, tpot_ms=plan.tpot_ms, cap_tokens_per_iteration=cap, adaptive=plan.adaptive))
+        self.profiler.tpot_ms = plan.tpot_ms
 
     def publish(self) -> AdapterVersion:
         if self.trainer is None:
@@ -138,6 +154,7 @@ class Agent:
             "live_versions": sorted(self.store.live_versions()),
             "pins": self.store.pins(),
             "slo": {"ttft_ms": self.mixer.settings.ttft_ms, "tpot_ms": self.mixer.settings.tpot_ms},
+            "capacity_profile": [[p.cap, p.requests_per_s, p.training_tokens_per_s] for p in self.profiler.profile()],
             "lora": {"rank": self.spec.rank, "alpha": self.spec.alpha, "target_modules": list(self.spec.target_modules)},
             "torch_threads": torch.get_num_threads(),
         }

@@ -91,3 +91,30 @@ def test_help_lists_each_setting_with_its_environment_variable(capsys):
     text = capsys.readouterr().out
     for flag, env in (("--max-batch", "COLLM_MAX_BATCH"), ("--data", "COLLM_DATA"), ("--publish-every", "COLLM_PUBLISH_EVERY")):
         assert flag in text and env in text
+
+
+def test_capacity_profile_is_measured_online_and_plans_arrive_over_grpc(tiny_base):
+    from replica_agent.federated.client import AgentClient
+    from replica_agent.serving.grpc_service import serve_grpc
+
+    agent = Agent(AgentConfig(model="tiny", max_total_tokens=128, tpot_ms=100), base=tiny_base)
+    agent.profiler.min_samples = 20
+    agent.start()
+    server, _, port = serve_grpc(agent)
+    try:
+        threads = [threading.Thread(target=lambda: [agent.engine.generate(agent.engine.encode("x = 1"), SamplingParams(max_new_tokens=24, ignore_eos=True)) for _ in range(4)]) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        with AgentClient(f"127.0.0.1:{port}") as peer:
+            import json
+
+            profile = json.loads(peer.stats().json)["capacity_profile"]
+            assert profile and profile[0][0] == 0 and profile[0][1] > 0  # no data: level 0, serving only
+            peer.apply_plan(32, 400, 40, fixed_training=True)
+        assert (agent.mixer.settings.ttft_ms, agent.mixer.settings.tpot_ms, agent.mixer.settings.adaptive) == (400, 40, False)
+        assert agent.profiler.tpot_ms == 40
+    finally:
+        server.stop(grace=0)
+        agent.stop()

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-REASONS = ("Idle", "Headroom", "Pressure", "Overload", "Capped", "Disabled")
+REASONS = ("Idle", "Headroom", "Pressure", "Overload", "Capped", "Disabled", "Fixed")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class MixerSettings:
     increase_tokens: int | None = None
     decrease_factor: float = 0.5
     overload_iterations: int = 2
+    adaptive: bool = True  # False: the `static` policy's fixed training batch, whatever the latency
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "tpot_ms"):
@@ -154,6 +155,9 @@ class BatchMixer:
         if cap == 0:
             self._budget = 0
             return MixDecision(0, "Disabled")
+        if not s.adaptive:
+            self._budget = cap
+            return MixDecision(cap, "Fixed")
         if stats.idle:
             self._violations_in_a_row = 0
             self._budget = cap

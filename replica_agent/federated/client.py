@@ -38,8 +38,9 @@ class AgentClient:
     def stats(self) -> pb.Stats:
         return self.stub.GetStats(pb.StatsRequest(), timeout=self.timeout)
 
-    def apply_plan(self, train_cap_tokens: int, ttft_ms: int, tpot_ms: int) -> pb.Ack:
-        return self.stub.ApplyPlan(pb.Plan(train_cap_tokens=train_cap_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms), timeout=self.timeout)
+    def apply_plan(self, train_cap_tokens: int, ttft_ms: int, tpot_ms: int, *, fixed_training: bool = False) -> pb.Ack:
+        plan = pb.Plan(train_cap_tokens=train_cap_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms, fixed_training=fixed_training)
+        return self.stub.ApplyPlan(plan, timeout=self.timeout)
 
     # -- rounds -------------------------------------------------------------------------------
     def start_round(self, request: pb.StartRoundRequest) -> pb.RoundStatus:

@@ -57,7 +57,7 @@ class AgentService(pb_grpc.AgentServicer):
 
     def ApplyPlan(self, request, context):
         try:
-            self.agent.apply_plan(Plan(request.train_cap_tokens, request.ttft_ms, request.tpot_ms))
+            self.agent.apply_plan(Plan(request.train_cap_tokens, request.ttft_ms, request.tpot_ms, adaptive=not request.fixed_training))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.Ack(ok=True)

@@ -199,3 +199,10 @@ def test_decision_always_within_zero_and_cap_and_deterministic(settings, sequenc
         assert decision.reason in REASONS
         assert 0.0 <= first.training_share <= 1.0
         assert second.decide(item) == decision
+
+
+def test_non_adaptive_mixer_keeps_the_fixed_batch_under_overload():
+    mixer = BatchMixer(MixerSettings(ttft_ms=100, tpot_ms=10, cap_tokens_per_iteration=64, adaptive=False))
+    overloaded = IterationStats(iteration_ms=50, decode_rows=16, prefill_tokens=0, queue_depth=9, ttft_ms=500, tpot_ms=50)
+    decisions = [mixer.decide(overloaded) for _ in range(5)]
+    assert {(d.training_tokens, d.reason) for d in decisions} == {(64, "Fixed")}
