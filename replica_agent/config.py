@@ -50,6 +50,7 @@ class AgentConfig(BaseModel):
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of the data held out for eval loss")
     eval_batches: int = Field(8, ge=0, description="eval batches per evaluation (0 = whole eval split)")
     publish_every: int = Field(0, ge=0, description="publish the shadow every N training steps (0 = only on demand)")
+    secure_aggregation_secret_file: str | None = Field(None, description="file with the round secret (>= 16 bytes) shared by participants only; needed to take part in secure-aggregation rounds")
     federated: bool = Field(False, description="train only inside federated rounds (the operator or local mode starts them) and never publish local versions")
     trainer_threads: int | None = Field(None, ge=1, description="intra-op threads of the training thread (default 1)")
     seed: int = Field(0, description="seed of the adapter init and the data order")

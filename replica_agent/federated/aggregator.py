@@ -17,6 +17,7 @@ import torch
 
 from ..engine.adapter_store import AdapterStore, adapter_sha256
 from .aggregation import AggregateResult, AggregationError, build_strategy
+from .secure import MaskedUpdate, SecureAggregator, decode_masked
 from .update import AdapterUpdate, UpdateError, apply_delta, decode_update
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Upload:
-    update: AdapterUpdate
+    update: AdapterUpdate | MaskedUpdate  # masked in secure rounds: never seen in the clear here
+    sha256: str
     bytes: int
     received_at: float
 
@@ -66,18 +68,18 @@ class Aggregator:
         with self._lock:
             return self._candidates.get(sha256)
 
-    def receive(self, round_id: str, participant: str, blob: bytes, sha256: str) -> UploadOutcome:
+    def receive(self, round_id: str, participant: str, blob: bytes, sha256: str, *, masked: bool = False) -> UploadOutcome:
         with self._lock:
             rnd = self._rounds.setdefault(round_id, AggregatorRound(round_id))
             if rnd.closed:
                 return UploadOutcome(False, "RoundClosed", f"round {round_id} closed to uploads at {rnd.closed_at:.3f} (unix); this update came too late")
             previous = rnd.uploads.get(participant)
         if previous is not None:
-            if previous.update.sha256 == sha256:
+            if previous.sha256 == sha256:
                 return UploadOutcome(True, "Duplicate", "this update was already received")
             return UploadOutcome(False, "Duplicate", f"{participant} already uploaded a different update for round {round_id}")
         try:
-            update = decode_update(blob, expected_sha256=sha256)
+            update = _decode_masked(blob, sha256) if masked else decode_update(blob, expected_sha256=sha256)
         except UpdateError as exc:
             return UploadOutcome(False, "Corrupt", str(exc))
         if update.participant != participant or update.round_id != round_id:
@@ -85,12 +87,16 @@ class Aggregator:
         with self._lock:
             if rnd.closed:
                 return UploadOutcome(False, "RoundClosed", f"round {round_id} closed while this update was in transit")
-            rnd.uploads[participant] = Upload(update, len(blob), time.time())
+            rnd.uploads[participant] = Upload(update, sha256, len(blob), time.time())
         log.info("round %s: update from %s (%d bytes, %d samples)", round_id, participant, len(blob), update.num_samples)
         return UploadOutcome(True)
 
-    def aggregate(self, round_id: str, participants: list[str], *, strategy: str, base_sha256: str, clip_norm: float | None = None, noise_multiplier: float | None = None, outlier_factor: float | None = None) -> AggregatorRound:
-        """Close the round and combine the named participants' uploads into a candidate adapter."""
+    def aggregate(self, round_id: str, participants: list[str], *, strategy: str, base_sha256: str, clip_norm: float | None = None, noise_multiplier: float | None = None, outlier_factor: float | None = None, invited: list[str] | None = None, revealed: dict | None = None) -> AggregatorRound:
+        """Close the round and combine the named participants' uploads into a candidate adapter.
+
+        With `invited` (a secure round) the uploads are masked: only their sum is unmasked, with the
+        `revealed` pair seeds of participants that dropped out (see secure.py).
+        """
         with self._lock:
             rnd = self._rounds.setdefault(round_id, AggregatorRound(round_id))
             if rnd.result is not None or rnd.failure is not None:
@@ -103,7 +109,10 @@ class Aggregator:
         if base is None:
             raise AggregatorError(f"round {round_id}: the base adapter {base_sha256[:12]} is not retained on the aggregator")
         try:
-            result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(updates, base_sha256=base_sha256)
+            if invited is not None:
+                result = _unmask(round_id, invited, updates, revealed or {})
+            else:
+                result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(updates, base_sha256=base_sha256)
         except AggregationError as exc:
             with self._lock:
                 rnd.failure = exc
@@ -118,3 +127,26 @@ class Aggregator:
     def bytes_in(self, round_id: str) -> int:
         rnd = self.round(round_id)
         return sum(u.bytes for u in rnd.uploads.values()) if rnd else 0
+
+
+def _decode_masked(blob: bytes, sha256: str) -> MaskedUpdate:
+    masked = decode_masked(blob)
+    actual = adapter_sha256(masked.masked)
+    if actual != sha256:
+        raise UpdateError(f"masked update sha256 mismatch: got {actual}, the sender announced {sha256}")
+    return masked
+
+
+def _unmask(round_id: str, invited: list[str], updates: list, revealed: dict) -> AggregateResult:
+    if any(not isinstance(u, MaskedUpdate) for u in updates):
+        raise AggregationError(f"round {round_id}: a secure round takes masked updates only")
+    secure = SecureAggregator(round_id, invited)
+    for masked in updates:
+        try:
+            secure.add(masked)
+        except UpdateError as exc:
+            raise AggregationError(f"round {round_id}: {exc}") from exc
+    delta = secure.unmask(revealed)
+    total = sum(u.num_samples for u in updates)
+    weights = {u.participant: u.num_samples / total for u in updates}
+    return AggregateResult(delta=delta, accepted=secure.survivors, rejected=(), clipped=(), weights=weights, clip_norm=None, noise_multiplier=None, noise_std=None)

@@ -49,12 +49,12 @@ class AgentClient:
     def round_status(self, round_id: str) -> pb.RoundStatus:
         return self.stub.GetRoundStatus(pb.RoundStatusRequest(round_id=round_id), timeout=self.timeout)
 
-    def upload(self, round_id: str, participant: str, blob: bytes, sha256: str) -> pb.UploadReply:
+    def upload(self, round_id: str, participant: str, blob: bytes, sha256: str, *, masked: bool = False) -> pb.UploadReply:
         def messages() -> Iterator[pb.UpdateChunk]:
             first = True
             for part in chunks(blob):
                 if first:
-                    yield pb.UpdateChunk(round_id=round_id, participant=participant, sha256=sha256, total_bytes=len(blob), data=part)
+                    yield pb.UpdateChunk(round_id=round_id, participant=participant, sha256=sha256, total_bytes=len(blob), data=part, masked=masked)
                     first = False
                 else:
                     yield pb.UpdateChunk(data=part)
@@ -66,6 +66,9 @@ class AgentClient:
 
     def evaluate(self, round_id: str, candidate_sha256: str, source: str) -> pb.EvaluateReply:
         return self.stub.Evaluate(pb.EvaluateRequest(round_id=round_id, candidate_sha256=candidate_sha256, source=source), timeout=max(self.timeout, 120))
+
+    def reveal_seeds(self, round_id: str, dropped: list[str]) -> pb.RevealReply:
+        return self.stub.RevealSeeds(pb.RevealRequest(round_id=round_id, dropped=dropped), timeout=self.timeout)
 
     def publish(self, request: pb.PublishRequest) -> pb.PublishReply:
         return self.stub.Publish(request, timeout=self.timeout)

@@ -31,6 +31,7 @@ class StrategyConfig:
     clip_norm: float | None = None
     noise_multiplier: float | None = None
     outlier_factor: float | None = None
+    secure: bool = False  # pairwise-masked uploads; the aggregator must not be a participant
 
     @property
     def only_b(self) -> bool:
@@ -54,6 +55,10 @@ class RoundDriver:
         missing = [r for r in spec.replicas if r not in addresses]
         if missing:
             raise ValueError(f"no gRPC address for replicas {missing}")
+        if strategy.secure and spec.aggregator in spec.participants:
+            raise ValueError(f"secure aggregation needs an aggregator that is not a participant (it must not hold the round secret); {spec.aggregator} is both")
+        if strategy.secure and strategy.name != "fedavg":
+            raise ValueError("secure aggregation sums masked updates: only the fedavg strategy applies")
         self.spec, self.addresses, self.strategy = spec, dict(addresses), strategy
         self.round_number = round_number
         self.state = state or R.start(spec)
@@ -151,6 +156,8 @@ class RoundDriver:
     def _start_training(self, action: R.StartTraining) -> list:
         aggregator = self.addresses[action.aggregator]
         request = dict(round_id=self.spec.round_id, local_steps=action.local_steps, deadline_unix=action.deadline_at, base_sha256=action.base_sha256, base_source=aggregator, aggregator_address=aggregator, only_b=self.strategy.only_b)
+        if self.strategy.secure:
+            request.update(secure=True, participants=list(self.spec.participants), clip_norm=self.strategy.clip_norm or 0.0)
         actions = []
         for participant in action.participants:
             try:
@@ -165,6 +172,16 @@ class RoundDriver:
     def _aggregate(self, action: R.Aggregate) -> list:
         s = self.strategy
         request = pb.AggregateRequest(round_id=self.spec.round_id, participants=list(action.participants), strategy=s.name, clip_norm=s.clip_norm or 0.0, noise_multiplier=s.noise_multiplier or 0.0, outlier_factor=s.outlier_factor or 0.0, base_sha256=self.state.base_sha256)
+        if s.secure:
+            request.secure = True
+            request.invited.extend(self.spec.participants)
+            dropped = [p for p in self.spec.participants if p not in action.participants]
+            if dropped:  # survivors reveal the seeds they shared with the dropped, so their masks can be removed
+                for survivor in action.participants:
+                    try:
+                        request.revealed.extend(self.client(survivor).reveal_seeds(self.spec.round_id, dropped).shares)
+                    except grpc.RpcError as exc:
+                        return self._feed(R.AggregatorFailed(self.clock(), f"{survivor} could not reveal its seeds for dropped {dropped}: {exc.code().name}"))
         try:
             reply = self.client(action.aggregator).aggregate(request)
         except grpc.RpcError as exc:

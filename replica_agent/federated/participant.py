@@ -17,10 +17,20 @@ import torch
 
 from ..engine.adapter_store import AdapterVersion
 from ..engine.lora import check_adapter
+from ..engine.adapter_store import adapter_sha256
 from .client import AgentClient
+from .secure import encode_masked, mask_update, pair_seeds, reveal_seeds
 from .update import UpdateError, encode_update, make_update
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """A secure-aggregation round: who masks with whom, and the participant's own clip norm."""
+
+    participants: tuple[str, ...]
+    clip_norm: float | None = None
 
 
 @dataclass
@@ -30,6 +40,8 @@ class ParticipantRound:
     message: str = ""
     steps_done: int = 0
     started_at: float = 0.0
+    secure: SecureRound | None = None
+    seeds: dict | None = None  # pair seeds of a secure round, kept to reveal those of dropped peers
 
 
 class Participant:
@@ -67,16 +79,27 @@ class Participant:
         return tensors
 
     # -- training -----------------------------------------------------------------------------
-    def start_round(self, round_id: str, *, local_steps: int, base_sha256: str, base_source: str, aggregator_address: str, only_b: bool = False) -> ParticipantRound:
+    def start_round(self, round_id: str, *, local_steps: int, base_sha256: str, base_source: str, aggregator_address: str, only_b: bool = False, secure: SecureRound | None = None) -> ParticipantRound:
         with self._lock:
             existing = self._rounds.get(round_id)
             if existing is not None:
                 return existing
-            rnd = self._rounds[round_id] = ParticipantRound(round_id, started_at=time.time())
+            rnd = self._rounds[round_id] = ParticipantRound(round_id, started_at=time.time(), secure=secure)
         trainer = self.agent.trainer
         if trainer is None:
             rnd.state, rnd.message = "Failed", "this replica has no training data (start it with --data)"
             return rnd
+        if secure is not None:
+            secret_file = self.agent.config.secure_aggregation_secret_file
+            if not secret_file:
+                rnd.state, rnd.message = "Failed", "secure aggregation needs the round secret: start the agent with --secure-aggregation-secret-file"
+                return rnd
+            try:
+                with open(secret_file, "rb") as f:
+                    rnd.seeds = pair_seeds(self.agent.config.replica_id, secure.participants, f.read().strip(), round_id)
+            except (OSError, ValueError) as exc:
+                rnd.state, rnd.message = "Failed", f"cannot derive the pair seeds: {exc}"
+                return rnd
         try:
             base = self.obtain(base_sha256, base_source)
         except Exception as exc:
@@ -98,19 +121,29 @@ class Participant:
         agent = self.agent
         try:
             update = make_update(agent.config.replica_id, rnd.round_id, shadow, base, agent.dataset.train_chunks, only_b=only_b)
-            blob = encode_update(update)
+            blob, sha, masked = encode_update(update), update.sha256, rnd.secure is not None
+            if masked:  # only the masked form leaves this replica
+                secured = mask_update(update, rnd.secure.participants, rnd.seeds, clip_norm=rnd.secure.clip_norm)
+                blob, sha = encode_masked(secured), adapter_sha256(secured.masked)
             if aggregator_address == self.local_address:
-                outcome = self.aggregator.receive(rnd.round_id, update.participant, blob, update.sha256)
+                outcome = self.aggregator.receive(rnd.round_id, update.participant, blob, sha, masked=masked)
                 accepted, reason, message = outcome.accepted, outcome.reason, outcome.message
             else:
                 with AgentClient(aggregator_address) as peer:
-                    reply = peer.upload(rnd.round_id, update.participant, blob, update.sha256)
+                    reply = peer.upload(rnd.round_id, update.participant, blob, sha, masked=masked)
                 accepted, reason, message = reply.accepted, reply.reason, reply.message
             rnd.state = "Uploaded" if accepted else "Failed"
             rnd.message = message if accepted else f"{reason}: {message}"
         except Exception as exc:  # the aggregator is gone or refused: the round goes on without us
             rnd.state, rnd.message = "Failed", f"upload to {aggregator_address} failed: {exc}"
             log.warning("round %s: %s", rnd.round_id, rnd.message)
+
+    def reveal(self, round_id: str, dropped: list[str]) -> dict[tuple[str, str], bytes]:
+        """The pair seeds this participant shared with `dropped` peers of a secure round, no others."""
+        rnd = self.status(round_id)
+        if rnd is None or rnd.seeds is None:
+            raise KeyError(f"{self.agent.config.replica_id} holds no pair seeds for round {round_id}")
+        return reveal_seeds(self.agent.config.replica_id, dropped, rnd.seeds)
 
     def status(self, round_id: str) -> ParticipantRound | None:
         with self._lock:

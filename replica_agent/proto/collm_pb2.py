@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1freplica_agent/proto/collm.proto\x12\x08\x63ollm.v1\"\"\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"f\n\nAdapterRef\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\teval_loss\x18\x04 \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x05 \x01(\x08\"\xac\x02\n\x05Stats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x18\n\x10inference_tokens\x18\x06 \x01(\x04\x12\x17\n\x0ftraining_tokens\x18\x07 \x01(\x04\x12\x16\n\x0etraining_steps\x18\x08 \x01(\x04\x12\x16\n\x0etraining_share\x18\t \x01(\x01\x12\x18\n\x10train_cap_tokens\x18\n \x01(\r\x12\x11\n\teval_loss\x18\x0b \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x0c \x01(\x08\x12\x0c\n\x04json\x18\r \x01(\t\"Z\n\x04Plan\x12\x18\n\x10train_cap_tokens\x18\x01 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\r\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\r\x12\x16\n\x0e\x66ixed_training\x18\x04 \x01(\x08\"\xa7\x01\n\x11StartRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x15\n\rdeadline_unix\x18\x03 \x01(\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x61se_source\x18\x05 \x01(\t\x12\x1a\n\x12\x61ggregator_address\x18\x06 \x01(\t\x12\x0e\n\x06only_b\x18\x07 \x01(\x08\"&\n\x12RoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"z\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nsteps_done\x18\x04 \x01(\r\x12%\n\x07uploads\x18\x05 \x03(\x0b\x32\x14.collm.v1.UploadInfo\"l\n\nUploadInfo\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x15\n\rreceived_unix\x18\x05 \x01(\x01\"g\n\x0bUpdateChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"@\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa6\x01\n\x10\x41ggregateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x11\n\tclip_norm\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x16\n\x0eoutlier_factor\x18\x06 \x01(\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x07 \x01(\t\"?\n\x08Rejected\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x9a\x01\n\x0e\x41ggregateReply\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\t\x12$\n\x08rejected\x18\x03 \x03(\x0b\x32\x12.collm.v1.Rejected\x12\x0f\n\x07\x63lipped\x18\x04 \x03(\t\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x13\n\x0brecord_json\x18\x06 \x01(\t\"M\n\x0f\x45valuateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"M\n\rEvaluateReply\x12\x16\n\x0e\x63\x61ndidate_loss\x18\x01 \x01(\x01\x12\x14\n\x0c\x63urrent_loss\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x1e\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"A\n\x0c\x41\x64\x61pterChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"{\n\x0ePublishRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x06 \x01(\x08\"L\n\x0cPublishReply\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12\x15\n\rswitched_unix\x18\x02 \x01(\x01\"!\n\x0fRollbackRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t2\xf2\x04\n\x05\x41gent\x12\x33\n\x08GetStats\x12\x16.collm.v1.StatsRequest\x1a\x0f.collm.v1.Stats\x12*\n\tApplyPlan\x12\x0e.collm.v1.Plan\x1a\r.collm.v1.Ack\x12@\n\nStartRound\x12\x1b.collm.v1.StartRoundRequest\x1a\x15.collm.v1.RoundStatus\x12\x45\n\x0eGetRoundStatus\x12\x1c.collm.v1.RoundStatusRequest\x1a\x15.collm.v1.RoundStatus\x12>\n\x0cUploadUpdate\x12\x15.collm.v1.UpdateChunk\x1a\x15.collm.v1.UploadReply(\x01\x12\x41\n\tAggregate\x12\x1a.collm.v1.AggregateRequest\x1a\x18.collm.v1.AggregateReply\x12>\n\x08\x45valuate\x12\x19.collm.v1.EvaluateRequest\x1a\x17.collm.v1.EvaluateReply\x12@\n\x0c\x46\x65tchAdapter\x12\x16.collm.v1.FetchRequest\x1a\x16.collm.v1.AdapterChunk0\x01\x12;\n\x07Publish\x12\x18.collm.v1.PublishRequest\x1a\x16.collm.v1.PublishReply\x12=\n\x08Rollback\x12\x19.collm.v1.RollbackRequest\x1a\x16.collm.v1.PublishReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1freplica_agent/proto/collm.proto\x12\x08\x63ollm.v1\"\"\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"f\n\nAdapterRef\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\teval_loss\x18\x04 \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x05 \x01(\x08\"\xac\x02\n\x05Stats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x18\n\x10inference_tokens\x18\x06 \x01(\x04\x12\x17\n\x0ftraining_tokens\x18\x07 \x01(\x04\x12\x16\n\x0etraining_steps\x18\x08 \x01(\x04\x12\x16\n\x0etraining_share\x18\t \x01(\x01\x12\x18\n\x10train_cap_tokens\x18\n \x01(\r\x12\x11\n\teval_loss\x18\x0b \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x0c \x01(\x08\x12\x0c\n\x04json\x18\r \x01(\t\"Z\n\x04Plan\x12\x18\n\x10train_cap_tokens\x18\x01 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\r\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\r\x12\x16\n\x0e\x66ixed_training\x18\x04 \x01(\x08\"\xe0\x01\n\x11StartRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x15\n\rdeadline_unix\x18\x03 \x01(\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x61se_source\x18\x05 \x01(\t\x12\x1a\n\x12\x61ggregator_address\x18\x06 \x01(\t\x12\x0e\n\x06only_b\x18\x07 \x01(\x08\x12\x0e\n\x06secure\x18\x08 \x01(\x08\x12\x14\n\x0cparticipants\x18\t \x03(\t\x12\x11\n\tclip_norm\x18\n \x01(\x01\"&\n\x12RoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"z\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nsteps_done\x18\x04 \x01(\r\x12%\n\x07uploads\x18\x05 \x03(\x0b\x32\x14.collm.v1.UploadInfo\"l\n\nUploadInfo\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x15\n\rreceived_unix\x18\x05 \x01(\x01\"w\n\x0bUpdateChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06masked\x18\x06 \x01(\x08\"@\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xee\x01\n\x10\x41ggregateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x11\n\tclip_norm\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x16\n\x0eoutlier_factor\x18\x06 \x01(\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x07 \x01(\t\x12\x0e\n\x06secure\x18\x08 \x01(\x08\x12\x0f\n\x07invited\x18\t \x03(\t\x12%\n\x08revealed\x18\n \x03(\x0b\x32\x13.collm.v1.SeedShare\"/\n\tSeedShare\x12\t\n\x01\x61\x18\x01 \x01(\t\x12\t\n\x01\x62\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x0c\"2\n\rRevealRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\"2\n\x0bRevealReply\x12#\n\x06shares\x18\x01 \x03(\x0b\x32\x13.collm.v1.SeedShare\"?\n\x08Rejected\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x9a\x01\n\x0e\x41ggregateReply\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\t\x12$\n\x08rejected\x18\x03 \x03(\x0b\x32\x12.collm.v1.Rejected\x12\x0f\n\x07\x63lipped\x18\x04 \x03(\t\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x13\n\x0brecord_json\x18\x06 \x01(\t\"M\n\x0f\x45valuateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"M\n\rEvaluateReply\x12\x16\n\x0e\x63\x61ndidate_loss\x18\x01 \x01(\x01\x12\x14\n\x0c\x63urrent_loss\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x1e\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"A\n\x0c\x41\x64\x61pterChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"{\n\x0ePublishRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x06 \x01(\x08\"L\n\x0cPublishReply\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12\x15\n\rswitched_unix\x18\x02 \x01(\x01\"!\n\x0fRollbackRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t2\xb1\x05\n\x05\x41gent\x12\x33\n\x08GetStats\x12\x16.collm.v1.StatsRequest\x1a\x0f.collm.v1.Stats\x12*\n\tApplyPlan\x12\x0e.collm.v1.Plan\x1a\r.collm.v1.Ack\x12@\n\nStartRound\x12\x1b.collm.v1.StartRoundRequest\x1a\x15.collm.v1.RoundStatus\x12\x45\n\x0eGetRoundStatus\x12\x1c.collm.v1.RoundStatusRequest\x1a\x15.collm.v1.RoundStatus\x12>\n\x0cUploadUpdate\x12\x15.collm.v1.UpdateChunk\x1a\x15.collm.v1.UploadReply(\x01\x12\x41\n\tAggregate\x12\x1a.collm.v1.AggregateRequest\x1a\x18.collm.v1.AggregateReply\x12>\n\x08\x45valuate\x12\x19.collm.v1.EvaluateRequest\x1a\x17.collm.v1.EvaluateReply\x12@\n\x0c\x46\x65tchAdapter\x12\x16.collm.v1.FetchRequest\x1a\x16.collm.v1.AdapterChunk0\x01\x12;\n\x07Publish\x12\x18.collm.v1.PublishRequest\x1a\x16.collm.v1.PublishReply\x12=\n\x08Rollback\x12\x19.collm.v1.RollbackRequest\x1a\x16.collm.v1.PublishReply\x12=\n\x0bRevealSeeds\x12\x17.collm.v1.RevealRequest\x1a\x15.collm.v1.RevealReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,37 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLAN']._serialized_start=504
   _globals['_PLAN']._serialized_end=594
   _globals['_STARTROUNDREQUEST']._serialized_start=597
-  _globals['_STARTROUNDREQUEST']._serialized_end=764
-  _globals['_ROUNDSTATUSREQUEST']._serialized_start=766
-  _globals['_ROUNDSTATUSREQUEST']._serialized_end=804
-  _globals['_ROUNDSTATUS']._serialized_start=806
-  _globals['_ROUNDSTATUS']._serialized_end=928
-  _globals['_UPLOADINFO']._serialized_start=930
-  _globals['_UPLOADINFO']._serialized_end=1038
-  _globals['_UPDATECHUNK']._serialized_start=1040
-  _globals['_UPDATECHUNK']._serialized_end=1143
-  _globals['_UPLOADREPLY']._serialized_start=1145
-  _globals['_UPLOADREPLY']._serialized_end=1209
-  _globals['_AGGREGATEREQUEST']._serialized_start=1212
-  _globals['_AGGREGATEREQUEST']._serialized_end=1378
-  _globals['_REJECTED']._serialized_start=1380
-  _globals['_REJECTED']._serialized_end=1443
-  _globals['_AGGREGATEREPLY']._serialized_start=1446
-  _globals['_AGGREGATEREPLY']._serialized_end=1600
-  _globals['_EVALUATEREQUEST']._serialized_start=1602
-  _globals['_EVALUATEREQUEST']._serialized_end=1679
-  _globals['_EVALUATEREPLY']._serialized_start=1681
-  _globals['_EVALUATEREPLY']._serialized_end=1758
-  _globals['_FETCHREQUEST']._serialized_start=1760
-  _globals['_FETCHREQUEST']._serialized_end=1790
-  _globals['_ADAPTERCHUNK']._serialized_start=1792
-  _globals['_ADAPTERCHUNK']._serialized_end=1857
-  _globals['_PUBLISHREQUEST']._serialized_start=1859
-  _globals['_PUBLISHREQUEST']._serialized_end=1982
-  _globals['_PUBLISHREPLY']._serialized_start=1984
-  _globals['_PUBLISHREPLY']._serialized_end=2060
-  _globals['_ROLLBACKREQUEST']._serialized_start=2062
-  _globals['_ROLLBACKREQUEST']._serialized_end=2095
-  _globals['_AGENT']._serialized_start=2098
-  _globals['_AGENT']._serialized_end=2724
+  _globals['_STARTROUNDREQUEST']._serialized_end=821
+  _globals['_ROUNDSTATUSREQUEST']._serialized_start=823
+  _globals['_ROUNDSTATUSREQUEST']._serialized_end=861
+  _globals['_ROUNDSTATUS']._serialized_start=863
+  _globals['_ROUNDSTATUS']._serialized_end=985
+  _globals['_UPLOADINFO']._serialized_start=987
+  _globals['_UPLOADINFO']._serialized_end=1095
+  _globals['_UPDATECHUNK']._serialized_start=1097
+  _globals['_UPDATECHUNK']._serialized_end=1216
+  _globals['_UPLOADREPLY']._serialized_start=1218
+  _globals['_UPLOADREPLY']._serialized_end=1282
+  _globals['_AGGREGATEREQUEST']._serialized_start=1285
+  _globals['_AGGREGATEREQUEST']._serialized_end=1523
+  _globals['_SEEDSHARE']._serialized_start=1525
+  _globals['_SEEDSHARE']._serialized_end=1572
+  _globals['_REVEALREQUEST']._serialized_start=1574
+  _globals['_REVEALREQUEST']._serialized_end=1624
+  _globals['_REVEALREPLY']._serialized_start=1626
+  _globals['_REVEALREPLY']._serialized_end=1676
+  _globals['_REJECTED']._serialized_start=1678
+  _globals['_REJECTED']._serialized_end=1741
+  _globals['_AGGREGATEREPLY']._serialized_start=1744
+  _globals['_AGGREGATEREPLY']._serialized_end=1898
+  _globals['_EVALUATEREQUEST']._serialized_start=1900
+  _globals['_EVALUATEREQUEST']._serialized_end=1977
+  _globals['_EVALUATEREPLY']._serialized_start=1979
+  _globals['_EVALUATEREPLY']._serialized_end=2056
+  _globals['_FETCHREQUEST']._serialized_start=2058
+  _globals['_FETCHREQUEST']._serialized_end=2088
+  _globals['_ADAPTERCHUNK']._serialized_start=2090
+  _globals['_ADAPTERCHUNK']._serialized_end=2155
+  _globals['_PUBLISHREQUEST']._serialized_start=2157
+  _globals['_PUBLISHREQUEST']._serialized_end=2280
+  _globals['_PUBLISHREPLY']._serialized_start=2282
+  _globals['_PUBLISHREPLY']._serialized_end=2358
+  _globals['_ROLLBACKREQUEST']._serialized_start=2360
+  _globals['_ROLLBACKREQUEST']._serialized_end=2393
+  _globals['_AGENT']._serialized_start=2396
+  _globals['_AGENT']._serialized_end=3085
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,11 @@ class AgentStub:
                 request_serializer=replica__agent_dot_proto_dot_collm__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=replica__agent_dot_proto_dot_collm__pb2.PublishReply.FromString,
                 _registered_method=True)
+        self.RevealSeeds = channel.unary_unary(
+                '/collm.v1.Agent/RevealSeeds',
+                request_serializer=replica__agent_dot_proto_dot_collm__pb2.RevealRequest.SerializeToString,
+                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.RevealReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -155,6 +160,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevealSeeds(self, request, context):
+        """Participant of a secure round: reveal the pair seeds it shared with participants that dropped out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +219,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=replica__agent_dot_proto_dot_collm__pb2.RollbackRequest.FromString,
                     response_serializer=replica__agent_dot_proto_dot_collm__pb2.PublishReply.SerializeToString,
+            ),
+            'RevealSeeds': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealSeeds,
+                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.RevealRequest.FromString,
+                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.RevealReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +496,33 @@ class Agent:
             '/collm.v1.Agent/Rollback',
             replica__agent_dot_proto_dot_collm__pb2.RollbackRequest.SerializeToString,
             replica__agent_dot_proto_dot_collm__pb2.PublishReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealSeeds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collm.v1.Agent/RevealSeeds',
+            replica__agent_dot_proto_dot_collm__pb2.RevealRequest.SerializeToString,
+            replica__agent_dot_proto_dot_collm__pb2.RevealReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ from ..agent import Plan
 from ..engine.adapter_store import AdapterVersion
 from ..federated.aggregator import Aggregator, AggregatorError
 from ..federated.client import CHANNEL_OPTIONS
-from ..federated.participant import Participant
+from ..federated.participant import Participant, SecureRound
 from ..federated.update import UpdateError, chunks, encode
 from ..proto import collm_pb2 as pb
 from ..proto import collm_pb2_grpc as pb_grpc
@@ -72,6 +72,7 @@ class AgentService(pb_grpc.AgentServicer):
             base_source=request.base_source,
             aggregator_address=request.aggregator_address,
             only_b=request.only_b,
+            secure=SecureRound(tuple(request.participants), request.clip_norm or None) if request.secure else None,
         )
         return pb.RoundStatus(round_id=rnd.round_id, state=rnd.state, message=rnd.message, steps_done=rnd.steps_done)
 
@@ -83,7 +84,7 @@ class AgentService(pb_grpc.AgentServicer):
         hosted = self.aggregator.round(request.round_id)
         if hosted is not None:
             for name, upload in sorted(hosted.uploads.items()):
-                status.uploads.add(participant=name, num_samples=upload.update.num_samples, sha256=upload.update.sha256, bytes=upload.bytes, received_unix=upload.received_at)
+                status.uploads.add(participant=name, num_samples=upload.update.num_samples, sha256=upload.sha256, bytes=upload.bytes, received_unix=upload.received_at)
             if mine is None:
                 status.state = "Aggregated" if hosted.result is not None else ("Closed" if hosted.closed else "Collecting")
         return status
@@ -98,7 +99,7 @@ class AgentService(pb_grpc.AgentServicer):
         blob = b"".join(parts)
         if header.total_bytes and len(blob) != header.total_bytes:
             return pb.UploadReply(accepted=False, reason="Corrupt", message=f"received {len(blob)} of {header.total_bytes} bytes")
-        outcome = self.aggregator.receive(header.round_id, header.participant, blob, header.sha256)
+        outcome = self.aggregator.receive(header.round_id, header.participant, blob, header.sha256, masked=header.masked)
         return pb.UploadReply(accepted=outcome.accepted, reason=outcome.reason, message=outcome.message)
 
     def Aggregate(self, request, context):
@@ -111,6 +112,8 @@ class AgentService(pb_grpc.AgentServicer):
                 clip_norm=request.clip_norm or None,
                 noise_multiplier=request.noise_multiplier or None,
                 outlier_factor=request.outlier_factor or None,
+                invited=list(request.invited) if request.secure else None,
+                revealed={(share.a, share.b): share.seed for share in request.revealed},
             )
         except (AggregatorError, ValueError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -156,6 +159,16 @@ class AgentService(pb_grpc.AgentServicer):
         except grpc.RpcError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot fetch the adapter from {request.source}: {exc.details()}")
         return pb.PublishReply(adapter=adapter_ref(version), switched_unix=time.time())
+
+    def RevealSeeds(self, request, context):
+        try:
+            shares = self.participant.reveal(request.round_id, list(request.dropped))
+        except (KeyError, ValueError) as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        reply = pb.RevealReply()
+        for (a, b), seed in shares.items():
+            reply.shares.add(a=a, b=b, seed=seed)
+        return reply
 
     def Rollback(self, request, context):
         try:
