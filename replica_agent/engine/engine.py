@@ -380,7 +380,6 @@ class Engine:
     def _finish(self, row: _Row, reason: FinishReason, error: str | None = None) -> None:
         if row.version is not None:
             self.store.release(row.version.number)
-            row.version = None if reason is FinishReason.ERROR else row.version
         now = time.perf_counter()
         req = row.handle.request
         n = len(row.generated)
