@@ -1,0 +1,474 @@
+"""Typed, frozen views of the two custom resources (collm.io/v1alpha1), parsed from kopf's dicts.
+
+Defaults are applied here too, so the operator is right where the API server did not default
+(an old CRD, a dry run, local mode). Every rule of the CRDs' CEL validations is repeated here:
+a spec that slipped past the API server gets `Ready=False` with a message that says what to fix,
+never a crash loop. `agent_settings()` maps a cluster onto the agent's settings
+(replica_agent/config.py); `agent_args()` and `agent_env()` render them for the container.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from collm_operator.allocation import POLICIES
+
+GROUP = "collm.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CLUSTER_KIND, CLUSTER_PLURAL = "CollmCluster", "collmclusters"
+ROUND_KIND, ROUND_PLURAL = "AdapterRound", "adapterrounds"
+
+DTYPES = ("float32", "bfloat16", "float16")
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AGGREGATIONS = {"fedavg": "fedavg", "ffa": "ffa", "median": "median", "trimmedMean": "trimmed_mean"}
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+DEFAULT_IMAGE = "ghcr.io/collm/collm:0.1.0"
+_NUMBER = re.compile(r"^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$")
+
+# Where the agent container finds things (objects.py mounts them there).
+HTTP_PORT, GRPC_PORT = 8080, 9090
+CACHE_DIR = "/var/cache/collm"
+SECRET_DIR = "/etc/collm/secure-aggregation"
+SECRET_KEY = "secret"
+
+
+class SpecError(ValueError):
+    """A user-fixable problem in a resource's spec; `message` says what to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Model:
+    source: str
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Serving:
+    ttft_milliseconds: int = 1000
+    tpot_milliseconds: int = 100
+    max_batch: int = 16
+    max_total_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class Training:
+    data_volume: Mapping[str, Any] | None = None
+    data_path: str = "/data"
+    micro_batch: int = 4
+    learning_rate: str = "1e-3"
+    train_cap_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class Federation:
+    enabled: bool = True
+    round_interval_seconds: int = 300
+    local_steps: int = 20
+    min_participants: int = 2
+    participation_percent: int = 100
+    deadline_seconds: int = 120
+    aggregation: str = "fedavg"
+    clip_norm: str = ""
+    noise_multiplier: str = ""
+    secure_aggregation: bool = False
+    secure_aggregation_secret_ref: str | None = None
+    eval_gate_tolerance_milli_nats: int = 0
+    round_history_limit: int = 5
+
+    @property
+    def strategy(self) -> str:
+        """The aggregation's name in replica_agent.federated (trimmedMean -> trimmed_mean)."""
+        return AGGREGATIONS[self.aggregation]
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    policy: str = "coexec"
+    slow_interval_seconds: int = 10
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model: Model
+    adapter: Adapter = Adapter()
+    replicas: int = 2
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    resources: Mapping[str, Any] | None = None
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    serving: Serving = Serving()
+    training: Training = Training()
+    federation: Federation = Federation()
+    scheduling: Scheduling = Scheduling()
+    service_monitor: bool = False
+
+    @property
+    def uses_gpu(self) -> bool:
+        resources = self.resources or {}
+        return any("gpu" in key for part in ("limits", "requests") for key in (resources.get(part) or {}))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: ClusterSpec
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    cluster_name: str
+    local_steps: int | None = None
+    deadline_seconds: int | None = None
+    min_participants: int | None = None
+    participants: tuple[str, ...] | None = None
+    aggregator: str | None = None
+
+    def resolved(self, federation: Federation) -> "RoundSpec":
+        """The round with the cluster's federation settings filled in where the round is silent."""
+        return replace(self, **{
+            name: getattr(federation, name) for name in ("local_steps", "deadline_seconds", "min_participants") if getattr(self, name) is None
+        })
+
+
+@dataclass(frozen=True)
+class Round:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: RoundSpec
+
+
+# --- field readers: each raises SpecError naming the field and the fix -------------------------
+
+
+class _Section:
+    """One object of the spec, read field by field (`path` names it in messages)."""
+
+    def __init__(self, parent: Mapping[str, Any] | None, path: str):
+        parent = parent or {}
+        if not isinstance(parent, Mapping):
+            raise SpecError(path, f"{path} must be an object, got {type(parent).__name__}")
+        self.d, self.path = parent, path
+
+    def section(self, key: str) -> "_Section":
+        return _Section(self.d.get(key), f"{self.path}.{key}")
+
+    def int(self, key: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int:
+        path, value = f"{self.path}.{key}", self.d.get(key, default)
+        if value is None:
+            raise SpecError(path, f"{path} is required: set it to an integer")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(path, f"{path} must be an integer, got {value!r} (no floats in spec: use the unit in the name)")
+        if lo is not None and value < lo:
+            raise SpecError(path, f"{path} ({value}) must be >= {lo}")
+        if hi is not None and value > hi:
+            raise SpecError(path, f"{path} ({value}) must be <= {hi}")
+        return value
+
+    def optional_int(self, key: str, lo: int) -> int | None:
+        return None if self.d.get(key) is None else self.int(key, None, lo)
+
+    def bool(self, key: str, default: bool) -> bool:
+        path, value = f"{self.path}.{key}", self.d.get(key, default)
+        if not isinstance(value, bool):
+            raise SpecError(path, f"{path} must be true or false, got {value!r}")
+        return value
+
+    def str(self, key: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
+        path, value = f"{self.path}.{key}", self.d.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise SpecError(path, f"{path} must be a string, got {value!r}")
+        if choices is not None and value not in choices:
+            raise SpecError(path, f"{path} {value!r} is not supported: use one of {', '.join(choices)}")
+        return value
+
+    def number(self, key: str, default: str, example: str, allow_empty: bool = False) -> str:
+        """A positive decimal written as a string (no floats in spec)."""
+        path, value = f"{self.path}.{key}", self.d.get(key, default)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise SpecError(path, f"{path} must be a string such as \"{example}\", got the number {value!r} (no floats in spec)")
+        if not isinstance(value, str):
+            raise SpecError(path, f"{path} must be a string such as \"{example}\", got {value!r}")
+        if value == "" and allow_empty:
+            return value
+        if not _NUMBER.match(value) or float(value) <= 0:
+            raise SpecError(path, f"{path} {value!r} must be a positive number written as a string, e.g. \"{example}\"")
+        return value
+
+    def object(self, key: str) -> Mapping[str, Any] | None:
+        path, value = f"{self.path}.{key}", self.d.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise SpecError(path, f"{path} must be an object, got {value!r}")
+        return value
+
+
+# --- CollmCluster -------------------------------------------------------------------------------
+
+
+def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
+    """Parse and validate a CollmCluster spec; raise the first SpecError found."""
+    root = _Section(spec, "spec")
+    m = root.section("model")
+    source = m.str("source", None)
+    if not source:
+        raise SpecError("spec.model.source", "spec.model.source is required: 'tiny', 'smollm2' or a model path")
+    model = Model(source, m.str("dtype", Model.dtype, DTYPES))
+
+    a = root.section("adapter")
+    targets = a.d.get("targetModules", list(Adapter.target_modules))
+    if not isinstance(targets, list) or not targets:
+        raise SpecError("spec.adapter.targetModules", "spec.adapter.targetModules must be a non-empty list such as [q_proj, v_proj]")
+    for t in targets:
+        if t not in TARGET_MODULES:
+            raise SpecError("spec.adapter.targetModules", f"spec.adapter.targetModules has {t!r}: use Llama projections ({', '.join(TARGET_MODULES)})")
+    if len(set(targets)) != len(targets):
+        raise SpecError("spec.adapter.targetModules", "spec.adapter.targetModules lists a module twice: list each once")
+    adapter = Adapter(a.int("rank", Adapter.rank, 1, 256), a.int("alpha", Adapter.alpha, 1), tuple(targets))
+
+    s = root.section("serving")
+    serving = Serving(
+        s.int("ttftMilliseconds", Serving.ttft_milliseconds, 1), s.int("tpotMilliseconds", Serving.tpot_milliseconds, 1),
+        s.int("maxBatch", Serving.max_batch, 1, 1024), s.int("maxTotalTokens", Serving.max_total_tokens, 16),
+    )
+
+    t = root.section("training")
+    data_path = t.str("dataPath", Training.data_path)
+    if not data_path.startswith("/"):
+        raise SpecError("spec.training.dataPath", f"spec.training.dataPath {data_path!r} must be an absolute path such as /data")
+    data_volume = t.object("dataVolume")
+    if data_volume is not None and len(data_volume) != 1:
+        raise SpecError("spec.training.dataVolume", f"spec.training.dataVolume must hold exactly one volume source such as {{emptyDir: {{}}}} "
+                        f"or {{hostPath: {{path: /srv/data}}}}, got {sorted(data_volume) or 'none'}")
+    training = Training(
+        data_volume, data_path, t.int("microBatch", Training.micro_batch, 1),
+        t.number("learningRate", Training.learning_rate, "1e-3"), t.int("trainCapTokens", Training.train_cap_tokens, 0),
+    )
+
+    f, F = root.section("federation"), Federation  # F: the defaults
+    federation = Federation(
+        enabled=f.bool("enabled", F.enabled),
+        round_interval_seconds=f.int("roundIntervalSeconds", F.round_interval_seconds, 1),
+        local_steps=f.int("localSteps", F.local_steps, 1),
+        min_participants=f.int("minParticipants", F.min_participants, 1),
+        participation_percent=f.int("participationPercent", F.participation_percent, 1, 100),
+        deadline_seconds=f.int("deadlineSeconds", F.deadline_seconds, 1),
+        aggregation=f.str("aggregation", F.aggregation, tuple(AGGREGATIONS)),
+        clip_norm=f.number("clipNorm", F.clip_norm, "1.0", allow_empty=True),
+        noise_multiplier=f.number("noiseMultiplier", F.noise_multiplier, "0.5", allow_empty=True),
+        secure_aggregation=f.bool("secureAggregation", F.secure_aggregation),
+        secure_aggregation_secret_ref=f.str("secureAggregationSecretRef", None) or None,
+        eval_gate_tolerance_milli_nats=f.section("evalGate").int("toleranceMilliNats", F.eval_gate_tolerance_milli_nats, 0),
+        round_history_limit=f.int("roundHistoryLimit", F.round_history_limit, 0),
+    )
+
+    sc = root.section("scheduling")
+    scheduling = Scheduling(sc.str("policy", Scheduling.policy, POLICIES), sc.int("slowIntervalSeconds", Scheduling.slow_interval_seconds, 1))
+
+    tolerations = root.d.get("tolerations") or []
+    if not isinstance(tolerations, list) or not all(isinstance(x, Mapping) for x in tolerations):
+        raise SpecError("spec.tolerations", "spec.tolerations must be a list of core/v1 Toleration objects")
+    node_selector = root.object("nodeSelector")
+    if node_selector and not all(isinstance(v, str) for v in node_selector.values()):
+        raise SpecError("spec.nodeSelector", "spec.nodeSelector values must be strings (quote numbers and booleans)")
+    image = root.str("image", ClusterSpec.image)
+    if not image:
+        raise SpecError("spec.image", "spec.image must not be empty: name the collm image, e.g. " + DEFAULT_IMAGE)
+
+    result = ClusterSpec(
+        model=model,
+        adapter=adapter,
+        replicas=root.int("replicas", ClusterSpec.replicas, 1, 1024),
+        image=image,
+        image_pull_policy=root.str("imagePullPolicy", ClusterSpec.image_pull_policy, PULL_POLICIES),
+        resources=root.object("resources"),
+        node_selector=node_selector,
+        tolerations=tuple(tolerations),
+        serving=serving,
+        training=training,
+        federation=federation,
+        scheduling=scheduling,
+        service_monitor=root.section("monitoring").bool("serviceMonitor", ClusterSpec.service_monitor),
+    )
+    _check_cross_fields(result)
+    return result
+
+
+def _check_cross_fields(spec: ClusterSpec) -> None:
+    """The CRD's x-kubernetes-validations rules, one for one (same order, same messages' intent)."""
+    f = spec.federation
+    if f.enabled and f.min_participants > spec.replicas:
+        raise SpecError(
+            "spec.federation.minParticipants",
+            f"spec.federation.minParticipants ({f.min_participants}) must be <= spec.replicas ({spec.replicas}): "
+            "lower minParticipants or add replicas",
+        )
+    if spec.scheduling.policy == "separated" and spec.replicas < 2:
+        raise SpecError("spec.scheduling.policy", "spec.scheduling.policy separated needs spec.replicas >= 2 (half serve, half train): add replicas or pick coexec")
+    if f.secure_aggregation and f.aggregation != "fedavg":
+        raise SpecError(
+            "spec.federation.secureAggregation",
+            f"spec.federation.secureAggregation needs aggregation fedavg, not {f.aggregation} "
+            "(the aggregator only sees the sum): set aggregation: fedavg or turn secureAggregation off",
+        )
+    if f.secure_aggregation and not f.secure_aggregation_secret_ref:
+        raise SpecError(
+            "spec.federation.secureAggregationSecretRef",
+            "spec.federation.secureAggregation needs secureAggregationSecretRef: the name of a Secret in this namespace "
+            f"whose key '{SECRET_KEY}' holds >= 16 random bytes",
+        )
+    if f.noise_multiplier and not f.clip_norm:
+        raise SpecError("spec.federation.noiseMultiplier", "spec.federation.noiseMultiplier needs clipNorm: DP noise is calibrated to the clipping norm, so set clipNorm (e.g. \"1.0\")")
+    if f.noise_multiplier and f.aggregation not in ("fedavg", "ffa"):
+        raise SpecError("spec.federation.noiseMultiplier", f"spec.federation.noiseMultiplier needs aggregation fedavg or ffa, not {f.aggregation}: DP noise is calibrated for the mean")
+    if f.deadline_seconds > f.round_interval_seconds:
+        raise SpecError(
+            "spec.federation.deadlineSeconds",
+            f"spec.federation.deadlineSeconds ({f.deadline_seconds}) must be <= roundIntervalSeconds ({f.round_interval_seconds}): "
+            "shorten the deadline or lengthen the interval",
+        )
+
+
+def check_cluster_update(old_spec: Mapping[str, Any] | None, new_spec: Mapping[str, Any] | None) -> None:
+    """The CRD's transition rules: spec.model.source is immutable."""
+    old = ((old_spec or {}).get("model") or {}).get("source")
+    new = ((new_spec or {}).get("model") or {}).get("source")
+    if old is not None and old != new:
+        raise SpecError("spec.model.source", f"spec.model.source is immutable ({old!r} -> {new!r}): create a new CollmCluster for another base model")
+
+
+def parse_cluster(body: Mapping[str, Any]) -> Cluster:
+    """The typed view of a CollmCluster object (kopf's body); raise SpecError on a bad spec."""
+    meta = body.get("metadata") or {}
+    return Cluster(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace", "default"),
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 0),
+        spec=parse_cluster_spec(body.get("spec")),
+    )
+
+
+# --- AdapterRound -------------------------------------------------------------------------------
+
+
+def parse_round_spec(spec: Mapping[str, Any] | None) -> RoundSpec:
+    root = _Section(spec, "spec")
+    name = root.section("clusterRef").str("name", None)
+    if not name:
+        raise SpecError("spec.clusterRef.name", "spec.clusterRef.name is required: name the CollmCluster this round belongs to")
+    participants = root.d.get("participants")
+    if participants is not None:
+        if not isinstance(participants, list) or not all(isinstance(p, str) and p for p in participants):
+            raise SpecError("spec.participants", "spec.participants must be a list of replica (pod) names")
+        if len(set(participants)) != len(participants):
+            raise SpecError("spec.participants", "spec.participants lists a replica twice: list each once")
+        participants = tuple(participants)
+    result = RoundSpec(
+        name, root.optional_int("localSteps", 1), root.optional_int("deadlineSeconds", 1), root.optional_int("minParticipants", 1),
+        participants, root.str("aggregator", None),
+    )
+    if participants is not None and result.min_participants is not None and result.min_participants > len(participants):
+        raise SpecError(
+            "spec.minParticipants",
+            f"spec.minParticipants ({result.min_participants}) must be <= the number of spec.participants ({len(participants)}): "
+            "lower minParticipants or list more participants",
+        )
+    return result
+
+
+def check_round_update(old_spec: Mapping[str, Any] | None, new_spec: Mapping[str, Any] | None) -> None:
+    """The CRD's transition rule: spec.clusterRef is immutable."""
+    old, new = (old_spec or {}).get("clusterRef"), (new_spec or {}).get("clusterRef")
+    if old is not None and old != new:
+        raise SpecError("spec.clusterRef", "spec.clusterRef is immutable: create a new AdapterRound for another cluster")
+
+
+def parse_round(body: Mapping[str, Any]) -> Round:
+    meta = body.get("metadata") or {}
+    return Round(meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", ""), int(meta.get("generation") or 0), parse_round_spec(body.get("spec")))
+
+
+# --- the agent's settings -----------------------------------------------------------------------
+
+
+def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[str, Any]:
+    """The cluster as replica_agent.config.AgentConfig settings (snake_case keys, agent defaults omitted
+    only where the agent's default is right for a pod). The ConfigMap renders this dict as YAML."""
+    spec = cluster.spec
+    training_on = spec.scheduling.policy != "inferenceOnly" and spec.training.data_volume is not None
+    settings: dict[str, Any] = {
+        "model": spec.model.source,
+        "dtype": spec.model.dtype,
+        "device": "cuda" if spec.uses_gpu else "cpu",
+        "lora_rank": spec.adapter.rank,
+        "lora_alpha": spec.adapter.alpha,
+        "lora_targets": list(spec.adapter.target_modules),
+        "max_batch": spec.serving.max_batch,
+        "max_total_tokens": spec.serving.max_total_tokens,
+        "ttft_ms": spec.serving.ttft_milliseconds,
+        "tpot_ms": spec.serving.tpot_milliseconds,
+        "train": training_on,
+        "train_cap_tokens": spec.training.train_cap_tokens if training_on else 0,
+        "micro_batch": spec.training.micro_batch,
+        "learning_rate": spec.training.learning_rate,
+        "federated": spec.federation.enabled,
+        "host": "0.0.0.0",
+        "port": HTTP_PORT,
+        "grpc_port": GRPC_PORT,
+        "cache_dir": CACHE_DIR,
+    }
+    if training_on:
+        settings["data"] = spec.training.data_path
+    if spec.federation.secure_aggregation:
+        settings["secure_aggregation_secret_file"] = f"{SECRET_DIR}/{SECRET_KEY}"
+    if replica_index is not None:
+        settings["replica_id"] = f"{cluster.name}-{replica_index}"
+    return settings
+
+
+def agent_args(cluster: Cluster, replica_index: int | None = None) -> list[str]:
+    """collm-agent flags for the cluster. In the StatefulSet (one template for every pod) leave
+    replica_index out: the replica id then comes from COLLM_REPLICA_ID (the pod name)."""
+    args: list[str] = []
+    for key, value in agent_settings(cluster, replica_index).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            args += [flag, ",".join(value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def agent_env(cluster: Cluster) -> list[dict[str, Any]]:
+    """Environment of the agent container: the pod name as replica id; writable places under the
+    emptyDirs because the root filesystem is read-only."""
+    return [
+        {"name": "COLLM_REPLICA_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "COLLM_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "HOME", "value": "/tmp"},
+    ]

@@ -1,0 +1,304 @@
+"""Pure builders of a CollmCluster's child objects: plain dicts, no client, no cluster.
+
+Each builder takes the typed `api.Cluster` and returns one object with the common labels and an
+owner reference to the cluster (so deleting the cluster deletes its children). `build_all()` is the
+complete desired state the operator applies; tests validate every object against the Kubernetes
+schemas. Names: the StatefulSet is named after the cluster, so pod `<cluster>-<i>` is replica i.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from collm_operator import api
+from collm_operator.api import Cluster
+
+MANAGED_BY = "collm-operator"
+AGENT, ROUTER = "agent", "router"
+ROUTER_PORT = 8080
+_CACHE_VOLUME, _TMP_VOLUME, _DATA_VOLUME, _SECRET_VOLUME = "model-cache", "tmp", "training-data", "secure-aggregation"
+
+
+def labels(cluster: Cluster, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "collm",
+        "app.kubernetes.io/instance": cluster.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def selector(cluster: Cluster, component: str) -> dict[str, str]:
+    """The immutable subset of the labels that selects a component's pods."""
+    return {k: v for k, v in labels(cluster, component).items() if k != "app.kubernetes.io/managed-by"}
+
+
+def owner_reference(cluster: Cluster) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.CLUSTER_KIND,
+        "name": cluster.name,
+        "uid": cluster.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(cluster: Cluster, name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": cluster.namespace,
+        "labels": labels(cluster, component),
+        "ownerReferences": [owner_reference(cluster)],
+    }
+
+
+def statefulset_name(cluster: Cluster) -> str:
+    return cluster.name
+
+
+def headless_service_name(cluster: Cluster) -> str:
+    return f"{cluster.name}-agents"
+
+
+def router_name(cluster: Cluster) -> str:
+    return f"{cluster.name}-router"
+
+
+def configmap_name(cluster: Cluster) -> str:
+    return f"{cluster.name}-agent-settings"
+
+
+def service_account_name(cluster: Cluster) -> str:
+    return f"{cluster.name}-agent"
+
+
+def replica_names(cluster: Cluster) -> list[str]:
+    return [f"{statefulset_name(cluster)}-{i}" for i in range(cluster.spec.replicas)]
+
+
+def replica_url(cluster: Cluster, index: int, port: int = api.HTTP_PORT) -> str:
+    """The stable DNS name of replica `index` through the headless Service."""
+    return f"http://{statefulset_name(cluster)}-{index}.{headless_service_name(cluster)}.{cluster.namespace}.svc:{port}"
+
+
+def restricted_security_context() -> dict[str, Any]:
+    """Pod Security Standards 'restricted', container level."""
+    return {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def build_service_account(cluster: Cluster) -> dict[str, Any]:
+    """The agents' identity: no Role binds it and no token is mounted (agents never call the API)."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(cluster, service_account_name(cluster), AGENT), "automountServiceAccountToken": False}
+
+
+def build_configmap(cluster: Cluster) -> dict[str, Any]:
+    """The agent settings as `collm-agent --config` reads them: the readable record of what the
+    flags say (the container gets the same settings as flags, which win)."""
+    text = yaml.safe_dump(api.agent_settings(cluster), sort_keys=True)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(cluster, configmap_name(cluster), AGENT), "data": {"agent.yaml": text}}
+
+
+def _settings_hash(cluster: Cluster) -> str:
+    return hashlib.sha256(json.dumps(api.agent_settings(cluster), sort_keys=True).encode()).hexdigest()
+
+
+def _agent_container(cluster: Cluster) -> dict[str, Any]:
+    spec = cluster.spec
+    mounts = [
+        {"name": _TMP_VOLUME, "mountPath": "/tmp"},
+        {"name": _CACHE_VOLUME, "mountPath": api.CACHE_DIR},
+    ]
+    if spec.training.data_volume is not None:
+        # Read-write: /feedback may append to the local data; the data never leaves the pod.
+        mounts.append({"name": _DATA_VOLUME, "mountPath": spec.training.data_path})
+    if spec.federation.secure_aggregation:
+        mounts.append({"name": _SECRET_VOLUME, "mountPath": api.SECRET_DIR, "readOnly": True})
+    container: dict[str, Any] = {
+        "name": "agent",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["collm-agent"],
+        "args": api.agent_args(cluster),
+        "env": api.agent_env(cluster),
+        "ports": [
+            {"name": "http", "containerPort": api.HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": api.GRPC_PORT, "protocol": "TCP"},
+        ],
+        # Loading a model can take minutes: the startup probe holds liveness off until /health answers.
+        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5, "failureThreshold": 120},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+        # A busy engine may answer /health slowly; liveness only asks whether the process listens.
+        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+        "securityContext": restricted_security_context(),
+        "volumeMounts": mounts,
+    }
+    if spec.resources:
+        container["resources"] = dict(spec.resources)
+    return container
+
+
+def _agent_volumes(cluster: Cluster) -> list[dict[str, Any]]:
+    spec = cluster.spec
+    volumes: list[dict[str, Any]] = [{"name": _TMP_VOLUME, "emptyDir": {}}, {"name": _CACHE_VOLUME, "emptyDir": {}}]
+    if spec.training.data_volume is not None:
+        volumes.append({**dict(spec.training.data_volume), "name": _DATA_VOLUME})
+    if spec.federation.secure_aggregation:
+        volumes.append({
+            "name": _SECRET_VOLUME,
+            "secret": {"secretName": spec.federation.secure_aggregation_secret_ref, "items": [{"key": api.SECRET_KEY, "path": api.SECRET_KEY}], "defaultMode": 0o440},
+        })
+    return volumes
+
+
+def build_statefulset(cluster: Cluster) -> dict[str, Any]:
+    """One agent pod per replica; Parallel so replicas start (and load the model) at once."""
+    spec = cluster.spec
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(cluster),
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
+        "containers": [_agent_container(cluster)],
+        "volumes": _agent_volumes(cluster),
+        # Finish in-flight requests and hand over the shadow adapter before the kill.
+        "terminationGracePeriodSeconds": 60,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(cluster, statefulset_name(cluster), AGENT),
+        "spec": {
+            "replicas": spec.replicas,
+            "serviceName": headless_service_name(cluster),
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector(cluster, AGENT)},
+            "template": {
+                "metadata": {"labels": labels(cluster, AGENT), "annotations": {"collm.io/settings-sha256": _settings_hash(cluster)}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _service(cluster: Cluster, name: str, component: str, ports: dict[str, int], **spec: Any) -> dict[str, Any]:
+    port_list = [{"name": n, "port": p, "targetPort": n, "protocol": "TCP"} for n, p in ports.items()]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(cluster, name, component),
+        "spec": {**spec, "selector": selector(cluster, component), "ports": port_list},
+    }
+
+
+def build_headless_service(cluster: Cluster) -> dict[str, Any]:
+    """Stable per-pod DNS names; not-ready pods are published so rounds can reach loading replicas."""
+    ports = {"http": api.HTTP_PORT, "grpc": api.GRPC_PORT}
+    return _service(cluster, headless_service_name(cluster), AGENT, ports, clusterIP="None", publishNotReadyAddresses=True)
+
+
+def router_args(cluster: Cluster) -> list[str]:
+    args = ["--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
+    for i, name in enumerate(replica_names(cluster)):
+        args += ["--replica", f"{name}={replica_url(cluster, i)}"]
+    return args
+
+
+def build_router_deployment(cluster: Cluster) -> dict[str, Any]:
+    container = {
+        "name": "router",
+        "image": cluster.spec.image,
+        "imagePullPolicy": cluster.spec.image_pull_policy,
+        "command": ["collm-router"],
+        "args": router_args(cluster),
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "securityContext": restricted_security_context(),
+        "volumeMounts": [{"name": _TMP_VOLUME, "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(cluster, router_name(cluster), ROUTER),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector(cluster, ROUTER)},
+            "template": {
+                "metadata": {"labels": labels(cluster, ROUTER)},
+                "spec": {
+                    "serviceAccountName": service_account_name(cluster),
+                    "automountServiceAccountToken": False,
+                    "securityContext": pod_security_context(),
+                    "containers": [container],
+                    "volumes": [{"name": _TMP_VOLUME, "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def build_router_service(cluster: Cluster) -> dict[str, Any]:
+    """The cluster's endpoint for clients (TGI and OpenAI routes)."""
+    return _service(cluster, router_name(cluster), ROUTER, {"http": ROUTER_PORT}, type="ClusterIP")
+
+
+def build_pod_disruption_budget(cluster: Cluster) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(cluster, f"{cluster.name}-agents", AGENT),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(cluster, AGENT)}},
+    }
+
+
+def build_service_monitor(cluster: Cluster) -> dict[str, Any] | None:
+    """Prometheus Operator scrape config for agents and router; None unless spec.monitoring.serviceMonitor."""
+    if not cluster.spec.service_monitor:
+        return None
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _metadata(cluster, cluster.name, "monitoring"),
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "collm", "app.kubernetes.io/instance": cluster.name}},
+            "namespaceSelector": {"matchNames": [cluster.namespace]},
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s"}],
+        },
+    }
+
+
+def build_all(cluster: Cluster) -> list[dict[str, Any]]:
+    """The whole desired state, in apply order (identity and settings before the pods that use them)."""
+    objects = [
+        build_service_account(cluster),
+        build_configmap(cluster),
+        build_headless_service(cluster),
+        build_statefulset(cluster),
+        build_pod_disruption_budget(cluster),
+        build_router_deployment(cluster),
+        build_router_service(cluster),
+    ]
+    monitor = build_service_monitor(cluster)
+    if monitor is not None:
+        objects.append(monitor)
+    return objects

@@ -1,0 +1,230 @@
+"""Pure builders of a CollmCluster's children, and the condition catalog's helpers."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import yaml
+
+from collm_operator import api, conditions, objects
+from collm_operator.api import parse_cluster
+from collm_operator.conditions import FALSE, TRUE, UNKNOWN, set_condition, summarize_ready
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+def cluster(spec: dict | None = None) -> api.Cluster:
+    return parse_cluster({
+        "metadata": {"name": "demo", "namespace": "team-a", "uid": "0000-uid", "generation": 2},
+        "spec": {"model": {"source": "tiny"}, "replicas": 3, "training": {"dataVolume": {"hostPath": {"path": "/srv/data"}}}, **(spec or {})},
+    })
+
+
+def by_kind(objs):
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+
+def test_build_all_lists_each_child_once_with_owner_and_labels():
+    c = cluster()
+    objs = objects.build_all(c)
+    kinds = sorted(o["kind"] for o in objs)
+    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
+    assert len(by_kind(objs)) == len(objs)
+    for o in objs:
+        meta = o["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert meta["ownerReferences"] == [{
+            "apiVersion": "collm.io/v1alpha1", "kind": "CollmCluster", "name": "demo", "uid": "0000-uid",
+            "controller": True, "blockOwnerDeletion": True,
+        }]
+        labels = meta["labels"]
+        assert labels["app.kubernetes.io/name"] == "collm"
+        assert labels["app.kubernetes.io/instance"] == "demo"
+        assert labels["app.kubernetes.io/managed-by"] == "collm-operator"
+        assert labels["app.kubernetes.io/component"] in ("agent", "router", "monitoring")
+
+
+def test_service_monitor_only_when_enabled():
+    assert objects.build_service_monitor(cluster()) is None
+    assert all(o["kind"] != "ServiceMonitor" for o in objects.build_all(cluster()))
+    enabled = cluster({"monitoring": {"serviceMonitor": True}})
+    monitor = objects.build_service_monitor(enabled)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    # it selects both the agents' and the router's Service
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    for service in (objects.build_headless_service(enabled), objects.build_router_service(enabled)):
+        assert selected.items() <= service["metadata"]["labels"].items()
+    assert monitor in objects.build_all(enabled)
+
+
+def test_statefulset_runs_one_restricted_agent_per_replica():
+    c = cluster({"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                 "resources": {"limits": {"nvidia.com/gpu": "1"}}, "imagePullPolicy": "Always"})
+    sts = objects.build_statefulset(c)
+    spec = sts["spec"]
+    assert sts["metadata"]["name"] == "demo" and spec["replicas"] == 3
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["serviceName"] == objects.headless_service_name(c)
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "demo-agent" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    (container,) = pod["containers"]
+    assert container["command"] == ["collm-agent"]
+    assert container["args"] == api.agent_args(c)
+    assert container["env"] == api.agent_env(c)
+    assert container["image"] == "ghcr.io/collm/collm:0.1.0" and container["imagePullPolicy"] == "Always"
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8080, "grpc": 9090}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert "livenessProbe" in container and "startupProbe" in container
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/tmp"]] == {"name": mounts["/tmp"], "emptyDir": {}}
+    assert "emptyDir" in volumes[mounts[api.CACHE_DIR]]
+    assert volumes[mounts["/data"]]["hostPath"] == {"path": "/srv/data"}
+    assert "--device" in container["args"] and container["args"][container["args"].index("--device") + 1] == "cuda"
+
+
+def test_statefulset_without_data_has_no_data_volume_and_secret_when_secure():
+    plain = objects.build_statefulset(cluster({"training": {}}))
+    assert [v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]] == ["tmp", "model-cache"]
+    secure = objects.build_statefulset(cluster({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "round-secret"}}))
+    pod = secure["spec"]["template"]["spec"]
+    secret = next(v for v in pod["volumes"] if "secret" in v)
+    assert secret["secret"]["secretName"] == "round-secret"
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == secret["name"])
+    assert mount["mountPath"] == api.SECRET_DIR and mount["readOnly"] is True
+
+
+def test_settings_change_rolls_the_pods():
+    a = objects.build_statefulset(cluster())["spec"]["template"]["metadata"]["annotations"]
+    b = objects.build_statefulset(cluster({"serving": {"maxBatch": 8}}))["spec"]["template"]["metadata"]["annotations"]
+    assert a != b and a == objects.build_statefulset(cluster())["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_headless_service_publishes_not_ready_pods():
+    svc = objects.build_headless_service(cluster())
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8080, "grpc": 9090}
+    assert svc["spec"]["selector"] == objects.build_statefulset(cluster())["spec"]["selector"]["matchLabels"]
+
+
+def test_router_gets_every_replica_by_stable_dns_name():
+    c = cluster()
+    dep = objects.build_router_deployment(c)
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["collm-router"]
+    args = container["args"]
+    replicas = [args[i + 1] for i, a in enumerate(args) if a == "--replica"]
+    assert replicas == [f"demo-{i}=http://demo-{i}.demo-agents.team-a.svc:8080" for i in range(3)]
+    assert container["securityContext"] == objects.restricted_security_context()
+    svc = objects.build_router_service(c)
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["metadata"]["name"] == "demo-router"
+
+
+def test_configmap_holds_the_agent_settings_yaml():
+    c = cluster()
+    cm = objects.build_configmap(c)
+    assert yaml.safe_load(cm["data"]["agent.yaml"]) == api.agent_settings(c)
+
+
+def test_pdb_allows_one_replica_down():
+    pdb = objects.build_pod_disruption_budget(cluster())
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == objects.selector(cluster(), "agent")
+
+
+def test_service_account_has_no_token():
+    sa = objects.build_service_account(cluster())
+    assert sa["automountServiceAccountToken"] is False and sa["metadata"]["name"] == "demo-agent"
+
+
+# --- conditions ----------------------------------------------------------------------------------
+
+
+def test_catalog_lists_every_condition_once():
+    assert [c.type for c in conditions.CLUSTER_CONDITIONS] == ["Ready", "Progressing", "Degraded", "TrainingActive"]
+    assert [c.type for c in conditions.ROUND_CONDITIONS] == ["Trained", "Aggregated", "Evaluated", "Published", "Succeeded"]
+    for kind, catalog in conditions.CATALOG.items():
+        summary = conditions.SUMMARY[kind]
+        assert not next(c for c in catalog if c.type == summary).counts_toward_ready
+        assert all(c.set_by and c.meaning for c in catalog)
+    reasons = [v for k, v in vars(conditions.Reason).items() if not k.startswith("_")]
+    assert len(reasons) == len(set(reasons)) and all(r[0].isupper() and r.isalnum() for r in reasons)
+
+
+def test_set_condition_moves_the_transition_time_only_on_status_change():
+    first = set_condition([], "Degraded", FALSE, "AsExpected", "", 1, NOW)
+    assert first == [{"type": "Degraded", "status": "False", "reason": "AsExpected", "message": "",
+                      "observedGeneration": 1, "lastTransitionTime": "2026-01-02T03:04:05Z"}]
+    later = NOW + timedelta(minutes=5)
+    same = set_condition(first, "Degraded", FALSE, "AsExpected", "still fine", 2, later)
+    assert same[0]["lastTransitionTime"] == "2026-01-02T03:04:05Z"
+    assert (same[0]["message"], same[0]["observedGeneration"]) == ("still fine", 2)
+    changed = set_condition(same, "Degraded", TRUE, "ReplicasUnavailable", "1 of 3 replicas is not ready", 2, later)
+    assert changed[0]["lastTransitionTime"] == "2026-01-02T03:09:05Z"
+    assert first[0]["message"] == ""  # inputs are never modified
+
+
+def test_set_condition_keeps_catalog_order_and_rejects_bad_values():
+    conds = set_condition([], "TrainingActive", TRUE, "Training", "", 1, NOW)
+    conds = set_condition(conds, "Ready", UNKNOWN, "Waiting", "", 1, NOW)
+    assert [c["type"] for c in conds] == ["Ready", "TrainingActive"]
+    with pytest.raises(ValueError, match="status"):
+        set_condition([], "Ready", "Yes", "Ok", "", 1, NOW)
+    with pytest.raises(ValueError, match="CamelCase"):
+        set_condition([], "Ready", TRUE, "not ready", "", 1, NOW)
+
+
+def healthy_cluster_conditions(generation=1):
+    conds = set_condition([], "Progressing", FALSE, "AsExpected", "", generation, NOW)
+    conds = set_condition(conds, "Degraded", FALSE, "AsExpected", "", generation, NOW)
+    return conds
+
+
+def ready(conds):
+    return conditions.get_condition(conds, "Ready")
+
+
+def test_summarize_ready_true_false_unknown():
+    conds = summarize_ready(healthy_cluster_conditions(), "CollmCluster", 1, NOW)
+    assert (ready(conds)["status"], ready(conds)["reason"]) == (TRUE, "Available")
+    # TrainingActive does not count: an inferenceOnly cluster is Ready
+    conds = set_condition(conds, "TrainingActive", FALSE, "TrainingDisabled", "", 1, NOW)
+    assert ready(summarize_ready(conds, "CollmCluster", 1, NOW))["status"] == TRUE
+    degraded = set_condition(conds, "Degraded", TRUE, "ReplicasUnavailable", "demo-2 is not ready", 1, NOW)
+    r = ready(summarize_ready(degraded, "CollmCluster", 1, NOW))
+    assert (r["status"], r["reason"]) == (FALSE, "ReplicasUnavailable") and "demo-2 is not ready" in r["message"]
+    stale = summarize_ready(healthy_cluster_conditions(1), "CollmCluster", 2, NOW)
+    assert (ready(stale)["status"], ready(stale)["reason"]) == (UNKNOWN, "Waiting")
+    assert "Progressing" in ready(stale)["message"]
+
+
+def test_invalid_spec_sticks_until_the_generation_changes():
+    conds = conditions.invalid_spec(healthy_cluster_conditions(1), "CollmCluster", "spec.replicas (0) must be >= 1", 1, NOW)
+    conds = summarize_ready(conds, "CollmCluster", 1, NOW)
+    assert (ready(conds)["status"], ready(conds)["reason"]) == (FALSE, "InvalidSpec")
+    fixed = summarize_ready(healthy_cluster_conditions(2), "CollmCluster", 2, NOW)
+    assert ready(fixed)["status"] == TRUE
+
+
+def test_round_summary_is_succeeded():
+    conds = []
+    for type_ in ("Trained", "Aggregated", "Evaluated", "Published"):
+        conds = set_condition(conds, type_, TRUE, "AsExpected", "", 1, NOW)
+    done = conditions.get_condition(summarize_ready(conds, "AdapterRound", 1, NOW), "Succeeded")
+    assert (done["status"], done["reason"]) == (TRUE, "Published")
+    gated = set_condition(conds, "Evaluated", FALSE, "EvalGateRejected", "eval loss 2.61 > 2.55", 1, NOW)
+    failed = conditions.get_condition(summarize_ready(gated, "AdapterRound", 1, NOW), "Succeeded")
+    assert (failed["status"], failed["reason"]) == (FALSE, "EvalGateRejected")
