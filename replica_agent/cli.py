@@ -34,12 +34,16 @@ def collm_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="one agent on the tiny model: serve requests while it trains, print what happened")
-    demo.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
+    demo = sub.add_parser("demo", help="a local cluster (agents, router, controller) serves an Azure trace while it fine-tunes; live view and a report folder")
+    demo.add_argument("--duration", type=float, default=90.0, help="seconds of trace to replay (default 90)")
     demo.add_argument("--model", default="tiny", help="base model (tiny, smollm2, a HF directory or a .gguf file)")
-    demo.add_argument("--clients", type=int, default=4, help="concurrent clients")
-    demo.add_argument("--publish-every", type=int, default=40, help="publish the shadow adapter every N training steps")
-    demo.add_argument("--json", help="write every figure to this JSON file")
+    demo.add_argument("--replicas", type=int, default=3, help="replica agents, each with its own standard-library package as data (default 3)")
+    demo.add_argument("--trace", default="conv", choices=["conv", "code"], help="Azure LLM trace to replay (default conv)")
+    demo.add_argument("--policy", default="coexec", choices=["coexec", "static", "separated", "inferenceOnly"], help="scheduling policy (default coexec)")
+    demo.add_argument("--rate", type=float, help="offered requests/s (default: 8 for 3 tiny replicas, scaled by replicas; a tenth for other models)")
+    demo.add_argument("--out", help="report folder (default reports/demo-<timestamp>)")
+    demo.add_argument("--json", help="also write every figure to this JSON file")
+    demo.add_argument("--no-live", action="store_true", help="no live view (logs and CI)")
 
     adapter = sub.add_parser("adapter", help="adapter tools")
     adapter_cmds = adapter.add_subparsers(dest="adapter", required=True)
@@ -47,6 +51,9 @@ def collm_main(argv: list[str] | None = None) -> int:
     export.add_argument("--from", dest="source", required=True, help="the agent's gRPC address, host:port")
     export.add_argument("--sha256", help="the adapter to export (default: the agent's current one)")
     export.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
+
+    dev = sub.add_parser("dev-cluster", help="an emulated Kubernetes cluster on this machine (API emulator, kubelet stand-in, kubeconfig for kubectl)", add_help=False)
+    dev.add_argument("dev_args", nargs=argparse.REMAINDER, help="e.g. `up --kubeconfig PATH --no-operator` (see `collm dev-cluster up --help`)")
 
     bench = sub.add_parser("bench", help="benchmarks that print figures (JSON and a table)")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -80,18 +87,37 @@ def collm_main(argv: list[str] | None = None) -> int:
     sim.add_argument("--json", help="write the figures to this file")
     sim.add_argument("--replicas", type=int, default=4)
     sim.add_argument("--slow-interval", type=float, default=10.0)
+    goodput = kinds.add_parser("goodput", help="cluster goodput (F x Q) of each scheduling policy on the same replicas, data and trace slice")
+    goodput.add_argument("--policies", default="coexec,static,separated,inferenceOnly", help="comma-separated policies, run one after another")
+    goodput.add_argument("--trace", default="conv", choices=["conv", "code"])
+    goodput.add_argument("--replicas", type=int, default=3)
+    goodput.add_argument("--rate", type=float, default=26.0, help="offered requests/s (default 26: near what 3 tiny replicas co-executing serve within the SLO on 2 cores)")
+    goodput.add_argument("--duration", type=float, default=60.0, help="seconds of trace per policy")
+    goodput.add_argument("--ttft-ms", type=int, default=500)
+    goodput.add_argument("--tpot-ms", type=int, default=50)
+    goodput.add_argument("--json", help="write the figures to this file (plots go to a folder of the same name)")
+    fresh = kinds.add_parser("freshness", help="time until every replica serves a newly published adapter, under streaming load")
+    fresh.add_argument("--json", help="write the figures to this file")
+    fresh.add_argument("--replicas", type=int, default=3)
+    fresh.add_argument("--publishes", type=int, default=20)
+    fresh.add_argument("--rate", type=float, default=10.0, help="offered requests/s during the publishes")
+    fresh.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters published")
     alloc = kinds.add_parser("allocation", help="time the slow-timescale allocation for many replicas")
     alloc.add_argument("--json", help="write the figures to this file")
     alloc.add_argument("--replicas", type=int, default=1000)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "dev-cluster":
+        from .devcluster.cluster import main as dev_cluster_main
+
+        return dev_cluster_main(args.dev_args)
     if args.command == "adapter":
         return _export_adapter(args.source, args.sha256, args.out)
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(model=args.model, duration_s=args.duration, clients=args.clients, publish_every=args.publish_every, json_path=args.json)
+        run_demo(model=args.model, duration_s=args.duration, replicas=args.replicas, trace=args.trace, policy=args.policy, rate=args.rate, out_dir=args.out, json_path=args.json, live=not args.no_live)
     elif args.bench == "coexec":
         from collm_bench import coexec as bench_coexec
 
@@ -108,6 +134,14 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import simulate
 
         simulate.run(replicas=args.replicas, slow_interval_s=args.slow_interval, json_path=args.json)
+    elif args.bench == "goodput":
+        from collm_bench import goodput as bench_goodput
+
+        bench_goodput.run([p.strip() for p in args.policies.split(",") if p.strip()], trace=args.trace, replicas=args.replicas, rate=args.rate, duration_s=args.duration, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, json_path=args.json)
+    elif args.bench == "freshness":
+        from collm_bench import freshness as bench_freshness
+
+        bench_freshness.run(replicas=args.replicas, publishes=args.publishes, rate=args.rate, lora_rank=args.rank, json_path=args.json)
     elif args.bench == "allocation":
         from collm_bench import allocation_bench
 

@@ -1,128 +1,109 @@
-"""`collm demo` (what `make demo` runs): one agent serves requests while it fine-tunes, then reports.
+"""`collm demo` (what `make demo` runs): a local CoLLM cluster serves a real trace while it fine-tunes.
 
-The agent runs the tiny built-in model (pre-trained on English prose) and fine-tunes its adapter on
-the standard library's `json` package (Python code: a new domain). Clients call the real HTTP
-server through the `text_generation` client, streaming, while the trainer publishes new adapter
-versions. Every figure printed is measured from the requests and the adapter store.
+N replica agents (default 3) share one base model; each fine-tunes on a different standard-library
+package (its private, non-IID data) and serves HTTP on its own loopback port. The router
+dispatches by the controller's weights; the controller (the operator's allocation and round code,
+over gRPC) plans every few seconds and runs federated rounds. A slice of the Azure trace is
+replayed through the router over HTTP; a live view shows each replica, and at the end a report
+folder holds `report.json` (every figure) and PNG plots. Every figure is measured: client-side
+TTFT/TPOT against the SLO, held-out losses of the adapters that served.
 """
 
 from __future__ import annotations
 
-import random
-import statistics
-import threading
 import time
+from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from text_generation import Client
+from rich.table import Table
 
-from collm_bench.report import print_table, write_json
+from collm_bench.report import machine, print_table, write_json
 
-from .agent import Agent
-from .config import AgentConfig
-from .engine.data import read_examples, stdlib_package_dir
-from .serving.background import BackgroundServer
+from .local.cluster import replica_configs
+from .local.controller import ControllerSettings
+from .local.plots import write_plots
+from .local.run import run_policy
+from .local.traffic import trace_slice
 
-
-def _prompts(package: str = "json", count: int = 200, seed: int = 0) -> list[str]:
-    """Starts of lines of real Python code, as a code-completion client would send."""
-    lines = []
-    for example in read_examples(stdlib_package_dir(package)):
-        lines += [line for line in (example.text or "").splitlines() if len(line.strip()) > 12]
-    rng = random.Random(seed)
-    return [line[: rng.randint(8, min(60, len(line)))] for line in rng.sample(lines, min(count, len(lines)))]
+DEFAULT_RATE = 8.0  # req/s for the tiny model on 3 replicas (docs/benchmarks.md: about half of what 2 cores serve)
 
 
-def run_demo(model: str = "tiny", *, duration_s: float = 60.0, clients: int = 4, publish_every: int = 40, ttft_ms: int = 1000, tpot_ms: int = 100, json_path: str | None = None) -> dict:
+def run_demo(model: str = "tiny", *, duration_s: float = 90.0, replicas: int = 3, trace: str = "conv", policy: str = "coexec", rate: float | None = None, ttft_ms: int = 1000, tpot_ms: int = 100, slow_interval_s: float = 5.0, round_interval_s: float = 15.0, local_steps: int = 10, out_dir: str | None = None, json_path: str | None = None, live: bool = True) -> dict:
     console = Console()
-    console.print(f"[bold]CoLLM demo[/]: one replica agent on the {model!r} model serves and fine-tunes at once ({duration_s:.0f} s of traffic)")
-    config = AgentConfig(model=model, data=str(stdlib_package_dir("json")), publish_every=publish_every, port=0, ttft_ms=ttft_ms, tpot_ms=tpot_ms, max_total_tokens=512, eval_batches=4)
-    agent = Agent(config)
-    first = agent.start()
-    server = BackgroundServer(agent, config.host, config.port)
-    prompts = _prompts()
-    records: list[dict] = []
-    failures: list[str] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + duration_s
+    rate = rate if rate is not None else DEFAULT_RATE * replicas / 3 * (1.0 if model == "tiny" else 0.1)
+    out = Path(out_dir or f"reports/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    console.print(f"[bold]CoLLM demo[/]: {replicas} replicas of {model!r} serve the Azure {trace} trace at {rate:g} req/s for {duration_s:.0f} s while they fine-tune (policy {policy})")
+    settings = ControllerSettings(policy=policy, slow_interval_s=slow_interval_s, round_interval_s=round_interval_s, local_steps=local_steps, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+    arrivals = trace_slice(trace, rate=rate, duration_s=duration_s)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
+    task = progress.add_task("replaying the trace", total=duration_s)
+    view = Live(console=console, refresh_per_second=2, transient=False) if live else None
 
-    def client_loop(index: int) -> None:
-        client = Client(server.url, timeout=60)
-        rng = random.Random(index)
-        while time.monotonic() < deadline:
-            prompt = rng.choice(prompts)
-            start = time.perf_counter()
-            first_at, count, details = None, 0, None
-            try:
-                for event in client.generate_stream(prompt, max_new_tokens=rng.randint(16, 48)):
-                    count += 1
-                    first_at = first_at or time.perf_counter()
-                    details = event.details or details
-            except Exception as exc:  # counted and shown: the demo must not hide a failure
-                with lock:
-                    failures.append(f"{type(exc).__name__}: {exc}")
-                continue
-            end = time.perf_counter()
-            ttft = (first_at - start) * 1000
-            tpot = (end - first_at) * 1000 / (count - 1) if count > 1 else 0.0
-            with lock:
-                records.append({"ttft_ms": ttft, "tpot_ms": tpot, "tokens": count, "met": ttft <= ttft_ms and tpot <= tpot_ms, "finish": details.finish_reason.value if details else None})
+    def on_sample(sample, traffic, deployment) -> None:
+        progress.update(task, completed=min(duration_s, sample.t), description=f"sent {traffic.sent}/{len(arrivals)} answered {len(traffic.records)}")
+        if view is not None:
+            view.update(Group(_replica_table(sample, traffic, deployment, ttft_ms, tpot_ms), progress))
 
-    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("serving + training", total=duration_s)
-        for t in threads:
-            t.start()
-        started = time.monotonic()
-        while any(t.is_alive() for t in threads):
-            time.sleep(0.5)
-            stats = agent.stats()
-            progress.update(
-                task,
-                completed=min(duration_s, time.monotonic() - started),
-                description=f"served {len(records):4d}  adapter v{stats['adapter']['version']}  train steps {stats['training_steps']:4d}  share {stats['training_share']:.2f}",
-            )
-    final_version = agent.publish()
-    stats = agent.stats()
-    server.stop()
-    agent.stop()
+    if view is not None:
+        view.start()
+    try:
+        result = run_policy(replica_configs(replicas, model=model, ttft_ms=ttft_ms, tpot_ms=tpot_ms), settings, arrivals, on_sample=on_sample)
+    finally:
+        if view is not None:
+            view.stop()
+            console.line()
+    result.update(model=model, replicas=replicas, trace=trace, offered_rate=rate, machine=machine())
+    result["plots"] = write_plots([result], out)
+    write_json(result, str(out / "report.json"))
+    write_json(result, json_path)
+    _summary(result, out, console)
+    return result
 
-    served = len(records)
-    met = sum(r["met"] for r in records)
-    published = [v for v in agent.store.retained()]
-    result = {
-        "model": agent.base.name,
-        "duration_s": duration_s,
-        "clients": clients,
-        "requests_served": served,
-        "requests_failed": len(failures),
-        "failures": failures[:5],
-        "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
-        "slo_attainment": met / served if served else 0.0,
-        "ttft_ms_p50": statistics.median(r["ttft_ms"] for r in records) if records else 0.0,
-        "tpot_ms_p50": statistics.median(r["tpot_ms"] for r in records) if records else 0.0,
-        "generated_tokens": sum(r["tokens"] for r in records),
-        "training_steps": stats["training_steps"],
-        "training_tokens": stats["training_tokens"],
-        "adapter_versions_published": final_version.number,
-        "retained_versions": published,
-        "eval_loss_before": first.eval_loss,
-        "eval_loss_after": final_version.eval_loss,
-    }
+
+def _replica_table(sample, traffic, deployment, ttft_ms: int, tpot_ms: int) -> Table:
+    recent = [r for r in list(traffic.records) if r.sent_s >= sample.t - 10]
+    table = Table(title=f"CoLLM local cluster at {sample.t:5.1f} s  (SLO: TTFT <= {ttft_ms} ms, TPOT <= {tpot_ms} ms)")
+    table.add_column("replica", no_wrap=True)
+    for column in ("weight", "queue + running", "training share", "cap", "adapter", "eval loss", "SLO (10 s)"):
+        table.add_column(column, justify="left" if column == "replica" else "right")
+    for name, r in sample.replicas.items():
+        mine = [x for x in recent if x.replica == name]
+        attained = f"{sum(x.met for x in mine) / len(mine):.0%}" if mine else "-"
+        table.add_row(name, f"{r['weight']:.2f}", str(r["queue"] + r["running"]), f"{r['training_share']:.2f}", str(r["train_cap_tokens"]), f"v{r['version']}", f"{r['eval_loss']:.3f}" if r["eval_loss"] else "-", attained)
+    met = [x for x in recent if x.met]
+    losses = [r["eval_loss"] for r in sample.replicas.values() if r["eval_loss"]]
+    quality = 1 / (sum(losses) / len(losses)) if losses else 0.0
+    window = min(10.0, max(sample.t, 1e-9))
+    rounds = deployment.controller.history.rounds
+    table.caption = f"cluster: {len(met) / window:.1f} SLO-met req/s x Q {quality:.3f} = goodput {len(met) / window * quality:.2f}/s   rounds {sum(1 for x in rounds if x.state)} done{' + 1 running' if deployment.controller.round_running else ''}"
+    return table
+
+
+def _summary(result: dict, out: Path, console: Console) -> None:
+    rounds = result["rounds"]
+    fresh = [r["freshness_s"] for r in rounds if r["result"] == "Succeeded"]
     print_table(
-        "CoLLM demo: one replica serving and fine-tuning at once",
+        f"CoLLM demo: {result['replicas']} replicas, policy {result['policy']}, {result['duration_s']:.0f} s",
         ["figure", "value"],
         [
-            ["requests served (failed)", f"{served} ({len(failures)})"],
-            [f"SLO attainment (TTFT <= {ttft_ms} ms, TPOT <= {tpot_ms} ms)", f"{result['slo_attainment']:.1%}"],
-            ["TTFT p50 / TPOT p50 (ms)", f"{result['ttft_ms_p50']:.1f} / {result['tpot_ms_p50']:.1f}"],
-            ["tokens generated", result["generated_tokens"]],
-            ["training steps (tokens)", f"{result['training_steps']} ({result['training_tokens']:,})"],
-            ["adapter versions published", result["adapter_versions_published"]],
-            ["held-out eval loss, version 1 -> latest", f"{first.eval_loss:.3f} -> {final_version.eval_loss:.3f}"],
+            ["requests sent / answered (failed)", f"{result['requests_sent']} / {result['requests_answered']} ({result['requests_failed']})"],
+            [f"SLO attainment (TTFT <= {result['slo']['ttft_ms']} ms, TPOT <= {result['slo']['tpot_ms']} ms)", f"{result['slo_attainment']:.1%}"],
+            ["F: SLO-met requests/s", result["slo_met_rps"]],
+            ["TTFT p50 / p99, TPOT p50 (ms)", f"{result['ttft_ms_p50']:.1f} / {result['ttft_ms_p99']:.1f}, {result['tpot_ms_p50']:.1f}"],
+            ["training tokens (all replicas)", f"{result['training_tokens']:,}"],
+            ["rounds started / succeeded", f"{result['rounds_started']} / {result['rounds_succeeded']}"],
+            ["held-out loss: initial -> last served", f"{result['held_out_loss_initial']:.3f} -> {result['held_out_loss_final_served']:.3f}"],
+            ["Q (mean over SLO-met requests)", result["mean_quality_served"]],
+            ["goodput (sum of Q over SLO-met requests; per s)", f"{result['goodput']:.1f} ({result['goodput_per_s']:.3f}/s)"],
+            ["adapter freshness p50 / max (s)", f"{_median(fresh):.2f} / {max(fresh, default=0.0):.2f}"],
+            ["report", str(out / "report.json")],
         ],
         console=console,
     )
-    write_json(result, json_path)
-    return result
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else 0.0

@@ -1,0 +1,316 @@
+"""The local mode's slow timescale: the operator's allocation and round code, run against agents over gRPC.
+
+Every `slow_interval_s` the controller reads each agent's stats (GetStats), feeds the arrivals
+counted since the last tick into a `LoadPredictor`, runs `allocate()` with the cluster's policy,
+pushes the plans (ApplyPlan; `static` sends a fixed training batch) and the routing weights (the
+router's PUT /admin/weights). Every `round_interval_s` it starts a federated round with the
+allocation's participants and aggregator (RoundDriver), on a thread of its own so that planning
+goes on while the round trains. The operator's reconcile loop does the same with the same pure
+code (collm_operator.allocation, collm_operator.predictor, replica_agent.federated).
+
+Policies: `coexec` (water-filled caps, weights by capacity), `static` (a fixed training batch on
+every replica, equal weights), `separated` (the allocation's training half gets weight 0 and
+publishes at round end), `inferenceOnly` (cap 0, no rounds).
+
+Where the numbers come from: the capacity profile and the held-out eval loss from each agent's
+stats; a replica that has not measured a profile yet gets `prior_profile` (a guess that only
+sets caps to their maximum until real points arrive). Arrivals are counted where requests enter
+the cluster: `arrivals()` returns the cumulative count (the router's, in local mode).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import grpc
+
+from collm_operator.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
+from collm_operator.predictor import LoadPredictor
+
+from ..federated import rounds as R
+from ..federated.client import AgentClient
+from ..federated.driver import RoundDriver, StrategyConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    policy: str = "coexec"
+    slow_interval_s: float = 5.0
+    round_interval_s: float = 20.0
+    local_steps: int = 10
+    round_deadline_s: float = 60.0
+    eval_tolerance: float = 0.05  # nats a candidate may be worse than the current adapter
+    ttft_ms: int = 1000
+    tpot_ms: int = 100
+    max_cap_tokens: int = 128  # the highest training cap a plan may give (the agents' train_cap_tokens)
+    headroom: float = 0.9
+    min_participants: int = 1
+    participation_fraction: float = 1.0
+    strategy: StrategyConfig = StrategyConfig()
+    prior_rps: float = 10.0  # capacity guessed for a replica with no measured profile yet
+    profile_smoothing: float = 0.3  # EMA weight of a new profile reading (the agents' online profiles are noisy)
+    profile_spread: float = 2.0  # a replica's capacity is kept within [1/x, x] of the cluster median
+    rpc_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {self.policy!r}; use one of {', '.join(POLICIES)}")
+        if self.slow_interval_s <= 0 or self.round_interval_s <= 0:
+            raise ValueError("slow_interval_s and round_interval_s must be positive numbers of seconds")
+
+    def prior_profile(self) -> CapacityProfile:
+        return CapacityProfile(((0, self.prior_rps, 0.0), (self.max_cap_tokens, self.prior_rps, 1.0)))
+
+
+@dataclass
+class Tick:
+    """One slow-timescale decision, as recorded for reports."""
+
+    at: float
+    arrivals: int
+    predicted_load: float
+    caps: dict[str, int]
+    weights: dict[str, float]
+    participants: tuple[str, ...]
+    aggregator: str | None
+    overloaded: bool
+    healthy: dict[str, bool]
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "participants": list(self.participants)}
+
+
+@dataclass
+class RoundRecord:
+    number: int
+    round_id: str
+    participants: tuple[str, ...]
+    aggregator: str
+    started_at: float
+    state: dict | None = None  # RoundState.to_dict() once finished
+    error: str | None = None
+
+    @property
+    def finished_at(self) -> float | None:
+        return (self.state or {}).get("finishedAt")
+
+    def summary(self) -> dict:
+        s = self.state or {}
+        return {
+            "number": self.number,
+            "round_id": self.round_id,
+            "participants": list(self.participants),
+            "aggregator": self.aggregator,
+            "started_at": self.started_at,
+            "finished_at": s.get("finishedAt"),
+            "result": s.get("result") or ("Error" if self.error else "Running"),
+            "eval_loss_before": s.get("evalLossBefore"),
+            "eval_loss_after": s.get("evalLossAfter"),
+            "freshness_s": s.get("freshnessS"),
+            "version_sha256": s.get("versionSha256", ""),
+            "error": self.error,
+        }
+
+
+@dataclass
+class ControllerHistory:
+    ticks: list[Tick] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Controller:
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        *,
+        set_weights: Callable[[dict[str, float]], None],
+        arrivals: Callable[[], int],
+        settings: ControllerSettings = ControllerSettings(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not addresses:
+            raise ValueError("the controller needs at least one agent (name -> gRPC host:port)")
+        self.addresses, self.settings = dict(addresses), settings
+        self.set_weights, self.arrivals, self.clock = set_weights, arrivals, clock
+        self.clients = {name: AgentClient(address, timeout=settings.rpc_timeout_s) for name, address in self.addresses.items()}
+        self.predictor = LoadPredictor(start_s=clock())
+        self.history = ControllerHistory()
+        self.allocation: Allocation | None = None
+        self.stats: dict[str, dict] = {}
+        self._smoothed: dict[str, dict[int, tuple[float, float]]] = {}
+        self._arrivals_seen = arrivals()
+        self._last_round_at = clock()
+        self._round_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one slow-timescale step --------------------------------------------------------------
+    def read_stats(self) -> dict[str, dict | None]:
+        out = {}
+        for name, client in self.clients.items():
+            try:
+                out[name] = json.loads(client.stats().json)
+            except grpc.RpcError as exc:
+                self.history.errors.append(f"{name}: GetStats failed: {exc.code().name}")
+                out[name] = None
+        return out
+
+    def replica_states(self, stats: Mapping[str, dict | None]) -> list[ReplicaState]:
+        profiles = {}
+        for name, st in stats.items():
+            points = [(int(cap), rps, train) for cap, rps, train in (st or {}).get("capacity_profile") or []]
+            if st is not None and points:
+                profiles[name] = self._smooth(name, _profile(points, self.settings))
+        profiles = _within_spread(profiles, self.settings.profile_spread)
+        states = []
+        for name, st in stats.items():
+            profile = profiles.get(name) or self.settings.prior_profile()
+            if st is None:
+                states.append(ReplicaState(name, False, profile))
+                continue
+            has_data = st.get("eval_loss") is not None  # only an agent with data has a held-out split
+            # Agents do not report a loss slope yet: every replica with data is worth the same per
+            # token, so participants are chosen by name order and the caps by capacity alone.
+            states.append(ReplicaState(name, not st.get("trainer_error"), profile, 1e-6 if has_data else 0.0, 1 if has_data else 0))
+        return states
+
+    def _smooth(self, name: str, profile: CapacityProfile) -> CapacityProfile:
+        """EMA of each profile point over ticks: one noisy reading must not swing the routing weights."""
+        a, previous = self.settings.profile_smoothing, self._smoothed.get(name, {})
+        points = {}
+        for cap, capacity, training in profile.points:
+            old = previous.get(cap)
+            points[cap] = (capacity, training) if old is None else (old[0] + a * (capacity - old[0]), old[1] + a * (training - old[1]))
+        self._smoothed[name] = points
+        return CapacityProfile.from_measurements([(cap, c, t) for cap, (c, t) in points.items()])
+
+    def tick(self) -> Tick:
+        now = self.clock()
+        total = self.arrivals()
+        arrivals, self._arrivals_seen = max(0, total - self._arrivals_seen), total
+        self.predictor.observe(max(now, self.predictor.time_s), arrivals)
+        self.stats = {k: v for k, v in self.read_stats().items()}
+        s = self.settings
+        states = self.replica_states(self.stats)
+        predicted = self.predictor.predict(s.slow_interval_s)
+        allocation = allocate(predicted, states, policy=s.policy, headroom=s.headroom, min_participants=s.min_participants, participation_fraction=s.participation_fraction, static_cap=s.max_cap_tokens)
+        self.allocation = allocation
+        for name, client in self.clients.items():
+            cap = 0 if s.policy == "inferenceOnly" else allocation.caps[name]
+            try:
+                client.apply_plan(cap, s.ttft_ms, s.tpot_ms, fixed_training=s.policy == "static")
+            except grpc.RpcError as exc:
+                self.history.errors.append(f"{name}: ApplyPlan failed: {exc.code().name}")
+        try:
+            self.set_weights(dict(allocation.weights))
+        except Exception as exc:  # a router restart must not stop planning; the next tick retries
+            self.history.errors.append(f"routing weights not applied: {exc}")
+        tick = Tick(now, arrivals, predicted, dict(allocation.caps), dict(allocation.weights), allocation.participants, allocation.aggregator, allocation.overloaded, {r.name: r.healthy for r in states})
+        self.history.ticks.append(tick)
+        return tick
+
+    # -- rounds -------------------------------------------------------------------------------
+    @property
+    def round_running(self) -> bool:
+        return self._round_thread is not None and self._round_thread.is_alive()
+
+    def start_round(self) -> RoundRecord | None:
+        """Start a round with the last allocation's participants and aggregator (None if it has none)."""
+        a, s = self.allocation, self.settings
+        if s.policy == "inferenceOnly" or a is None or not a.participants or a.aggregator is None or self.round_running:
+            return None
+        # A participant whose plan allows no training would only run into the deadline: a round
+        # waits until the allocation gives some participant a cap again.
+        participants = tuple(p for p in a.participants if a.caps.get(p, 0) > 0)
+        if not participants:
+            return None
+        aggregator = a.aggregator if a.aggregator in participants else participants[0]
+        number = len(self.history.rounds) + 1
+        replicas = tuple(sorted(n for n, healthy in self.history.ticks[-1].healthy.items() if healthy))
+        spec = R.RoundSpec(round_id=f"local-{int(self.clock())}-{number}", replicas=replicas, participants=participants, aggregator=aggregator, local_steps=s.local_steps, deadline_s=s.round_deadline_s, min_participants=max(1, min(s.min_participants, len(a.participants))), eval_tolerance=s.eval_tolerance)
+        record = RoundRecord(number, spec.round_id, spec.participants, spec.aggregator, self.clock())
+        self.history.rounds.append(record)
+
+        def run() -> None:
+            try:
+                driver = RoundDriver(spec, self.addresses, strategy=s.strategy, round_number=number, rpc_timeout_s=max(30.0, s.rpc_timeout_s))
+                record.state = driver.run(timeout_s=s.round_deadline_s + 120).to_dict()
+            except Exception as exc:  # reported in the history; the next round starts afresh
+                record.error = f"{type(exc).__name__}: {exc}"
+                log.warning("round %s: %s", spec.round_id, record.error)
+
+        self._round_thread = threading.Thread(target=run, name=f"collm-round-{number}", daemon=True)
+        self._round_thread.start()
+        self._last_round_at = self.clock()
+        return record
+
+    # -- loop ---------------------------------------------------------------------------------
+    def step(self) -> None:
+        self.tick()
+        if self.clock() - self._last_round_at >= self.settings.round_interval_s and not self.round_running:
+            self.start_round()
+
+    def start(self) -> "Controller":
+        self.tick()  # plans and weights before traffic starts
+        self._thread = threading.Thread(target=self._run, name="collm-controller", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.slow_interval_s):
+            try:
+                self.step()
+            except Exception as exc:  # keep planning; the history says what went wrong
+                self.history.errors.append(f"slow-timescale step failed: {type(exc).__name__}: {exc}")
+                log.exception("slow-timescale step failed")
+
+    def stop(self, *, wait_round_s: float = 120.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self._round_thread is not None:
+            self._round_thread.join(wait_round_s)
+        for client in self.clients.values():
+            client.close()
+
+
+def _profile(points, settings: ControllerSettings) -> CapacityProfile:
+    """The agent's measured points as a profile over the plan's cap range.
+
+    The agent measures at fractions of the cap it runs at; while the cap is 0 (inferenceOnly,
+    a serving-only replica) all its points sit at cap 0 and the top of the range is a guess: the
+    same capacity, training unknown (0 would make training worthless, so 1 token/s).
+    """
+    profile = CapacityProfile.from_measurements(points)
+    if profile.max_cap < settings.max_cap_tokens:
+        last = profile.points[-1]
+        profile = CapacityProfile(profile.points + ((settings.max_cap_tokens, last[1], max(last[2], 1.0)),))
+    return profile
+
+
+def _within_spread(profiles: dict[str, CapacityProfile], spread: float) -> dict[str, CapacityProfile]:
+    """Scale any profile whose top-cap capacity is off the cluster median by more than `spread`x.
+
+    The agents' online profiles start from few iterations: identical replicas were seen 10x
+    apart in their first seconds, which would send nearly all traffic to one of them. A real
+    difference larger than the spread (a slower GPU) still shows, only bounded.
+    """
+    if len(profiles) < 2:
+        return profiles
+    tops = sorted(p.capacity_at(p.max_cap) for p in profiles.values())
+    median = tops[len(tops) // 2]
+    out = {}
+    for name, p in profiles.items():
+        top = p.capacity_at(p.max_cap)
+        target = min(max(top, median / spread), median * spread)
+        factor = target / top if top > 0 else 1.0
+        out[name] = p if factor == 1.0 else CapacityProfile(tuple((cap, c * factor, t) for cap, c, t in p.points))
+    return out
