@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,11 +19,9 @@ from text_generation.errors import GenerationError, OverloadedError, ValidationE
 
 from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
-from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.engine.engine import RequestRejected
 from replica_agent.engine.requests import FinalEvent, FinishReason, SamplingParams, TokenEvent, TokenInfo
 from replica_agent.serving import http_api
-from replica_agent.serving.background import BackgroundServer
 from replica_agent.serving.http_api import ADAPTER_HEADER
 from replica_agent.serving.schemas import InvalidRequest, StreamFramer, parse_generate_request, prompt_ids, sampling_params
 
@@ -34,20 +31,12 @@ PROMPT = "The Python language reference describes"
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data") / "json"
-    shutil.copytree(stdlib_package_dir("json"), data, ignore=shutil.ignore_patterns("__pycache__"))
+def agent(json_data):
+    data = json_data
     agent = Agent(AgentConfig(model="tiny", data=str(data), port=0, max_total_tokens=512, eval_batches=2))
     agent.start()
     yield agent
     agent.stop()
-
-
-@pytest.fixture(scope="module")
-def server(agent):
-    server = BackgroundServer(agent)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import urllib.request
 
@@ -12,9 +11,7 @@ import pytest
 
 from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
-from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.engine.requests import FinalEvent, FinishReason, TokenEvent, TokenInfo
-from replica_agent.serving.background import BackgroundServer
 from replica_agent.serving.http_api import ADAPTER_HEADER
 from replica_agent.serving.openai_api import OpenAIError, ResponseBuilder, cut_at_stop, parse_openai_request, sampling_params
 
@@ -23,21 +20,13 @@ MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data") / "json"
-    shutil.copytree(stdlib_package_dir("json"), data, ignore=shutil.ignore_patterns("__pycache__"))
+def agent(json_data):
+    data = json_data
     # Data without training: the adapter can be published on demand, and no trainer competes for the CPU.
     agent = Agent(AgentConfig(model="tiny", data=str(data), train=False, port=0, max_total_tokens=256, eval_batches=1))
     agent.start()
     yield agent
     agent.stop()
-
-
-@pytest.fixture(scope="module")
-def server(agent):
-    server = BackgroundServer(agent)
-    yield server
-    server.stop()
 
 
 @pytest.fixture
