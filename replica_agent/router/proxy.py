@@ -19,7 +19,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from ..serving import openai_api, schemas
+from ..serving import openai_schemas, schemas
 from .metrics import CLIENT_ERROR, CLIENT_GONE, OK, STREAM_BROKEN, UPSTREAM_ERROR
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def error_response(path: str, status: int, message: str, *, headers: dict | None
     """The router's own errors, in the dialect of the route the client called."""
     if dialect(path) == "openai":
         kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
-        body = openai_api.error_body(message, type=kind, code=_OPENAI_ERROR_CODES.get(status))
+        body = openai_schemas.error_body(message, type=kind, code=_OPENAI_ERROR_CODES.get(status))
     else:
         body = schemas.error_body(message, _TGI_ERROR_TYPES.get(status, "router"))
     return web.json_response(body, status=status, headers=headers)
@@ -55,7 +55,7 @@ def error_response(path: str, status: int, message: str, *, headers: dict | None
 
 def stream_error_event(path: str, message: str) -> bytes:
     if dialect(path) == "openai":
-        return openai_api.sse(openai_api.error_body(message, type="server_error", code="replica_failed")) + openai_api.sse("[DONE]")
+        return openai_schemas.sse(openai_schemas.error_body(message, type="server_error", code="replica_failed")) + openai_schemas.sse("[DONE]")
     return b"data:" + json.dumps(schemas.error_body(message, "incomplete_generation")).encode() + b"\n\n"
 
 

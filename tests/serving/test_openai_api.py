@@ -13,7 +13,7 @@ from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
 from replica_agent.engine.requests import FinalEvent, FinishReason, TokenEvent, TokenInfo
 from replica_agent.serving.http_api import ADAPTER_HEADER
-from replica_agent.serving.openai_api import OpenAIError, ResponseBuilder, cut_at_stop, parse_openai_request, sampling_params
+from replica_agent.serving.openai_schemas import OpenAIError, ResponseBuilder, cut_at_stop, parse_openai_request, sampling_params
 
 PROMPT = "The Python language reference describes"
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is a list?"}]
