@@ -42,6 +42,7 @@ def run_policy(configs: list[AgentConfig], settings: ControllerSettings, arrival
         _track(deployment, adapters, versions)
         traffic = TrafficReplay(deployment.router.url, arrivals, settings.ttft_ms, settings.tpot_ms).start()
         duration = arrivals[-1].at_s if arrivals else 0.0
+        deployment.controller.plan_run(traffic.started_at, duration)  # rounds get deadlines that end within the run
         deadline = time.time() + duration + drain_s
         while not traffic.wait(1.0) and time.time() < deadline:
             sample = _sample(deployment, traffic.started_at, adapters, versions)
