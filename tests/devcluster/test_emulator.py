@@ -363,7 +363,8 @@ def test_kubelet_runs_statefulset_pods(cluster, tmp_path):
     procs = [c.proc for s in cluster.kubelet.pods.values() for c in s.containers.values()]
     kubectl(cluster, "delete", "statefulset", "web")
     cluster.wait_for(lambda: not cluster.kubelet.pods, timeout_s=15)
-    assert all(p is None or p.poll() is not None for p in procs)
+    # Processes are reaped off the kubelet's loop (SIGTERM, then SIGKILL after a grace period).
+    assert cluster.wait_for(lambda: all(p is None or p.poll() is not None for p in procs), timeout_s=10)
 
 
 @needs_kubectl
