@@ -43,7 +43,7 @@ def time_allocate(replicas, load: float, *, policy: str = "coexec", repeats: int
 
 def run(*, replicas: int = 1000, repeats: int = 7, load_share: float = 0.75, seed: int = 0, json_path: str | None = None) -> dict:
     """Time allocate() for every policy on `replicas` random replicas; print a table, write JSON."""
-    from .report import machine, print_table, write_json  # imports torch: only for the report
+    from replica_agent.report import machine, print_table, write_json  # imports torch: only for the report
 
     cluster = random_replicas(replicas, seed=seed)
     capacity = sum(r.profile.capacity_at(r.profile.min_cap) for r in cluster if r.healthy)

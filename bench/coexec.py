@@ -21,7 +21,7 @@ from replica_agent.engine.model_host import load_base_model
 from replica_agent.engine.trainer import Trainer, TrainerSettings
 
 from .load import find_max_rate, run_trial, trace_shapes
-from .report import machine, print_table, write_json
+from replica_agent.report import machine, print_table, write_json
 
 
 def _training_alone(agent: Agent, threads: int, seconds: float) -> float:

@@ -24,7 +24,7 @@ from replica_agent.local.controller import ControllerSettings
 from replica_agent.local.traffic import TrafficReplay, trace_slice
 from replica_agent.proto import collm_pb2 as pb
 
-from .report import machine, print_table, write_json
+from replica_agent.report import machine, print_table, write_json
 
 
 def run(*, replicas: int = 3, publishes: int = 20, interval_s: float = 1.0, rate: float = 10.0, trace: str = "conv", lora_rank: int = 8, json_path: str | None = None) -> dict:

@@ -21,7 +21,7 @@ from replica_agent.local.plots import write_plots
 from replica_agent.local.run import run_policy
 from replica_agent.local.traffic import trace_slice
 
-from .report import machine, print_table, write_json
+from replica_agent.report import machine, print_table, write_json
 
 TARGETS = {"separated": 3.0, "static": 2.0, "inferenceOnly": 1.5}  # coexec / policy, from the issue
 

@@ -21,7 +21,7 @@ from replica_agent.engine.lora import LoraSpec, init_adapter
 from replica_agent.engine.model_host import load_base_model
 from replica_agent.engine.requests import SamplingParams
 
-from .report import machine, print_table, write_json
+from replica_agent.report import machine, print_table, write_json
 
 
 def _random_adapter(spec: LoraSpec, runtime: LlamaRuntime, seed: int) -> dict[str, torch.Tensor]:

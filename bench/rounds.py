@@ -26,7 +26,7 @@ from replica_agent.federated import rounds as R
 from replica_agent.federated.driver import RoundDriver, StrategyConfig
 from replica_agent.federated.local_cluster import LocalCluster
 
-from .report import machine, print_table, write_json
+from replica_agent.report import machine, print_table, write_json
 
 PACKAGES = ("json", "http", "email", "logging", "urllib", "xml", "unittest", "importlib")
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -273,7 +273,7 @@ def run(*, replicas: int = 4, duration_s: float | None = None, slow_interval_s: 
 
 
 def _report(result: dict, json_path: str | None) -> None:
-    from .report import print_table, write_json  # imports torch: only when printing
+    from replica_agent.report import print_table, write_json  # imports torch: only when printing
 
     columns = ["policy", "SLO attainment", "training Mtokens", "mean quality", "final loss", "goodput", "vs coexec"]
     rows = [

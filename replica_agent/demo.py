@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from collm_bench.report import machine, print_table, write_json
+from .report import machine, print_table, write_json
 
 from .local.cluster import replica_configs
 from .local.controller import ControllerSettings

@@ -25,7 +25,7 @@ from replica_agent.serving import http_api
 from replica_agent.serving.http_api import ADAPTER_HEADER
 from replica_agent.serving.schemas import InvalidRequest, StreamFramer, parse_generate_request, prompt_ids, sampling_params
 
-from ..helpers import eventually
+from ..helpers import eventually, post_json
 
 PROMPT = "The Python language reference describes"
 
@@ -45,13 +45,7 @@ def client(server):
 
 
 def post(server, path: str, body, *, raw: bool = False) -> tuple[int, dict, dict]:
-    data = body if raw else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+    return post_json(server.url + path, body)  # raw bodies are bytes, sent as they are
 
 
 def get(server, path: str) -> tuple[int, bytes, dict]:

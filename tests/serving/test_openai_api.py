@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
@@ -17,6 +14,8 @@ from replica_agent.serving.openai_schemas import OpenAIError, ResponseBuilder, c
 
 PROMPT = "The Python language reference describes"
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is a list?"}]
+
+from ..helpers import post_json
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +34,7 @@ def client(server):
 
 
 def post(server, path: str, body) -> tuple[int, dict, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+    return post_json(server.url + path, body)
 
 
 def tgi_text(server, inputs: str, max_new_tokens: int) -> str:

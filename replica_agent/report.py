@@ -1,4 +1,4 @@
-"""Printing benchmark figures: a JSON file with every number and a table for people."""
+"""Printing figures of benchmarks and the demo: a JSON file with every number and a table for people."""
 
 from __future__ import annotations
 
