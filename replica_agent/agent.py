@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from .config import AgentConfig
 from .engine.adapter_store import AdapterStore, AdapterVersion
@@ -156,5 +155,5 @@ class Agent:
             "slo": {"ttft_ms": self.mixer.settings.ttft_ms, "tpot_ms": self.mixer.settings.tpot_ms},
             "capacity_profile": [[p.cap, p.requests_per_s, p.training_tokens_per_s] for p in self.profiler.profile()],
             "lora": {"rank": self.spec.rank, "alpha": self.spec.alpha, "target_modules": list(self.spec.target_modules)},
-            "torch_threads": torch.get_num_threads(),
+            "threads": {"engine": self.engine.settings.torch_threads, "trainer": trainer.settings.torch_threads if trainer else None},
         }
