@@ -6,16 +6,15 @@ pushes the plans (ApplyPlan; `static` sends a fixed training batch) and the rout
 router's PUT /admin/weights). Every `round_interval_s` it starts a federated round with the
 allocation's participants and aggregator (RoundDriver), on a thread of its own so that planning
 goes on while the round trains. The operator's reconcile loop does the same with the same pure
-code (collm_operator.allocation, collm_operator.predictor, replica_agent.federated).
+code (collm_operator.planning, replica_agent.federated).
 
 Policies: `coexec` (water-filled caps, weights by capacity), `static` (a fixed training batch on
 every replica, equal weights), `separated` (the allocation's training half gets weight 0 and
 publishes at round end), `inferenceOnly` (cap 0, no rounds).
 
-Where the numbers come from: the capacity profile and the held-out eval loss from each agent's
-stats; a replica that has not measured a profile yet gets `prior_profile` (a guess that only
-sets caps to their maximum until real points arrive). Arrivals are counted where requests enter
-the cluster: `arrivals()` returns the cumulative count (the router's, in local mode).
+Each decision is `collm_operator.planning.Planner.plan()` (shared with the operator's timer).
+Arrivals are counted where requests enter the cluster: `arrivals()` returns the cumulative count
+(the router's, in local mode).
 """
 
 from __future__ import annotations
@@ -24,13 +23,13 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import grpc
 
-from collm_operator.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
-from collm_operator.predictor import LoadPredictor
+from collm_operator.allocation import POLICIES, Allocation
+from collm_operator.planning import Planner, PlanningSettings
 
 from ..federated import rounds as R
 from ..federated.client import AgentClient
@@ -69,8 +68,10 @@ class ControllerSettings:
         if self.slow_interval_s <= 0 or self.round_interval_s <= 0:
             raise ValueError("slow_interval_s and round_interval_s must be positive numbers of seconds")
 
-    def prior_profile(self) -> CapacityProfile:
-        return CapacityProfile(((0, self.prior_rps, 0.0), (self.max_cap_tokens, self.prior_rps, 1.0)))
+    def planning(self) -> PlanningSettings:
+        """The slow-timescale settings, as the operator's Planner takes them."""
+        names = PlanningSettings.__dataclass_fields__
+        return PlanningSettings(**{k: v for k, v in self.__dict__.items() if k in names})
 
 
 @dataclass
@@ -148,14 +149,11 @@ class Controller:
         self.addresses, self.settings = dict(addresses), settings
         self.set_weights, self.arrivals, self.clock = set_weights, arrivals, clock
         self.clients = {name: AgentClient(address, timeout=settings.rpc_timeout_s) for name, address in self.addresses.items()}
-        self.predictor = LoadPredictor(start_s=clock())
+        self.planner = Planner(settings.planning(), now=clock())
         self.history = ControllerHistory()
         self.allocation: Allocation | None = None
         self.stats: dict[str, dict] = {}
-        self._smoothed: dict[str, dict[int, tuple[float, float]]] = {}
         self._arrivals_seen = arrivals()
-        self._recent: list[tuple[float, int]] = []  # (tick time, arrivals since the previous tick)
-        self._last_tick_at = clock()
         self.run_until: float | None = None  # when the traffic ends, if known (plan_run): rounds should finish before it
         self.run_s: float = 0.0
         self._last_round_at = clock()
@@ -174,96 +172,32 @@ class Controller:
                 out[name] = None
         return out
 
-    def replica_states(self, stats: Mapping[str, dict | None]) -> list[ReplicaState]:
-        profiles = {}
-        for name, st in stats.items():
-            points = [(int(cap), rps, train) for cap, rps, train in (st or {}).get("capacity_profile") or []]
-            if st is not None and points:
-                profiles[name] = self._smooth(name, _profile(points, self.settings))
-        profiles = _within_spread(profiles, self.settings.profile_spread)
-        states = []
-        for name, st in stats.items():
-            profile = profiles.get(name) or self.settings.prior_profile()
-            if st is None:
-                states.append(ReplicaState(name, False, profile))
-                continue
-            has_data = st.get("eval_loss") is not None  # only an agent with data has a held-out split
-            # Agents do not report a loss slope yet: every replica with data is worth the same per
-            # token, so participants are chosen by name order and the caps by capacity alone.
-            states.append(ReplicaState(name, not st.get("trainer_error"), profile, 1e-6 if has_data else 0.0, 1 if has_data else 0))
-        return states
-
-    def _smooth(self, name: str, profile: CapacityProfile) -> CapacityProfile:
-        """EMA of each profile point over ticks: one noisy reading must not swing the routing weights."""
-        a, previous = self.settings.profile_smoothing, self._smoothed.get(name, {})
-        points = {}
-        for cap, capacity, training in profile.points:
-            old = previous.get(cap)
-            points[cap] = (capacity, training) if old is None else (old[0] + a * (capacity - old[0]), old[1] + a * (training - old[1]))
-        self._smoothed[name] = points
-        return CapacityProfile.from_measurements([(cap, c, t) for cap, (c, t) in points.items()])
-
     def tick(self) -> Tick:
         now = self.clock()
         total = self.arrivals()
         arrivals, self._arrivals_seen = max(0, total - self._arrivals_seen), total
-        self.predictor.observe(max(now, self.predictor.time_s), arrivals)
         self.stats = {k: v for k, v in self.read_stats().items()}
         s = self.settings
-        states = self.replica_states(self.stats)
-        forecast = self.predictor.predict(s.slow_interval_s)
-        predicted = self._planned_load(now, arrivals, forecast)
-        allocation = allocate(predicted, states, policy=s.policy, headroom=s.headroom, min_participants=s.min_participants, participation_fraction=s.participation_fraction, static_cap=s.max_cap_tokens)
-        if s.policy == "coexec" and allocation.overloaded and s.overload_keeps_caps:
-            allocation = _keep_caps(allocation, states, s.max_cap_tokens)
-        if s.policy == "coexec" and self.round_running and s.round_min_cap > 0:
-            running = self.history.rounds[-1].participants if self.history.rounds else ()
-            floor = {n: max(c, min(s.round_min_cap, s.max_cap_tokens)) for n, c in allocation.caps.items() if n in running}
-            if any(floor[n] != allocation.caps[n] for n in floor):
-                allocation = replace(allocation, caps={**allocation.caps, **floor})
-        self.allocation = allocation
+        running = self.history.rounds[-1].participants if self.round_running and self.history.rounds else ()
+        decision = self.planner.plan(now, arrivals, self.stats, round_participants=running)
+        allocation = self.allocation = decision.allocation
         for name, client in self.clients.items():
-            cap = 0 if s.policy == "inferenceOnly" else allocation.caps[name]
             try:
-                client.apply_plan(cap, s.ttft_ms, s.tpot_ms, fixed_training=s.policy == "static")
+                client.apply_plan(decision.cap(name), s.ttft_ms, s.tpot_ms, fixed_training=s.policy == "static")
             except grpc.RpcError as exc:
                 self.history.errors.append(f"{name}: ApplyPlan failed: {exc.code().name}")
         try:
             self.set_weights(dict(allocation.weights))
         except Exception as exc:  # a router restart must not stop planning; the next tick retries
             self.history.errors.append(f"routing weights not applied: {exc}")
-        tick = Tick(now, arrivals, predicted, dict(allocation.caps), dict(allocation.weights), allocation.participants, allocation.aggregator, allocation.overloaded, {r.name: r.healthy for r in states}, forecast, allocation.capacity, {r.name: [list(p) for p in r.profile.points] for r in states})
+        states = decision.states
+        tick = Tick(now, arrivals, decision.predicted_load, dict(allocation.caps), dict(allocation.weights), allocation.participants, allocation.aggregator, allocation.overloaded, {r.name: r.healthy for r in states}, decision.forecast, allocation.capacity, {r.name: [list(p) for p in r.profile.points] for r in states})
         self.history.ticks.append(tick)
         return tick
 
     def plan_run(self, started_at: float, duration_s: float) -> None:
         """The traffic runs from `started_at` for `duration_s`: round deadlines are fitted into it."""
         self.run_until, self.run_s = started_at + duration_s, max(0.0, duration_s)
-
-    def _planned_load(self, now: float, arrivals: int, forecast: float) -> float:
-        """The forecast, bounded by the mean arrival rate seen over the last `load_window_s`.
-
-        The burst predictor jumps to the highest 5-s rate it saw (34 req/s on a 26 req/s trace)
-        and allocate() divides by the headroom on top; planning for that with profiles that
-        read low cut every cap to 0. The SLO margin is the headroom's job, a sudden rise the
-        mixer's (it reacts within iterations), so the plan takes the rate actually arriving.
-        Before a window's worth of ticks the forecast stands alone.
-        """
-        dt = max(0.0, now - self._last_tick_at)
-        self._last_tick_at = now
-        if dt > 0:
-            self._recent.append((dt, arrivals))
-        window, seconds, count = self.settings.load_window_s, 0.0, 0
-        kept = []
-        for span, n in reversed(self._recent):
-            if seconds >= window:
-                break
-            kept.append((span, n))
-            seconds, count = seconds + span, count + n
-        self._recent = kept[::-1]
-        if seconds < min(window, 2 * self.settings.slow_interval_s) - 1e-6:
-            return forecast
-        return min(forecast, count / seconds)
 
     # -- rounds -------------------------------------------------------------------------------
     @property
@@ -337,54 +271,3 @@ class Controller:
             self._round_thread.join(wait_round_s)
         for client in self.clients.values():
             client.close()
-
-
-def _keep_caps(allocation: Allocation, states: list[ReplicaState], max_cap: int) -> Allocation:
-    """An infeasible coexec plan, with every healthy replica's cap at its maximum.
-
-    allocate() reports overload when even the lowest caps' capacity falls short of the load, and
-    then sets every cap to its lowest: training stops cluster-wide, for the rest of the run if
-    the profiles keep reading low. Cutting caps cannot make an infeasible plan feasible, while
-    the batch mixer already drops training within an iteration whenever the SLO is pressed
-    ("fast timescale only" scored best in the simulation, docs/scheduling.md). So the caps go
-    back to the maximum and the mixer decides; the routing weights stay as planned.
-    """
-    caps = dict(allocation.caps)
-    for r in states:
-        if r.healthy:
-            caps[r.name] = max(caps.get(r.name, 0), max_cap)
-    return replace(allocation, caps=caps)
-
-
-def _profile(points, settings: ControllerSettings) -> CapacityProfile:
-    """The agent's measured points as a profile over the plan's cap range.
-
-    The agent measures at fractions of the cap it runs at; while the cap is 0 (inferenceOnly,
-    a serving-only replica) all its points sit at cap 0 and the top of the range is a guess: the
-    same capacity, training unknown (0 would make training worthless, so 1 token/s).
-    """
-    profile = CapacityProfile.from_measurements(points)
-    if profile.max_cap < settings.max_cap_tokens:
-        last = profile.points[-1]
-        profile = CapacityProfile(profile.points + ((settings.max_cap_tokens, last[1], max(last[2], 1.0)),))
-    return profile
-
-
-def _within_spread(profiles: dict[str, CapacityProfile], spread: float) -> dict[str, CapacityProfile]:
-    """Scale any profile whose top-cap capacity is off the cluster median by more than `spread`x.
-
-    The agents' online profiles start from few iterations: identical replicas were seen 10x
-    apart in their first seconds, which would send nearly all traffic to one of them. A real
-    difference larger than the spread (a slower GPU) still shows, only bounded.
-    """
-    if len(profiles) < 2:
-        return profiles
-    tops = sorted(p.capacity_at(p.max_cap) for p in profiles.values())
-    median = tops[len(tops) // 2]
-    out = {}
-    for name, p in profiles.items():
-        top = p.capacity_at(p.max_cap)
-        target = min(max(top, median / spread), median * spread)
-        factor = target / top if top > 0 else 1.0
-        out[name] = p if factor == 1.0 else CapacityProfile(tuple((cap, c * factor, t) for cap, c, t in p.points))
-    return out

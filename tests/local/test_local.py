@@ -14,7 +14,7 @@ import pytest
 from collm_bench import freshness, goodput
 from collm_operator.allocation import CapacityProfile
 from replica_agent.demo import run_demo
-from replica_agent.local.controller import _within_spread
+from collm_operator.planning import within_spread as _within_spread
 from replica_agent.local.traffic import trace_slice
 
 FIGURES = ("requests_sent", "requests_answered", "slo_attainment", "slo_met_rps", "ttft_ms_p50", "tpot_ms_p50", "goodput", "goodput_per_s", "mean_quality_served", "held_out_loss_initial", "held_out_loss_final_served", "training_tokens")
