@@ -15,7 +15,6 @@ from pathlib import Path
 
 from replica_agent.engine.engine import Engine, QueueFull
 from replica_agent.engine.requests import FinalEvent, SamplingParams
-from replica_agent.serving.metrics import meets_slo
 
 DEFAULT_TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "azure_llm_conv_2023.csv"
 
@@ -115,7 +114,7 @@ def run_trial(engine: Engine, shapes: list[RequestShape], rate: float, duration_
     elapsed = time.perf_counter() - start
     with lock:
         done = list(finals)
-    met = sum(1 for f in done if f.ok and meets_slo(f, ttft_ms, tpot_ms))
+    met = sum(1 for f in done if f.ok and f.meets_slo(ttft_ms, tpot_ms))
     return TrialResult(
         rate=rate,
         duration_s=duration_s,

@@ -90,6 +90,9 @@ class Agent:
 
         self.profiler = CapacityProfiler(tpot_ms=c.tpot_ms, max_batch=c.max_batch)
         self._training_tokens_seen = 0
+        # Finished requests and those within the SLO: the operator's goodput and SLO attainment.
+        self.requests_finished = 0
+        self.requests_met_slo = 0
         self.engine.observers.append(self._observe)
 
     def _observe(self, kind: str, payload) -> None:
@@ -100,6 +103,8 @@ class Agent:
             self.profiler.observe_iteration(cap=self.mixer.settings.cap_tokens_per_iteration, budget=self.mixer.training_tokens, rows=payload.decode_rows, iteration_ms=payload.iteration_ms, training_tokens=ran)
         elif kind == "finished" and payload.ok:
             self.profiler.observe_request(payload.generated_tokens)
+            self.requests_finished += 1
+            self.requests_met_slo += payload.meets_slo(self.mixer.settings.ttft_ms, self.mixer.settings.tpot_ms)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> AdapterVersion:
@@ -153,6 +158,8 @@ class Agent:
             "live_versions": sorted(self.store.live_versions()),
             "pins": self.store.pins(),
             "slo": {"ttft_ms": self.mixer.settings.ttft_ms, "tpot_ms": self.mixer.settings.tpot_ms},
+            "requests_finished": self.requests_finished,
+            "requests_met_slo": self.requests_met_slo,
             "capacity_profile": [[p.cap, p.requests_per_s, p.training_tokens_per_s] for p in self.profiler.profile()],
             "lora": {"rank": self.spec.rank, "alpha": self.spec.alpha, "target_modules": list(self.spec.target_modules)},
             "threads": {"engine": self.engine.settings.torch_threads, "trainer": trainer.settings.torch_threads if trainer else None},

@@ -33,6 +33,12 @@ HTTP_PORT, GRPC_PORT = 8080, 9090
 CACHE_DIR = "/var/cache/collm"
 SECRET_DIR = "/etc/collm/secure-aggregation"
 SECRET_KEY = "secret"
+CONFIG_DIR = "/etc/collm/agent"
+CONFIG_FILE = f"{CONFIG_DIR}/agent.yaml"
+# Settings the operator also sends in every plan (ApplyPlan): a new pod reads them from the
+# ConfigMap file, a running one gets them within slowIntervalSeconds. They are not flags and not
+# in the pod template, so changing the SLO or the training cap restarts no pod.
+RUNTIME_SETTINGS = ("ttft_ms", "tpot_ms", "train_cap_tokens")
 
 
 class SpecError(ValueError):
@@ -449,10 +455,13 @@ def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[s
 
 
 def agent_args(cluster: Cluster, replica_index: int | None = None) -> list[str]:
-    """collm-agent flags for the cluster. In the StatefulSet (one template for every pod) leave
-    replica_index out: the replica id then comes from COLLM_REPLICA_ID (the pod name)."""
-    args: list[str] = []
+    """collm-agent flags for the cluster: `--config` (the ConfigMap's file, which carries the
+    RUNTIME_SETTINGS) and every other setting as a flag. In the StatefulSet (one template for
+    every pod) leave replica_index out: the replica id then comes from COLLM_REPLICA_ID."""
+    args: list[str] = ["--config", CONFIG_FILE]
     for key, value in agent_settings(cluster, replica_index).items():
+        if key in RUNTIME_SETTINGS:
+            continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + key.replace("_", "-"))

@@ -20,7 +20,7 @@ from collm_operator.api import Cluster
 MANAGED_BY = "collm-operator"
 AGENT, ROUTER = "agent", "router"
 ROUTER_PORT = 8080
-_CACHE_VOLUME, _TMP_VOLUME, _DATA_VOLUME, _SECRET_VOLUME = "model-cache", "tmp", "training-data", "secure-aggregation"
+_CACHE_VOLUME, _TMP_VOLUME, _DATA_VOLUME, _SECRET_VOLUME, _CONFIG_VOLUME = "model-cache", "tmp", "training-data", "secure-aggregation", "agent-settings"
 
 
 def labels(cluster: Cluster, component: str) -> dict[str, str]:
@@ -107,14 +107,16 @@ def build_service_account(cluster: Cluster) -> dict[str, Any]:
 
 
 def build_configmap(cluster: Cluster) -> dict[str, Any]:
-    """The agent settings as `collm-agent --config` reads them: the readable record of what the
-    flags say (the container gets the same settings as flags, which win)."""
+    """The agent settings as `collm-agent --config` reads them. The container gets the same
+    settings as flags (which win), except api.RUNTIME_SETTINGS, which only this file carries."""
     text = yaml.safe_dump(api.agent_settings(cluster), sort_keys=True)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(cluster, configmap_name(cluster), AGENT), "data": {"agent.yaml": text}}
 
 
 def _settings_hash(cluster: Cluster) -> str:
-    return hashlib.sha256(json.dumps(api.agent_settings(cluster), sort_keys=True).encode()).hexdigest()
+    """Changes when a restart-only setting changes (the pods then roll); the runtime ones travel in plans."""
+    settings = {k: v for k, v in api.agent_settings(cluster).items() if k not in api.RUNTIME_SETTINGS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _agent_container(cluster: Cluster) -> dict[str, Any]:
@@ -122,6 +124,7 @@ def _agent_container(cluster: Cluster) -> dict[str, Any]:
     mounts = [
         {"name": _TMP_VOLUME, "mountPath": "/tmp"},
         {"name": _CACHE_VOLUME, "mountPath": api.CACHE_DIR},
+        {"name": _CONFIG_VOLUME, "mountPath": api.CONFIG_DIR, "readOnly": True},
     ]
     if spec.training.data_volume is not None:
         # Read-write: /feedback may append to the local data; the data never leaves the pod.
@@ -154,7 +157,11 @@ def _agent_container(cluster: Cluster) -> dict[str, Any]:
 
 def _agent_volumes(cluster: Cluster) -> list[dict[str, Any]]:
     spec = cluster.spec
-    volumes: list[dict[str, Any]] = [{"name": _TMP_VOLUME, "emptyDir": {}}, {"name": _CACHE_VOLUME, "emptyDir": {}}]
+    volumes: list[dict[str, Any]] = [
+        {"name": _TMP_VOLUME, "emptyDir": {}},
+        {"name": _CACHE_VOLUME, "emptyDir": {}},
+        {"name": _CONFIG_VOLUME, "configMap": {"name": configmap_name(cluster)}},
+    ]
     if spec.training.data_volume is not None:
         volumes.append({**dict(spec.training.data_volume), "name": _DATA_VOLUME})
     if spec.federation.secure_aggregation:

@@ -78,6 +78,12 @@ class FinalEvent:
     def ok(self) -> bool:
         return self.finish_reason not in (FinishReason.CANCELLED, FinishReason.ERROR)
 
+    def meets_slo(self, ttft_ms: float, tpot_ms: float) -> bool:
+        """DESIGN.md's SLO: TTFT <= ttftMilliseconds and mean TPOT <= tpotMilliseconds."""
+        if self.ttft_s is None or self.ttft_s * 1000 > ttft_ms:
+            return False
+        return self.tpot_s is None or self.tpot_s * 1000 <= tpot_ms
+
 
 @dataclass
 class GenerationRequest:

@@ -57,7 +57,7 @@ class AgentMetrics:
             self.tpot.observe(final.tpot_s)
         if final.queue_s is not None:
             self.queue_time.observe(final.queue_s)
-        met = meets_slo(final, self.agent.mixer.settings.ttft_ms, self.agent.mixer.settings.tpot_ms)
+        met = final.meets_slo(self.agent.mixer.settings.ttft_ms, self.agent.mixer.settings.tpot_ms)
         self.slo_requests.labels("true" if met else "false").inc()
         now = time.monotonic()
         self._slo_window.append((now, met))
@@ -80,13 +80,6 @@ class AgentMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def meets_slo(final: FinalEvent, ttft_ms: float, tpot_ms: float) -> bool:
-    """DESIGN.md's SLO: TTFT <= ttftMilliseconds and mean TPOT <= tpotMilliseconds."""
-    if final.ttft_s is None or final.ttft_s * 1000 > ttft_ms:
-        return False
-    return final.tpot_s is None or final.tpot_s * 1000 <= tpot_ms
 
 
 class _StateCollector:

@@ -8,6 +8,7 @@ import pytest
 
 from collm_operator import api
 from collm_operator.api import SpecError, agent_args, agent_env, agent_settings, parse_cluster, parse_round
+from collm_operator.objects import build_configmap
 from replica_agent.config import load_config
 
 
@@ -185,7 +186,7 @@ def test_round_cluster_ref_is_immutable():
         api.check_round_update({"clusterRef": {"name": "a"}}, {"clusterRef": {"name": "b"}})
 
 
-def test_agent_args_are_accepted_by_the_agent_and_carry_the_spec():
+def test_agent_args_are_accepted_by_the_agent_and_carry_the_spec(tmp_path):
     cluster = parse_cluster(body({
         "model": {"source": "smollm2", "dtype": "bfloat16"},
         "adapter": {"rank": 16, "alpha": 32, "targetModules": ["q_proj", "k_proj"]},
@@ -195,7 +196,10 @@ def test_agent_args_are_accepted_by_the_agent_and_carry_the_spec():
         "federation": {"secureAggregation": True, "secureAggregationSecretRef": "s"},
     }))
     args = agent_args(cluster, 1)
-    config, _ = load_config(args, environ={})
+    # The pod reads the runtime settings from the ConfigMap's file: the same YAML here.
+    assert args[:2] == ["--config", api.CONFIG_FILE]
+    assert not {"--ttft-ms", "--tpot-ms", "--train-cap-tokens"} & set(args)
+    config = pod_config(cluster, tmp_path, args)
     assert (config.model, config.dtype, config.device, config.replica_id) == ("smollm2", "bfloat16", "cuda", "demo-1")
     assert (config.lora_rank, config.lora_alpha, config.lora_targets) == (16, 32, ["q_proj", "k_proj"])
     assert (config.ttft_ms, config.tpot_ms, config.max_batch, config.max_total_tokens) == (500, 40, 32, 2048)
@@ -206,22 +210,30 @@ def test_agent_args_are_accepted_by_the_agent_and_carry_the_spec():
     assert config.cache_dir == api.CACHE_DIR
 
 
-def test_statefulset_args_take_the_replica_id_from_the_pod_name():
+def pod_config(cluster, tmp_path, args=None, environ=None):
+    """The agent's config as a pod gets it: the ConfigMap's file at --config, then the flags."""
+    args = agent_args(cluster) if args is None else args
+    (tmp_path / "agent.yaml").write_text(build_configmap(cluster)["data"]["agent.yaml"])
+    config, _ = load_config(["--config", str(tmp_path / "agent.yaml"), *args[2:]], environ=environ or {})
+    return config
+
+
+def test_statefulset_args_take_the_replica_id_from_the_pod_name(tmp_path):
     cluster = parse_cluster(body())
     args = agent_args(cluster)
     assert "--replica-id" not in args
     env = {e["name"]: e for e in agent_env(cluster)}
     assert env["COLLM_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    config, _ = load_config(args, environ={"COLLM_REPLICA_ID": "demo-4"})
+    config = pod_config(cluster, tmp_path, args, {"COLLM_REPLICA_ID": "demo-4"})
     assert config.replica_id == "demo-4"
     # no data volume: the agent serves only; federation off: it may publish locally
     assert not config.training_enabled and config.device == "cpu"
 
 
-def test_inference_only_policy_turns_training_off():
+def test_inference_only_policy_turns_training_off(tmp_path):
     cluster = parse_cluster(body({"training": {"dataVolume": {"emptyDir": {}}}, "scheduling": {"policy": "inferenceOnly"},
                                   "federation": {"enabled": False}}))
-    config, _ = load_config(agent_args(cluster), environ={})
+    config = pod_config(cluster, tmp_path)
     assert not config.training_enabled and config.train_cap_tokens == 0 and not config.federated
 
 

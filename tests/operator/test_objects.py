@@ -97,7 +97,7 @@ def test_statefulset_runs_one_restricted_agent_per_replica():
 
 def test_statefulset_without_data_has_no_data_volume_and_secret_when_secure():
     plain = objects.build_statefulset(cluster({"training": {}}))
-    assert [v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]] == ["tmp", "model-cache"]
+    assert [v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]] == ["tmp", "model-cache", "agent-settings"]
     secure = objects.build_statefulset(cluster({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "round-secret"}}))
     pod = secure["spec"]["template"]["spec"]
     secret = next(v for v in pod["volumes"] if "secret" in v)
@@ -228,3 +228,18 @@ def test_round_summary_is_succeeded():
     gated = set_condition(conds, "Evaluated", FALSE, "EvalGateRejected", "eval loss 2.61 > 2.55", 1, NOW)
     failed = conditions.get_condition(summarize_ready(gated, "AdapterRound", 1, NOW), "Succeeded")
     assert (failed["status"], failed["reason"]) == (FALSE, "EvalGateRejected")
+
+
+def test_an_slo_change_keeps_the_pod_template_and_reaches_the_configmap():
+    """SLO and training cap travel in plans (and the ConfigMap for new pods): no pod restarts."""
+    template = lambda c: objects.build_statefulset(c)["spec"]["template"]  # noqa: E731
+    before = cluster()
+    after = cluster({"serving": {"ttftMilliseconds": 250, "tpotMilliseconds": 30},
+                     "training": {"dataVolume": {"hostPath": {"path": "/srv/data"}}, "trainCapTokens": 32}})
+    assert template(before) == template(after)
+    settings = yaml.safe_load(objects.build_configmap(after)["data"]["agent.yaml"])
+    assert (settings["ttft_ms"], settings["tpot_ms"], settings["train_cap_tokens"]) == (250, 30, 32)
+    mounts = {m["mountPath"]: m["name"] for m in template(after)["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts[api.CONFIG_DIR] == "agent-settings"
+    # A restart-only setting still rolls the pods.
+    assert template(before) != template(cluster({"serving": {"maxBatch": 4}}))
