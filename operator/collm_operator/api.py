@@ -9,6 +9,7 @@ never a crash loop. `agent_settings()` maps a cluster onto the agent's settings
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
@@ -26,7 +27,7 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 AGGREGATIONS = {"fedavg": "fedavg", "ffa": "ffa", "median": "median", "trimmedMean": "trimmed_mean"}
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 DEFAULT_IMAGE = "ghcr.io/collm/collm:0.1.0"
-_NUMBER = re.compile(r"^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$")
+_NUMBER = re.compile(r"^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,2})?$")  # the CRD's pattern (maxLength 32)
 
 # Where the agent container finds things (objects.py mounts them there).
 HTTP_PORT, GRPC_PORT = 8080, 9090
@@ -219,7 +220,7 @@ class _Section:
             raise SpecError(path, f"{path} must be a string such as \"{example}\", got {value!r}")
         if value == "" and allow_empty:
             return value
-        if not _NUMBER.match(value) or float(value) <= 0:
+        if len(value) > 32 or not _NUMBER.match(value) or not 0 < float(value) < math.inf:
             raise SpecError(path, f"{path} {value!r} must be a positive number written as a string, e.g. \"{example}\"")
         return value
 

@@ -2,9 +2,8 @@
 and every builder's output (kubernetes-validate against the Kubernetes schemas; custom resources
 against the CRDs' openAPIV3Schema with jsonschema).
 
-The CRDs' CEL rules (x-kubernetes-validations) are NOT evaluated here: no CEL evaluator is
-installed. The tests check that each rule is present and that api.py enforces its equivalent
-(tests/operator/test_api.py holds the valid and invalid cases).
+The CRDs' CEL rules (x-kubernetes-validations) are evaluated with cel-python in test_cel.py, with
+valid and invalid cases, against api.py's equivalents too.
 """
 
 from __future__ import annotations
