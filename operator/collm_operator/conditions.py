@@ -55,6 +55,8 @@ class Reason:
     INVALID_SPEC = "InvalidSpec"
     AVAILABLE = "Available"
     ROLLING_OUT = "RollingOut"
+    PUBLISHING_ADAPTER = "PublishingAdapter"
+    ROUTER_UNAVAILABLE = "RouterUnavailable"
     REPLICAS_UNAVAILABLE = "ReplicasUnavailable"
     SLO_MISSED = "SloMissed"
     AS_EXPECTED = "AsExpected"

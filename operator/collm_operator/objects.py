@@ -309,3 +309,30 @@ def build_all(cluster: Cluster) -> list[dict[str, Any]]:
     if monitor is not None:
         objects.append(monitor)
     return objects
+
+
+SCHEDULED_LABEL = "collm.io/scheduled"
+CLUSTER_LABEL = "collm.io/cluster"
+
+
+def round_name(cluster: Cluster, number: int) -> str:
+    return f"{cluster.name}-round-{number}"
+
+
+def build_round(cluster: Cluster, number: int, participants: list[str], aggregator: str | None) -> dict[str, Any]:
+    """A scheduled AdapterRound, owned by the cluster (deleted with it; pruned by roundHistoryLimit).
+    Steps, deadline and minimum participants come from the cluster's federation settings."""
+    spec: dict[str, Any] = {"clusterRef": {"name": cluster.name}, "participants": list(participants)}
+    if aggregator is not None:
+        spec["aggregator"] = aggregator
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.ROUND_KIND,
+        "metadata": {
+            "name": round_name(cluster, number),
+            "namespace": cluster.namespace,
+            "labels": {**labels(cluster, "round"), CLUSTER_LABEL: cluster.name, SCHEDULED_LABEL: "true"},
+            "ownerReferences": [owner_reference(cluster)],
+        },
+        "spec": spec,
+    }

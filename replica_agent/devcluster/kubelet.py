@@ -430,7 +430,10 @@ class Kubelet:
         if argv is None:
             c.error = "no command: the dev cluster cannot run an image's default entrypoint"
             return
-        env = {k: _rewrite(v, mounts) for k, v in self._env(pod, container, state).items()}
+        # Only the container's own env names paths inside the pod; the node's (its PATH, the DNS
+        # hook on PYTHONPATH) must stay as they are even when they fall under a mount like /tmp.
+        declared = {e["name"] for e in container.get("env") or []}
+        env = {k: _rewrite(v, mounts) if k in declared else v for k, v in self._env(pod, container, state).items()}
         cwd = _rewrite(container.get("workingDir") or "", mounts) or str(state.root)
         if not os.path.isdir(cwd):
             cwd = str(state.root)

@@ -79,7 +79,9 @@ class RoundDriver:
             c.close()
 
     # -- main loop ----------------------------------------------------------------------------
-    def run(self, timeout_s: float | None = None) -> R.RoundState:
+    def run(self, timeout_s: float | None = None, *, stop: Callable[[], bool] | None = None) -> R.RoundState:
+        """Drive the round to its end; with `stop`, return the unfinished state once it says so
+        (the state is persisted: a new driver resumes from it)."""
         limit = None if timeout_s is None else self.clock() + timeout_s
         try:
             if self.state.started_at is None:
@@ -90,7 +92,7 @@ class RoundDriver:
             while True:
                 while actions:
                     actions = [a for act in actions for a in self._execute(act)]
-                if self.state.finished:
+                if self.state.finished or (stop is not None and stop()):
                     return self.state
                 if limit is not None and self.clock() > limit:
                     raise TimeoutError(f"round {self.spec.round_id} did not finish within {timeout_s} s (stage {self.state.stage})")

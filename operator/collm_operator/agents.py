@@ -1,0 +1,66 @@
+"""The operator's gRPC side: one client per agent pod, addressed by pod IP (the headless Service's
+DNS name when a pod has none yet), reused across control steps while the address holds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Mapping
+
+import grpc
+
+from collm_operator import api, objects
+from collm_operator.reconcile import Pod
+from replica_agent.federated.client import AgentClient
+
+log = logging.getLogger(__name__)
+
+
+def grpc_addresses(cluster: api.Cluster, pods: Mapping[str, Pod], names: Iterable[str]) -> dict[str, str]:
+    """host:port of each named replica's gRPC server."""
+    out = {}
+    for name in names:
+        pod = pods.get(name)
+        if pod is not None and pod.ip:
+            out[name] = f"{pod.ip}:{api.GRPC_PORT}"
+        else:
+            out[name] = f"{name}.{objects.headless_service_name(cluster)}.{cluster.namespace}.svc:{api.GRPC_PORT}"
+    return out
+
+
+class AgentPool:
+    def __init__(self, rpc_timeout_s: float = 5.0) -> None:
+        self.rpc_timeout_s = rpc_timeout_s
+        self._clients: dict[str, AgentClient] = {}
+
+    def client(self, name: str, address: str) -> AgentClient:
+        current = self._clients.get(name)
+        if current is None or current.address != address:
+            if current is not None:
+                current.close()
+            current = self._clients[name] = AgentClient(address, timeout=self.rpc_timeout_s)
+        return current
+
+    def stats(self, addresses: Mapping[str, str]) -> dict[str, dict | None]:
+        """Every agent's stats (GetStats' JSON), None for one that did not answer; in parallel."""
+        def one(item):
+            name, address = item
+            try:
+                return name, json.loads(self.client(name, address).stats().json)
+            except grpc.RpcError as exc:
+                log.debug("GetStats from %s at %s failed: %s", name, address, exc.code().name)
+                return name, None
+
+        if not addresses:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
+            return dict(pool.map(one, addresses.items()))
+
+    def forget(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        for name in [n for n in self._clients if n not in keep]:
+            self._clients.pop(name).close()
+
+    def close(self) -> None:
+        self.forget(())

@@ -1,0 +1,113 @@
+"""The kopf layer: decorators that hand kopf's arguments to the pure-ish modules, nothing more.
+
+    kopf run --standalone --all-namespaces --liveness=http://0.0.0.0:8080/healthz -m collm_operator.main
+
+- CollmCluster create/update/resume -> reconcile.reconcile_cluster (children, InvalidSpec, Events)
+- CollmCluster daemon               -> control.ClusterController.step every slowIntervalSeconds
+- CollmCluster delete               -> reconcile.delete_children (then kopf removes our finalizer)
+- AdapterRound daemon, until done   -> round_control.drive (resumes from status after a restart)
+
+kopf keeps its bookkeeping under the collm.io prefix (finalizer collm.io/finalizer, progress and
+last-handled-configuration annotations), so it never mixes with another kopf operator's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+
+import kopf
+
+from collm_operator import api, metrics, reconcile, round_control
+from collm_operator.control import ClusterController
+from collm_operator.kube import Kube
+
+PREFIX = "collm.io"
+CLUSTERS = dict(group=api.GROUP, version=api.VERSION, plural=api.CLUSTER_PLURAL)
+ROUNDS = dict(group=api.GROUP, version=api.VERSION, plural=api.ROUND_PLURAL)
+
+
+def _events(body):
+    """(type, reason, message) -> a Kubernetes Event on the object."""
+    def post(type_: str, reason: str, message: str) -> None:
+        (kopf.info if type_ == "Normal" else kopf.warn)(body, reason=reason, message=message[:1024])
+    return post
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    logging.getLogger().setLevel(os.environ.get("COLLM_LOG_LEVEL", "INFO").upper())
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
+    # Watches end server-side before the client gives up, so a silent connection never hangs the operator.
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.posting.level = logging.INFO
+    # Every cluster and every running round holds a thread (sync daemons): the default pool is cores + 4.
+    settings.execution.max_workers = int(os.environ.get("COLLM_OPERATOR_WORKERS", "64"))
+    memo.kube = Kube.from_environment()
+    metrics.serve(int(os.environ.get("COLLM_OPERATOR_METRICS_PORT", "9108")))
+
+
+@kopf.on.probe(id="clusters")
+def clusters_controlled(memo: kopf.Memo, **_) -> int:
+    return len(getattr(memo, "controllers", {}) or {})
+
+
+@kopf.on.resume(**CLUSTERS)
+@kopf.on.create(**CLUSTERS)
+@kopf.on.update(**CLUSTERS)
+def reconcile_cluster(body, old, patch, memo: kopf.Memo, **_) -> None:
+    result = reconcile.reconcile_cluster(memo.kube, body, (old or {}).get("spec"), datetime.now(timezone.utc))
+    metrics.RECONCILES.labels("invalid" if result.invalid else "applied").inc()
+    for key, value in result.status.items():
+        patch.status[key] = value
+    post = _events(body)
+    for event in result.events:
+        post(*event)
+
+
+@kopf.daemon(**CLUSTERS, cancellation_timeout=30, initial_delay=1)
+def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **_) -> None:
+    controller = ClusterController(memo.kube, event=_events(body))
+    if not hasattr(memo, "controllers"):
+        memo.controllers = {}
+    memo.controllers[meta["uid"]] = controller
+    try:
+        while not stopped:
+            started = time.monotonic()
+            try:
+                interval = controller.step(body)
+            except Exception:  # the next interval retries; a crash loop helps nobody
+                metrics.CONTROL_ERRORS.inc()
+                logger.exception("slow-timescale step failed")
+                interval = 10.0
+            metrics.CONTROL_STEPS.observe(time.monotonic() - started)
+            metrics.observe_cluster(meta["namespace"], meta["name"], dict(body.get("status") or {}))
+            stopped.wait(interval)
+    finally:
+        memo.controllers.pop(meta["uid"], None)
+        controller.close()
+
+
+@kopf.on.delete(**CLUSTERS)
+def delete_cluster(meta, memo: kopf.Memo, logger, **_) -> None:
+    count = reconcile.delete_children(memo.kube, meta["name"], meta["namespace"])
+    metrics.forget_cluster(meta["namespace"], meta["name"])
+    logger.info("deleted %d child objects of %s", count, meta["name"])
+
+
+@kopf.daemon(**ROUNDS, cancellation_timeout=30, backoff=5)
+def drive_round(stopped, body, memo: kopf.Memo, **_) -> None:
+    # No `when` filter on the status: kopf would cancel the daemon the moment it writes the final
+    # status, before it records the result on the cluster. A finished round returns at once.
+    if round_control.finished(body.get("status")):
+        return
+    result = round_control.drive(memo.kube, body, stop=lambda: bool(stopped), event=_events(body))
+    if result is not None and result.finished:
+        metrics.ROUNDS.labels(result.result.value).inc()
