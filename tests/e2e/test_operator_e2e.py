@@ -1,0 +1,218 @@
+"""The operator end to end: kubectl against the emulated cluster (or a real one, see harness.py),
+the real kopf operator, agents running as processes, rounds over gRPC.
+
+The scenarios share one cluster and run in file order (each one starts from where the previous
+left the cluster): apply the example -> Ready with an adapter; rounds publish; an SLO change
+reaches the agents without a restart; scale 2 -> 3; a killed agent comes back with the adapter;
+an operator restart mid-round finishes the round once; invalid resources get a clear condition;
+delete removes every child and the finalizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .harness import DevHarness, Harness, RealHarness
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "manifests" / "examples" / "collmcluster-cpu-tiny.yaml"
+NAME = "tiny"
+CHILDREN = ("statefulset", "deployment", "service", "configmap", "poddisruptionbudget", "serviceaccount")
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def h(tmp_path_factory, tiny_model_dir):
+    kubeconfig = os.environ.get("COLLM_E2E_KUBECONFIG")
+    if kubeconfig:
+        harness: Harness = RealHarness(kubeconfig)
+    else:
+        data = tmp_path_factory.mktemp("data")
+        import pydoc_data.topics
+
+        (data / "topics.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
+        harness = DevHarness(tmp_path_factory.mktemp("devcluster"), data)
+    try:
+        yield harness
+    finally:
+        harness.kubectl("delete", "collmcluster", "--all", "--wait=false", check=False)
+        harness.close()
+
+
+def cluster(h: Harness) -> dict:
+    """The CPU example, with the training data where the harness has it and short intervals."""
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["metadata"]["namespace"] = h.namespace
+    spec = obj["spec"]
+    spec["training"]["dataVolume"] = h.data_volume
+    spec["federation"].update(roundIntervalSeconds=8, localSteps=5, deadlineSeconds=8, roundHistoryLimit=2,
+                              evalGate={"toleranceMilliNats": 200})
+    spec["scheduling"]["slowIntervalSeconds"] = 2
+    return obj
+
+
+def condition(obj: dict | None, type_: str) -> dict:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return {}
+
+
+def current(h: Harness) -> dict:
+    return h.get("collmcluster", NAME)
+
+
+def all_serve_current(h: Harness, replicas: int) -> bool:
+    obj = current(h)
+    sha = ((obj.get("status") or {}).get("adapter") or {}).get("sha256")
+    if not sha or condition(obj, "Ready").get("status") != "True":
+        return False
+    return all(h.agent_stats(f"{NAME}-{i}")["adapter"]["sha256"] == sha for i in range(replicas))
+
+
+def succeeded_rounds(h: Harness) -> list[dict]:
+    return [r for r in h.get("adapterround", selector=f"collm.io/cluster={NAME}") if condition(r, "Succeeded").get("status") == "True"]
+
+
+def test_apply_the_example_reaches_ready_with_an_adapter(h):
+    h.apply(cluster(h))
+    h.kubectl("wait", "--for=condition=Ready", f"collmcluster/{NAME}", "--timeout=180s", timeout=200)
+    obj = current(h)
+    status = obj["status"]
+    assert status["observedGeneration"] == obj["metadata"]["generation"]
+    assert status["readyReplicas"] == 2 and len(status["adapter"]["sha256"]) == 64
+    assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded", "TrainingActive"}
+    for c in status["conditions"]:
+        assert c["observedGeneration"] == obj["metadata"]["generation"] and c["lastTransitionTime"] and c["reason"]
+    h.wait_for(lambda: all_serve_current(h, 2), 60, "both agents serving the cluster's adapter")
+    # kubectl shows the printer columns and the children carry the owner reference.
+    table = h.kubectl("get", "collmcluster", NAME, "-o", "wide").stdout
+    assert "READY" in table.splitlines()[0] and "ADAPTER" in table.splitlines()[0] and "True" in table
+    for kind in CHILDREN:
+        items = h.get(kind, selector=f"app.kubernetes.io/instance={NAME}")
+        assert items and all(i["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"] for i in items), kind
+    assert "collm.io/finalizer" in obj["metadata"]["finalizers"]
+    assert "Normal" in h.kubectl("describe", "collmcluster", NAME).stdout
+
+
+def test_rounds_publish_and_history_is_pruned(h):
+    rounds = h.wait_for(lambda: len(succeeded_rounds(h)) >= 2 and succeeded_rounds(h), 180, "two published rounds")
+    for r in rounds:
+        s = r["status"]
+        assert r["metadata"]["ownerReferences"][0]["name"] == NAME  # scheduled: owned by the cluster
+        for type_ in ("Trained", "Aggregated", "Evaluated", "Published", "Succeeded"):
+            assert condition(r, type_)["status"] == "True", (type_, s["conditions"])
+        assert s["version"] >= 1 and len(s["sha256"]) == 64 and s["bytesTransferred"] > 0
+        assert float(s["evalLossAfter"]) <= float(s["evalLossBefore"]) + 0.2
+        assert {p["outcome"] for p in s["participants"]} == {"Accepted"} and all(p["bytes"] > 0 for p in s["participants"])
+        assert float(s["timings"]["total"]) > 0
+    h.wait_for(lambda: all_serve_current(h, 2), 60, "agents serving the published adapter")
+    assert current(h)["status"]["adapter"]["version"] >= 2
+    # roundHistoryLimit 2: older finished scheduled rounds are deleted.
+    h.wait_for(lambda: current(h)["status"].get("roundsCreated", 0) >= 4, 120, "a fourth scheduled round")
+    h.wait_for(lambda: len([r for r in h.get("adapterround", selector=f"collm.io/cluster={NAME}")
+                            if condition(r, "Succeeded").get("status") in ("True", "False")]) <= 2, 30, "pruned history")
+
+
+def test_an_slo_change_reaches_the_agents_without_a_restart(h):
+    pods = {p["metadata"]["name"]: p["metadata"]["uid"] for p in h.get("pod", selector=f"app.kubernetes.io/instance={NAME},app.kubernetes.io/component=agent")}
+    h.kubectl("patch", "collmcluster", NAME, "--type", "merge", "-p", '{"spec": {"serving": {"ttftMilliseconds": 777, "tpotMilliseconds": 77}}}')
+    h.wait_for(lambda: all(h.agent_stats(p)["slo"] == {"ttft_ms": 777, "tpot_ms": 77} for p in pods), 30, "the new SLO on every agent")
+    after = {p["metadata"]["name"]: p["metadata"]["uid"] for p in h.get("pod", selector=f"app.kubernetes.io/instance={NAME},app.kubernetes.io/component=agent")}
+    assert after == pods  # the same pods: a plan carried it, nothing restarted
+    assert "ttft_ms: 777" in h.get("configmap", f"{NAME}-agent-settings")["data"]["agent.yaml"]  # new pods start with it
+
+
+def test_scale_to_three_and_the_new_replica_serves_the_current_adapter(h):
+    h.kubectl("patch", "collmcluster", NAME, "--type", "merge", "-p", '{"spec": {"replicas": 3}}')
+    h.wait_for(lambda: current(h)["status"].get("readyReplicas") == 3, 180, "three ready replicas")
+    h.wait_for(lambda: all_serve_current(h, 3), 90, "tiny-2 serving the cluster's adapter")
+    assert h.agent_stats(f"{NAME}-2")["adapter"]["round"] >= 1  # a round's adapter, not the initial one
+    assert f"{NAME}-2" in h.get("deployment", f"{NAME}-router")["spec"]["template"]["spec"]["containers"][0]["args"][-1]
+
+
+def test_a_killed_agent_comes_back_with_its_adapter(h):
+    victim = f"{NAME}-1"
+    restarts = sum(c["restartCount"] for c in h.get("pod", victim)["status"]["containerStatuses"])
+    h.kill_agent(victim)
+    h.wait_for(lambda: condition(current(h), "Ready").get("status") == "False" or
+               sum(c["restartCount"] for c in h.get("pod", victim)["status"]["containerStatuses"]) > restarts, 60, "the agent seen dead")
+    h.wait_for(lambda: all_serve_current(h, 3), 180, f"{victim} back with the cluster's adapter")
+    assert h.agent_stats(victim)["adapter"]["round"] >= 1
+    events = h.kubectl("get", "events", "--field-selector", f"involvedObject.name={NAME}", "-o", "yaml").stdout
+    assert "AdapterRestored" in events
+
+
+def test_an_operator_restart_during_a_round_finishes_it_once(h):
+    # No scheduled rounds from here on: one hand-made round, long enough to restart the operator in.
+    h.kubectl("patch", "collmcluster", NAME, "--type", "merge", "-p", '{"spec": {"federation": {"roundIntervalSeconds": 3600, "deadlineSeconds": 120}}}')
+    h.wait_for(lambda: not [r for r in h.get("adapterround", selector=f"collm.io/cluster={NAME}") if not condition(r, "Succeeded")
+                            or condition(r, "Succeeded")["status"] == "Unknown"], 120, "no round running")
+    participants = [f"{NAME}-0", f"{NAME}-1"]
+    steps_before = {p: h.agent_stats(p)["training_steps"] for p in participants}
+    version_before = current(h)["status"]["adapter"]["version"]
+    h.apply({"apiVersion": "collm.io/v1alpha1", "kind": "AdapterRound", "metadata": {"name": "restart-me", "namespace": h.namespace},
+             "spec": {"clusterRef": {"name": NAME}, "participants": participants, "localSteps": 60, "deadlineSeconds": 120, "minParticipants": 2}})
+    h.wait_for(lambda: (h.get("adapterround", "restart-me").get("status") or {}).get("state", {}).get("startedAt"), 60, "the round started")
+    h.stop_operator()
+    assert condition(h.get("adapterround", "restart-me"), "Succeeded").get("status") == "Unknown"  # stopped mid-round
+    time.sleep(2)
+    h.start_operator()
+    done = h.wait_for(lambda: condition(h.get("adapterround", "restart-me"), "Succeeded").get("status") in ("True", "False")
+                      and h.get("adapterround", "restart-me"), 180, "the round to finish")
+    assert condition(done, "Succeeded")["status"] == "True", done["status"]["conditions"]
+    # Once: each participant trained the round's steps one time, one version was published.
+    for p in participants:
+        assert h.agent_stats(p)["training_steps"] - steps_before[p] == 60
+    assert done["status"]["version"] == version_before + 1
+    h.wait_for(lambda: current(h)["status"]["adapter"]["round"] == "restart-me" and all_serve_current(h, 3), 60, "the round's adapter everywhere")
+    events = h.kubectl("get", "events", "--field-selector", "involvedObject.name=restart-me", "-o", "yaml").stdout
+    assert events.count("reason: RoundStarted") == 1 and events.count("reason: Published") == 1
+
+
+def test_invalid_resources_get_a_clear_condition(h):
+    bad = copy.deepcopy(cluster(h))
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["replicas"] = 1  # minParticipants 2 > replicas 1
+    proc = h.apply(bad, check=False)
+    if proc.returncode != 0:  # a real API server runs the CRD's CEL rule
+        assert "minParticipants must be <= spec.replicas" in proc.stderr
+    else:  # the emulator does not run CEL: the operator refuses it
+        obj = h.wait_for(lambda: condition(h.get("collmcluster", "bad"), "Ready").get("reason") == "InvalidSpec" and h.get("collmcluster", "bad"), 30, "InvalidSpec")
+        ready = condition(obj, "Ready")
+        assert ready["status"] == "False" and "minParticipants (2) must be <= spec.replicas (1)" in ready["message"]
+        assert h.get("statefulset", "bad") is None  # nothing is rolled out for an invalid spec
+        time.sleep(3)
+        assert condition(h.get("collmcluster", "bad"), "Ready")["lastTransitionTime"] == ready["lastTransitionTime"]  # no retry loop
+        h.kubectl("delete", "collmcluster", "bad", "--timeout=60s")
+    h.apply({"apiVersion": "collm.io/v1alpha1", "kind": "AdapterRound", "metadata": {"name": "orphan", "namespace": h.namespace},
+             "spec": {"clusterRef": {"name": "no-such-cluster"}}})
+    r = h.wait_for(lambda: condition(h.get("adapterround", "orphan"), "Succeeded").get("status") == "False" and h.get("adapterround", "orphan"), 30, "ClusterNotFound")
+    assert condition(r, "Succeeded")["reason"] == "ClusterNotFound" and "no-such-cluster" in condition(r, "Succeeded")["message"]
+    h.kubectl("delete", "adapterround", "orphan")
+
+
+def test_the_operator_serves_its_metrics(h):
+    if not getattr(h, "metrics_port", None):
+        pytest.skip("the operator's metrics port is not reachable from here")
+    with urllib.request.urlopen(f"http://127.0.0.1:{h.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert f'collm_operator_ready_replicas{{cluster="{NAME}",namespace="{h.namespace}"}} 3.0' in text
+    assert 'collm_operator_rounds_total{result="Succeeded"}' in text
+
+
+def test_delete_removes_every_child_and_the_finalizer(h):
+    h.kubectl("delete", "collmcluster", NAME, "--timeout=120s", timeout=150)
+    assert h.get("collmcluster", NAME) is None
+    h.wait_for(lambda: all(not h.get(kind, selector=f"app.kubernetes.io/instance={NAME}") for kind in CHILDREN + ("pod",)), 60, "children gone")
+    # Scheduled rounds were the cluster's; a hand-made round is the user's and stays (as a record).
+    assert [r["metadata"]["name"] for r in h.get("adapterround", selector=f"collm.io/cluster={NAME}")] == ["restart-me"]
+    h.kubectl("delete", "adapterround", "restart-me")
