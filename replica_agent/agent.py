@@ -15,7 +15,7 @@ from .config import AgentConfig
 from .engine.adapter_store import AdapterStore, AdapterVersion
 from .engine.budget import TrainingBudget
 from .engine.capacity import CapacityProfiler
-from .engine.data import LocalDataset
+from .engine.data import EmptyDataError, LocalDataset
 from .engine.engine import Engine, EngineSettings
 from .engine.llama import LlamaRuntime
 from .engine.lora import LoraSpec, init_adapter
@@ -45,9 +45,9 @@ class Agent:
         self.tokenizer = self.base.tokenizer
         self.spec = LoraSpec(rank=c.lora_rank, alpha=c.lora_alpha, target_modules=tuple(c.lora_targets))
         self.store = AdapterStore(retain=c.adapter_retain)
-        training = c.training_enabled
+        self.dataset, self.data_error = self._load_data(c)
+        self.training = training = c.training_enabled and self.dataset is not None
         self.mixer = BatchMixer(MixerSettings(ttft_ms=c.ttft_ms, tpot_ms=c.tpot_ms, cap_tokens_per_iteration=c.train_cap_tokens if training else 0))
-        self.dataset = LocalDataset.from_path(c.data, self.tokenizer, seq_len=c.seq_len, eval_fraction=c.eval_fraction, seed=c.seed) if c.data else None
         step_tokens = c.micro_batch * c.seq_len
         self.budget = TrainingBudget(max_balance=step_tokens) if training else None
         # Two busy threads on a small CPU: one intra-op thread each (measured best, see docs/benchmarks.md).
@@ -95,6 +95,19 @@ class Agent:
         self.requests_met_slo = 0
         self.engine.observers.append(self._observe)
 
+    def _load_data(self, c: AgentConfig) -> tuple[LocalDataset | None, str | None]:
+        """The local dataset. An existing but empty data folder (a fresh volume) is not fatal: the
+        replica serves without training and says why in its stats; a restart picks the data up."""
+        if not c.data:
+            return None, None
+        try:
+            return LocalDataset.from_path(c.data, self.tokenizer, seq_len=c.seq_len, eval_fraction=c.eval_fraction, seed=c.seed), None
+        except EmptyDataError as exc:
+            if not Path(c.data).is_dir():
+                raise
+            log.warning("%s: serving without training until the replica restarts with data", exc)
+            return None, str(exc)
+
     def _observe(self, kind: str, payload) -> None:
         """Feed the capacity profile from the engine (runs on the engine thread)."""
         if kind == "iteration":
@@ -114,7 +127,7 @@ class Agent:
         else:
             first = self.store.publish(init_adapter(self.spec, self.runtime.dims, seed=self.config.seed, dtype=self.runtime.dtype))
         self.engine.start()
-        if self.trainer is not None and self.config.training_enabled and not self.config.federated:
+        if self.trainer is not None and self.training and not self.config.federated:
             self.trainer.start()  # federated replicas train when a round begins
         log.info("agent %s serving %s with adapter version %d", self.config.replica_id, self.base.name, first.number)
         return first
@@ -127,7 +140,7 @@ class Agent:
     # -- control ------------------------------------------------------------------------------
     def apply_plan(self, plan: Plan) -> None:
         """Take a new training cap and SLO from the operator; the mixer clamps at once."""
-        cap = plan.train_cap_tokens if self.config.training_enabled else 0
+        cap = plan.train_cap_tokens if self.training else 0
         self.mixer.update_settings(MixerSettings(ttft_ms=plan.ttft_ms, tpot_ms=plan.tpot_ms, cap_tokens_per_iteration=cap, adaptive=plan.adaptive))
         self.profiler.tpot_ms = plan.tpot_ms
 
@@ -154,6 +167,7 @@ class Agent:
             "training_share": self.mixer.training_share,
             "train_cap_tokens": self.mixer.settings.cap_tokens_per_iteration,
             "trainer_error": trainer.error if trainer else None,
+            "data_error": self.data_error,
             "adapter": current.summary() if current else None,
             "live_versions": sorted(self.store.live_versions()),
             "pins": self.store.pins(),

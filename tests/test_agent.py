@@ -56,6 +56,18 @@ def test_plan_updates_the_mixer_cap_and_slo():
         agent.publish()
 
 
+def test_an_empty_data_folder_serves_without_training_and_says_why(tmp_path, tiny_base):
+    """A fresh data volume is empty: the replica serves, reports the reason, and trains nothing."""
+    agent = Agent(AgentConfig(model="tiny", data=str(tmp_path)), base=tiny_base)
+    assert agent.trainer is None and not agent.training
+    agent.apply_plan(Plan(train_cap_tokens=64, ttft_ms=200, tpot_ms=20))
+    assert agent.mixer.settings.cap_tokens_per_iteration == 0
+    stats = agent.stats()
+    assert "empty dataset" in stats["data_error"] and str(tmp_path) in stats["data_error"] and stats["eval_loss"] is None
+    with pytest.raises(Exception, match="does not exist"):  # a wrong path still fails loudly
+        Agent(AgentConfig(model="tiny", data=str(tmp_path / "missing")), base=tiny_base)
+
+
 def test_settings_precedence_flags_over_env_over_yaml(tmp_path):
     config_file = tmp_path / "agent.yaml"
     config_file.write_text("max_batch: 4\nttft_ms: 300\nlora_targets: [q_proj, k_proj]\nfeedback: false\n")

@@ -35,6 +35,10 @@ class DataError(ValueError):
     """The user's data (or its path) cannot be used; the message says what to fix."""
 
 
+class EmptyDataError(DataError):
+    """The data path exists but holds nothing to train on (yet)."""
+
+
 @dataclass(frozen=True)
 class Example:
     """One document (`text`) or one supervised pair (`prompt` + `completion`, loss on completion)."""
@@ -126,7 +130,7 @@ def read_examples(path: str | Path, include: Sequence[str] = DEFAULT_INCLUDE) ->
     else:
         raise DataError(f"data path {path} does not exist; point at a .jsonl file, a text file or a folder")
     if not examples:
-        raise DataError(f"empty dataset: {what}; add data or change the path/include globs")
+        raise EmptyDataError(f"empty dataset: {what}; add data or change the path/include globs")
     return examples
 
 

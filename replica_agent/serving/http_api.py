@@ -147,7 +147,7 @@ class HttpApi:
                 # CoLLM
                 "replica_id": agent.config.replica_id,
                 "adapter": current.summary() if current else None,
-                "training": agent.config.training_enabled,
+                "training": agent.training,
             }
         )
 
