@@ -25,6 +25,7 @@ import yaml
 from collm_operator import api
 from collm_operator.api import SpecError
 
+from .test_manifests import to_jsonschema
 from .cel_rules import ROOT, Rule, all_rules, apply_defaults, crd_schemas, evaluate, failures, program, validate
 
 EXAMPLES = [ROOT / "manifests" / "examples" / name for name in ("collmcluster-cpu-tiny.yaml", "collmcluster-gpu.yaml", "adapterround.yaml")]
@@ -49,21 +50,9 @@ def resource(kind: str, patch: dict) -> dict:
     }
 
 
-def structural(schema: Any) -> Any:
-    """openAPIV3Schema -> JSON schema (no x-kubernetes-* keys, unknown fields rejected), as in test_manifests.py."""
-    if isinstance(schema, list):
-        return [structural(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: structural(v) for k, v in schema.items() if not k.startswith("x-kubernetes-") and k != "default"}
-    if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in schema:
-        out["additionalProperties"] = False
-    return out
-
-
 def assert_structurally_valid(obj: dict) -> None:
     schema = crd_schemas()[obj["kind"]]
-    jsonschema.validate(apply_defaults(obj, schema), structural(schema))
+    jsonschema.validate(apply_defaults(obj, schema), to_jsonschema(schema))
 
 
 # --- the table: per rule, invalid cases and valid neighbours -------------------------------------
@@ -263,13 +252,19 @@ def operator_check(kind: str, new: dict, old: dict | None) -> None:
             api.check_round_update(old["spec"], new["spec"])
 
 
-@pytest.mark.parametrize("defaulted", [False, True], ids=["raw", "defaulted"])
-@pytest.mark.parametrize("case, patch", entries("invalid"))
-def test_operator_rejects_invalid_case(case, patch, defaulted):
+def as_submitted(case: Case, patch, defaulted: bool) -> tuple[dict, dict | None]:
+    """The case's objects, raw or defaulted as the API server would store them."""
     new, old = objects(case, patch)
     if defaulted:
         schema = crd_schemas()[case.kind]
         new, old = apply_defaults(new, schema), apply_defaults(old, schema) if old is not None else None
+    return new, old
+
+
+@pytest.mark.parametrize("defaulted", [False, True], ids=["raw", "defaulted"])
+@pytest.mark.parametrize("case, patch", entries("invalid"))
+def test_operator_rejects_invalid_case(case, patch, defaulted):
+    new, old = as_submitted(case, patch, defaulted)
     with pytest.raises(SpecError) as info:
         operator_check(case.kind, new, old)
     assert info.value.field == case.field, info.value.message
@@ -278,10 +273,7 @@ def test_operator_rejects_invalid_case(case, patch, defaulted):
 @pytest.mark.parametrize("defaulted", [False, True], ids=["raw", "defaulted"])
 @pytest.mark.parametrize("case, patch", entries("valid"))
 def test_operator_accepts_valid_neighbour(case, patch, defaulted):
-    new, old = objects(case, patch)
-    if defaulted:
-        schema = crd_schemas()[case.kind]
-        new, old = apply_defaults(new, schema), apply_defaults(old, schema) if old is not None else None
+    new, old = as_submitted(case, patch, defaulted)
     operator_check(case.kind, new, old)
 
 
