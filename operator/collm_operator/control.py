@@ -254,8 +254,13 @@ class ClusterController:
         if len(participants) < f.min_participants:
             return None
         aggregator = a.aggregator if a.aggregator in participants else participants[0]
-        if f.secure_aggregation:
-            aggregator = None  # the round picks a replica outside the participants
+        if f.secure_aggregation:  # the aggregator must not hold the round secret: it does not train
+            outside = [n for n in sorted(reachable) if n not in participants]
+            if not outside and len(participants) > f.min_participants:
+                outside = [participants.pop()]
+            if not outside:
+                return None  # TrainingActive and the allocation say why; a round could only fail
+            aggregator = outside[0]
         number = int(status.get("roundsCreated") or 0) + 1
         obj = objects.build_round(cluster, number, participants, aggregator)
         created = self.kube.create(obj)

@@ -95,10 +95,12 @@ class Planner:
             if st is None:
                 states.append(ReplicaState(name, False, profile))
                 continue
-            has_data = st.get("eval_loss") is not None  # only an agent with data has a held-out split
-            # Agents do not report a loss slope yet: every replica with data is worth the same per
-            # token, so participants are chosen by name order and the caps by capacity alone.
-            states.append(ReplicaState(name, not st.get("trainer_error"), profile, 1e-6 if has_data else 0.0, 1 if has_data else 0))
+            # Only an agent with data has a held-out split; one whose trainer failed still serves
+            # (trainer.py) but has nothing to train with. Agents do not report a loss slope yet:
+            # every replica with data is worth the same per token, so participants are chosen by
+            # name order and the caps by capacity alone.
+            trains = st.get("eval_loss") is not None and not st.get("trainer_error")
+            states.append(ReplicaState(name, True, profile, 1e-6 if trains else 0.0, 1 if trains else 0))
         return states
 
     def forget(self, replica: str) -> None:

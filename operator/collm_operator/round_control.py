@@ -57,22 +57,26 @@ def choose_roles(cluster: api.Cluster, spec: api.RoundSpec, serving: list[str], 
     that is not a participant (it must not hold the round secret).
     """
     secure = cluster.spec.federation.secure_aggregation
+    aggregator = spec.aggregator
+    if aggregator is not None and aggregator not in serving:
+        raise ValueError(f"spec.aggregator {aggregator!r} does not serve now (serving: {serving or 'none'})")
     if spec.participants is not None:
         absent = [p for p in spec.participants if p not in serving]
         if absent:
             raise ValueError(f"spec.participants {absent} do not serve now (serving: {serving or 'none'}): list serving replicas of {cluster.name}")
         participants = list(spec.participants)
     else:
-        participants = [p for p in serving if p in with_data]
-    aggregator = spec.aggregator
-    if aggregator is not None and aggregator not in serving:
-        raise ValueError(f"spec.aggregator {aggregator!r} does not serve now (serving: {serving or 'none'})")
+        # With secure aggregation a named aggregator holds no round secret: it does not train.
+        participants = [p for p in serving if p in with_data and not (secure and p == aggregator)]
     if aggregator is None:
         if secure:
             others = [r for r in serving if r not in participants]
             if not others and spec.participants is None and len(participants) > 1:
                 others = [participants.pop()]  # the last one aggregates instead of training
             aggregator = others[0] if others else None
+            if aggregator is None and participants:
+                raise ValueError(f"secure aggregation needs an aggregator that is not a participant, and every serving replica "
+                                 f"({', '.join(serving)}) is one: list fewer spec.participants or add replicas")
         else:
             aggregator = participants[0] if participants else None
     if secure and aggregator in participants:
@@ -102,10 +106,11 @@ def _num(value: float | None, digits: int = 4) -> str | None:
 def round_status(state: R.RoundState, *, generation: int, version: int, now: datetime) -> dict[str, Any]:
     """The AdapterRound status for a state (pure): conditions, participants, result and figures."""
     conditions: list[dict[str, Any]] = []
+    since = _iso(state.started_at, now)  # a stage still Unknown has been so since the round started
     for condition in R.Condition:
         c = state.conditions[condition]
         reason = c.reason if c.reason else "Pending"
-        conditions = set_condition(conditions, condition.value, c.status, reason, c.message, generation, _iso(c.at, now))
+        conditions = set_condition(conditions, condition.value, c.status, reason, c.message, generation, _iso(c.at, since))
     participants = []
     for name, p in state.participants.items():
         entry: dict[str, Any] = {"name": name, "outcome": p.outcome.value, "reason": p.reason, "bytes": p.bytes}
