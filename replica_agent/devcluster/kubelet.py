@@ -12,8 +12,10 @@ Runs on the emulator's asyncio loop and works on its store directly:
 - Pod status: phase Running, podIP, containerStatuses, conditions Ready=True once the readiness probe
   (httpGet or tcpSocket; none = ready when running) succeeds; a dead process is restarted with
   restartCount+1 (restartPolicy Always, with a small backoff); deleted pods have their processes killed.
+- Cluster DNS for Python processes: Service and pod names -> pod addresses in a JSON file, resolved by
+  the sitecustomize hook of ``dns_hook.py`` on the PYTHONPATH of pods and of the operator.
 Not emulated: rolling updates of a changed pod template (delete the pods to recreate them), image
-pulls, resource limits, DNS for Services.
+pulls, resource limits, DNS for processes that are not Python.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ POD_RT = ("", "v1", "pods")
 STS_RT = ("apps", "v1", "statefulsets")
 DEPLOY_RT = ("apps", "v1", "deployments")
 NO_HOST_FLAG_ANNOTATION = "devcluster.collm.io/no-host-flag"
+
+# The cluster DNS hook (dns_hook.py), written as <workdir>/dns_hook/sitecustomize.py and put on the
+# PYTHONPATH of pods and of the operator. Read as text, never imported: importing it would patch
+# socket.getaddrinfo in this process.
+DNS_HOOK_SOURCE = Path(__file__).with_name("dns_hook.py").read_text(encoding="utf-8")
 
 
 class _Container:
@@ -571,106 +578,3 @@ def _terminate(proc: subprocess.Popen | None, grace_s: float = 3.0) -> None:
         except (ProcessLookupError, PermissionError):
             proc.kill()
         proc.wait(2)
-
-
-# Written as <workdir>/dns_hook/sitecustomize.py and put on the PYTHONPATH of pods and of the operator.
-DNS_HOOK_SOURCE = r'''"""Cluster DNS for the dev cluster's pods (and its operator), loaded through PYTHONPATH.
-
-The kubelet stand-in keeps a JSON map (file named by COLLM_DEVCLUSTER_DNS) of Service and pod DNS
-names (``<svc>.<ns>.svc``, ``<pod>.<subdomain>.<ns>.svc``, with or without ``.cluster.local``) to
-loopback pod addresses and Service port -> target port. ``socket.getaddrinfo`` (used by asyncio,
-aiohttp, requests, http.client) and gRPC channel targets are resolved through it; other names
-resolve as usual.
-"""
-
-import importlib.abc
-import importlib.machinery
-import json
-import os
-import socket
-import sys
-
-_PATH = os.environ.get("COLLM_DEVCLUSTER_DNS", "")
-_cache = {"mtime": None, "map": {}}
-
-
-def _lookup(host):
-    if not _PATH or not isinstance(host, str) or "." not in host:
-        return None
-    try:
-        mtime = os.stat(_PATH).st_mtime_ns
-        if mtime != _cache["mtime"]:
-            with open(_PATH) as f:
-                _cache["map"], _cache["mtime"] = json.load(f), mtime
-    except (OSError, ValueError):
-        return None
-    return _cache["map"].get(host.rstrip(".").lower())
-
-
-_real_getaddrinfo = socket.getaddrinfo
-
-
-def _getaddrinfo(host, port, *args, **kwargs):
-    entry = _lookup(host.decode() if isinstance(host, bytes) else host)
-    if entry is not None:
-        if port is not None:
-            port = entry.get("ports", {}).get(str(port), port)
-        return _real_getaddrinfo(entry["ip"], port, *args, **kwargs)
-    return _real_getaddrinfo(host, port, *args, **kwargs)
-
-
-socket.getaddrinfo = _getaddrinfo
-
-
-def _rewrite_target(target):
-    if not isinstance(target, str):
-        return target
-    prefix = ""
-    rest = target
-    if rest.startswith("dns:///"):
-        prefix, rest = "dns:///", rest[len("dns:///"):]
-    host, sep, port = rest.rpartition(":")
-    if not sep:
-        host, port = rest, ""
-    entry = _lookup(host)
-    if entry is None:
-        return target
-    if port:
-        port = str(entry.get("ports", {}).get(port, port))
-    return prefix + entry["ip"] + (":" + port if port else "")
-
-
-def _wrap(fn):
-    def wrapper(target, *args, **kwargs):
-        return fn(_rewrite_target(target), *args, **kwargs)
-    wrapper.__wrapped__ = fn
-    return wrapper
-
-
-def _patch_grpc(module):
-    for name in ("insecure_channel", "secure_channel"):
-        if hasattr(module, name):
-            setattr(module, name, _wrap(getattr(module, name)))
-
-
-class _GrpcFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in ("grpc", "grpc.aio"):
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        loader = spec.loader
-        exec_module = loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            _patch_grpc(module)
-
-        loader.exec_module = exec_and_patch
-        return spec
-
-
-if _PATH:
-    sys.meta_path.insert(0, _GrpcFinder())
-'''
