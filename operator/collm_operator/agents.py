@@ -17,12 +17,13 @@ from replica_agent.federated.client import AgentClient
 log = logging.getLogger(__name__)
 
 
-def grpc_addresses(cluster: api.Cluster, pods: Mapping[str, Pod], names: Iterable[str]) -> dict[str, str]:
-    """host:port of each named replica's gRPC server."""
+def grpc_addresses(cluster: api.Cluster, pods: Mapping[str, Pod], names: Iterable[str], *, stable: bool = False) -> dict[str, str]:
+    """host:port of each named replica's gRPC server: the pod IP, or with `stable` (a round, which
+    outlives pods) the pod's name in the headless Service, which follows a replaced pod."""
     out = {}
     for name in names:
         pod = pods.get(name)
-        if pod is not None and pod.ip:
+        if pod is not None and pod.ip and not stable:
             out[name] = f"{pod.ip}:{api.GRPC_PORT}"
         else:
             out[name] = f"{name}.{objects.headless_service_name(cluster)}.{cluster.namespace}.svc:{api.GRPC_PORT}"

@@ -57,6 +57,7 @@ class Reason:
     ROLLING_OUT = "RollingOut"
     PUBLISHING_ADAPTER = "PublishingAdapter"
     ROUTER_UNAVAILABLE = "RouterUnavailable"
+    ADAPTER_LOST = "AdapterLost"
     REPLICAS_UNAVAILABLE = "ReplicasUnavailable"
     SLO_MISSED = "SloMissed"
     AS_EXPECTED = "AsExpected"

@@ -132,9 +132,14 @@ class ClusterController:
             self._push_weights(cluster, decision)
 
         adapter = current_adapter(status, rounds, stats)
-        behind = laggards(adapter, stats)
+        holders = [n for n, st in stats.items() if st and (st.get("adapter") or {}).get("sha256") == (adapter.sha256 if adapter else None)]
+        lost = adapter is not None and adapter.version > 0 and bool(reachable) and not holders
+        # While a round publishes, the agents switch to its version one by one: a re-publish of the
+        # previous version racing that would roll one back, so it waits for the round to end.
+        publishing = any(_stage(r) == "Published" for r in running)
+        behind = [] if lost or publishing else laggards(adapter, stats)
         if behind:
-            self._republish(adapter, behind, addresses, stats)
+            self._republish(adapter, behind, holders, addresses)
 
         patch: dict[str, Any] = {}
         created = self._schedule_round(cluster, body, status, running, decision, reachable, now)
@@ -145,6 +150,8 @@ class ClusterController:
         slo_attainment = met_n / finished_n if finished_n else None
         health = Health(
             reachable=frozenset(reachable), laggards=tuple(behind), slo_attainment=slo_attainment, slo_requests=finished_n,
+            adapter_lost=f"no serving replica holds adapter version {adapter.version} ({adapter.sha256[:12]}) any more; "
+                         "the next round publishes a new one" if lost else "",
             training=tuple(sorted(n for n in reachable if decision and decision.cap(n) > 0 and reachable[n].get("eval_loss") is not None)),
             with_data=sum(1 for st in reachable.values() if st.get("eval_loss") is not None),
         )
@@ -160,10 +167,15 @@ class ClusterController:
             patch["adapter"] = adapter.as_status()
         if decision is not None:
             a = decision.allocation
-            patch["allocation"] = {n: {"trainCapTokens": decision.cap(n), "weight": f"{a.weights.get(n, 0.0):.3f}"} for n in reachable}
+            allocation = {n: {"trainCapTokens": decision.cap(n), "weight": f"{a.weights.get(n, 0.0):.3f}"} for n in reachable}
+            gone = {n: None for n in status.get("allocation") or {} if n not in allocation}  # scaled away or unreachable
+            patch["allocation"] = {**allocation, **gone} if status.get("allocation") != allocation else allocation
         self._announce(status, patch)
-        if any(status.get(k) != v for k, v in patch.items()):
-            self.kube.patch_status(api.API_VERSION, api.CLUSTER_KIND, cluster.namespace, cluster.name, patch)
+        # Only what changed: a key written meanwhile by a round (status.adapter) is not overwritten
+        # with the value this step read before it.
+        changed = {k: v for k, v in patch.items() if status.get(k) != v}
+        if changed:
+            self.kube.patch_status(api.API_VERSION, api.CLUSTER_KIND, cluster.namespace, cluster.name, changed)
         return float(cluster.spec.scheduling.slow_interval_seconds)
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -226,11 +238,7 @@ class ClusterController:
             except (urllib.error.URLError, OSError) as exc:
                 log.info("routing weights not pushed to %s: %s", pod["metadata"]["name"], exc)
 
-    def _republish(self, adapter: Adapter, behind: list[str], addresses: Mapping[str, str], stats: Mapping[str, dict | None]) -> None:
-        sources = [n for n, st in stats.items() if st and (st.get("adapter") or {}).get("sha256") == adapter.sha256]
-        if not sources:
-            log.warning("no agent holds adapter %s any more: cannot re-publish it to %s", adapter.sha256[:12], behind)
-            return
+    def _republish(self, adapter: Adapter, behind: list[str], sources: list[str], addresses: Mapping[str, str]) -> None:
         loss = float(adapter.eval_loss) if adapter.eval_loss else None
         for name in behind:
             request = pb.PublishRequest(round_id=f"republish-{adapter.sha256[:12]}", sha256=adapter.sha256, source=addresses[sources[0]],
@@ -284,6 +292,16 @@ class ClusterController:
         if new and (old.get("status"), old.get("reason")) != (new.get("status"), new.get("reason")):
             kind = "Normal" if new["status"] == TRUE else "Warning"
             self.event(kind, new.get("reason") or "Ready", new.get("message") or f"Ready is {new['status']}")
+
+
+def _stage(round_obj: Mapping[str, Any]) -> str | None:
+    """The stage a running round works on (the first of its stage conditions not True)."""
+    conditions = (round_obj.get("status") or {}).get("conditions")
+    for type_ in ("Trained", "Aggregated", "Evaluated", "Published"):
+        c = get_condition(conditions, type_)
+        if c is None or c.get("status") != TRUE:
+            return type_ if c is not None else None
+    return None
 
 
 def _parse_time(text: str) -> float:

@@ -1,14 +1,20 @@
 """The operator's few Kubernetes calls, on the official client's DynamicClient (any kind by apiVersion + kind).
 
 kopf watches and posts Events; this module writes what kopf does not: child objects, status
-patches from daemon threads, AdapterRounds created on schedule, pod listings. Apply is
-create-or-merge-patch: the builders return the whole desired object, so a merge patch puts every
-field the operator owns back (lists are replaced whole) and leaves the rest (status, fields set
-by other controllers) alone.
+patches from daemon threads, AdapterRounds created on schedule, pod listings. Every call has a
+timeout, so a half-open connection cannot hang a daemon thread.
+
+Apply is kubectl's client-side three-way merge: the desired object, plus a null for every field
+the previous apply set and the desired one no longer has (so removing `nodeSelector` from a
+CollmCluster removes it from the StatefulSet), sent as a JSON merge patch; the object applied last
+is kept in the annotation `collm.io/last-applied`. Fields set by others (status, defaults, another
+controller) are left alone. A patch that would change nothing is not sent.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from typing import Any
 
@@ -18,8 +24,35 @@ from kubernetes.dynamic.exceptions import ApiException, ConflictError, NotFoundE
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+LAST_APPLIED = "collm.io/last-applied"
+TIMEOUT = (10, 60)  # connect, read (seconds)
 
-__all__ = ["Kube", "ApiException", "NotFoundError", "ResourceNotFoundError"]
+__all__ = ["Kube", "ApiException", "NotFoundError", "ResourceNotFoundError", "three_way_patch", "merge_patch"]
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 applied to a copy of `target`."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def three_way_patch(last: Any, desired: Any) -> Any:
+    """`desired`, with None for every key of `last` that `desired` dropped (recursively in objects;
+    lists are replaced whole, as merge patches do)."""
+    if not isinstance(desired, dict) or not isinstance(last, dict):
+        return copy.deepcopy(desired)
+    out = {key: three_way_patch(last.get(key), value) for key, value in desired.items()}
+    for key in last:
+        if key not in desired:
+            out[key] = None
+    return out
 
 
 class Kube:
@@ -41,34 +74,47 @@ class Kube:
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+            return self.resource(api_version, kind).get(name=name, namespace=namespace, _request_timeout=TIMEOUT).to_dict()
         except NotFoundError:
             return None
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str | None = None) -> list[dict[str, Any]]:
-        found = self.resource(api_version, kind).get(namespace=namespace, label_selector=label_selector)
+        found = self.resource(api_version, kind).get(namespace=namespace, label_selector=label_selector, _request_timeout=TIMEOUT)
         return [item.to_dict() for item in found.items]
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Create the object, or merge-patch it to the desired state when it exists."""
+    def apply(self, obj: dict[str, Any]) -> bool:
+        """Bring the object to the desired state (create, or three-way merge patch); True when it changed."""
         meta = obj["metadata"]
         res = self.resource(obj["apiVersion"], obj["kind"])
-        try:
-            return res.create(body=obj, namespace=meta.get("namespace")).to_dict()
-        except ConflictError:
-            return res.patch(body=obj, name=meta["name"], namespace=meta.get("namespace"), content_type=MERGE_PATCH).to_dict()
+        desired = copy.deepcopy(obj)
+        desired["metadata"].setdefault("annotations", {})[LAST_APPLIED] = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+        existing = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        if existing is None:
+            try:
+                res.create(body=desired, namespace=meta.get("namespace"), _request_timeout=TIMEOUT)
+                return True
+            except ConflictError:  # created meanwhile: patch it below
+                existing = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]) or {}
+        last_text = ((existing.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
+        last = json.loads(last_text) if last_text else {}
+        patch = three_way_patch(last, obj)
+        patch["metadata"].setdefault("annotations", {})[LAST_APPLIED] = desired["metadata"]["annotations"][LAST_APPLIED]
+        if merge_patch(existing, patch) == existing:
+            return False
+        res.patch(body=patch, name=meta["name"], namespace=meta.get("namespace"), content_type=MERGE_PATCH, _request_timeout=TIMEOUT)
+        return True
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """Create the object; None when one of that name exists already (creating is then idempotent)."""
         try:
-            return self.resource(obj["apiVersion"], obj["kind"]).create(body=obj, namespace=obj["metadata"].get("namespace")).to_dict()
+            return self.resource(obj["apiVersion"], obj["kind"]).create(body=obj, namespace=obj["metadata"].get("namespace"), _request_timeout=TIMEOUT).to_dict()
         except ConflictError:
             return None
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """Delete (background propagation); False when it was gone already or the kind is not served."""
         try:
-            self.resource(api_version, kind).delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"})
+            self.resource(api_version, kind).delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"}, _request_timeout=TIMEOUT)
             return True
         except (NotFoundError, ResourceNotFoundError):
             return False
@@ -76,7 +122,7 @@ class Kube:
     def patch(self, api_version: str, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Merge-patch the object (metadata, spec); None when it is gone."""
         try:
-            return self.resource(api_version, kind).patch(body=body, name=name, namespace=namespace, content_type=MERGE_PATCH).to_dict()
+            return self.resource(api_version, kind).patch(body=body, name=name, namespace=namespace, content_type=MERGE_PATCH, _request_timeout=TIMEOUT).to_dict()
         except NotFoundError:
             return None
 
@@ -84,6 +130,6 @@ class Kube:
         """Merge-patch the status subresource; None when the object is gone."""
         res = self.resource(api_version, kind)
         try:
-            return res.status.patch(body={"status": status}, name=name, namespace=namespace, content_type=MERGE_PATCH).to_dict()
+            return res.status.patch(body={"status": status}, name=name, namespace=namespace, content_type=MERGE_PATCH, _request_timeout=TIMEOUT).to_dict()
         except NotFoundError:
             return None

@@ -51,12 +51,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Every cluster and every running round holds a thread (sync daemons): the default pool is cores + 4.
     settings.execution.max_workers = int(os.environ.get("COLLM_OPERATOR_WORKERS", "64"))
     memo.kube = Kube.from_environment()
+    memo.controllers = {}  # shared by every object's shallow copy of this memo (the probe reads it)
     metrics.serve(int(os.environ.get("COLLM_OPERATOR_METRICS_PORT", "9108")))
 
 
 @kopf.on.probe(id="clusters")
 def clusters_controlled(memo: kopf.Memo, **_) -> int:
-    return len(getattr(memo, "controllers", {}) or {})
+    return len(memo.controllers)
 
 
 @kopf.on.resume(**CLUSTERS)
@@ -75,8 +76,6 @@ def reconcile_cluster(body, old, patch, memo: kopf.Memo, **_) -> None:
 @kopf.daemon(**CLUSTERS, cancellation_timeout=30, initial_delay=1)
 def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **_) -> None:
     controller = ClusterController(memo.kube, event=_events(body))
-    if not hasattr(memo, "controllers"):
-        memo.controllers = {}
     memo.controllers[meta["uid"]] = controller
     try:
         while not stopped:
@@ -108,6 +107,5 @@ def drive_round(stopped, body, memo: kopf.Memo, **_) -> None:
     # status, before it records the result on the cluster. A finished round returns at once.
     if round_control.finished(body.get("status")):
         return
-    result = round_control.drive(memo.kube, body, stop=lambda: bool(stopped), event=_events(body))
-    if result is not None and result.finished:
-        metrics.ROUNDS.labels(result.result.value).inc()
+    round_control.drive(memo.kube, body, stop=lambda: bool(stopped), event=_events(body),
+                        ended=lambda result: metrics.ROUNDS.labels(result).inc())

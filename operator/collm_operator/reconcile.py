@@ -9,6 +9,7 @@ summary). The kopf handlers (main.py) and the control loop (control.py) call the
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 
 from collm_operator import api, objects
 from collm_operator.conditions import FALSE, TRUE, Reason, invalid_spec, set_condition, summarize_ready
-from collm_operator.kube import Kube, ResourceNotFoundError
+from collm_operator.kube import ApiException, Kube, ResourceNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +39,39 @@ CHILD_KINDS = (
 @dataclass(frozen=True)
 class Applied:
     kinds: tuple[str, ...]
+    changed: bool  # some child was created or patched
     warnings: tuple[str, ...] = ()  # objects the cluster cannot take (e.g. ServiceMonitor without its CRD)
 
 
+class ChildRejected(Exception):
+    """The API server refused a child built from the spec (e.g. a resource quantity it cannot parse)."""
+
+
 def apply_children(kube: Kube, cluster: api.Cluster) -> Applied:
-    kinds, warnings = [], []
+    kinds, warnings, changed = [], [], False
     for obj in objects.build_all(cluster):
         try:
-            kube.apply(obj)
+            changed |= kube.apply(obj)
         except ResourceNotFoundError:
             warnings.append(f"{obj['kind']} {obj['metadata']['name']} not created: the API server does not serve "
                             f"{obj['apiVersion']} (install the Prometheus Operator CRDs or set spec.monitoring.serviceMonitor: false)")
             continue
+        except ApiException as exc:
+            if exc.status in (400, 422):
+                raise ChildRejected(f"the API server refused {obj['kind']} {obj['metadata']['name']} built from this spec: "
+                                    f"{_api_message(exc)}; fix the spec fields it names") from exc
+            raise
         kinds.append(obj["kind"])
     if objects.build_service_monitor(cluster) is None:
-        kube.delete("monitoring.coreos.com/v1", "ServiceMonitor", cluster.namespace, cluster.name)
-    return Applied(tuple(kinds), tuple(warnings))
+        changed |= kube.delete("monitoring.coreos.com/v1", "ServiceMonitor", cluster.namespace, cluster.name)
+    return Applied(tuple(kinds), changed, tuple(warnings))
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body).get("message") or str(exc.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason)
 
 
 def delete_children(kube: Kube, name: str, namespace: str) -> int:
@@ -127,6 +145,7 @@ class Health:
     slo_requests: int = 0
     training: tuple[str, ...] = ()  # replicas with a training cap > 0 and data
     with_data: int = 0
+    adapter_lost: str = ""  # why the cluster's adapter cannot be restored ("" when it can)
 
 
 @dataclass
@@ -154,6 +173,8 @@ def cluster_conditions(previous: Sequence[dict[str, Any]] | None, cluster: api.C
     if ready < desired and not progressing:
         missing = sorted(set(objects.replica_names(cluster)) - set(serving))
         c = set_condition(c, "Degraded", TRUE, Reason.REPLICAS_UNAVAILABLE, f"{ready} of {desired} replicas serve; not serving: {', '.join(missing)}", gen, now)
+    elif h.adapter_lost:
+        c = set_condition(c, "Degraded", TRUE, Reason.ADAPTER_LOST, h.adapter_lost, gen, now)
     elif not w.router_available and not progressing:
         c = set_condition(c, "Degraded", TRUE, Reason.ROUTER_UNAVAILABLE, f"the router Deployment {objects.router_name(cluster)} has no available pod", gen, now)
     elif h.slo_attainment is not None and h.slo_requests >= SLO_MIN_REQUESTS and h.slo_attainment < SLO_DEGRADED_BELOW:
@@ -198,9 +219,15 @@ def reconcile_cluster(kube: Kube, body: dict[str, Any], old_spec: dict[str, Any]
     except api.SpecError as exc:
         c = invalid_spec(conditions, api.CLUSTER_KIND, exc.message, generation, now)
         return Reconciled({"observedGeneration": generation, "conditions": c}, [("Warning", Reason.INVALID_SPEC, exc.message)], True)
-    applied = apply_children(kube, cluster)
+    try:
+        applied = apply_children(kube, cluster)
+    except ChildRejected as exc:
+        c = invalid_spec(conditions, api.CLUSTER_KIND, str(exc), generation, now)
+        return Reconciled({"observedGeneration": generation, "conditions": c}, [("Warning", Reason.INVALID_SPEC, str(exc))], True)
+    events = [("Warning", "ChildNotCreated", w) for w in applied.warnings]
+    if not applied.changed:  # an operator restart or a label edit: nothing to roll out, no condition flips
+        return Reconciled({}, events)
     c = set_condition(conditions, "Progressing", TRUE, Reason.ROLLING_OUT, f"applied {len(applied.kinds)} objects for generation {generation}", generation, now)
     c = summarize_ready(c, api.CLUSTER_KIND, generation, now)
-    events = [("Normal", "Applied", f"{len(applied.kinds)} child objects: {', '.join(sorted(set(applied.kinds)))}")]
-    events += [("Warning", "ChildNotCreated", w) for w in applied.warnings]
+    events.insert(0, ("Normal", "Applied", f"{len(applied.kinds)} child objects: {', '.join(sorted(set(applied.kinds)))}"))
     return Reconciled({"observedGeneration": generation, "conditions": c}, events)

@@ -153,9 +153,32 @@ def failed_status(previous: Mapping[str, Any] | None, generation: int, reason: s
 # --- the daemon -----------------------------------------------------------------------------------
 
 
+def _ahead(me: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether `other`, a round of the same cluster, goes before `me`: it runs already (it has a
+    saved state) or it was created earlier. One round of a cluster runs at a time."""
+    status = other.get("status") or {}
+    if finished(status) or other["metadata"]["name"] == me["metadata"]["name"]:
+        return False
+    if status.get("state"):
+        return True
+    key = lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"])  # noqa: E731
+    return key(other) < key(me)
+
+
+def next_version(cluster_status: Mapping[str, Any], rounds: list[Mapping[str, Any]], stats: Mapping[str, dict | None]) -> int:
+    """1 + the highest version anyone knows: the cluster's adapter, any round of it (a running or
+    failed one claimed its number), any adapter an agent serves. Versions only grow."""
+    known = [int(((cluster_status.get("adapter") or {}).get("version")) or 0)]
+    known += [int((r.get("status") or {}).get("version") or 0) for r in rounds]
+    known += [int(((st or {}).get("adapter") or {}).get("round") or 0) for st in stats.values()]
+    return max(known) + 1
+
+
 def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], event: Event, pool: AgentPool | None = None,
-          clock: Callable[[], float] = time.time) -> R.RoundState | None:
-    """Run (or resume) one AdapterRound until it ends or `stop()`; None when it could not start."""
+          clock: Callable[[], float] = time.time, ended: Callable[[str], None] = lambda result: None,
+          wait_s: float = 2.0) -> R.RoundState | None:
+    """Run (or resume) one AdapterRound until it ends or `stop()`; None when it could not start.
+    `ended(result)` is told how every round that ends here ends (Succeeded, Failed, Rejected)."""
     meta, status = body["metadata"], dict(body.get("status") or {})
     name, ns, gen = meta["name"], meta.get("namespace", "default"), int(meta.get("generation") or 1)
     now = lambda: datetime.now(timezone.utc)  # noqa: E731
@@ -163,6 +186,7 @@ def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], even
     def fail(reason: str, message: str) -> None:
         kube.patch_status(api.API_VERSION, api.ROUND_KIND, ns, name, failed_status(status, gen, reason, message, now()))
         event("Warning", reason, message)
+        ended(R.Result.FAILED.value)
 
     try:
         rnd = api.parse_round(body)
@@ -182,8 +206,22 @@ def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], even
         return fail(Reason.TRAINING_DISABLED, f"CollmCluster {cluster.name} does not train (federation disabled or policy inferenceOnly)")
 
     pool = pool or AgentPool()
-    workloads = observe_workloads(kube, cluster)
     saved = status.get("state")
+    while not saved:
+        rounds = kube.list(api.API_VERSION, api.ROUND_KIND, ns, f"{objects.CLUSTER_LABEL}={cluster.name}")
+        before = sorted(r["metadata"]["name"] for r in rounds if _ahead(body, r))
+        if not before:
+            break
+        message = f"waiting for round {', '.join(before)} of {cluster.name} to finish (one round at a time)"
+        if (get_condition(status.get("conditions"), "Trained") or {}).get("message") != message:
+            status["conditions"] = set_condition(status.get("conditions"), "Trained", "Unknown", "Waiting", message, gen, now())
+            kube.patch_status(api.API_VERSION, api.ROUND_KIND, ns, name, {"observedGeneration": gen, "conditions": status["conditions"]})
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if stop():
+                return None
+            time.sleep(0.1)
+    workloads = observe_workloads(kube, cluster)
     if saved:
         state = R.RoundState.from_dict(saved)
         version = int(status.get("version") or 0)
@@ -205,7 +243,7 @@ def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], even
         except ValueError as exc:
             return fail(Reason.TOO_FEW_PARTICIPANTS, str(exc))
         state = R.start(spec)
-        version = int(((cluster_obj.get("status") or {}).get("adapter") or {}).get("version") or 0) + 1
+        version = next_version(cluster_obj.get("status") or {}, rounds, stats)
         event("Normal", "RoundStarted", f"participants {', '.join(spec.participants)}, aggregator {spec.aggregator}, {spec.local_steps} local steps")
 
     written: list[dict] = []
@@ -219,13 +257,14 @@ def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], even
         del written[:-1]
 
     persist(state.to_dict())
-    addresses = grpc_addresses(cluster, workloads.pods, state.spec.replicas)
+    addresses = grpc_addresses(cluster, workloads.pods, state.spec.replicas, stable=True)
     driver = RoundDriver(state.spec, addresses, strategy=strategy(cluster), round_number=version, state=state, persist=persist,
                          clock=clock, poll_s=0.5, rpc_timeout_s=30.0)
     result = driver.run(stop=stop)
     if not result.finished:
         return result
     summary = result.conditions[R.Condition.SUCCEEDED]
+    ended(result.result.value)
     if result.succeeded:
         adapter = {"version": version, "round": name, "sha256": result.version_sha256}
         if result.eval_loss_after is not None:

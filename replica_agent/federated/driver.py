@@ -85,8 +85,11 @@ class RoundDriver:
         limit = None if timeout_s is None else self.clock() + timeout_s
         try:
             if self.state.started_at is None:
-                base = self.client(self.spec.aggregator).stats().adapter
-                actions = self._feed(R.Started(self.clock(), str(base.version), base.sha256))
+                try:
+                    base = self.client(self.spec.aggregator).stats().adapter
+                    actions = self._feed(R.Started(self.clock(), str(base.version), base.sha256))
+                except grpc.RpcError as exc:  # ends the round AggregatorLost: nothing started, nothing to undo
+                    actions = self._feed(R.AggregatorFailed(self.clock(), f"aggregator {self.spec.aggregator} unreachable at the start: {exc.code().name}"))
             else:
                 actions = R.pending_actions(self.state)
             while True:

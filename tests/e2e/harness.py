@@ -150,14 +150,14 @@ class RealHarness(Harness):  # pragma: no cover - not run in CI (no cluster ther
         subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.operator_namespace, *args], check=True, capture_output=True, timeout=300)
 
     def stop_operator(self) -> None:
-        self._operator("scale", "deployment", "-l", "app.kubernetes.io/name=collm", "--replicas=0")
+        self._operator("scale", "deployment", "-l", "app.kubernetes.io/name=collm-operator", "--replicas=0")
 
     def start_operator(self) -> None:
-        self._operator("scale", "deployment", "-l", "app.kubernetes.io/name=collm", "--replicas=1")
+        self._operator("scale", "deployment", "-l", "app.kubernetes.io/name=collm-operator", "--replicas=1")
 
     def operator_log(self) -> str:
         proc = subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.operator_namespace, "logs", "-l",
-                               "app.kubernetes.io/name=collm", "--tail=-1"], capture_output=True, text=True)
+                               "app.kubernetes.io/name=collm-operator", "--tail=-1"], capture_output=True, text=True)
         return proc.stdout
 
 

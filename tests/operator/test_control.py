@@ -455,3 +455,92 @@ def test_a_policy_change_replaces_the_controllers_planner():
     changed = ctl._planner(cluster({"scheduling": {"policy": "inferenceOnly"}}), 20.0)
     assert changed is not first and changed.settings.policy == "inferenceOnly"
     ctl.close()
+
+
+# --- apply: kubectl's three-way merge; round ordering and versions ------------------------------------
+
+
+def test_three_way_patch_removes_what_the_last_apply_set_and_the_spec_dropped():
+    from collm_operator.kube import merge_patch, three_way_patch
+
+    last = {"spec": {"template": {"spec": {"nodeSelector": {"gpu": "true"}, "containers": [{"name": "a"}]}}}}
+    desired = {"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "x"}]}}}}
+    live = {"spec": {"template": {"spec": {"nodeSelector": {"gpu": "true"}, "containers": [{"name": "a"}], "dnsPolicy": "ClusterFirst"}}},
+            "status": {"replicas": 2}}
+    patch = three_way_patch(last, desired)
+    assert patch["spec"]["template"]["spec"]["nodeSelector"] is None
+    after = merge_patch(live, patch)
+    assert "nodeSelector" not in after["spec"]["template"]["spec"]  # removed from the spec, so from the child
+    assert after["spec"]["template"]["spec"]["dnsPolicy"] == "ClusterFirst" and after["status"] == {"replicas": 2}  # others' fields stay
+    assert after["spec"]["template"]["spec"]["containers"] == [{"name": "a", "image": "x"}]  # lists are replaced whole
+    assert merge_patch(after, three_way_patch(desired, desired)) == after  # re-applying changes nothing
+
+
+def round_obj(name: str, created: str, state: bool = False, succeeded: str | None = None, version: int = 0) -> dict:
+    status: dict = {"version": version} if version else {}
+    if state:
+        status["state"] = {"startedAt": 1.0}
+    if succeeded:
+        status["conditions"] = [{"type": "Succeeded", "status": succeeded}]
+    return {"metadata": {"name": name, "creationTimestamp": created}, "status": status}
+
+
+def test_one_round_of_a_cluster_runs_at_a_time_in_creation_order():
+    me = round_obj("b", "2026-01-01T00:00:05Z")
+    assert round_control._ahead(me, round_obj("a", "2026-01-01T00:00:01Z"))  # created earlier
+    assert round_control._ahead(me, round_obj("c", "2026-01-01T00:00:09Z", state=True))  # already running
+    assert not round_control._ahead(me, round_obj("c", "2026-01-01T00:00:09Z"))  # created later, not started
+    assert not round_control._ahead(me, round_obj("a", "2026-01-01T00:00:01Z", state=True, succeeded="True"))  # finished
+    assert not round_control._ahead(me, me)
+
+
+def test_versions_only_grow_past_anything_known():
+    rounds = [round_obj("a", "t", succeeded="True", version=3), round_obj("b", "t", succeeded="False", version=5)]
+    assert round_control.next_version({"adapter": {"version": 3}}, rounds, {"demo-0": serving("f" * 64, 4), "demo-1": None}) == 6
+    assert round_control.next_version({}, [], {"demo-0": serving("f" * 64, 7)}) == 8  # an agent saw a newer round
+    assert round_control.next_version({}, [], {}) == 1
+
+
+class FakeKube:
+    """apply() answers from a script: True (changed), False (unchanged) or an exception."""
+
+    def __init__(self, answer):
+        self.answer, self.applied = answer, []
+
+    def apply(self, obj):
+        self.applied.append(obj["kind"])
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def delete(self, *args):
+        return False
+
+
+def cluster_body(spec: dict | None = None) -> dict:
+    return {"metadata": {"name": "demo", "namespace": "team-a", "uid": "0000-uid", "generation": 2},
+            "spec": {"model": {"source": "tiny"}, "replicas": 3, **(spec or {})}}
+
+
+def test_reconcile_flips_progressing_only_when_a_child_changed():
+    from collm_operator.reconcile import reconcile_cluster
+
+    changed = reconcile_cluster(FakeKube(True), cluster_body(), None, NOW)
+    assert [(c["type"], c["status"], c["reason"]) for c in changed.status["conditions"]] == [("Ready", "False", "RollingOut"), ("Progressing", "True", "RollingOut")]
+    assert changed.events[0][1] == "Applied"
+    same = reconcile_cluster(FakeKube(False), cluster_body(), None, NOW)  # an operator restart: nothing to roll out
+    assert same.status == {} and same.events == [] and not same.invalid
+
+
+def test_a_child_the_api_server_refuses_is_an_invalid_spec_not_a_retry_loop():
+    from collm_operator.kube import ApiException
+    from collm_operator.reconcile import reconcile_cluster
+
+    refused = ApiException(status=422, reason="Unprocessable Entity")
+    refused.body = json.dumps({"message": 'StatefulSet.apps "demo" is invalid: spec.template.spec.containers[0].resources.limits[cpu]: Invalid value: "lots"'})
+    result = reconcile_cluster(FakeKube(refused), cluster_body({"resources": {"limits": {"cpu": "lots"}}}), None, NOW)
+    ready = result.status["conditions"][0]
+    assert result.invalid and (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "InvalidSpec")
+    assert 'resources.limits[cpu]: Invalid value: "lots"' in ready["message"] and "fix the spec" in ready["message"]
+    with pytest.raises(ApiException):  # anything else (the API down) is kopf's to retry
+        reconcile_cluster(FakeKube(ApiException(status=503, reason="Unavailable")), cluster_body(), None, NOW)
