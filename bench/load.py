@@ -6,40 +6,17 @@ machine as possible and the figures measure the replica, not the client.
 
 from __future__ import annotations
 
-import csv
 import random
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from replica_agent.engine.engine import Engine, QueueFull
 from replica_agent.engine.requests import FinalEvent, SamplingParams
+from replica_agent.traces import DEFAULT_TRACE, RequestShape, trace_shapes
 
-DEFAULT_TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "azure_llm_conv_2023.csv"
+__all__ = ["DEFAULT_TRACE", "RequestShape", "trace_shapes", "TrialResult", "run_trial", "find_max_rate"]  # trace helpers re-exported
 
-
-@dataclass(frozen=True)
-class RequestShape:
-    prompt_tokens: int
-    output_tokens: int
-
-
-def trace_shapes(path: Path | None = DEFAULT_TRACE, *, prompt_scale: float = 1 / 8, output_scale: float = 1 / 4, max_prompt: int = 192, max_output: int = 64, limit: int = 2000) -> list[RequestShape]:
-    """Prompt and output lengths from an Azure LLM trace, scaled down to what a small model serves.
-
-    Falls back to a fixed mix when the trace is not beside the checkout.
-    """
-    shapes = []
-    if path is not None and Path(path).exists():
-        with open(path, newline="") as f:
-            for i, row in enumerate(csv.DictReader(f)):
-                if i >= limit:
-                    break
-                p = min(max_prompt, max(8, int(int(row["ContextTokens"]) * prompt_scale)))
-                o = min(max_output, max(4, int(int(row["GeneratedTokens"]) * output_scale)))
-                shapes.append(RequestShape(p, o))
-    return shapes or [RequestShape(64, 32), RequestShape(128, 16), RequestShape(32, 48)]
 
 
 @dataclass

@@ -25,14 +25,10 @@ import bisect
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
-from datetime import datetime
-from functools import lru_cache
-from pathlib import Path
-
 from collm_operator.allocation import DEFAULT_STATIC_CAP, POLICIES, CapacityProfile, ReplicaState, allocate
 from collm_operator.predictor import EmaPredictor, LoadPredictor, replay
+from replica_agent.traces import CODE_TRACE, load_arrivals
 
-CODE_TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "azure_llm_code_2023.csv"
 
 # (cap tokens/iteration, share of the inference-alone rate, share of the training-alone rate).
 # Anchored on reports/coexec.json at cap 128 (0.90, 0.81 on CPU, CEE 1.71) but with more
@@ -74,23 +70,6 @@ class SimConfig:
             raise ValueError("step_s must be > 0 and at most slow_interval_s")
         if not self.loss_initial > self.loss_floor > 0:
             raise ValueError("loss_initial must exceed loss_floor, which must be > 0")
-
-
-@lru_cache(maxsize=4)
-def load_arrivals(path: str | Path = CODE_TRACE) -> tuple[float, ...]:
-    """Arrival times (seconds from the first) of an Azure LLM trace file (see ../shared/traces/README.md)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"trace {path} not found: the Azure traces live in ../shared/traces beside the checkout")
-    times = []
-    with open(path) as f:
-        next(f)  # header
-        for line in f:
-            stamp = line.split(",", 1)[0]
-            whole, _, fraction = stamp.partition(".")
-            seconds = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp()
-            times.append(seconds + float("0." + fraction) if fraction else seconds)
-    return tuple(t - times[0] for t in times)
 
 
 def p99_rate(arrivals, window_s: float = 10.0) -> float:

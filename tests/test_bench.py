@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from collm_bench import coexec, overhead
-from collm_bench.load import RequestShape, find_max_rate, trace_shapes
+from collm_bench.load import find_max_rate
+from replica_agent.traces import RequestShape, trace_shapes
 from replica_agent.demo import run_demo
 
 

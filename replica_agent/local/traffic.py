@@ -3,7 +3,7 @@
 The slice keeps the trace's arrival pattern (bursts and gaps) and its request sizes: the first
 `rate x duration` requests from `offset`, their timestamps stretched or squeezed to span
 `duration` seconds (so the mean rate is `rate`), prompt and output lengths scaled down as in
-`collm_bench.load.trace_shapes`. Each request streams from the router's /generate_stream;
+`replica_agent.traces.trace_shapes`. Each request streams from the router's /generate_stream;
 TTFT and mean TPOT are measured here, at the client, and the final event names the replica
 (header `x-collm-replica`) and the adapter version that served it.
 """
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import aiohttp
 
-from collm_bench.load import DEFAULT_TRACE, RequestShape, trace_shapes
-from collm_bench.simulate import CODE_TRACE, load_arrivals
+from ..traces import CODE_TRACE, CONV_TRACE, RequestShape, load_arrivals, trace_shapes
 
-TRACES = {"conv": DEFAULT_TRACE, "code": CODE_TRACE}
+TRACES = {"conv": CONV_TRACE, "code": CODE_TRACE}
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from collm_bench.simulate import CODE_TRACE, load_arrivals
+from replica_agent.traces import CODE_TRACE, load_arrivals
 from collm_operator.predictor import EmaPredictor, LoadPredictor, PredictorSettings, replay
 
 
