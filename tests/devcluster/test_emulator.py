@@ -297,6 +297,11 @@ def _ready_pods(dc: DevCluster, n: int):
     return dc.wait_for(check, timeout_s=30)
 
 
+def _container(pod: dict) -> dict:
+    """The pod's first container status ({} while the kubelet has not written one: a new pod)."""
+    return ((pod.get("status") or {}).get("containerStatuses") or [{}])[0]
+
+
 @needs_kubectl
 def test_kubelet_runs_statefulset_pods(cluster, tmp_path):
     manifest = tmp_path / "sts.json"
@@ -348,15 +353,14 @@ def test_kubelet_runs_statefulset_pods(cluster, tmp_path):
     state = cluster.kubelet.pods[("default", "web-0")]
     state.containers["srv"].proc.kill()
     cluster.wait_for(lambda: (p := cluster.get("v1", "Pod", "web-0")) and
-                     p["status"]["containerStatuses"][0]["restartCount"] == 1 and
-                     p["status"]["containerStatuses"][0]["ready"], timeout_s=30)
+                     _container(p).get("restartCount") == 1 and _container(p).get("ready"), timeout_s=30)
 
     # A changed pod template rolls the pods over, one at a time.
     kubectl(cluster, "patch", "statefulset", "web", "--type=merge", "-p",
             json.dumps({"spec": {"template": {"metadata": {"annotations": {"rev": "2"}}}}}))
     cluster.wait_for(lambda: all((p := cluster.get("v1", "Pod", f"web-{i}")) and
                                  (p["metadata"].get("annotations") or {}).get("rev") == "2" and
-                                 p["status"]["containerStatuses"][0]["ready"] for i in range(2)), timeout_s=40)
+                                 _container(p).get("ready") for i in range(2)), timeout_s=40)
     assert "devcluster" in kubectl(cluster, "get", "nodes").stdout
 
     # Deleting the StatefulSet garbage-collects its pods and their processes.

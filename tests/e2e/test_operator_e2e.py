@@ -203,10 +203,13 @@ def test_invalid_resources_get_a_clear_condition(h):
 def test_the_operator_serves_its_metrics(h):
     if not getattr(h, "metrics_port", None):
         pytest.skip("the operator's metrics port is not reachable from here")
-    with urllib.request.urlopen(f"http://127.0.0.1:{h.metrics_port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    assert f'collm_operator_ready_replicas{{cluster="{NAME}",namespace="{h.namespace}"}} 3.0' in text
-    assert 'collm_operator_rounds_total{result="Succeeded"}' in text
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{h.metrics_port}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    ready = f'collm_operator_ready_replicas{{cluster="{NAME}",namespace="{h.namespace}"}} 3.0'
+    text = h.wait_for(lambda: ready in (t := scrape()) and t, 30, "the ready-replicas gauge at 3")
+    assert 'collm_operator_rounds_total{result="Succeeded"}' in text and "collm_operator_control_step_seconds_count" in text
 
 
 def test_delete_removes_every_child_and_the_finalizer(h):
