@@ -28,3 +28,15 @@ def post_json(url: str, body) -> tuple[int, dict, dict]:
             return resp.status, json.loads(resp.read()), dict(resp.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def numbers_in(value):
+    """Every number in a JSON-like structure (bools excluded), for "every figure is finite" checks."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from numbers_in(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from numbers_in(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value

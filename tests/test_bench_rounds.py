@@ -14,20 +14,11 @@ import pytest
 
 from collm_bench import rounds
 
+from .helpers import numbers_in
+
 ROUND_RANKS = (2, 4)  # the smallest adapters; two ranks so the adapter size can be checked to scale
 FED_ROUNDS, FED_LOCAL_STEPS = 2, 2
 FED_REPLICAS = 3  # fixed by run_federated_bench
-
-
-def _numbers(value):
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _numbers(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _numbers(v)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield value
 
 
 def _is_figure(value) -> bool:
@@ -39,7 +30,7 @@ def test_round_benchmark_writes_complete_json(tmp_path, tiny_model_dir):
     result = rounds.run_round_bench(json_path=str(out), ranks=ROUND_RANKS, big=False)
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
-    assert all(math.isfinite(v) for v in _numbers(saved))
+    assert all(math.isfinite(v) for v in numbers_in(saved))
     assert saved["benchmark"] == "round"
     assert saved["targets"] == {"aggregation_and_publish_s": 2.0, "freshness_s": 1.0, "failed_requests": 0}
     assert saved["machine"]["cpu_count"] >= 1
@@ -75,7 +66,7 @@ def test_federated_benchmark_writes_complete_json(tmp_path, tiny_model_dir):
     result = rounds.run_federated_bench(rounds=FED_ROUNDS, local_steps=FED_LOCAL_STEPS, json_path=str(out))
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
-    assert all(math.isfinite(v) for v in _numbers(saved))
+    assert all(math.isfinite(v) for v in numbers_in(saved))
     assert saved["benchmark"] == "federated"
     for key in ("initial_loss", "federated_loss", "centralized_loss", "ratio", "target_ratio"):
         assert _is_figure(saved[key]) and saved[key] > 0, key

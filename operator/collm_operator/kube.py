@@ -21,6 +21,8 @@ from typing import Any
 from kubernetes import client, config, dynamic
 from kubernetes.dynamic.exceptions import ApiException, ConflictError, NotFoundError, ResourceNotFoundError
 
+from replica_agent.devcluster.patching import merge_patch  # RFC 7386, the same code the dev cluster's API applies
+
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -28,19 +30,6 @@ LAST_APPLIED = "collm.io/last-applied"
 TIMEOUT = (10, 60)  # connect, read (seconds)
 
 __all__ = ["Kube", "ApiException", "NotFoundError", "ResourceNotFoundError", "three_way_patch", "merge_patch"]
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 applied to a copy of `target`."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 def three_way_patch(last: Any, desired: Any) -> Any:

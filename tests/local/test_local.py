@@ -13,29 +13,20 @@ import pytest
 
 from collm_bench import freshness, goodput
 from collm_operator.allocation import CapacityProfile
-from replica_agent.demo import run_demo
 from collm_operator.planning import within_spread as _within_spread
+from replica_agent.demo import run_demo
 from replica_agent.local.traffic import trace_slice
+
+from ..helpers import numbers_in
 
 FIGURES = ("requests_sent", "requests_answered", "slo_attainment", "slo_met_rps", "ttft_ms_p50", "tpot_ms_p50", "goodput", "goodput_per_s", "mean_quality_served", "held_out_loss_initial", "held_out_loss_final_served", "training_tokens")
 QUICK = dict(slow_interval_s=1.0, round_interval_s=2.0, local_steps=2)
 
 
-def _numbers(value):
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _numbers(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _numbers(v)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield value
-
-
 def _check_run(run: dict, sent: int) -> None:
     for key in FIGURES:
         assert isinstance(run[key], (int, float)) and math.isfinite(run[key]), key
-    assert all(math.isfinite(v) for v in _numbers(run))
+    assert all(math.isfinite(v) for v in numbers_in(run))
     assert run["requests_sent"] == sent, "every request of the trace slice is sent"
     assert run["requests_recorded"] == sent, "every request sent is recorded with its outcome"
     assert run["requests_answered"] + run["requests_failed"] == sent
