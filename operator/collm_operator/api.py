@@ -3,8 +3,7 @@
 Defaults are applied here too, so the operator is right where the API server did not default
 (an old CRD, a dry run, local mode). Every rule of the CRDs' CEL validations is repeated here:
 a spec that slipped past the API server gets `Ready=False` with a message that says what to fix,
-never a crash loop. `agent_settings()` maps a cluster onto the agent's settings
-(replica_agent/config.py); `agent_args()` and `agent_env()` render them for the container.
+never a crash loop. agent_settings.py maps a cluster onto the agent's settings.
 """
 
 from __future__ import annotations
@@ -415,70 +414,3 @@ def check_round_update(old_spec: Mapping[str, Any] | None, new_spec: Mapping[str
 def parse_round(body: Mapping[str, Any]) -> Round:
     meta = body.get("metadata") or {}
     return Round(meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", ""), int(meta.get("generation") or 0), parse_round_spec(body.get("spec")))
-
-
-# --- the agent's settings -----------------------------------------------------------------------
-
-
-def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[str, Any]:
-    """The cluster as replica_agent.config.AgentConfig settings (snake_case keys, agent defaults omitted
-    only where the agent's default is right for a pod). The ConfigMap renders this dict as YAML."""
-    spec = cluster.spec
-    training_on = spec.scheduling.policy != "inferenceOnly" and spec.training.data_volume is not None
-    settings: dict[str, Any] = {
-        "model": spec.model.source,
-        "dtype": spec.model.dtype,
-        "device": "cuda" if spec.uses_gpu else "cpu",
-        "lora_rank": spec.adapter.rank,
-        "lora_alpha": spec.adapter.alpha,
-        "lora_targets": list(spec.adapter.target_modules),
-        "max_batch": spec.serving.max_batch,
-        "max_total_tokens": spec.serving.max_total_tokens,
-        "ttft_ms": spec.serving.ttft_milliseconds,
-        "tpot_ms": spec.serving.tpot_milliseconds,
-        "train": training_on,
-        "train_cap_tokens": spec.training.train_cap_tokens if training_on else 0,
-        "micro_batch": spec.training.micro_batch,
-        "learning_rate": spec.training.learning_rate,
-        "federated": spec.federation.enabled,
-        "host": "0.0.0.0",
-        "port": HTTP_PORT,
-        "grpc_port": GRPC_PORT,
-        "cache_dir": CACHE_DIR,
-    }
-    if training_on:
-        settings["data"] = spec.training.data_path
-    if spec.federation.secure_aggregation:
-        settings["secure_aggregation_secret_file"] = f"{SECRET_DIR}/{SECRET_KEY}"
-    if replica_index is not None:
-        settings["replica_id"] = f"{cluster.name}-{replica_index}"
-    return settings
-
-
-def agent_args(cluster: Cluster, replica_index: int | None = None) -> list[str]:
-    """collm-agent flags for the cluster: `--config` (the ConfigMap's file, which carries the
-    RUNTIME_SETTINGS) and every other setting as a flag. In the StatefulSet (one template for
-    every pod) leave replica_index out: the replica id then comes from COLLM_REPLICA_ID."""
-    args: list[str] = ["--config", CONFIG_FILE]
-    for key, value in agent_settings(cluster, replica_index).items():
-        if key in RUNTIME_SETTINGS:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            args += [flag, ",".join(value)]
-        else:
-            args += [flag, str(value)]
-    return args
-
-
-def agent_env(cluster: Cluster) -> list[dict[str, Any]]:
-    """Environment of the agent container: the pod name as replica id; writable places under the
-    emptyDirs because the root filesystem is read-only."""
-    return [
-        {"name": "COLLM_REPLICA_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "COLLM_CACHE_DIR", "value": CACHE_DIR},
-        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
-        {"name": "HOME", "value": "/tmp"},
-    ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from collm_operator import api
+from collm_operator import agent_settings, api
 from collm_operator.api import Cluster
 
 MANAGED_BY = "collm-operator"
@@ -109,13 +109,13 @@ def build_service_account(cluster: Cluster) -> dict[str, Any]:
 def build_configmap(cluster: Cluster) -> dict[str, Any]:
     """The agent settings as `collm-agent --config` reads them. The container gets the same
     settings as flags (which win), except api.RUNTIME_SETTINGS, which only this file carries."""
-    text = yaml.safe_dump(api.agent_settings(cluster), sort_keys=True)
+    text = yaml.safe_dump(agent_settings.agent_settings(cluster), sort_keys=True)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(cluster, configmap_name(cluster), AGENT), "data": {"agent.yaml": text}}
 
 
 def _settings_hash(cluster: Cluster) -> str:
     """Changes when a restart-only setting changes (the pods then roll); the runtime ones travel in plans."""
-    settings = {k: v for k, v in api.agent_settings(cluster).items() if k not in api.RUNTIME_SETTINGS}
+    settings = {k: v for k, v in agent_settings.agent_settings(cluster).items() if k not in api.RUNTIME_SETTINGS}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,8 +136,8 @@ def _agent_container(cluster: Cluster) -> dict[str, Any]:
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["collm-agent"],
-        "args": api.agent_args(cluster),
-        "env": api.agent_env(cluster),
+        "args": agent_settings.agent_args(cluster),
+        "env": agent_settings.agent_env(cluster),
         "ports": [
             {"name": "http", "containerPort": api.HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": api.GRPC_PORT, "protocol": "TCP"},

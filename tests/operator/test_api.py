@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from collm_operator import api
-from collm_operator.api import SpecError, agent_args, agent_env, agent_settings, parse_cluster, parse_round
+from collm_operator.agent_settings import agent_args, agent_env, agent_settings
+from collm_operator.api import SpecError, parse_cluster, parse_round
 from collm_operator.objects import build_configmap
 from replica_agent.config import load_config
 

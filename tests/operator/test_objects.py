@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from collm_operator import api, conditions, objects
+from collm_operator import agent_settings, api, conditions, objects
 from collm_operator.api import parse_cluster
 from collm_operator.conditions import FALSE, TRUE, UNKNOWN, set_condition, summarize_ready
 
@@ -77,8 +77,8 @@ def test_statefulset_runs_one_restricted_agent_per_replica():
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
     (container,) = pod["containers"]
     assert container["command"] == ["collm-agent"]
-    assert container["args"] == api.agent_args(c)
-    assert container["env"] == api.agent_env(c)
+    assert container["args"] == agent_settings.agent_args(c)
+    assert container["env"] == agent_settings.agent_env(c)
     assert container["image"] == "ghcr.io/collm/collm:0.1.0" and container["imagePullPolicy"] == "Always"
     assert container["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8080, "grpc": 9090}
@@ -136,7 +136,7 @@ def test_router_gets_every_replica_by_stable_dns_name():
 def test_configmap_holds_the_agent_settings_yaml():
     c = cluster()
     cm = objects.build_configmap(c)
-    assert yaml.safe_load(cm["data"]["agent.yaml"]) == api.agent_settings(c)
+    assert yaml.safe_load(cm["data"]["agent.yaml"]) == agent_settings.agent_settings(c)
 
 
 def test_pdb_allows_one_replica_down():
