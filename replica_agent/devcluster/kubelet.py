@@ -1,9 +1,10 @@
-"""A stand-in for the kubelet and the StatefulSet/Deployment controllers of the dev cluster.
+"""A stand-in for the kubelet of the dev cluster (and, through workloads.py, for the StatefulSet
+and Deployment controllers).
 
 Runs on the emulator's asyncio loop and works on its store directly:
-- StatefulSets get pods ``<name>-0..N-1`` (scaled with ``spec.replicas``); Deployments get pods
-  ``<name>-<i>``; both are owned by their workload (so deleting it deletes them) and their status
-  counts replicas and ready replicas.
+- workloads.py: StatefulSets get pods ``<name>-0..N-1`` (scaled with ``spec.replicas``); Deployments
+  get pods ``<name>-<i>``; both are owned by their workload (so deleting it deletes them), a changed
+  pod template rolls them one at a time, and their status counts replicas and ready replicas.
 - Every pod's containers run as REAL local processes (command + args + env), each pod on its own
   loopback address 127.0.0.<n> (n >= 2; all of 127/8 is local on Linux): ``--host`` in the args is
   replaced by that address or added when absent. emptyDir and configMap volumes become temp dirs and
@@ -14,15 +15,13 @@ Runs on the emulator's asyncio loop and works on its store directly:
   restartCount+1 (restartPolicy Always, with a small backoff); deleted pods have their processes killed.
 - Cluster DNS for Python processes: Service and pod names -> pod addresses in a JSON file, resolved by
   the sitecustomize hook of ``dns_hook.py`` on the PYTHONPATH of pods and of the operator.
-Not emulated: rolling updates of a changed pod template (delete the pods to recreate them), image
-pulls, resource limits, DNS for processes that are not Python.
+Not emulated: image pulls, resource limits, DNS for processes that are not Python.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import json
 import threading
 import logging
@@ -39,13 +38,11 @@ from typing import Any
 import aiohttp
 
 from .emulator import ApiEmulator, ApiError, now_iso
+from .workloads import POD_RT, pod_ready, reconcile_workloads
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
-POD_RT = ("", "v1", "pods")
-STS_RT = ("apps", "v1", "statefulsets")
-DEPLOY_RT = ("apps", "v1", "deployments")
 NO_HOST_FLAG_ANNOTATION = "devcluster.collm.io/no-host-flag"
 
 # The cluster DNS hook (dns_hook.py), written as <workdir>/dns_hook/sitecustomize.py and put on the
@@ -132,7 +129,7 @@ class Kubelet:
                 continue
             members = [p for p in pods if p["metadata"]["namespace"] == meta["namespace"]
                        and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
-            members.sort(key=lambda p: (not _pod_ready(p), p["metadata"]["name"]))
+            members.sort(key=lambda p: (not pod_ready(p), p["metadata"]["name"]))
             if not members:
                 continue
             target = members[0]
@@ -190,7 +187,7 @@ class Kubelet:
     async def _loop(self) -> None:
         while True:
             try:
-                self.reconcile_workloads()
+                reconcile_workloads(self.emu)
                 await self.reconcile_pods()
                 self.update_dns()
             except asyncio.CancelledError:
@@ -200,80 +197,6 @@ class Kubelet:
             await asyncio.sleep(self.poll_s)
 
     # ------------------------------------------------------------------ controllers
-
-    def reconcile_workloads(self) -> None:
-        emu = self.emu
-        pod_rt = emu.types[POD_RT]
-        for rt_key in (STS_RT, DEPLOY_RT):
-            rt = emu.types[rt_key]
-            for wl in list(emu.list_objects(rt)):
-                meta, spec = wl["metadata"], wl.get("spec") or {}
-                if meta.get("deletionTimestamp"):
-                    continue
-                ns, name = meta["namespace"], meta["name"]
-                replicas = int(spec.get("replicas", 1))
-                template = spec.get("template") or {}
-                revision = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
-                owned = [p for p in emu.list_objects(pod_rt, ns)
-                         if any(r.get("uid") == meta["uid"] for r in p["metadata"].get("ownerReferences") or [])]
-                by_name = {p["metadata"]["name"]: p for p in owned}
-                wanted = [f"{name}-{i}" for i in range(replicas)]
-                for i, pod_name in enumerate(wanted):
-                    if pod_name in by_name:
-                        continue
-                    labels = dict((template.get("metadata") or {}).get("labels") or {})
-                    labels["controller-revision-hash"] = revision
-                    if rt_key == STS_RT:
-                        labels["statefulset.kubernetes.io/pod-name"] = pod_name
-                        labels["apps.kubernetes.io/pod-index"] = str(i)
-                    pod_spec = copy.deepcopy(template.get("spec") or {})
-                    if rt_key == STS_RT:
-                        pod_spec.setdefault("hostname", pod_name)
-                        if spec.get("serviceName"):
-                            pod_spec.setdefault("subdomain", spec["serviceName"])
-                    pod = {"metadata": {
-                        "name": pod_name, "namespace": ns, "labels": labels,
-                        "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
-                        "ownerReferences": [{"apiVersion": rt.api_version, "kind": rt.kind, "name": name,
-                                             "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]},
-                        "spec": pod_spec, "status": {"phase": "Pending"}}
-                    try:
-                        emu.create_object(pod_rt, pod, ns)
-                    except ApiError:
-                        pass
-                for pod_name, pod in by_name.items():
-                    if pod_name not in wanted and not pod["metadata"].get("deletionTimestamp"):
-                        try:
-                            emu.delete_object(pod_rt, ns, pod_name)
-                        except ApiError:
-                            pass
-                live = [by_name[n] for n in wanted if n in by_name]
-                ready = sum(1 for p in live if _pod_ready(p))
-                updated = [p for p in live if (p["metadata"].get("labels") or {}).get("controller-revision-hash")
-                           == revision]
-                # Rolling update of a changed template: replace one outdated pod at a time (highest
-                # ordinal first), and only while every other pod is ready.
-                outdated = [p for p in live if p not in updated]
-                if outdated and len(live) == replicas and not any(p["metadata"].get("deletionTimestamp") for p in live):
-                    victim = max(outdated, key=lambda p: int(p["metadata"]["name"].rsplit("-", 1)[1]))
-                    others_ready = all(_pod_ready(p) for p in live if p is not victim)
-                    if others_ready or not _pod_ready(victim):
-                        try:
-                            emu.delete_object(pod_rt, ns, victim["metadata"]["name"])
-                        except ApiError:
-                            pass
-                status = {"observedGeneration": meta.get("generation", 1), "replicas": len(live),
-                          "readyReplicas": ready, "currentReplicas": len(live), "updatedReplicas": len(updated),
-                          "availableReplicas": ready, "currentRevision": f"{name}-{revision}",
-                          "updateRevision": f"{name}-{revision}"}
-                if rt_key == DEPLOY_RT:
-                    status["conditions"] = [{"type": "Available", "status": "True" if ready >= replicas else "False",
-                                             "reason": "MinimumReplicasAvailable"}]
-                if (wl.get("status") or {}) != status:
-                    try:
-                        emu.replace_object(rt, ns, name, {**wl, "status": status}, subresource="status")
-                    except ApiError:
-                        pass
 
     # ------------------------------------------------------------------ pods
 
@@ -545,11 +468,6 @@ class Kubelet:
                                       {"status": status}, subresource="status")
             except ApiError:
                 pass
-
-
-def _pod_ready(pod: Obj) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
 
 
 def _rewrite(value: str, mounts: dict[str, Path]) -> str:
