@@ -34,8 +34,9 @@ from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.conditions import TRUE, get_condition
 from collm_operator.kube import Kube
 from collm_operator.planning import Decision, Planner, PlanningSettings
-from collm_operator.reconcile import CLUSTER_LABEL, Health, Workloads, cluster_conditions, observe_workloads
+from collm_operator.reconcile import Health, cluster_conditions, observe_workloads
 from collm_operator.round_control import finished
+from replica_agent.federated import rounds as R
 from replica_agent.proto import collm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,6 @@ class ClusterController:
         self._planning: PlanningSettings | None = None
         self._counters: dict[str, tuple[int, int]] = {}  # agent -> (finished, met SLO) at the last reading
         self._window: deque[tuple[float, int, int]] = deque()  # (time, finished, met) per step
-        self.last_decision: Decision | None = None
 
     def close(self) -> None:
         self.pool.close()
@@ -119,14 +119,13 @@ class ClusterController:
         stats = self.pool.stats(addresses)
         self.pool.forget(stats)
         arrivals, finished_n, met_n = self._count_requests(now, stats)
-        rounds = self.kube.list(api.API_VERSION, api.ROUND_KIND, cluster.namespace, f"{CLUSTER_LABEL}={cluster.name}")
+        rounds = self.kube.list(api.API_VERSION, api.ROUND_KIND, cluster.namespace, f"{objects.CLUSTER_LABEL}={cluster.name}")
         running = [r for r in rounds if not finished(r.get("status"))]
         in_round = tuple(p for r in running for p in (((r.get("status") or {}).get("state") or {}).get("spec") or {}).get("participants") or ())
 
         planner = self._planner(cluster, now)
         reachable = {n: st for n, st in stats.items() if st is not None}
         decision = planner.plan(now, arrivals, reachable, round_participants=in_round) if reachable else None
-        self.last_decision = decision
         if decision is not None:
             self._push_plans(cluster, decision, addresses, reachable)
             self._push_weights(cluster, decision)
@@ -136,7 +135,7 @@ class ClusterController:
         lost = adapter is not None and adapter.version > 0 and bool(reachable) and not holders
         # While a round publishes, the agents switch to its version one by one: a re-publish of the
         # previous version racing that would roll one back, so it waits for the round to end.
-        publishing = any(_stage(r) == "Published" for r in running)
+        publishing = any(_stage(r) is R.Condition.PUBLISHED for r in running)
         behind = [] if lost or publishing else laggards(adapter, stats)
         if behind:
             self._republish(adapter, behind, holders, addresses)
@@ -294,14 +293,10 @@ class ClusterController:
             self.event(kind, new.get("reason") or "Ready", new.get("message") or f"Ready is {new['status']}")
 
 
-def _stage(round_obj: Mapping[str, Any]) -> str | None:
-    """The stage a running round works on (the first of its stage conditions not True)."""
-    conditions = (round_obj.get("status") or {}).get("conditions")
-    for type_ in ("Trained", "Aggregated", "Evaluated", "Published"):
-        c = get_condition(conditions, type_)
-        if c is None or c.get("status") != TRUE:
-            return type_ if c is not None else None
-    return None
+def _stage(round_obj: Mapping[str, Any]) -> R.Condition | None:
+    """The stage a running round works on, from the state it persisted (None before it started)."""
+    saved = (round_obj.get("status") or {}).get("state")
+    return R.RoundState.from_dict(saved).stage if saved else None
 
 
 def _parse_time(text: str) -> float:
@@ -312,4 +307,3 @@ def _format_time(at: float) -> str:
     return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ = ["ClusterController", "Adapter", "current_adapter", "laggards", "Workloads"]

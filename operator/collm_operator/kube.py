@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from typing import Any
 
 from kubernetes import client, config, dynamic
 from kubernetes.dynamic.exceptions import ApiException, ConflictError, NotFoundError, ResourceNotFoundError
 
 from replica_agent.devcluster.patching import merge_patch  # RFC 7386, the same code the dev cluster's API applies
-
-log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 LAST_APPLIED = "collm.io/last-applied"

@@ -10,7 +10,6 @@ summary). The kopf handlers (main.py) and the control loop (control.py) call the
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Sequence
@@ -19,11 +18,8 @@ from collm_operator import api, objects
 from collm_operator.conditions import FALSE, TRUE, Reason, invalid_spec, set_condition, summarize_ready
 from collm_operator.kube import ApiException, Kube, ResourceNotFoundError
 
-log = logging.getLogger(__name__)
-
 SLO_DEGRADED_BELOW = 0.9  # attainment under this (with enough requests) marks the cluster Degraded
 SLO_MIN_REQUESTS = 20  # fewer finished requests in the window say nothing about the SLO
-CLUSTER_LABEL = objects.CLUSTER_LABEL
 # Every kind a cluster may own, for deletion (the builders' kinds plus the rounds it schedules).
 CHILD_KINDS = (
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
@@ -86,7 +82,7 @@ def delete_children(kube: Kube, name: str, namespace: str) -> int:
             continue
         for obj in found:
             deleted += kube.delete(api_version, kind, namespace, obj["metadata"]["name"])
-    for obj in kube.list(api.API_VERSION, api.ROUND_KIND, namespace, f"{CLUSTER_LABEL}={name}"):
+    for obj in kube.list(api.API_VERSION, api.ROUND_KIND, namespace, f"{objects.CLUSTER_LABEL}={name}"):
         if any(ref.get("kind") == api.CLUSTER_KIND and ref.get("name") == name for ref in obj["metadata"].get("ownerReferences") or []):
             deleted += kube.delete(api.API_VERSION, api.ROUND_KIND, namespace, obj["metadata"]["name"])
     return deleted
@@ -105,7 +101,6 @@ class Pod:
 
 @dataclass(frozen=True)
 class Workloads:
-    desired: int
     pods: dict[str, Pod]  # the agent pods that should exist, by name (missing ones absent)
     updated: int  # pods on the current template
     rolled_out: bool  # the StatefulSet controller saw the latest spec and every pod is on it
@@ -132,7 +127,7 @@ def observe_workloads(kube: Kube, cluster: api.Cluster) -> Workloads:
     router = kube.get("apps/v1", "Deployment", ns, objects.router_name(cluster)) or {}
     router_status = router.get("status") or {}
     router_ok = int(router_status.get("availableReplicas") or 0) >= 1
-    return Workloads(cluster.spec.replicas, pods, updated, rolled_out, router_ok)
+    return Workloads(pods, updated, rolled_out, router_ok)
 
 
 @dataclass(frozen=True)
@@ -152,7 +147,6 @@ class Health:
 class Judgement:
     conditions: list[dict[str, Any]]
     ready_replicas: int
-    notes: list[str] = field(default_factory=list)
 
 
 def cluster_conditions(previous: Sequence[dict[str, Any]] | None, cluster: api.Cluster, w: Workloads, h: Health, now: datetime) -> Judgement:

@@ -116,9 +116,6 @@ class DevHarness(Harness):
     def start_operator(self) -> None:
         assert self.dc.start_operator()
 
-    def operator_log(self) -> str:
-        return self.dc.operator_log.read_text(errors="replace") if self.dc.operator_log.exists() else ""
-
     def close(self) -> None:
         self.dc.stop()
         if self._saved_port is None:
@@ -154,11 +151,6 @@ class RealHarness(Harness):  # pragma: no cover - not run in CI (no cluster ther
 
     def start_operator(self) -> None:
         self._operator("scale", "deployment", "-l", "app.kubernetes.io/name=collm-operator", "--replicas=1")
-
-    def operator_log(self) -> str:
-        proc = subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.operator_namespace, "logs", "-l",
-                               "app.kubernetes.io/name=collm-operator", "--tail=-1"], capture_output=True, text=True)
-        return proc.stdout
 
 
 def _free_port() -> int:

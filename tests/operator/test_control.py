@@ -39,7 +39,7 @@ def workloads(*, rolled_out=True, router=True, **pods: Pod) -> Workloads:
     for key, pod in pods.items():
         del found[key.replace("_", "-")]
         found.update({pod.name: pod} if pod else {})
-    return Workloads(3, found, 3 if rolled_out else 1, rolled_out, router)
+    return Workloads(found, 3 if rolled_out else 1, rolled_out, router)
 
 
 def healthy(**changes) -> Health:
