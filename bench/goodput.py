@@ -1,67 +1,208 @@
-"""`collm bench goodput`: DESIGN.md's cluster goodput (F x Q integrated), every policy on the same run.
+"""`collm bench goodput`: DESIGN.md's cluster goodput (F x Q integrated), every policy in one run.
 
-For each policy, one after another in one invocation: fresh agents on the same base model (same
-seeds, so the same initial adapter), the same non-IID data (one standard-library package per
-replica), the same trace slice replayed through the router over HTTP, the same controller
-settings. Figures per policy come from `replica_agent.local.run.run_policy`: SLO attainment and
-F (SLO-met requests/s) from client-side TTFT/TPOT, Q = 1 / held-out loss of the adapter that
-served each request (every adapter evaluated on all replicas' held-out splits), goodput = the sum
-of Q over SLO-met requests. Ratios are coexec's goodput over each policy's.
+Hardware: each replica is its own OS process on CPU core(s) of its own (replica_agent/local/
+processes.py), as a GPU replica owns its GPU; its engine and trainer share that core. The router,
+the controller, the load generator and the scorer run beside them (the harness); the JSON records
+the CPU seconds each process took.
+
+Steps, in one invocation:
+1. Capacity: the cluster's serving capacity within the SLO, measured with training off
+   (inferenceOnly): the offered rate doubles until SLO attainment falls below 99%, then bisects.
+2. For each load (a fraction of that capacity; default 0.7) and each policy, one after another:
+   fresh replica processes from the same base model and seeds, the same non-IID data (one
+   standard-library package per replica), the same requests (arrivals from the Azure trace slice,
+   text from each replica's held-out data), the same controller settings.
+3. Figures per run (replica_agent/local/run.py): SLO attainment and F from client-side TTFT/TPOT;
+   Q of each request = 1 / cross-entropy of its reference under the adapter version that served
+   it; goodput = the sum of Q over SLO-met requests. Ratios are coexec's goodput over each policy's.
+
+`peft` is the CoLLM paper's baseline: separate deployments on Hugging Face transformers + peft
+(bench/peft_baseline.py).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from collm_operator.allocation import POLICIES
+from collm_bench.load import find_max_rate
+from replica_agent.config import AgentConfig
 from replica_agent.engine.model_host import load_base_model
-from replica_agent.local.cluster import replica_configs
+from replica_agent.local.cluster import LocalDeployment, replica_configs
 from replica_agent.local.controller import ControllerSettings
-from replica_agent.local.plots import write_plots
+from replica_agent.local.plots import write_load_plot, write_plots
 from replica_agent.local.run import run_policy
-from replica_agent.local.traffic import trace_slice
-
+from replica_agent.local.traffic import TrafficReplay, trace_file, trace_segment, trace_slice
+from replica_agent.local.workload import Workload, workload_for
 from replica_agent.report import machine, print_table, write_json
 
-TARGETS = {"separated": 3.0, "static": 2.0, "inferenceOnly": 1.5}  # coexec / policy, from the issue
+POLICIES = ("coexec", "static", "separated", "inferenceOnly", "peft")
+TARGETS = {"peft": 3.0, "static": 2.0, "separated": 2.0, "inferenceOnly": 1.3}  # coexec / policy, from the issue
 
 
-def run(policies=POLICIES, *, trace: str = "conv", model: str = "tiny", replicas: int = 3, rate: float = 26.0, duration_s: float = 60.0, ttft_ms: int = 500, tpot_ms: int = 50, slow_interval_s: float = 5.0, round_interval_s: float = 15.0, local_steps: int = 10, json_path: str | None = None, plots_dir: str | None = None) -> dict:
+def policy_configs(configs: list[AgentConfig], policy: str) -> list[AgentConfig]:
+    """What a policy changes in the replicas' own settings (the rest comes with its plans):
+    inferenceOnly starts with no training at all (as the operator renders it), and static's trainer
+    runs at the engine's OS priority (a fixed batch that competes as an equal; coexec's trainer
+    only takes what inference leaves, replica_agent/engine/trainer.py)."""
+    if policy == "inferenceOnly":
+        return [c.model_copy(update={"train_cap_tokens": 0}) for c in configs]
+    if policy == "static":
+        return [c.model_copy(update={"trainer_priority": "normal"}) for c in configs]
+    return list(configs)
+
+
+def benchmark_configs(replicas: int, *, model: str, ttft_ms: int, tpot_ms: int) -> list[AgentConfig]:
+    """The replicas' settings: 256-token held-out windows (the code trace's prompts are ~175 tokens
+    after scaling, plus a 32-token reference), the same tokens per training step as the defaults
+    (2 x 256), the gate on the first 4 held-out windows, a local revision check every 5 s."""
+    return replica_configs(replicas, model=model, ttft_ms=ttft_ms, tpot_ms=tpot_ms, seq_len=256, micro_batch=2, eval_batches=2, revision_every_seconds=5.0,
+                           max_prefill_tokens=256)
+
+
+def measure_capacity(configs: list[AgentConfig], tokenizer, *, trace: str, ttft_ms: int, tpot_ms: int, duration_s: float, load: float,
+                     pilot_s: float = 15.0, start_rate: float = 4.0, threshold: float = 0.99, workdir: str | None = None) -> tuple[dict, Workload]:
+    """The cluster's serving capacity within the SLO, training off (inferenceOnly), on the requests the runs replay.
+
+    A trace like the Azure code trace is bursty (up to 67 requests in one second), so how much a
+    slice asks of the cluster depends on which requests it holds. The runs therefore replay one
+    fixed segment of the trace (the same requests at every load, time-compressed to the load's
+    rate), and the capacity is measured on that segment: the highest rate at which it is served
+    with SLO attainment >= `threshold`. A pilot on short slices (doubling, one bisection) sizes the
+    segment so that a run at `load` lasts about `duration_s`; then the whole segment is replayed at
+    the pilot's rate and stepped by 1.25x up or 0.8x down until the verdict flips, with one bisection.
+    Returns the figures and the segment (as a Workload)."""
+    settings = ControllerSettings(policy="inferenceOnly", ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+    deployment = LocalDeployment.start(policy_configs(configs, "inferenceOnly"), settings, processes=True, workdir=workdir)
+    trials: list[dict] = []
+
+    def trial(workload: Workload, stage: str) -> SimpleNamespace:
+        traffic = TrafficReplay(deployment.router_url, workload, ttft_ms, tpot_ms)
+        deployment.arrivals = lambda: traffic.sent
+        traffic.start()
+        traffic.wait(workload.duration_s + 180)
+        attainment = sum(r.met for r in traffic.records) / max(1, traffic.sent)
+        count = len(workload.arrivals)
+        rate = count / (workload.duration_s * count / (count - 1)) if count > 1 and workload.duration_s > 0 else 0.0
+        trials.append({"stage": stage, "rate": rate, "requests": traffic.sent, "slo_attainment": attainment})
+        time.sleep(2.0)  # let queues drain before the next step
+        return SimpleNamespace(rate=rate, attainment=attainment)
+
+    try:
+        # 1. the pilot: short slices, doubling then one bisection (bench/load.py)
+        pilot, _, _ = find_max_rate(lambda r: trial(workload_for(configs, trace_slice(trace, rate=r, duration_s=pilot_s), tokenizer, seed=len(trials)), "pilot"),
+                                    start_rate=start_rate * len(configs), target=threshold, refinements=1)
+        if pilot == 0.0:
+            raise RuntimeError(f"the cluster misses the SLO (TTFT <= {ttft_ms} ms, TPOT <= {tpot_ms} ms) even at {start_rate * len(configs):g} req/s: relax the SLO")
+        # 2. the segment the runs replay, and the capacity on it: steps of 1.25x from the pilot's rate
+        # (each trial replays the whole segment, so the steps are few and start where the answer is near)
+        segment = workload_for(configs, trace_segment(trace, count=max(1, round(duration_s * load * pilot))), tokenizer)
+        capacity = refine_rate(lambda r: trial(segment.at_rate(r), "segment").attainment >= threshold, pilot)
+    finally:
+        deployment.stop()
+    return {"rate": capacity, "pilot_rate": pilot, "threshold": threshold, "segment_requests": len(segment.arrivals), "trials": trials}, segment
+
+
+def refine_rate(passes, start: float, *, step: float = 1.25, floor: float = 0.05) -> float:
+    """The highest rate that `passes`, searched from `start` (a good guess): steps of `step` up while it
+    passes or down until it does, then one bisection between the last pass and the first miss."""
+    if passes(start):
+        good = start
+        while passes(good * step):
+            good *= step
+        bad = good * step
+    else:
+        bad = start
+        while not passes(bad / step):
+            bad /= step
+            if bad < floor:
+                raise RuntimeError(f"the segment misses the SLO even at {floor:g} req/s: relax the SLO")
+        good = bad / step
+    mid = (good + bad) / 2
+    return mid if passes(mid) else good
+
+
+def run(policies=POLICIES, *, trace: str = "code", model: str = "tiny", replicas: int = 2, loads=(0.7,), duration_s: float = 240.0, ttft_ms: int = 500,
+        tpot_ms: int = 50, slow_interval_s: float = 5.0, round_interval_s: float = 60.0, local_steps: int = 10, capacity_rps: float | None = None,
+        json_path: str | None = None, plots_dir: str | None = None) -> dict:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; use some of {', '.join(POLICIES)}")
     base = load_base_model(model)
-    arrivals = trace_slice(trace, rate=rate, duration_s=duration_s)
-    runs = []
-    for policy in policies:
-        settings = ControllerSettings(policy=policy, slow_interval_s=slow_interval_s, round_interval_s=round_interval_s, local_steps=local_steps, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
-        result = run_policy(replica_configs(replicas, model=model, ttft_ms=ttft_ms, tpot_ms=tpot_ms), settings, arrivals, base=base)
-        result.pop("samples")  # per-second replica samples: the demo's view, too long for this JSON
-        runs.append(result)
-    reference = next((r for r in runs if r["policy"] == "coexec"), None)
-    for r in runs:
-        r["coexec_ratio"] = reference["goodput"] / r["goodput"] if reference and r["goodput"] > 0 else 0.0
+    configs = benchmark_configs(replicas, model=model, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+    started = time.time()
+    if capacity_rps:
+        segment = workload_for(configs, trace_segment(trace, count=max(1, round(duration_s * max(loads) * capacity_rps))), base.tokenizer)
+        capacity = {"rate": capacity_rps, "given": True, "segment_requests": len(segment.arrivals)}
+    else:
+        capacity, segment = measure_capacity(configs, base.tokenizer, trace=trace, ttft_ms=ttft_ms, tpot_ms=tpot_ms, duration_s=duration_s, load=max(loads))
+    by_load = []
+    for load in loads:
+        rate = load * capacity["rate"]
+        workload = segment.at_rate(rate)
+        runs = []
+        for policy in policies:
+            settings = ControllerSettings(policy=policy if policy != "peft" else "separated", slow_interval_s=slow_interval_s, round_interval_s=round_interval_s,
+                                          local_steps=local_steps, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+            if policy == "peft":
+                from collm_bench.peft_baseline import run_peft
+
+                result = run_peft(configs, settings, workload, base=base)
+            else:
+                result = run_policy(policy_configs(configs, policy), settings, workload, base=base, processes=True)
+            result.pop("samples")  # per-second replica samples: the demo's view, too long for this JSON
+            result["cpu_share_harness"] = _harness_share(result)
+            runs.append(result)
+        reference = next((r for r in runs if r["policy"] == "coexec"), None)
+        for r in runs:
+            r["coexec_ratio"] = reference["goodput"] / r["goodput"] if reference and r["goodput"] > 0 else 0.0
+        by_load.append({"load": load, "offered_rate": rate, "requests": len(workload.arrivals), "run_s": workload.duration_s, "policies": runs})
     result = {
         "benchmark": "goodput",
         "trace": trace,
+        "trace_file": str(trace_file(trace)) if trace_file(trace) else None,  # None: the trace was missing and Poisson arrivals were replayed
         "model": model,
         "replicas": replicas,
-        "offered_rate": rate,
-        "requests": len(arrivals),
-        "duration_s": duration_s,
+        "cores_per_replica": 1,
+        "capacity": capacity,
+        "duration_s": duration_s,  # the run length at the highest load; lower loads replay the same requests more slowly
         "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
         "controller": {"slow_interval_s": slow_interval_s, "round_interval_s": round_interval_s, "local_steps": local_steps},
+        "replica_settings": {k: v for k, v in configs[0].model_dump().items() if k not in ("replica_id", "data", "port", "grpc_port", "adapter_archive")},
         "targets_coexec_over": TARGETS,
-        "policies": runs,
+        "loads": by_load,
+        "wall_s": time.time() - started,
         "machine": machine(),
     }
     out = Path(plots_dir) if plots_dir else (Path(json_path).with_suffix("") if json_path else None)
     if out is not None:
-        result["plots"] = write_plots(runs, out)
-    print_table(
-        f"Goodput on the Azure {trace} trace: {replicas} replicas, {rate:g} req/s offered for {duration_s:.0f} s (SLO TTFT <= {ttft_ms} ms, TPOT <= {tpot_ms} ms)",
-        ["policy", "SLO attainment", "F req/s", "training tokens", "rounds ok", "final loss", "mean Q", "goodput", "goodput/s", "coexec / policy", "target"],
-        [[r["policy"], r["slo_attainment"], r["slo_met_rps"], r["training_tokens"], f"{r['rounds_succeeded']}/{r['rounds_started']}", r["held_out_loss_final_served"], r["mean_quality_served"], r["goodput"], r["goodput_per_s"], r["coexec_ratio"], f">= {TARGETS[r['policy']]}" if r["policy"] in TARGETS else "-"] for r in runs],
-    )
+        plots = {}
+        for entry in by_load:
+            plots[str(entry["load"])] = write_plots(entry["policies"], out / f"load-{entry['load']:g}")
+        if len(by_load) > 1:
+            plots["goodput_vs_load"] = write_load_plot([e["load"] for e in by_load], [e["policies"] for e in by_load], out)
+        result["plots"] = plots
+    trace_words = f"the Azure {trace} trace" if result["trace_file"] else f"Poisson arrivals (the {trace} trace file is missing)"
+    for entry in by_load:
+        runs = entry["policies"]
+        print_table(
+            f"Goodput at load {entry['load']:g} of the measured capacity ({capacity['rate']:.1f} req/s): {entry['offered_rate']:.1f} req/s of {trace_words}, "
+            f"{replicas} replica processes x 1 core, {entry['requests']} requests over {entry['run_s']:.0f} s per policy (SLO TTFT <= {ttft_ms} ms, TPOT <= {tpot_ms} ms)",
+            ["policy", "SLO attainment", "F req/s", "Q served", "Q initial", "training tokens", "revisions", "rounds ok", "goodput", "coexec / policy", "target", "harness CPU"],
+            [[r["policy"], r["slo_attainment"], r["slo_met_rps"], r["mean_quality_served"], r["mean_quality_initial_adapter"], r["training_tokens"],
+              sum(r["revisions_per_replica"].values()), f"{r['rounds_succeeded']}/{r['rounds_started']}", r["goodput"], r["coexec_ratio"],
+              f">= {TARGETS[r['policy']]}" if r["policy"] in TARGETS else "-", f"{r['cpu_share_harness']:.0%}"] for r in runs],
+        )
     write_json(result, json_path)
     return result
+
+
+def _harness_share(result: dict) -> float:
+    """The harness's CPU time (router process + this process: load generator, controller, sampling)
+    as a share of all the CPU time the run used (`cpu_seconds` has every process's figure)."""
+    cpu = result["cpu_seconds"]
+    harness = cpu.get("harness", 0.0) + cpu.get("router", 0.0)
+    total = sum(cpu.values())
+    return harness / total if total else 0.0
+

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from replica_agent.config import AgentConfig
+from replica_agent.engine.adapter_store import AdapterStore
 from replica_agent.engine.data import LocalDataset, stdlib_package_dir
 from replica_agent.engine.model_host import load_base_model
 from replica_agent.engine.requests import SamplingParams
@@ -33,7 +34,8 @@ ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def _configs(n: int, **overrides) -> list[AgentConfig]:
-    base = dict(model="tiny", federated=True, eval_batches=1, max_total_tokens=256, micro_batch=2, seq_len=64, learning_rate=5e-3)
+    # No local revisions: these benchmarks measure rounds (the replicas still train between them).
+    base = dict(model="tiny", eval_batches=1, max_total_tokens=256, micro_batch=2, seq_len=64, learning_rate=5e-3, revision_every_seconds=0)
     return [AgentConfig(**{**base, **overrides}, replica_id=f"agent-{i}", data=str(stdlib_package_dir(PACKAGES[i]))) for i in range(n)]
 
 
@@ -65,7 +67,7 @@ class _Load:
 
 
 def run_case(base, *, rank: int, targets: list[str], participants: int, strategy: str, local_steps: int = 2) -> dict:
-    with LocalCluster(_configs(participants, lora_rank=rank, lora_alpha=2 * rank, lora_targets=targets), base=base) as cluster:
+    with LocalCluster(_configs(participants, lora_rank=rank, lora_alpha=2 * rank, lora_targets=targets, train_only_b=strategy == "ffa"), base=base) as cluster:
         names = list(cluster.replicas)
         adapter_bytes = sum(t.numel() * t.element_size() for t in cluster[names[0]].agent.store.current.tensors.values())
         load = _Load(cluster)
@@ -114,16 +116,21 @@ def run_federated_bench(*, rounds: int = 5, local_steps: int = 20, json_path: st
         for n in range(1, rounds + 1):
             state = RoundDriver(_spec(f"fed-{n}", names, local_steps, tolerance=0.02), cluster.addresses, round_number=n).run(timeout_s=900)
             history.append({"round": n, "succeeded": state.succeeded, "result": state.conditions[R.Condition.SUCCEEDED].reason, "eval_loss_before": state.eval_loss_before, "eval_loss_after": state.eval_loss_after})
-        federated = dict(cluster[names[0]].agent.store.current.tensors)
+        for name in names:  # what the rounds published is compared now: the replicas stop training
+            cluster[name].agent.trainer.pause()
+        federated = dict(cluster[names[0]].agent.store.global_version.tensors)
         evaluators = [cluster[name].agent.trainer for name in names]
         initial = dict(cluster[names[0]].agent.store.get(1).tensors)
-        steps = rounds * local_steps * len(names)
+        # The replicas train continuously; the last global holds every step up to each one's last upload.
+        steps = sum(cluster[name].agent.trainer.steps_uploaded for name in names)
         with tempfile.TemporaryDirectory() as tmp:
             union = Path(tmp)
             for pkg in packages:
                 shutil.copytree(stdlib_package_dir(pkg), union / pkg, ignore=shutil.ignore_patterns("__pycache__"))
             c0 = cluster[names[0]].agent
-            central = Trainer(c0.runtime, LocalDataset.from_path(union, c0.tokenizer, seq_len=c0.config.seq_len), c0.store, c0.spec, settings=TrainerSettings(learning_rate=c0.config.learning_rate, micro_batch=c0.config.micro_batch), initial=initial)
+            store = AdapterStore()
+            store.publish(initial, cluster_version=0)
+            central = Trainer(c0.runtime, LocalDataset.from_path(union, c0.tokenizer, seq_len=c0.config.seq_len), store, c0.spec, settings=TrainerSettings(learning_rate=c0.config.learning_rate, micro_batch=c0.config.micro_batch))
             for _ in range(steps):
                 central.train_step()
             centralized = central.snapshot()
@@ -137,7 +144,7 @@ def run_federated_bench(*, rounds: int = 5, local_steps: int = 20, json_path: st
         "benchmark": "federated",
         "rounds": rounds,
         "local_steps": local_steps,
-        "total_steps": steps,
+        "total_steps": steps,  # training steps in the final global adapter, over all replicas (>= rounds x local_steps x 3)
         "packages": list(packages),
         "initial_loss": initial_loss,
         "federated_loss": fed_loss,
@@ -148,7 +155,7 @@ def run_federated_bench(*, rounds: int = 5, local_steps: int = 20, json_path: st
         "machine": machine(),
     }
     print_table(
-        f"Federated vs centralized LoRA ({rounds} rounds x {local_steps} steps x 3 replicas = {steps} steps)",
+        f"Federated vs centralized LoRA ({rounds} rounds of at least {local_steps} steps x 3 replicas; {steps} steps in the final global)",
         ["adapter", "held-out loss (token-weighted over the 3 replicas)"],
         [["initial", initial_loss], ["federated (FedAvg)", fed_loss], ["centralized on the union", central_loss], ["ratio (target <= 1.1)", fed_loss / central_loss]]
         + [[f"round {h['round']}: before -> after ({h['result']})", f"{h['eval_loss_before']:.3f} -> {h['eval_loss_after']:.3f}"] for h in history],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import AgentConfig
 from .engine.adapter_store import AdapterStore, AdapterVersion
+from .engine.archive import AdapterArchive
 from .engine.budget import TrainingBudget
 from .engine.capacity import CapacityProfiler
 from .engine.data import EmptyDataError, LocalDataset
@@ -21,7 +22,8 @@ from .engine.llama import LlamaRuntime
 from .engine.lora import LoraSpec, init_adapter
 from .engine.mixer import BatchMixer, MixerSettings
 from .engine.model_host import BaseModel, load_base_model
-from .engine.trainer import Trainer, TrainerSettings
+from .engine.revisions import RevisionSettings
+from .engine.trainer import Trainer, TrainerSettings, held_out_loss
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,15 @@ class Agent:
         self.tokenizer = self.base.tokenizer
         self.spec = LoraSpec(rank=c.lora_rank, alpha=c.lora_alpha, target_modules=tuple(c.lora_targets))
         self.store = AdapterStore(retain=c.adapter_retain)
+        if c.adapter_archive:
+            self.store.on_change(AdapterArchive(c.adapter_archive, c.replica_id).write)
         self.dataset, self.data_error = self._load_data(c)
-        self.training = training = c.training_enabled and self.dataset is not None
+        # The initial adapter is global version 0 ("0.0") on every replica: the same seed, the same tensors.
+        initial = init_adapter(self.spec, self.runtime.dims, seed=c.seed, dtype=self.runtime.dtype)
+        initial_loss = held_out_loss(self.runtime, self.dataset, self.spec, initial, micro_batch=c.micro_batch, max_batches=c.eval_batches)[0] if self.dataset else None
+        self.store.publish(initial, cluster_version=0, eval_loss=initial_loss)
+        # With data the replica trains whenever the plan's cap and the batch mixer allow (cap 0: never).
+        self.training = training = c.train and self.dataset is not None
         self.mixer = BatchMixer(MixerSettings(ttft_ms=c.ttft_ms, tpot_ms=c.tpot_ms, cap_tokens_per_iteration=c.train_cap_tokens if training else 0))
         step_tokens = c.micro_batch * c.seq_len
         self.budget = TrainingBudget(max_balance=step_tokens) if training else None
@@ -80,13 +89,18 @@ class Agent:
                 settings=TrainerSettings(
                     learning_rate=c.learning_rate,
                     micro_batch=c.micro_batch,
-                    publish_every=0 if c.federated else c.publish_every,
                     eval_batches=c.eval_batches,
                     seed=c.seed,
                     torch_threads=c.trainer_threads or 1,
+                    freeze_a=c.train_only_b,
+                    nice=19 if c.trainer_priority == "low" else 0,
+                    revisions=RevisionSettings(every_steps=c.revision_every_steps, every_s=c.revision_every_seconds, tolerance=c.revision_tolerance),
                 ),
-                budget=self.budget,
+                # Without training (train: false) the trainer only evaluates: a budget that never fills.
+                budget=self.budget or TrainingBudget(max_balance=step_tokens),
             )
+            # The held-out loss of what is served at the start: the planner reads "has data" from it.
+            self.trainer.last_eval_loss = self.trainer.local_loss(self.store.current)  # measured above: no second evaluation
 
         self.profiler = CapacityProfiler(tpot_ms=c.tpot_ms, max_batch=c.max_batch)
         self._training_tokens_seen = 0
@@ -121,15 +135,12 @@ class Agent:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> AdapterVersion:
-        """Publish the initial adapter (version 1), then start serving and, with data, training."""
-        if self.trainer is not None:
-            first = self.trainer.publish(round=0)
-        else:
-            first = self.store.publish(init_adapter(self.spec, self.runtime.dims, seed=self.config.seed, dtype=self.runtime.dtype))
+        """Start serving the initial adapter (global version 0) and, with data, training."""
+        first = self.store.current
         self.engine.start()
-        if self.trainer is not None and self.training and not self.config.federated:
-            self.trainer.start()  # federated replicas train when a round begins
-        log.info("agent %s serving %s with adapter version %d", self.config.replica_id, self.base.name, first.number)
+        if self.trainer is not None and self.training:
+            self.trainer.start()
+        log.info("agent %s serving %s with adapter %s", self.config.replica_id, self.base.name, first.label)
         return first
 
     def stop(self) -> None:
@@ -145,9 +156,46 @@ class Agent:
         self.profiler.tpot_ms = plan.tpot_ms
 
     def publish(self) -> AdapterVersion:
+        """Publish the shadow as a local revision now, without the eval gate (an admin's explicit act)."""
         if self.trainer is None:
             raise RuntimeError("this agent has no training data, so it has no shadow adapter to publish; start it with --data")
-        return self.trainer.publish()
+        version = self.trainer.publish_revision(force=True)
+        if version is None:  # a global was published while the shadow was evaluated: it is rebased now
+            version = self.trainer.publish_revision(force=True)
+        return version or self.store.current
+
+    def adopt_global(self, tensors, cluster_version: int, *, round_id: str = "", included: bool = False, eval_loss: float | None = None) -> AdapterVersion:
+        """Serve a new global adapter G' at once and rebase the shadow on it (trainer.py says how).
+        `included`: this replica's upload to `round_id` is part of G'.
+
+        With local revisions on, G' plus the progress the shadow keeps is evaluated against G' on the
+        local held-out split right away and served instead when it is better: the replica then
+        serves `<G'>.1` a moment after `<G'>.0`, never its older revision (docs/federated.md)."""
+        version = self.store.publish(tensors, cluster_version=cluster_version, eval_loss=eval_loss)
+        if self.trainer is not None:
+            self.trainer.rebase(version, round_id=round_id or None, included=included)
+            self._serve_progress()
+        return version
+
+    def _serve_progress(self) -> None:
+        if self.trainer is not None and self.trainer.settings.revisions.enabled and self.trainer.unuploaded_steps > 0:
+            self.trainer.publish_revision()
+
+    def rollback(self, number: int) -> AdapterVersion:
+        """Serve a retained version again; rolling back the global rebases the shadow on it."""
+        version = self.store.rollback(number)
+        if version.is_global and self.trainer is not None and version.sha256 != self.trainer.global_version.sha256:
+            self.trainer.rebase(version)
+        return version
+
+    def _labels(self, numbers) -> dict[int, str]:
+        out = {}
+        for number in numbers:
+            try:
+                out[number] = self.store.get(number).label
+            except KeyError:  # released and pruned since it was listed
+                pass
+        return out
 
     def stats(self) -> dict:
         current = self.store.current
@@ -169,8 +217,11 @@ class Agent:
             "trainer_error": trainer.error if trainer else None,
             "data_error": self.data_error,
             "adapter": current.summary() if current else None,
-            "live_versions": sorted(self.store.live_versions()),
-            "pins": self.store.pins(),
+            "global_adapter": self.store.global_version.summary() if self.store.global_version else None,
+            "revisions": {"published": trainer.revisions_published, "rejected": trainer.revisions_rejected, "last_at": trainer.last_revision_at} if trainer else None,
+            "unuploaded_steps": trainer.unuploaded_steps if trainer else 0,
+            "live_versions": sorted(self._labels(self.store.live_versions()).values()),
+            "pins": {self._labels([n]).get(n, str(n)): count for n, count in self.store.pins().items()},
             "slo": {"ttft_ms": self.mixer.settings.ttft_ms, "tpot_ms": self.mixer.settings.tpot_ms},
             "requests_finished": self.requests_finished,
             "requests_met_slo": self.requests_met_slo,

@@ -87,12 +87,14 @@ def collm_main(argv: list[str] | None = None) -> int:
     sim.add_argument("--json", help="write the figures to this file")
     sim.add_argument("--replicas", type=int, default=4)
     sim.add_argument("--slow-interval", type=float, default=10.0)
-    goodput = kinds.add_parser("goodput", help="cluster goodput (F x Q) of each scheduling policy on the same replicas, data and trace slice")
-    goodput.add_argument("--policies", default="coexec,static,separated,inferenceOnly", help="comma-separated policies, run one after another")
-    goodput.add_argument("--trace", default="conv", choices=["conv", "code"])
-    goodput.add_argument("--replicas", type=int, default=3)
-    goodput.add_argument("--rate", type=float, default=26.0, help="offered requests/s (default 26: near what 3 tiny replicas co-executing serve within the SLO on 2 cores)")
-    goodput.add_argument("--duration", type=float, default=60.0, help="seconds of trace per policy")
+    goodput = kinds.add_parser("goodput", help="cluster goodput (F x Q) of each scheduling policy: replica processes on cores of their own, the same requests, per-request quality")
+    goodput.add_argument("--policies", default="coexec,static,separated,inferenceOnly,peft", help="comma-separated policies, run one after another")
+    goodput.add_argument("--trace", default="code", choices=["conv", "code"])
+    goodput.add_argument("--replicas", type=int, default=2, help="replica processes, each pinned to a core of its own (default 2: this machine's cores)")
+    goodput.add_argument("--loads", default="0.7", help="offered loads as fractions of the measured capacity, e.g. 0.3,0.6,0.9 (default 0.7)")
+    goodput.add_argument("--duration", type=float, default=240.0, help="seconds a run lasts at the highest load (default 240: long enough for quality to move)")
+    goodput.add_argument("--capacity", type=float, help="skip the capacity search: the cluster's capacity in req/s")
+    goodput.add_argument("--round-interval", type=float, default=60.0, help="seconds between federated rounds (default 60)")
     goodput.add_argument("--ttft-ms", type=int, default=500)
     goodput.add_argument("--tpot-ms", type=int, default=50)
     goodput.add_argument("--json", help="write the figures to this file (plots go to a folder of the same name)")
@@ -137,7 +139,9 @@ def collm_main(argv: list[str] | None = None) -> int:
     elif args.bench == "goodput":
         from collm_bench import goodput as bench_goodput
 
-        bench_goodput.run([p.strip() for p in args.policies.split(",") if p.strip()], trace=args.trace, replicas=args.replicas, rate=args.rate, duration_s=args.duration, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, json_path=args.json)
+        loads = tuple(float(x) for x in args.loads.split(",") if x.strip())
+        bench_goodput.run([p.strip() for p in args.policies.split(",") if p.strip()], trace=args.trace, replicas=args.replicas, loads=loads, duration_s=args.duration,
+                          capacity_rps=args.capacity, round_interval_s=args.round_interval, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, json_path=args.json)
     elif args.bench == "freshness":
         from collm_bench import freshness as bench_freshness
 

@@ -27,7 +27,11 @@ def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[s
         "train_cap_tokens": spec.training.train_cap_tokens if training_on else 0,
         "micro_batch": spec.training.micro_batch,
         "learning_rate": spec.training.learning_rate,
-        "federated": spec.federation.enabled,
+        "revision_every_steps": spec.training.revision_every_steps,
+        "revision_every_seconds": spec.training.revision_every_seconds,
+        # A local revision passes the same gate as a round's candidate.
+        "revision_tolerance": spec.federation.eval_gate_tolerance_milli_nats / 1000,
+        "train_only_b": spec.federation.strategy == "ffa",
         "host": "0.0.0.0",
         "port": HTTP_PORT,
         "grpc_port": GRPC_PORT,

@@ -58,9 +58,9 @@ class Model:
 
 @dataclass(frozen=True)
 class Adapter:
-    rank: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    rank: int = 16
+    alpha: int = 32
+    target_modules: tuple[str, ...] = TARGET_MODULES
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,10 @@ class Training:
     data_volume: Mapping[str, Any] | None = None
     data_path: str = "/data"
     micro_batch: int = 4
-    learning_rate: str = "1e-3"
+    learning_rate: str = "2e-3"
     train_cap_tokens: int = 128
+    revision_every_steps: int = 0
+    revision_every_seconds: int = 10
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,8 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
                         f"or {{hostPath: {{path: /srv/data}}}}, got {sorted(data_volume) or 'none'}")
     training = Training(
         data_volume, data_path, t.int("microBatch", Training.micro_batch, 1),
-        t.number("learningRate", Training.learning_rate, "1e-3"), t.int("trainCapTokens", Training.train_cap_tokens, 0),
+        t.number("learningRate", Training.learning_rate, "2e-3"), t.int("trainCapTokens", Training.train_cap_tokens, 0),
+        t.int("revisionEverySteps", Training.revision_every_steps, 0, 1_000_000), t.int("revisionEverySeconds", Training.revision_every_seconds, 0, 86_400),
     )
 
     f, F = root.section("federation"), Federation  # F: the defaults

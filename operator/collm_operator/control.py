@@ -72,20 +72,33 @@ def current_adapter(status: Mapping[str, Any], rounds: list[dict], stats: Mappin
             best = Adapter(int(s["version"]), s["sha256"], r["metadata"]["name"], s.get("evalLossAfter"))
     if best is not None:
         return best
-    served = {(st.get("adapter") or {}).get("sha256") for st in stats.values() if st}
-    if len(served) == 1 and None not in served and all(st is not None for st in stats.values()) and stats:
-        return Adapter(0, served.pop())
+    rests_on = {global_adapter(st).get("sha256") for st in stats.values() if st}
+    if len(rests_on) == 1 and None not in rests_on and all(st is not None for st in stats.values()) and stats:
+        return Adapter(0, rests_on.pop())
     return None
 
 
+def global_adapter(stats: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The global adapter an agent rests on (it may serve a local revision on top of it)."""
+    return (stats or {}).get("global_adapter") or {}
+
+
+def served_adapter(stats: Mapping[str, Any]) -> dict[str, str]:
+    """The adapter an agent serves, as status shows it: `<cluster version>.<local revision>` and sha256."""
+    served = stats.get("adapter") or {}
+    return {"adapter": str(served["version"]), "adapterSha256": served.get("sha256", "")} if served.get("version") is not None else {}
+
+
 def laggards(adapter: Adapter | None, stats: Mapping[str, dict | None]) -> list[str]:
-    """Agents serving an adapter older than the current one (never a newer one: a round may be publishing)."""
+    """Agents resting on a global adapter older than the current one (never a newer one: a round may be
+    publishing). A local revision on top of the current global is not lagging: it is that global plus
+    what the replica learnt since."""
     if adapter is None:
         return []
     out = []
     for name, st in stats.items():
-        served = (st or {}).get("adapter") or {}
-        if st is not None and served.get("sha256") != adapter.sha256 and int(served.get("round") or 0) < max(adapter.version, 1):
+        rests_on = global_adapter(st)
+        if st is not None and rests_on.get("sha256") != adapter.sha256 and int(rests_on.get("cluster_version") or 0) < max(adapter.version, 1):
             out.append(name)
     return sorted(out)
 
@@ -131,7 +144,7 @@ class ClusterController:
             self._push_weights(cluster, decision)
 
         adapter = current_adapter(status, rounds, stats)
-        holders = [n for n, st in stats.items() if st and (st.get("adapter") or {}).get("sha256") == (adapter.sha256 if adapter else None)]
+        holders = [n for n, st in stats.items() if st and global_adapter(st).get("sha256") == (adapter.sha256 if adapter else None)]
         lost = adapter is not None and adapter.version > 0 and bool(reachable) and not holders
         # While a round publishes, the agents switch to its version one by one: a re-publish of the
         # previous version racing that would roll one back, so it waits for the round to end.
@@ -166,7 +179,7 @@ class ClusterController:
             patch["adapter"] = adapter.as_status()
         if decision is not None:
             a = decision.allocation
-            allocation = {n: {"trainCapTokens": decision.cap(n), "weight": f"{a.weights.get(n, 0.0):.3f}"} for n in reachable}
+            allocation = {n: {"trainCapTokens": decision.cap(n), "weight": f"{a.weights.get(n, 0.0):.3f}", **served_adapter(reachable[n])} for n in reachable}
             gone = {n: None for n in status.get("allocation") or {} if n not in allocation}  # scaled away or unreachable
             patch["allocation"] = {**allocation, **gone} if status.get("allocation") != allocation else allocation
         self._announce(status, patch)
@@ -225,7 +238,7 @@ class ClusterController:
 
     def _push_weights(self, cluster: api.Cluster, decision: Decision) -> None:
         selector = ",".join(f"{k}={v}" for k, v in objects.selector(cluster, objects.ROUTER).items())
-        body = json.dumps({"weights": dict(decision.allocation.weights)}).encode()
+        body = json.dumps({"weights": dict(decision.allocation.weights), "affinity": decision.affinity}).encode()
         for pod in self.kube.list("v1", "Pod", cluster.namespace, selector):
             ip = (pod.get("status") or {}).get("podIP")
             if not ip:
@@ -241,7 +254,7 @@ class ClusterController:
         loss = float(adapter.eval_loss) if adapter.eval_loss else None
         for name in behind:
             request = pb.PublishRequest(round_id=f"republish-{adapter.sha256[:12]}", sha256=adapter.sha256, source=addresses[sources[0]],
-                                        round=adapter.version, eval_loss=loss or 0.0, has_eval_loss=loss is not None)
+                                        cluster_version=adapter.version, eval_loss=loss or 0.0, has_eval_loss=loss is not None)
             try:
                 self.pool.client(name, addresses[name]).publish(request)
                 self.event("Normal", "AdapterRestored", f"{name} serves adapter version {adapter.version} ({adapter.sha256[:12]}) again")

@@ -56,6 +56,12 @@ class Decision:
         """The training cap to send `replica` (inferenceOnly never trains)."""
         return 0 if self.allocation.policy == "inferenceOnly" else self.allocation.caps.get(replica, 0)
 
+    @property
+    def affinity(self) -> bool:
+        """Whether the router sends a request to its home replica while it has room: every policy but
+        `static`, whose baseline spreads requests evenly (DESIGN: round-robin dispatch)."""
+        return self.allocation.policy != "static"
+
 
 class Planner:
     def __init__(self, settings: PlanningSettings, *, now: float) -> None:

@@ -167,10 +167,10 @@ def _ahead(me: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
 
 def next_version(cluster_status: Mapping[str, Any], rounds: list[Mapping[str, Any]], stats: Mapping[str, dict | None]) -> int:
     """1 + the highest version anyone knows: the cluster's adapter, any round of it (a running or
-    failed one claimed its number), any adapter an agent serves. Versions only grow."""
+    failed one claimed its number), any global adapter an agent rests on. Versions only grow."""
     known = [int(((cluster_status.get("adapter") or {}).get("version")) or 0)]
     known += [int((r.get("status") or {}).get("version") or 0) for r in rounds]
-    known += [int(((st or {}).get("adapter") or {}).get("round") or 0) for st in stats.values()]
+    known += [int(((st or {}).get("global_adapter") or {}).get("cluster_version") or 0) for st in stats.values()]
     return max(known) + 1
 
 

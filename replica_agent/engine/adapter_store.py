@@ -1,9 +1,17 @@
-"""Numbered, immutable adapter versions; the "current" pointer; per-request pinning.
+"""Immutable adapter versions, their identity, the "current" pointer, per-request pinning.
+
+Identity: a served adapter is `<cluster version>.<local revision>` plus its sha256. The cluster
+version is the federated round that published a global adapter (0 before any round); the local
+revision counts what this replica published on top of that global from its own training (0 is the
+global itself). `7.3` is the third local revision on top of global version 7. The same label names
+the adapter in response headers, stream events, stats, metrics, gRPC and the CollmCluster status.
+Each version also has a store-internal `number` (a serial that keys pins and LoRA slab slots); it
+is never shown to users.
 
 Publishing snapshots tensors into a new version and flips "current" under one lock, so a request
 admitted at any moment pins either the old or the new version, never a mix. A pinned version is
 never dropped; an unpinned one that is not current stays only while the retention window keeps it
-(for rollback and for peers that fetch it).
+(for rollback and for peers that fetch it). The global the replica rests on is always kept.
 """
 
 from __future__ import annotations
@@ -28,18 +36,32 @@ def adapter_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def version_label(cluster_version: int, revision: int) -> str:
+    return f"{cluster_version}.{revision}"
+
+
 @dataclass(frozen=True)
 class AdapterVersion:
-    number: int
-    round: int
+    number: int  # store-internal serial (pins, slab slots); users see `label`
+    cluster_version: int
+    revision: int
     step: int
     sha256: str
     eval_loss: float | None
     created_at: float
     tensors: Mapping[str, torch.Tensor] = field(repr=False, compare=False)
 
+    @property
+    def label(self) -> str:
+        """The version as users see it: `<cluster version>.<local revision>`."""
+        return version_label(self.cluster_version, self.revision)
+
+    @property
+    def is_global(self) -> bool:
+        return self.revision == 0
+
     def summary(self) -> dict:
-        return {"version": self.number, "round": self.round, "step": self.step, "sha256": self.sha256, "eval_loss": self.eval_loss}
+        return {"version": self.label, "cluster_version": self.cluster_version, "revision": self.revision, "sha256": self.sha256, "step": self.step, "eval_loss": self.eval_loss}
 
 
 class UnknownVersion(KeyError):
@@ -55,18 +77,39 @@ class AdapterStore:
         self._versions: dict[int, AdapterVersion] = {}
         self._pins: dict[int, int] = {}
         self._current: int | None = None
+        self._global: AdapterVersion | None = None
+        self._revisions: dict[int, int] = {}  # cluster version -> last local revision published on it
         self._next = 1
         self._listeners: list[Callable[[AdapterVersion], None]] = []
 
     # -- publishing ---------------------------------------------------------------------------
-    def publish(self, tensors: Mapping[str, torch.Tensor], *, round: int = 0, step: int = 0, eval_loss: float | None = None) -> AdapterVersion:
-        """Snapshot `tensors` into a new immutable version and make it current atomically."""
+    def publish(self, tensors: Mapping[str, torch.Tensor], *, cluster_version: int | None = None, step: int = 0, eval_loss: float | None = None, on_global: str | None = None) -> AdapterVersion | None:
+        """Snapshot `tensors` into a new immutable version and make it current atomically.
+
+        With `cluster_version` it is a global adapter (revision 0) and becomes the global this
+        replica rests on. Without, it is the next local revision on top of the current global (the
+        first publish of an empty store is global version 0). `on_global` (a sha256) makes a local
+        revision conditional: if the global changed since the caller took its snapshot, nothing is
+        published and None is returned (the snapshot rests on an adapter that is no longer the base).
+        """
         frozen = {k: v.detach().clone().requires_grad_(False) for k, v in tensors.items()}
         digest = adapter_sha256(frozen)
         with self._lock:
-            version = AdapterVersion(self._next, round, step, digest, eval_loss, time.time(), MappingProxyType(frozen))
+            if cluster_version is None and on_global is not None and (self._global is None or self._global.sha256 != on_global):
+                return None
+            if cluster_version is None and self._global is not None:
+                base = self._global.cluster_version
+                revision = self._revisions.get(base, 0) + 1
+            else:
+                base, revision = (0 if cluster_version is None else cluster_version), 0
+            if cluster_version is not None and cluster_version < 0:
+                raise ValueError(f"a cluster version is >= 0, got {cluster_version}")
+            version = AdapterVersion(self._next, base, revision, step, digest, eval_loss, time.time(), MappingProxyType(frozen))
             self._next += 1
             self._versions[version.number] = version
+            self._revisions[base] = max(self._revisions.get(base, 0), revision)
+            if revision == 0:
+                self._global = version
             self._current = version.number
             self._prune_locked()
             listeners = list(self._listeners)
@@ -75,10 +118,13 @@ class AdapterStore:
         return version
 
     def rollback(self, number: int) -> AdapterVersion:
-        """Make a retained version current again (new requests pin it; running ones keep theirs)."""
+        """Make a retained version current again (new requests pin it; running ones keep theirs).
+        Rolling back to a global version makes it the global again; its later revisions get new labels."""
         with self._lock:
             version = self._get_locked(number)
             self._current = number
+            if version.is_global:
+                self._global = version
             listeners = list(self._listeners)
         for listener in listeners:
             listener(version)
@@ -114,6 +160,12 @@ class AdapterStore:
     def current(self) -> AdapterVersion | None:
         with self._lock:
             return None if self._current is None else self._versions[self._current]
+
+    @property
+    def global_version(self) -> AdapterVersion | None:
+        """The global (cluster) adapter this replica rests on: the last one published with a cluster version."""
+        with self._lock:
+            return self._global
 
     def get(self, number: int) -> AdapterVersion:
         with self._lock:
@@ -151,5 +203,7 @@ class AdapterStore:
         keep = set(sorted(self._versions)[-self.retain :]) | set(self._pins)
         if self._current is not None:
             keep.add(self._current)
+        if self._global is not None:
+            keep.add(self._global.number)
         for number in [n for n in self._versions if n not in keep]:
             del self._versions[number]

@@ -388,7 +388,7 @@ class Engine:
             generated_text=row.detok.text,
             generated_tokens=n,
             seed=row.sampler.seed,
-            adapter_version=row.version.number if row.version is not None else None,
+            adapter_version=row.version.label if row.version is not None else None,
             prompt_tokens=len(req.prompt_ids),
             prefill=row.prefill,
             tokens=tuple(row.generated),
@@ -396,6 +396,7 @@ class Engine:
             tpot_s=(now - row.first_token_at) / (n - 1) if n > 1 else None,
             queue_s=row.admitted_at - req.arrival,
             error=error,
+            adapter_sha256=row.version.sha256 if row.version is not None else None,
         )
         row.handle.callback(final)
         for observer in self.observers:

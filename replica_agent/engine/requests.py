@@ -65,7 +65,7 @@ class FinalEvent:
     generated_text: str
     generated_tokens: int
     seed: int | None
-    adapter_version: int | None
+    adapter_version: str | None  # the label of the version that served it, "<cluster version>.<local revision>"
     prompt_tokens: int
     prefill: tuple[TokenInfo, ...] = ()
     tokens: tuple[TokenInfo, ...] = ()
@@ -73,6 +73,7 @@ class FinalEvent:
     tpot_s: float | None = None
     queue_s: float | None = None
     error: str | None = None
+    adapter_sha256: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -1,39 +1,71 @@
-"""The local trainer: LoRA training of the shadow adapter on the replica's own data.
+"""The local trainer: continuous LoRA training of the shadow adapter on the replica's own data.
 
 The shadow adapter is a set of plain tensors in PEFT naming that only this trainer writes. It runs
 in its own thread over the same runtime (one copy of the base weights) as the engine; each step
 first takes its tokens from the training budget that the batch mixer fills, so training only uses
-what inference leaves. Publishing copies the shadow into a new immutable version in the store.
+what inference leaves (a cap of 0 means no training at all, in rounds too).
+
+Three things happen to the shadow besides training (CoLLM's "shadow adapter with real-time
+parameter reuse"):
+- Local revisions (revisions.py): every N steps or T seconds the shadow is evaluated on the
+  held-out split and, if it passes the eval gate against what is served, published at once as the
+  next local revision on top of the current global adapter (`7.1`, `7.2`, ...).
+- Round snapshots: a federated round takes a snapshot of the shadow; the participant uploads
+  `snapshot - global` (everything learnt since the global adapter it rests on). Training goes on.
+- Rebase on a new global G': the shadow becomes `G' + (shadow - anchor)`, where the anchor is the
+  snapshot uploaded to the round that produced G' if that upload is in G', else the old global. So
+  progress made after the upload carries over, progress already in G' is not added twice, and
+  progress that never made it into a global is uploaded with the next round (docs/federated.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
-from .adapter_store import AdapterStore, AdapterVersion
+from .adapter_store import AdapterStore, AdapterVersion, adapter_sha256
 from .budget import TrainingBudget
 from .data import LocalDataset
 from .llama import LlamaRuntime, TensorLora
-from .lora import LoraSpec, init_adapter
+from .lora import LoraSpec
+from .revisions import RevisionSettings, passes_gate, revision_due
 
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def held_out_loss(runtime: LlamaRuntime, dataset: LocalDataset, spec: LoraSpec, tensors: Mapping[str, torch.Tensor], *, micro_batch: int, max_batches: int = 0) -> tuple[float, int]:
+    """(mean next-token cross-entropy, labelled tokens) of an adapter on the held-out split; the
+    first `max_batches` batches (0: all of it), always the same ones, so losses compare."""
+    lora = TensorLora(dict(tensors), spec, runtime.dims)
+    total, count = 0.0, 0
+    for i, batch in enumerate(dataset.eval_batches(micro_batch)):
+        if max_batches and i >= max_batches:
+            break
+        labelled = int((batch.labels[:, 1:] != -100).sum())
+        total += float(runtime.loss(batch.input_ids, batch.labels, lora)) * labelled
+        count += labelled
+    return (total / count if count else math.nan), count
+
+
 @dataclass
 class TrainerSettings:
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     micro_batch: int = 4
-    publish_every: int = 0  # steps between automatic publishes; 0 = only on demand
     eval_batches: int = 8  # eval batches (of micro_batch chunks) per evaluation, 0 = the whole eval split
     seed: int = 0
     torch_threads: int | None = None
     max_grad_norm: float = 1.0
+    freeze_a: bool = False  # FFA-LoRA: lora_A stays at its shared init, only B trains
+    revisions: RevisionSettings = RevisionSettings()
+    nice: int = 0  # OS scheduling niceness of the trainer thread (19: it runs only when the engine thread leaves the core)
 
 
 @dataclass(frozen=True)
@@ -44,12 +76,16 @@ class StepResult:
     seconds: float
 
 
-@dataclass
-class _RoundGoal:
+@dataclass(frozen=True)
+class RoundSnapshot:
+    """What a round took from the shadow: the shadow at that moment and the global it rested on."""
+
     round_id: str
-    target_step: int
-    on_done: object  # callable(snapshot) run on the trainer thread when the goal is reached
-    only_b: bool
+    shadow: Mapping[str, torch.Tensor]
+    base: Mapping[str, torch.Tensor]
+    base_sha256: str
+    step: int  # the trainer's step count when the snapshot was taken
+    steps: int  # training steps in it that no global adapter holds yet
 
 
 class Trainer:
@@ -62,16 +98,20 @@ class Trainer:
         *,
         settings: TrainerSettings | None = None,
         budget: TrainingBudget | None = None,
-        initial: dict[str, torch.Tensor] | None = None,
+        initial: AdapterVersion | None = None,
     ) -> None:
         self.runtime, self.dataset, self.store, self.spec = runtime, dataset, store, spec
         self.settings = s = settings or TrainerSettings()
         self.budget = budget or TrainingBudget(0, unlimited=True)
-        start = initial if initial is not None else init_adapter(spec, runtime.dims, seed=s.seed, dtype=runtime.dtype)
-        self.shadow = {k: v.detach().clone().to(runtime.device).requires_grad_(True) for k, v in start.items()}
+        start = initial or store.global_version
+        if start is None:
+            raise ValueError("the trainer starts from a global adapter: publish one in the store first")
+        self.shadow = {k: v.detach().clone().to(runtime.device).requires_grad_(True) for k, v in start.tensors.items()}
+        self.global_version: AdapterVersion = start  # the global adapter the shadow rests on
         self.optimizer = torch.optim.AdamW(self.shadow.values(), lr=s.learning_rate, weight_decay=0.0)
         self._batches = dataset.train_batches(s.micro_batch, seed=s.seed)
-        self._lock = threading.Lock()  # guards the shadow between a step and a snapshot
+        self._lock = threading.Lock()  # guards the shadow and the global between a step, a snapshot and a rebase
+        self._publish_lock = threading.Lock()  # one revision decision at a time
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -80,10 +120,16 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
         self.busy_seconds = 0.0
-        self.round = 0
         self.error: str | None = None
         self.eval_tokens = 0  # labelled tokens in the last evaluation (weights a federated eval)
-        self._goal: _RoundGoal | None = None
+        self._anchor_step = 0  # training steps before this one are in a global adapter or an upload that made it
+        self._snapshots: dict[str, RoundSnapshot] = {}
+        self._losses: dict[str, float] = {}  # sha256 -> held-out loss measured here
+        if start.eval_loss is not None:
+            self._losses[start.sha256] = start.eval_loss
+        self.revisions_published = 0
+        self.revisions_rejected = 0
+        self.last_revision_at: float | None = None
 
     # -- steps --------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -95,7 +141,7 @@ class Trainer:
                 raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower the learning rate")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self._goal is not None and self._goal.only_b:
+            if self.settings.freeze_a:
                 for key, tensor in self.shadow.items():
                     if key.endswith("lora_A.weight"):
                         tensor.grad = None  # FFA-LoRA: A stays frozen at the shared init
@@ -108,51 +154,84 @@ class Trainer:
         self.last_loss = loss.item()
         return StepResult(self.step, self.last_loss, batch.tokens, seconds)
 
-    @torch.no_grad()
-    def evaluate(self, tensors: dict[str, torch.Tensor] | None = None) -> float:
+    def evaluate(self, tensors: Mapping[str, torch.Tensor] | None = None) -> float:
         """Mean next-token cross-entropy on the held-out split (of `tensors`, default the shadow)."""
-        if tensors is None:
-            tensors = self.snapshot()
-        lora = TensorLora(tensors, self.spec, self.runtime.dims)
-        total, count = 0.0, 0
-        for i, batch in enumerate(self.dataset.eval_batches(self.settings.micro_batch)):
-            if self.settings.eval_batches and i >= self.settings.eval_batches:
-                break
-            labelled = int((batch.labels[:, 1:] != -100).sum())
-            total += float(self.runtime.loss(batch.input_ids, batch.labels, lora)) * labelled
-            count += labelled
-        self.eval_tokens = count
-        return total / count if count else math.nan
+        loss, self.eval_tokens = held_out_loss(self.runtime, self.dataset, self.spec, self.snapshot() if tensors is None else tensors,
+                                               micro_batch=self.settings.micro_batch, max_batches=self.settings.eval_batches)
+        return loss
+
+    def local_loss(self, version: AdapterVersion) -> float:
+        """The held-out loss of a version on this replica's data (measured once per content hash)."""
+        loss = self._losses.get(version.sha256)
+        if loss is None:
+            loss = self._losses[version.sha256] = self.evaluate(version.tensors)
+        return loss
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         with self._lock:
             return {k: v.detach().clone() for k, v in self.shadow.items()}
 
-    def publish(self, *, round: int | None = None) -> AdapterVersion:
-        """Evaluate the shadow and publish it as a new current version."""
-        tensors = self.snapshot()
-        eval_loss = self.evaluate(tensors)
-        self.last_eval_loss = eval_loss
-        return self.store.publish(tensors, round=self.round if round is None else round, step=self.step, eval_loss=eval_loss)
+    @property
+    def steps_uploaded(self) -> int:
+        """Training steps that a global adapter or an accepted upload holds."""
+        return self._anchor_step
 
-    def begin_round(self, round_id: str, base: dict[str, torch.Tensor], local_steps: int, on_done, *, only_b: bool = False) -> None:
-        """Train `local_steps` from `base` for a federated round, then call `on_done(snapshot)` and wait.
+    @property
+    def unuploaded_steps(self) -> int:
+        """Training steps no global adapter and no accepted upload holds yet."""
+        return self.step - self._anchor_step
 
-        The trainer thread runs the steps under the usual budget; after the goal it pauses until
-        the next round begins, so a finished participant leaves the CPU to inference.
-        """
-        self.reset_shadow(base)
+    # -- local revisions ----------------------------------------------------------------------
+    def publish_revision(self, *, force: bool = False) -> AdapterVersion | None:
+        """Evaluate the shadow and publish it as the next local revision if it passes the gate
+        (or always, with `force`); None when it did not pass or the global changed meanwhile."""
+        with self._publish_lock:
+            with self._lock:
+                tensors = {k: v.detach().clone() for k, v in self.shadow.items()}
+                base = self.global_version
+            served = self.store.current
+            loss = self.evaluate(tensors)
+            self.last_eval_loss = loss
+            if not force and served is not None:
+                if served.sha256 == adapter_sha256(tensors):
+                    return None
+                if not passes_gate(loss, self.local_loss(served), self.settings.revisions.tolerance):
+                    self.revisions_rejected += 1
+                    return None
+            version = self.store.publish(tensors, step=self.step, eval_loss=loss, on_global=base.sha256)
+            if version is None:
+                return None
+            self._losses[version.sha256] = loss
+            self.revisions_published += 1
+            self.last_revision_at = version.created_at
+            log.info("local revision %s at step %d (held-out loss %.4f)", version.label, self.step, loss)
+            return version
+
+    # -- federated rounds ---------------------------------------------------------------------
+    def round_snapshot(self, round_id: str) -> RoundSnapshot:
+        """Take the shadow for a round's upload (`shadow - base`); the same snapshot on a retry."""
         with self._lock:
-            self._goal = _RoundGoal(round_id, self.step + local_steps, on_done, only_b)
-        self.pause(False)
+            existing = self._snapshots.get(round_id)
+            if existing is not None:
+                return existing
+            snap = RoundSnapshot(round_id, {k: v.detach().clone() for k, v in self.shadow.items()}, self.global_version.tensors,
+                                 self.global_version.sha256, self.step, self.step - self._anchor_step)
+            self._snapshots[round_id] = snap
+            return snap
 
-    def reset_shadow(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Start the shadow over from `tensors` (e.g. a new global adapter after a federated round)."""
+    def rebase(self, new_global: AdapterVersion, *, round_id: str | None = None, included: bool = False) -> None:
+        """Continue from `new_global` plus the progress it does not hold (see the module docstring)."""
         with self._lock:
+            snap = self._snapshots.get(round_id) if round_id else None
+            if included and snap is not None and snap.base_sha256 == self.global_version.sha256:
+                anchor, self._anchor_step = snap.shadow, snap.step
+            else:
+                anchor = self.global_version.tensors
             with torch.no_grad():
-                for k, v in tensors.items():
-                    self.shadow[k].copy_(v)
-            self.optimizer.state.clear()
+                for key, value in self.shadow.items():
+                    value.copy_(new_global.tensors[key].to(value.dtype) + (value - anchor[key].to(value.dtype)))
+            self.global_version = new_global
+            self._snapshots.clear()
 
     # -- background thread --------------------------------------------------------------------
     def start(self) -> None:
@@ -179,25 +258,31 @@ class Trainer:
     def _run(self) -> None:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        if self.settings.nice:
+            try:  # Linux: a thread is a task with its own niceness; lowering one's own priority needs no privilege
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.settings.nice)
+            except (OSError, AttributeError) as exc:
+                log.warning("cannot lower the trainer thread's priority (%s); training competes with serving as an equal", exc)
         step_tokens = self.settings.micro_batch * self.dataset.seq_len
+        checked_step, checked_at = self.step, time.monotonic()
         while not self._stop.is_set():
             if self._paused.is_set():
                 self._stop.wait(0.05)
                 continue
-            if not self.budget.acquire(step_tokens, timeout=0.1):
-                continue
             try:
-                self.train_step()
-                goal = self._goal
-                if goal is not None and self.step >= goal.target_step:
-                    self._goal = None
-                    self.pause(True)
-                    goal.on_done(self.snapshot())
+                due = revision_due(self.settings.revisions, self.step - checked_step, time.monotonic() - checked_at)
+                if due:
+                    # An evaluation is work on the replica's device too: it waits for budget like a step.
+                    if not self.budget.acquire(step_tokens, timeout=0.1):
+                        continue
+                    self.publish_revision()
+                    checked_step, checked_at = self.step, time.monotonic()
                     continue
-                if goal is None and self.settings.publish_every and self.step % self.settings.publish_every == 0:
-                    version = self.publish()
-                    log.info("published adapter version %d at step %d (eval loss %.4f)", version.number, self.step, version.eval_loss)
+                if not self.budget.acquire(step_tokens, timeout=0.1):
+                    continue
+                self.train_step()
             except Exception as exc:  # keep serving; report through stats and the log
                 self.error = f"{type(exc).__name__}: {exc}"
-                log.exception("training step failed; the trainer stops, serving goes on")
+                log.exception("training failed; the trainer stops, serving goes on")
                 return
+

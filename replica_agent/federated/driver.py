@@ -86,8 +86,10 @@ class RoundDriver:
         try:
             if self.state.started_at is None:
                 try:
-                    base = self.client(self.spec.aggregator).stats().adapter
-                    actions = self._feed(R.Started(self.clock(), str(base.version), base.sha256))
+                    # The round starts from the global adapter the aggregator rests on, not from a local
+                    # revision it may serve: every participant's update is relative to that global.
+                    base = self.client(self.spec.aggregator).stats().global_adapter
+                    actions = self._feed(R.Started(self.clock(), str(base.cluster_version), base.sha256))
                 except grpc.RpcError as exc:  # ends the round AggregatorLost: nothing started, nothing to undo
                     actions = self._feed(R.AggregatorFailed(self.clock(), f"aggregator {self.spec.aggregator} unreachable at the start: {exc.code().name}"))
             else:
@@ -212,10 +214,13 @@ class RoundDriver:
 
     def _publish(self, action: R.Publish) -> list:
         loss = self.state.eval_loss_after
+        # Whose uploads the new global holds: their shadows rebase from the snapshot they uploaded.
+        included = [p for p, record in self.state.participants.items() if record.outcome is R.Outcome.ACCEPTED]
 
         def one(replica):
             for source in action.sources:
-                request = pb.PublishRequest(round_id=self.spec.round_id, sha256=action.version_sha256, source=self.addresses[source], round=self.round_number, eval_loss=loss or 0.0, has_eval_loss=loss is not None)
+                request = pb.PublishRequest(round_id=self.spec.round_id, sha256=action.version_sha256, source=self.addresses[source], cluster_version=self.round_number,
+                                            eval_loss=loss or 0.0, has_eval_loss=loss is not None, included=included)
                 try:
                     reply = self.client(replica).publish(request)
                     return R.PublishAcked(self.clock(), replica, reply.adapter.sha256)

@@ -1,9 +1,13 @@
-"""A replica's side of federated rounds: train from the round's base, upload, evaluate, publish.
+"""A replica's side of federated rounds: snapshot what was learnt, upload, evaluate, publish.
 
-Only the update (shadow minus base) leaves the replica, never its data. Every call is idempotent
-for a round id (a retried StartRound does not train twice; a repeated Publish of the adapter that
-is already current changes nothing). Publishing fetches the adapter, verifies its sha256 and
-shapes, and switches atomically through the adapter store: requests in flight keep their pins.
+The replica trains continuously (trainer.py); a round does not start training, it takes a snapshot
+of the shadow once at least `local_steps` steps are in it that no global adapter holds, and uploads
+`snapshot - global` (only the update leaves the replica, never its data). A replica whose plan
+allows no training (cap 0) uploads what it learnt before, or fails the round at once when that is
+nothing. Every call is idempotent for a round id (a retried StartRound uploads the same snapshot; a
+repeated Publish of the global it already rests on changes nothing). Publishing fetches the adapter,
+verifies its sha256 and shapes, serves it at once and rebases the shadow on it; requests in flight
+keep their pins.
 """
 
 from __future__ import annotations
@@ -78,8 +82,8 @@ class Participant:
             self._fetched[sha256] = tensors
         return tensors
 
-    # -- training -----------------------------------------------------------------------------
-    def start_round(self, round_id: str, *, local_steps: int, base_sha256: str, base_source: str, aggregator_address: str, only_b: bool = False, secure: SecureRound | None = None) -> ParticipantRound:
+    # -- training ----------------------------------------------------------------------------
+    def start_round(self, round_id: str, *, local_steps: int, base_sha256: str, base_source: str, aggregator_address: str, deadline_unix: float = 0.0, only_b: bool = False, secure: SecureRound | None = None) -> ParticipantRound:
         with self._lock:
             existing = self._rounds.get(round_id)
             if existing is not None:
@@ -88,6 +92,14 @@ class Participant:
         trainer = self.agent.trainer
         if trainer is None:
             rnd.state, rnd.message = "Failed", "this replica has no training data (start it with --data)"
+            return rnd
+        rests_on = trainer.global_version
+        if rests_on.sha256 != base_sha256:
+            rnd.state, rnd.message = "Failed", (f"BaseMismatch: this replica rests on global version {rests_on.cluster_version} ({rests_on.sha256[:12]}), "
+                                                f"the round starts from {base_sha256[:12]}; publish that version to it first")
+            return rnd
+        if only_b and not trainer.settings.freeze_a:
+            rnd.state, rnd.message = "Failed", "FFA-LoRA rounds need lora_A frozen: start the agent with --train-only-b"
             return rnd
         if secure is not None:
             secret_file = self.agent.config.secure_aggregation_secret_file
@@ -100,27 +112,36 @@ class Participant:
             except (OSError, ValueError) as exc:
                 rnd.state, rnd.message = "Failed", f"cannot derive the pair seeds: {exc}"
                 return rnd
-        try:
-            base = self.obtain(base_sha256, base_source)
-        except Exception as exc:
-            rnd.state, rnd.message = "Failed", f"cannot get the round's base adapter: {exc}"
+        if trainer.unuploaded_steps == 0 and self.agent.mixer.settings.cap_tokens_per_iteration == 0:
+            rnd.state, rnd.message = "Failed", "NoProgress: the plan allows no training (cap 0) and nothing was learnt since the global adapter"
             return rnd
-        start_step = trainer.step
-
-        def done(snapshot: dict[str, torch.Tensor]) -> None:
-            rnd.steps_done = trainer.step - start_step
-            rnd.state = "Uploading"
-            threading.Thread(target=self._upload, args=(rnd, snapshot, base, aggregator_address, only_b), daemon=True).start()
-
-        trainer.begin_round(round_id, base, local_steps, done, only_b=only_b)
-        if not trainer.is_running:
-            trainer.start()
+        threading.Thread(target=self._snapshot_and_upload, args=(rnd, local_steps, deadline_unix, aggregator_address, only_b), name=f"collm-round-{round_id}", daemon=True).start()
         return rnd
 
-    def _upload(self, rnd: ParticipantRound, shadow, base, aggregator_address: str, only_b: bool) -> None:
+    def _snapshot_and_upload(self, rnd: ParticipantRound, local_steps: int, deadline_unix: float, aggregator_address: str, only_b: bool) -> None:
+        """Wait for `local_steps` of progress (training goes on meanwhile), then snapshot and upload.
+        Close to the deadline, upload what there is; with nothing learnt, fail."""
+        trainer = self.agent.trainer
+        start = time.time()
+        upload_by = deadline_unix - max(1.0, 0.2 * (deadline_unix - start)) if deadline_unix else float("inf")
+        while trainer.unuploaded_steps < local_steps and time.time() < upload_by:
+            if self.agent.mixer.settings.cap_tokens_per_iteration == 0:
+                break  # no more progress will come: upload what there is
+            time.sleep(0.05)
+        rnd.steps_done = trainer.unuploaded_steps
+        if rnd.steps_done == 0:
+            rnd.state, rnd.message = "Failed", "NoProgress: nothing was learnt since the global adapter before the deadline"
+            return
+        snapshot = trainer.round_snapshot(rnd.round_id)
+        rnd.steps_done, rnd.state = snapshot.steps, "Uploading"
+        self._upload(rnd, snapshot, aggregator_address, only_b)
+
+    def _upload(self, rnd: ParticipantRound, snapshot, aggregator_address: str, only_b: bool) -> None:
         agent = self.agent
         try:
-            update = make_update(agent.config.replica_id, rnd.round_id, shadow, base, agent.dataset.train_chunks, only_b=only_b)
+            # FedAvg's weight: the training samples behind the update (steps x micro-batch).
+            samples = max(1, snapshot.steps * agent.trainer.settings.micro_batch)
+            update = make_update(agent.config.replica_id, rnd.round_id, snapshot.shadow, snapshot.base, samples, only_b=only_b)
             blob, sha, masked = encode_update(update), update.sha256, rnd.secure is not None
             if masked:  # only the masked form leaves this replica
                 secured = mask_update(update, rnd.secure.participants, rnd.seeds, clip_norm=rnd.secure.clip_norm)
@@ -151,22 +172,23 @@ class Participant:
 
     # -- evaluation and publishing ------------------------------------------------------------
     def evaluate(self, candidate_sha256: str, source: str) -> tuple[float, float, int]:
-        """(candidate loss, current loss, eval tokens) on this replica's held-out split."""
+        """(candidate loss, loss of the global this replica rests on, eval tokens) on its held-out split.
+        The gate compares global with global: the replica's local revisions are its own business."""
         trainer = self.agent.trainer
         if trainer is None:
             raise RuntimeError("this replica has no held-out data to evaluate on (start it with --data)")
         candidate = self.obtain(candidate_sha256, source)
-        current = self.agent.store.current
         candidate_loss = trainer.evaluate(candidate)
-        current_loss = trainer.evaluate(dict(current.tensors)) if current is not None else candidate_loss
+        current_loss = trainer.local_loss(trainer.global_version)
         return candidate_loss, current_loss, trainer.eval_tokens
 
-    def publish(self, sha256: str, source: str, *, round: int, eval_loss: float | None) -> AdapterVersion:
-        current = self.agent.store.current
-        if current is not None and current.sha256 == sha256:
-            return current  # already serving it: a retry changes nothing
+    def publish(self, sha256: str, source: str, *, cluster_version: int, eval_loss: float | None, round_id: str = "", included: tuple[str, ...] = ()) -> AdapterVersion:
+        """Serve global adapter `sha256` as cluster version `cluster_version` and rebase the shadow on it."""
+        rests_on = self.agent.store.global_version
+        if rests_on is not None and rests_on.sha256 == sha256:
+            return rests_on  # already the global here: a retry changes nothing
         tensors = self.obtain(sha256, source)
-        version = self.agent.store.publish(tensors, round=round, step=0, eval_loss=eval_loss)
+        version = self.agent.adopt_global(tensors, cluster_version, round_id=round_id, included=self.agent.config.replica_id in included, eval_loss=eval_loss)
         with self._lock:
             self._fetched.pop(sha256, None)
         return version
@@ -175,4 +197,4 @@ class Participant:
         version = self.agent.store.find(sha256)
         if version is None:
             raise KeyError(f"adapter {sha256[:12]} is not retained on {self.agent.config.replica_id}; retained versions: {self.agent.store.retained()}")
-        return self.agent.store.rollback(version.number)
+        return self.agent.rollback(version.number)

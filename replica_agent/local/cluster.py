@@ -1,28 +1,41 @@
-"""A whole CoLLM cluster in one process: agents (gRPC + HTTP on loopback), the router, the controller.
+"""A whole CoLLM cluster on this machine: replica agents, the router, the controller.
 
-The agents are the federated LocalCluster's (one shared base model, each agent reached only
-through gRPC by the controller and the round driver); each also serves its HTTP API on its own
-loopback port, and the router dispatches to those URLs. The controller pushes routing weights
-with the router's PUT /admin/weights, as the operator does.
+Two ways to run the replicas:
+- in one process (`processes=False`, the demo and tests): the federated LocalCluster's agents
+  share one base model; each serves HTTP on its own loopback port. Cheap to start, but the
+  replicas share the machine's cores, so they are not independent devices.
+- one OS process per replica (`processes=True`, the goodput benchmark): each agent process owns
+  CPU core(s) of its own (processes.py), as a GPU replica owns its GPU; the router is a process
+  of its own too.
+
+Either way the controller reaches the agents only over gRPC, and pushes routing weights to the
+router with PUT /admin/weights, as the operator does. Every replica writes each adapter version it
+publishes to `<workdir>/archive/<replica>` (the benchmark scores requests with them afterwards).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 import threading
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 from aiohttp import web
 
+from ..agent import Agent
 from ..config import AgentConfig
 from ..engine.data import stdlib_package_dir
 from ..engine.model_host import BaseModel, load_base_model
 from ..federated.local_cluster import LocalCluster
-from ..router.app import ROUTER_KEY, ReplicaEndpoint, create_router_app
+from ..router.app import ReplicaEndpoint, create_router_app
 from ..serving.background import BackgroundServer
 from .controller import Controller, ControllerSettings
+from .processes import AgentProcess, ManagedProcess, core_sets, start_agent, start_router, wait_healthy
 
 # One standard-library package per replica: each replica's private data is a different domain (non-IID).
 PACKAGES = ("json", "http", "email", "logging", "urllib", "xml", "unittest", "importlib")
@@ -31,19 +44,25 @@ PACKAGES = ("json", "http", "email", "logging", "urllib", "xml", "unittest", "im
 def replica_configs(n: int, *, model: str = "tiny", ttft_ms: int = 1000, tpot_ms: int = 100, **overrides) -> list[AgentConfig]:
     if not 1 <= n <= len(PACKAGES):
         raise ValueError(f"replicas must be between 1 and {len(PACKAGES)} (one standard-library package each)")
-    base = dict(model=model, federated=True, port=0, grpc_port=0, ttft_ms=ttft_ms, tpot_ms=tpot_ms, max_total_tokens=512, eval_batches=2, learning_rate=2e-3)
+    base = dict(model=model, port=0, grpc_port=0, ttft_ms=ttft_ms, tpot_ms=tpot_ms, max_total_tokens=512, eval_batches=2, revision_every_seconds=5.0)
     return [AgentConfig(**{**base, **overrides, "replica_id": f"replica-{i}", "data": str(stdlib_package_dir(PACKAGES[i]))}) for i in range(n)]
 
 
+def put_weights(router_url: str, weights: dict[str, float], affinity: bool = True) -> None:
+    body = json.dumps({"weights": weights, "affinity": affinity}).encode()
+    request = urllib.request.Request(router_url + "/admin/weights", data=body, method="PUT", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        reply.read()
+
+
 class BackgroundRouter:
-    """The router's aiohttp app on its own event loop thread."""
+    """The router's aiohttp app on its own event loop thread (in-process replicas)."""
 
     def __init__(self, endpoints: list[ReplicaEndpoint], host: str = "127.0.0.1", **settings) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="collm-router", daemon=True)
         self.thread.start()
         self.app = create_router_app(endpoints, **settings)
-        self.router = self.app[ROUTER_KEY]
 
         async def start() -> web.AppRunner:
             runner = web.AppRunner(self.app, access_log=None)
@@ -55,21 +74,6 @@ class BackgroundRouter:
         self.runner = asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
         self.url = f"http://{host}:{self.runner.addresses[0][1]}"
 
-    def requests_seen(self) -> int:
-        """Requests that reached the router so far (answered, failed, shed or unserved): the cluster's arrivals."""
-        total = 0.0
-        for metric in (self.router.metrics.requests, self.router.metrics.shed, self.router.metrics.unserved):
-            for family in metric.collect():
-                total += sum(s.value for s in family.samples if s.name.endswith("_total"))
-        retries = sum(s.value for f in self.router.metrics.retries.collect() for s in f.samples if s.name.endswith("_total"))
-        return int(total - retries)  # a retried request ended one failed attempt and will end another
-
-    def put_weights(self, weights: dict[str, float]) -> None:
-        body = json.dumps({"weights": weights}).encode()
-        request = urllib.request.Request(self.url + "/admin/weights", data=body, method="PUT", headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            reply.read()
-
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -77,42 +81,102 @@ class BackgroundRouter:
 
 
 @dataclass
-class LocalDeployment:
-    """Everything `collm demo` and the goodput benchmark run: agents, their HTTP servers, router, controller."""
+class Replica:
+    """One replica as the harness sees it: its endpoints, and the agent itself when it is in-process."""
 
-    cluster: LocalCluster
-    servers: dict[str, BackgroundServer]
-    router: BackgroundRouter
-    controller: Controller
+    name: str
+    http_url: str
+    grpc_address: str
+    config: AgentConfig
+    agent: Agent | None = None
+    process: AgentProcess | None = None
+
+
+@dataclass
+class LocalDeployment:
+    replicas: dict[str, Replica]
+    router_url: str
+    controller: Controller | None
+    workdir: Path
+    processes: bool
+    owns_workdir: bool = False  # a temporary folder made here: `cleanup()` removes it
+    _stoppers: list[Callable[[], None]] = field(default_factory=list)
+    _managed: list[ManagedProcess] = field(default_factory=list)
+    arrivals: Callable[[], int] = lambda: 0  # requests sent so far: the controller's load signal (the traffic sets it)
 
     @classmethod
-    def start(cls, configs: list[AgentConfig], settings: ControllerSettings, *, base: BaseModel | None = None) -> "LocalDeployment":
-        base = base or load_base_model(configs[0].model)
-        cluster = LocalCluster(configs, base=base)
-        servers: dict[str, BackgroundServer] = {}
-        router = None
+    def start(cls, configs: list[AgentConfig], settings: ControllerSettings | None, *, base: BaseModel | None = None, processes: bool = False,
+              cores_per_replica: int = 1, workdir: str | Path | None = None, controller: bool = True) -> "LocalDeployment":
+        """Start the replicas, the router and (with `settings`) the controller; `workdir` gets the
+        adapter archives and the processes' logs (default: a new temporary folder)."""
+        work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="collm-local-"))
+        (work / "archive").mkdir(parents=True, exist_ok=True)
+        configs = [c.model_copy(update={"adapter_archive": str(work / "archive" / c.replica_id)}) for c in configs]
+        deployment = cls({}, "", None, work, processes, owns_workdir=workdir is None)
         try:
-            for name, replica in cluster.replicas.items():
-                servers[name] = BackgroundServer(replica.agent, "127.0.0.1", 0)
-            # Health checks off: the agents live in this process; the controller's weights drain a replica.
-            router = BackgroundRouter([ReplicaEndpoint(n, s.url) for n, s in servers.items()], health_interval_s=0, max_outstanding_per_replica=256)
-            controller = Controller(cluster.addresses, set_weights=router.put_weights, arrivals=router.requests_seen, settings=settings)
-            return cls(cluster, servers, router, controller.start())
-        except Exception:
-            if router is not None:
-                router.stop()
-            for server in servers.values():
-                server.stop()
-            cluster.stop()
+            if processes:
+                deployment._start_processes(configs, cores_per_replica)
+            else:
+                deployment._start_in_process(configs, base)
+            if settings is not None and controller:
+                addresses = {n: r.grpc_address for n, r in deployment.replicas.items()}
+                deployment.controller = Controller(addresses, set_weights=deployment.set_weights, arrivals=lambda: deployment.arrivals(), settings=settings).start()
+            return deployment
+        except BaseException:
+            deployment.stop()
             raise
 
-    @property
-    def agents(self):
-        return {name: r.agent for name, r in self.cluster.replicas.items()}
+    def _start_in_process(self, configs: list[AgentConfig], base: BaseModel | None) -> None:
+        base = base or load_base_model(configs[0].model)
+        cluster = LocalCluster(configs, base=base)
+        self._stoppers.append(cluster.stop)
+        for name, r in cluster.replicas.items():
+            server = BackgroundServer(r.agent, "127.0.0.1", 0)
+            self._stoppers.append(server.stop)
+            config = next(c for c in configs if c.replica_id == name)
+            self.replicas[name] = Replica(name, server.url, r.address, config, agent=r.agent)
+        # Health checks off: the agents live in this process; the controller's weights drain a replica.
+        router = BackgroundRouter([ReplicaEndpoint(n, r.http_url) for n, r in self.replicas.items()], health_interval_s=0, max_outstanding_per_replica=256)
+        self._stoppers.append(router.stop)
+        self.router_url = router.url
+
+    def _start_processes(self, configs: list[AgentConfig], cores_per_replica: int) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        cores = core_sets(len(configs), cores_per_replica)
+        started = []
+        for config, cpus in zip(configs, cores):
+            process = start_agent(config, logs, cpus)
+            self._managed.append(process)
+            started.append((config, process))
+        for config, process in started:
+            wait_healthy(process)
+            self.replicas[config.replica_id] = Replica(config.replica_id, process.http_url, process.grpc_address, config, process=process)
+        router = start_router({n: r.http_url for n, r in self.replicas.items()}, logs)
+        self._managed.append(router)
+        self.router_url = router.url
+
+    # -- acting -------------------------------------------------------------------------------
+    def set_weights(self, weights: dict[str, float], affinity: bool = True) -> None:
+        put_weights(self.router_url, weights, affinity)
+
+    def archives(self) -> list[Path]:
+        return [Path(r.config.adapter_archive) for r in self.replicas.values() if r.config.adapter_archive]
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by each process of the deployment (processes mode only)."""
+        return {p.name: p.cpu_seconds() for p in self._managed}
+
+    def cleanup(self) -> None:
+        """Remove the temporary work folder (archives, logs) once nothing needs it any more."""
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def stop(self) -> None:
-        self.controller.stop()
-        self.router.stop()
-        for server in self.servers.values():
-            server.stop()
-        self.cluster.stop()
+        if self.controller is not None:
+            self.controller.stop()
+        for stop in reversed(self._stoppers):
+            stop()
+        self._stoppers.clear()
+        for process in reversed(self._managed):
+            process.stop()

@@ -139,7 +139,7 @@ class Controller:
         self,
         addresses: Mapping[str, str],
         *,
-        set_weights: Callable[[dict[str, float]], None],
+        set_weights: Callable[[dict[str, float], bool], None],  # (routing weights, home affinity)
         arrivals: Callable[[], int],
         settings: ControllerSettings = ControllerSettings(),
         clock: Callable[[], float] = time.time,
@@ -187,7 +187,7 @@ class Controller:
             except grpc.RpcError as exc:
                 self.history.errors.append(f"{name}: ApplyPlan failed: {exc.code().name}")
         try:
-            self.set_weights(dict(allocation.weights))
+            self.set_weights(dict(allocation.weights), decision.affinity)
         except Exception as exc:  # a router restart must not stop planning; the next tick retries
             self.history.errors.append(f"routing weights not applied: {exc}")
         states = decision.states

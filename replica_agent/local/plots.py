@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 
 def write_plots(results: list[dict], out: Path) -> dict[str, str]:
-    """goodput and SLO attainment over time, held-out loss and adapter freshness per round."""
+    """goodput, SLO attainment and per-request quality over time, the quality CDF, adapter freshness per round."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
 
@@ -33,13 +33,22 @@ def write_plots(results: list[dict], out: Path) -> dict[str, str]:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for r in results:
-        rounds = [x for x in r["rounds"] if x["result"] == "Succeeded"]
-        xs = [0] + [x["number"] for x in rounds]
-        ax.plot(xs, [r["held_out_loss_initial"]] + [x["held_out_loss"] for x in rounds], marker="o", label=f"{r['policy']} (all replicas' held-out data)")
-    ax.set_xlabel("federated round (0 = initial adapter)")
-    ax.set_ylabel("held-out eval loss")
+        windows = [w for w in r["windows"] if w["mean_quality"] is not None]  # windows without an answered request have no Q
+        line = ax.plot([w["t"] for w in windows], [w["mean_quality"] for w in windows], marker="o", label=f"{r['policy']}: as served")[0]
+        ax.plot([w["t"] for w in windows], [w["mean_quality_initial"] for w in windows], linestyle=":", color=line.get_color(), label=f"{r['policy']}: initial adapter")
+    ax.set_xlabel("seconds into the trace")
+    ax.set_ylabel("Q per request (1 / cross-entropy)")
+    ax.legend(fontsize="small")
+    save("quality_over_time", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for r in results:
+        cdf = r["quality_cdf"]
+        ax.plot(cdf["levels"], cdf["share_at_or_above"], marker=".", label=r["policy"])
+    ax.set_xlabel("quality level Q")
+    ax.set_ylabel("share of requests at or above")
     ax.legend()
-    save("eval_loss", fig)
+    save("quality_cdf", fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(1, len(results))
@@ -52,3 +61,20 @@ def write_plots(results: list[dict], out: Path) -> dict[str, str]:
     ax.legend()
     save("freshness", fig)
     return paths
+
+
+def write_load_plot(loads: list[float], runs_by_load: list[list[dict]], out: Path) -> str:
+    """Goodput per second against the offered load (a fraction of measured capacity), one line per policy."""
+    out.mkdir(parents=True, exist_ok=True)
+    policies = [r["policy"] for r in runs_by_load[0]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for policy in policies:
+        ax.plot(loads, [next(r["goodput_per_s"] for r in runs if r["policy"] == policy) for runs in runs_by_load], marker="o", label=policy)
+    ax.set_xlabel("offered load (fraction of the cluster's measured capacity within the SLO)")
+    ax.set_ylabel("goodput per second")
+    ax.legend()
+    path = out / "goodput_vs_load.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)

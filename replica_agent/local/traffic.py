@@ -3,9 +3,11 @@
 The slice keeps the trace's arrival pattern (bursts and gaps) and its request sizes: the first
 `rate x duration` requests from `offset`, their timestamps stretched or squeezed to span
 `duration` seconds (so the mean rate is `rate`), prompt and output lengths scaled down as in
-`replica_agent.traces.trace_shapes`. Each request streams from the router's /generate_stream;
-TTFT and mean TPOT are measured here, at the client, and the final event names the replica
-(header `x-collm-replica`) and the adapter version that served it.
+`replica_agent.traces.trace_shapes`. The text of each request comes from workload.py (a held-out
+window of one replica's domain). Each request streams from the router's /generate_stream with its
+home replica in `x-collm-affinity`; TTFT and mean TPOT are measured here, at the client, and the
+final event names the replica (header `x-collm-replica`) and the adapter version and sha256 that
+served it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
+from ..router.proxy import AFFINITY_HEADER
 from ..traces import CODE_TRACE, CONV_TRACE, RequestShape, load_arrivals, trace_shapes
+
+if TYPE_CHECKING:
+    from .workload import Workload
 
 TRACES = {"conv": CONV_TRACE, "code": CODE_TRACE}
 
@@ -31,39 +38,51 @@ class Arrival:
     shape: RequestShape
 
 
-def trace_slice(trace: str, *, rate: float, duration_s: float, offset: int = 0, max_output: int = 32) -> list[Arrival]:
-    """`rate x duration_s` consecutive requests of the trace from `offset`, rescaled to span `duration_s`."""
-    if rate <= 0 or duration_s <= 0:
-        raise ValueError("rate and duration_s must be positive")
+def trace_segment(trace: str, *, count: int, offset: int = 0, max_output: int = 32) -> list[Arrival]:
+    """`count` consecutive requests of the trace from `offset`, at the trace's own times (from 0)."""
+    if count < 1:
+        raise ValueError("count must be >= 1")
     path = Path(TRACES.get(trace, trace))
-    count = max(1, round(rate * duration_s))
     if path.exists():
         times = load_arrivals(str(path))[offset : offset + count]
         shapes = trace_shapes(path, max_output=max_output, limit=offset + count)[offset:]
-    else:  # no trace beside the checkout: Poisson arrivals and a fixed size mix
+    else:  # no trace beside the checkout: Poisson arrivals (1 req/s) and a fixed size mix
         rng = random.Random(offset)
         t, times = 0.0, []
         for _ in range(count):
             times.append(t)
-            t += rng.expovariate(rate)
+            t += rng.expovariate(1.0)
         shapes = trace_shapes(None)
-    span = (times[-1] - times[0]) if len(times) > 1 else 0.0
-    # Stretch so that the last arrival lands one mean gap before the end.
-    scale = (duration_s * (1 - 1 / count)) / span if span > 0 else 0.0
-    return [Arrival((t - times[0]) * scale, shapes[i % len(shapes)]) for i, t in enumerate(times)]
+    return [Arrival(t - times[0], shapes[i % len(shapes)]) for i, t in enumerate(times)]
 
 
-def prompt_texts(count: int = 64, seed: int = 0) -> list[str]:
-    """Python source text that no replica trains on (`collections`), cut at random places."""
-    import collections
+def at_rate(arrivals: list[Arrival], rate: float) -> list[Arrival]:
+    """The same requests, time stretched or squeezed to a mean rate of `rate` req/s: bursts and gaps
+    keep their shape (the last arrival lands one mean gap before `len / rate` seconds)."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    count = len(arrivals)
+    span = arrivals[-1].at_s - arrivals[0].at_s if count > 1 else 0.0
+    scale = (count / rate * (1 - 1 / count)) / span if span > 0 else 0.0
+    return [Arrival((a.at_s - arrivals[0].at_s) * scale, a.shape) for a in arrivals]
 
-    source = Path(collections.__file__).read_text()
-    rng = random.Random(seed)
-    return [source[i:] for i in (rng.randrange(0, len(source) - 4096) for _ in range(count))]
+
+def trace_slice(trace: str, *, rate: float, duration_s: float, offset: int = 0, max_output: int = 32) -> list[Arrival]:
+    """`rate x duration_s` consecutive requests of the trace from `offset`, rescaled to span `duration_s`."""
+    if rate <= 0 or duration_s <= 0:
+        raise ValueError("rate and duration_s must be positive")
+    return at_rate(trace_segment(trace, count=max(1, round(rate * duration_s)), offset=offset, max_output=max_output), rate)
+
+
+def trace_file(trace: str) -> Path | None:
+    """The file a trace name reads, or None when it is missing (then arrivals are Poisson: say so)."""
+    path = Path(TRACES.get(trace, trace))
+    return path if path.exists() else None
 
 
 @dataclass
 class RequestRecord:
+    index: int  # the request's position in the workload
     sent_s: float  # seconds from the start of the replay
     ttft_ms: float
     tpot_ms: float
@@ -71,16 +90,17 @@ class RequestRecord:
     ok: bool
     met: bool
     replica: str = ""
-    adapter_version: int = 0
+    adapter_version: str = ""  # "<cluster version>.<local revision>"
+    adapter_sha256: str = ""
     error: str = ""
 
 
 @dataclass
 class TrafficReplay:
-    """Sends the arrivals through `url` (the router) on a thread of its own; `records` fill as answers end."""
+    """Sends the workload through `url` (the router) on a thread of its own; `records` fill as answers end."""
 
     url: str
-    arrivals: list[Arrival]
+    workload: "Workload"
     ttft_ms: float
     tpot_ms: float
     records: list[RequestRecord] = field(default_factory=list)
@@ -88,9 +108,12 @@ class TrafficReplay:
     started_at: float = 0.0
 
     def __post_init__(self) -> None:
-        self.prompts = prompt_texts()
         self.done = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._replay()), name="collm-traffic", daemon=True)
+
+    @property
+    def arrivals(self) -> list[Arrival]:
+        return self.workload.arrivals
 
     def start(self) -> "TrafficReplay":
         self.started_at = time.time()
@@ -106,24 +129,23 @@ class TrafficReplay:
             async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
                 start = time.perf_counter()
                 tasks = []
-                for i, arrival in enumerate(self.arrivals):
+                for i, (arrival, request) in enumerate(zip(self.workload.arrivals, self.workload.requests)):
                     delay = start + arrival.at_s - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    prompt = self.prompts[i % len(self.prompts)][: arrival.shape.prompt_tokens]
-                    tasks.append(asyncio.create_task(self._one(session, prompt, arrival.shape.output_tokens, time.perf_counter() - start)))
+                    tasks.append(asyncio.create_task(self._one(session, i, request, time.perf_counter() - start)))
                     self.sent += 1
                 await asyncio.gather(*tasks)
         finally:
             self.done.set()
 
-    async def _one(self, session: aiohttp.ClientSession, prompt: str, max_new_tokens: int, sent_s: float) -> None:
-        body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}
+    async def _one(self, session: aiohttp.ClientSession, index: int, request, sent_s: float) -> None:
+        body = {"inputs": request.prompt, "parameters": {"max_new_tokens": request.max_new_tokens}}
         started = time.perf_counter()
         first = None
-        tokens, replica, version, error = 0, "", 0, ""
+        tokens, replica, version, sha, error = 0, "", "", "", ""
         try:
-            async with session.post(self.url + "/generate_stream", json=body) as resp:
+            async with session.post(self.url + "/generate_stream", json=body, headers={AFFINITY_HEADER: request.domain}) as resp:
                 replica = resp.headers.get("x-collm-replica", "")
                 if resp.status != 200:
                     error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -139,7 +161,7 @@ class TrafficReplay:
                             tokens += 1
                             first = first or time.perf_counter()
                         if event.get("generated_text") is not None or event.get("details") is not None:
-                            version = int(event.get("adapter_version") or 0)
+                            version, sha = str(event.get("adapter_version") or ""), str(event.get("adapter_sha256") or "")
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         end = time.perf_counter()
@@ -147,4 +169,4 @@ class TrafficReplay:
         ttft = ((first or end) - started) * 1000
         tpot = (end - first) * 1000 / (tokens - 1) if ok and tokens > 1 else 0.0
         met = ok and ttft <= self.ttft_ms and tpot <= self.tpot_ms
-        self.records.append(RequestRecord(sent_s, ttft, tpot, tokens, ok, met, replica, version, error))
+        self.records.append(RequestRecord(index, sent_s, ttft, tpot, tokens, ok, met, replica, version, sha, error))

@@ -107,7 +107,8 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartRound(self, request, context):
-        """Participant: reset the shadow adapter to the round's base, train local_steps, upload the update.
+        """Participant: once at least local_steps of its continuous training are not in the global adapter,
+        snapshot the shadow and upload snapshot - global to the aggregator. Training is not started here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,7 +149,7 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Publish(self, request, context):
-        """Any replica: fetch, verify and switch to an adapter atomically.
+        """Any replica: fetch, verify and serve a global adapter atomically; the shadow rebases on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

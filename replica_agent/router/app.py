@@ -5,9 +5,12 @@
     GET  /health                            200 while at least one replica is healthy and routable
     GET  /metrics                           the router's Prometheus metrics
     GET  /admin/replicas                    each replica's url, weight, health, outstanding requests
-    PUT  /admin/weights                     {"weights": {"<name>": <weight>, ...}} (the operator's allocation)
+    PUT  /admin/weights                     {"weights": {"<name>": <weight>, ...}, "affinity": true|false}
+                                            (the operator's allocation; affinity optional)
 
-Each request goes to a replica chosen by weighted power of two choices (dispatch.py). A background
+Each request goes to a replica chosen by weighted power of two choices (dispatch.py). A request
+with the header `x-collm-affinity: <replica>` goes to that home replica while it has room, unless
+the allocation turned affinity off (the `static` policy spreads requests evenly). A background
 task GETs /health on every replica every `health_interval_s` (0 disables it); a replica that fails
 it, or refuses a connection, gets no traffic until it passes again. The router is stateless: the
 weights it holds are the last ones pushed, and a restarted router starts from its flags.
@@ -91,6 +94,7 @@ class Router:
         self.health_interval_s, self.stream_idle_timeout_s = health_interval_s, stream_idle_timeout_s
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=first_byte_timeout_s)
         self.rng = rng or random.Random()
+        self.affinity = True  # honour x-collm-affinity (the allocation may turn it off)
         self.metrics = RouterMetrics(self)
         self.session: aiohttp.ClientSession | None = None
 
@@ -98,8 +102,8 @@ class Router:
     def loads(self) -> list[ReplicaLoad]:
         return [ReplicaLoad(s.name, s.weight, s.healthy, s.outstanding, self.max_outstanding) for s in self.replicas.values()]
 
-    def pick(self, exclude: Sequence[str] = ()) -> ReplicaState | None:
-        chosen = choose(self.loads(), self.rng, exclude)
+    def pick(self, exclude: Sequence[str] = (), home: str | None = None) -> ReplicaState | None:
+        chosen = choose(self.loads(), self.rng, exclude, home if self.affinity else None)
         return self.replicas[chosen.name] if chosen else None
 
     def why_none(self, exclude: Sequence[str] = ()) -> str:
@@ -114,10 +118,14 @@ class Router:
 
     # -- admin --------------------------------------------------------------------------------
     def set_weights(self, body) -> None:
-        """Apply {"weights": {name: weight}} (names not given keep theirs); ValueError says what is wrong."""
+        """Apply {"weights": {name: weight}, "affinity": bool} (names not given keep theirs; affinity is
+        optional); ValueError says what is wrong."""
         weights = body.get("weights") if isinstance(body, dict) else None
         if not isinstance(weights, dict) or not weights:
             raise ValueError('send {"weights": {"<replica name>": <non-negative number>, ...}}')
+        affinity = body.get("affinity", self.affinity)
+        if not isinstance(affinity, bool):
+            raise ValueError(f'"affinity" must be true or false, got {affinity!r}')
         unknown = sorted(set(weights) - set(self.replicas))
         if unknown:
             raise ValueError(f"unknown replica name(s) {', '.join(unknown)}; known: {', '.join(self.replicas)}")
@@ -125,7 +133,8 @@ class Router:
             _check_weight(name, weight)
         for name, weight in weights.items():
             self.replicas[name].weight = float(weight)
-        log.info("routing weights now %s", {n: s.weight for n, s in self.replicas.items()})
+        self.affinity = affinity
+        log.info("routing weights now %s (affinity %s)", {n: s.weight for n, s in self.replicas.items()}, "on" if affinity else "off")
 
     def describe(self) -> list[dict]:
         return [

@@ -9,6 +9,12 @@ and it never piles onto one replica that a stale weight overrates (Mitzenmacher'
 
 A replica gets no traffic while it is unhealthy, has weight 0 (drained, e.g. a training-only
 replica), already failed this request, or holds `max_outstanding` requests (saturated).
+
+Home affinity: a request may name its home replica (the one whose users it comes from, whose
+private data is its domain, so whose local revisions serve it best). The home replica takes it
+while it has room: routable, not saturated, and holding at most `AFFINITY_FACTOR` times the
+outstanding requests of the replica two choices would pick instead, plus `AFFINITY_SLACK`. Past
+that the request spills to the other one: quality is worth little to a request that misses its SLO.
 """
 
 from __future__ import annotations
@@ -39,9 +45,24 @@ def eligible(replicas: Sequence[ReplicaLoad], exclude: Collection[str] = ()) -> 
     return [r for r in replicas if r.healthy and r.weight > 0 and r.name not in exclude]
 
 
-def choose(replicas: Sequence[ReplicaLoad], rng: random.Random, exclude: Collection[str] = ()) -> ReplicaLoad | None:
+AFFINITY_FACTOR = 2.0
+AFFINITY_SLACK = 4
+
+
+def choose(replicas: Sequence[ReplicaLoad], rng: random.Random, exclude: Collection[str] = (), home: str | None = None) -> ReplicaLoad | None:
     """The replica for the next request, or None when every eligible one is saturated (or none is eligible)."""
     candidates = [r for r in eligible(replicas, exclude) if not r.saturated]
+    mine = next((r for r in candidates if r.name == home), None) if home else None
+    if mine is not None:
+        others = [r for r in candidates if r is not mine]
+        alternative = _two_choices(others, rng) if others else None
+        if alternative is None or mine.outstanding <= AFFINITY_FACTOR * alternative.outstanding + AFFINITY_SLACK:
+            return mine
+        return alternative
+    return _two_choices(candidates, rng)
+
+
+def _two_choices(candidates: Sequence[ReplicaLoad], rng: random.Random) -> ReplicaLoad | None:
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
     first = _draw(candidates, rng)

@@ -25,6 +25,7 @@ from .metrics import CLIENT_ERROR, CLIENT_GONE, OK, STREAM_BROKEN, UPSTREAM_ERRO
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-collm-replica"  # which replica served the answer
+AFFINITY_HEADER = "x-collm-affinity"  # the request's home replica (dispatch.py)
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "content-encoding"}
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 _TGI_ERROR_TYPES = {413: "validation", 429: "overloaded", 502: "upstream", 503: "unavailable"}
@@ -108,8 +109,9 @@ async def forward(router, request: web.Request) -> web.StreamResponse:
         return error_response(path, 413, f"the body is larger than {exc.max_size} bytes")
     tried: list[str] = []
     failure: UpstreamFailed | None = None
+    home = request.headers.get(AFFINITY_HEADER)
     while len(tried) < router.max_attempts:
-        replica = router.pick(exclude=tried)
+        replica = router.pick(exclude=tried, home=home)
         if replica is None:
             break
         if tried:

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 def adapter_ref(version: AdapterVersion | None) -> pb.AdapterRef:
     if version is None:
         return pb.AdapterRef()
-    return pb.AdapterRef(version=version.number, round=version.round, sha256=version.sha256, eval_loss=version.eval_loss or 0.0, has_eval_loss=version.eval_loss is not None)
+    return pb.AdapterRef(version=version.label, cluster_version=version.cluster_version, revision=version.revision, sha256=version.sha256,
+                         eval_loss=version.eval_loss or 0.0, has_eval_loss=version.eval_loss is not None)
 
 
 class AgentService(pb_grpc.AgentServicer):
@@ -43,6 +44,7 @@ class AgentService(pb_grpc.AgentServicer):
             replica_id=stats["replica_id"],
             model=stats["model"],
             adapter=adapter_ref(self.agent.store.current),
+            global_adapter=adapter_ref(self.agent.store.global_version),
             queue_depth=stats["queue_depth"],
             running=stats["running"],
             inference_tokens=stats["inference_tokens"],
@@ -71,6 +73,7 @@ class AgentService(pb_grpc.AgentServicer):
             base_sha256=request.base_sha256,
             base_source=request.base_source,
             aggregator_address=request.aggregator_address,
+            deadline_unix=request.deadline_unix,
             only_b=request.only_b,
             secure=SecureRound(tuple(request.participants), request.clip_norm or None) if request.secure else None,
         )
@@ -153,7 +156,8 @@ class AgentService(pb_grpc.AgentServicer):
 
     def Publish(self, request, context):
         try:
-            version = self.participant.publish(request.sha256, request.source, round=request.round, eval_loss=request.eval_loss if request.has_eval_loss else None)
+            version = self.participant.publish(request.sha256, request.source, cluster_version=request.cluster_version, round_id=request.round_id,
+                                               included=tuple(request.included), eval_loss=request.eval_loss if request.has_eval_loss else None)
         except (UpdateError, ValueError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except grpc.RpcError as exc:

@@ -10,8 +10,10 @@
 Errors have TGI's body `{"error": ..., "error_type": ...}`: validation 422 (413 for a body over
 the size limit), overloaded 429, generation 424, engine not running 503. In a stream, a failure
 after the first token is a `data:` event with that body, which the TGI client raises.
-Every answer to a generation says which adapter version served it: the `x-collm-adapter-version`
-header of /generate, and `adapter_version` in the final stream event (top level and `details`).
+Every answer to a generation says which adapter version served it, as `<cluster version>.<local
+revision>` (e.g. `7.3`) and sha256: the `x-collm-adapter-version` and `x-collm-adapter-sha256`
+headers of /generate, and `adapter_version` and `adapter_sha256` in the final stream event (top
+level and `details`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 
-ADAPTER_HEADER = "x-collm-adapter-version"
+ADAPTER_HEADER = "x-collm-adapter-version"  # "<cluster version>.<local revision>", e.g. 7.3
+ADAPTER_SHA_HEADER = "x-collm-adapter-sha256"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HEALTH_STALE_S = 5.0  # an engine that has not finished an iteration for this long is unhealthy
 SHUTDOWN_TIMEOUT_S = 30.0  # in-flight requests get this long to finish on SIGTERM
@@ -236,7 +239,8 @@ async def _stream(request: web.Request, events, first, framer: StreamFramer) -> 
 def _generation_headers(final: FinalEvent) -> dict[str, str]:
     headers = {"x-prompt-tokens": str(final.prompt_tokens), "x-generated-tokens": str(final.generated_tokens)}
     if final.adapter_version is not None:
-        headers[ADAPTER_HEADER] = str(final.adapter_version)
+        headers[ADAPTER_HEADER] = final.adapter_version
+        headers[ADAPTER_SHA_HEADER] = final.adapter_sha256 or ""
     if final.queue_s is not None:
         headers["x-queue-time"] = str(int(final.queue_s * 1000))
     if final.tpot_s is not None:
@@ -244,9 +248,9 @@ def _generation_headers(final: FinalEvent) -> dict[str, str]:
     return headers
 
 
-def _current_version(agent) -> int | None:
+def _current_version(agent) -> str | None:
     current = agent.store.current
-    return current.number if current else None
+    return current.label if current else None
 
 
 @web.middleware

@@ -2,11 +2,11 @@
 
     POST /v1/completions        prompt: a string (or a list of one string)
     POST /v1/chat/completions   messages, rendered with the model's chat template
-    GET  /v1/models             the base model ("tiny") and the live adapter versions ("tiny@v3")
+    GET  /v1/models             the base model ("tiny") and the live adapter versions ("tiny@7.3")
 
-A request's `model` may name the base model or any `<base>@v<N>`; either way it is served by the
+A request's `model` may name the base model or any `<base>@<version>`; either way it is served by the
 adapter version current at admission (pinning a version per request is not offered), and the answer
-says which one: `system_fingerprint` "collm-adapter-v<N>" (the final chunk of a stream) and the
+says which one: `system_fingerprint` "collm-adapter-<version>" (the final chunk of a stream) and the
 `x-collm-adapter-version` header of non-streaming answers. Other model ids get 404.
 
 OpenAI's semantics where they differ from TGI's: `temperature` defaults to 1 (sampling; 0 is
@@ -74,7 +74,7 @@ class OpenAIRoutes:
 
     async def models(self, _request: web.Request) -> web.Response:
         store = self.agent.store
-        versions = [(n, v.created_at) for n in sorted(store.live_versions()) if (v := _version(store, n))]
+        versions = [(v.label, v.created_at) for n in sorted(store.live_versions()) if (v := _version(store, n))]
         return web.json_response(models_body(self.agent.base.name, versions, int(self.agent.started_at)))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

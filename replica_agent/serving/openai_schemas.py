@@ -212,8 +212,8 @@ def sampling_params(req: OpenAIRequest, prompt_tokens: int, max_total_tokens: in
 
 
 def resolve_model(requested: str | None, base_id: str) -> None:
-    """Accept the base id and any `<base>@v<N>` (served by the current version); 404 otherwise."""
-    if requested is None or requested == base_id or re.fullmatch(re.escape(base_id) + r"@v[1-9][0-9]*", requested):
+    """Accept the base id and any `<base>@<cluster version>.<revision>` (served by the current version); 404 otherwise."""
+    if requested is None or requested == base_id or re.fullmatch(re.escape(base_id) + r"@(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)", requested):
         return
     raise OpenAIError(404, f"The model `{requested}` does not exist on this server; GET /v1/models lists the models (e.g. `{base_id}`)", param="model", code="model_not_found")
 
@@ -223,8 +223,8 @@ def finish_reason(reason: FinishReason) -> str:
     return "length" if reason is FinishReason.LENGTH else "stop"
 
 
-def fingerprint(version: int | None) -> str | None:
-    return None if version is None else f"collm-adapter-v{version}"
+def fingerprint(version: str | None) -> str | None:
+    return None if version is None else f"collm-adapter-{version}"
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -237,9 +237,9 @@ def usage(final: FinalEvent) -> dict:
     return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.generated_tokens, "total_tokens": final.prompt_tokens + final.generated_tokens}
 
 
-def models_body(base_id: str, versions: list[tuple[int, float]], created: int) -> dict:
+def models_body(base_id: str, versions: list[tuple[str, float]], created: int) -> dict:
     data = [{"id": base_id, "object": "model", "created": created, "owned_by": "collm"}]
-    data += [{"id": f"{base_id}@v{n}", "object": "model", "created": int(at), "owned_by": "collm", "parent": base_id} for n, at in versions]
+    data += [{"id": f"{base_id}@{label}", "object": "model", "created": int(at), "owned_by": "collm", "parent": base_id} for label, at in versions]
     return {"object": "list", "data": data}
 
 
@@ -252,7 +252,7 @@ class ResponseBuilder:
         self.created = int(time.time())
         self._sent, self._pending, self._stopped = "", "", False
 
-    def _envelope(self, obj: str, choice: dict, version: int | None) -> dict:
+    def _envelope(self, obj: str, choice: dict, version: str | None) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": fingerprint(version), "choices": [choice]}
 
     def body(self, final: FinalEvent) -> dict:
@@ -267,7 +267,7 @@ class ResponseBuilder:
         return out
 
     # -- streaming
-    def _chunk(self, text: str | None, reason: str | None = None, version: int | None = None, *, role: bool = False) -> dict:
+    def _chunk(self, text: str | None, reason: str | None = None, version: str | None = None, *, role: bool = False) -> dict:
         if self.req.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
             return self._envelope("chat.completion.chunk", {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}, version)

@@ -9,7 +9,8 @@ never passes silently. `best_of`, `typical_p`, `watermark`, `top_n_tokens`, `gra
 
 Responses: `generate_body` (POST /generate), `StreamFramer` (POST /generate_stream events) and
 `error_body`. The shapes are TGI's, checked against `text_generation` 0.7.0's pydantic models,
-plus `adapter_version`, which those models ignore.
+plus `adapter_version` ("<cluster version>.<local revision>", e.g. "7.3") and `adapter_sha256`,
+which those models ignore.
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ def generate_body(final: FinalEvent, *, details: bool, prefix: str = "") -> dict
             "top_tokens": None,
             "best_of_sequences": None,
             "adapter_version": final.adapter_version,
+            "adapter_sha256": final.adapter_sha256,
         }
     return body
 
@@ -248,9 +250,11 @@ class StreamFramer:
                 "seed": final.seed,
                 "input_length": final.prompt_tokens,
                 "adapter_version": final.adapter_version,
+                "adapter_sha256": final.adapter_sha256,
             }
         frame = self._frame(last.index, token, generated_text=self.prefix + final.generated_text, details=details)
         frame["adapter_version"] = final.adapter_version
+        frame["adapter_sha256"] = final.adapter_sha256
         self._held = None
         return [frame]
 

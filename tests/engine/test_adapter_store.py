@@ -24,29 +24,61 @@ def test_sha256_is_stable_and_content_sensitive():
 def test_publish_snapshots_so_later_changes_to_the_source_do_not_leak():
     store = AdapterStore()
     source = tensors(1.0)
-    version = store.publish(source, round=2, step=40, eval_loss=1.5)
+    version = store.publish(source, cluster_version=2, step=40, eval_loss=1.5)
     source["a.lora_A.weight"].add_(5)
     assert version.tensors["a.lora_A.weight"].max() == 1.0
     assert version.sha256 == adapter_sha256(tensors(1.0))
-    assert (version.number, version.round, version.step, version.eval_loss) == (1, 2, 40, 1.5)
+    assert (version.number, version.label, version.step, version.eval_loss) == (1, "2.0", 40, 1.5)
     with pytest.raises(TypeError):
         version.tensors["x"] = torch.zeros(1)  # the mapping is read-only
 
 
+def test_identity_is_cluster_version_dot_local_revision():
+    store = AdapterStore(retain=2)
+    assert store.publish(tensors(0)).label == "0.0"  # the first publish of an empty store is global 0
+    assert [store.publish(tensors(i)).label for i in (1, 2)] == ["0.1", "0.2"]
+    g7 = store.publish(tensors(7), cluster_version=7)
+    assert g7.label == "7.0" and g7.is_global and store.global_version is g7
+    assert store.publish(tensors(8)).label == "7.1"
+    for i in range(5):  # the global stays retained whatever the retention window
+        store.publish(tensors(10 + i))
+    assert g7.number in store.retained() and store.current.label == "7.6"
+    assert store.current.summary()["version"] == "7.6" and store.current.summary()["cluster_version"] == 7
+
+
+def test_a_revision_on_a_stale_global_is_not_published():
+    store = AdapterStore()
+    g0 = store.publish(tensors(0), cluster_version=0)
+    store.publish(tensors(1), cluster_version=1)
+    assert store.publish(tensors(2), on_global=g0.sha256) is None
+    assert store.current.label == "1.0"
+    assert store.publish(tensors(3), on_global=store.global_version.sha256).label == "1.1"
+
+
+def test_rollback_to_a_global_makes_it_the_global_and_labels_stay_unique():
+    store = AdapterStore()
+    g1 = store.publish(tensors(1), cluster_version=1)
+    assert store.publish(tensors(2)).label == "1.1"
+    store.publish(tensors(3), cluster_version=2)
+    assert store.rollback(g1.number).label == "1.0" and store.global_version is g1
+    assert store.publish(tensors(4)).label == "1.2"  # never a second "1.1"
+
+
 def test_pins_keep_versions_alive_and_retention_drops_the_rest():
     store = AdapterStore(retain=2)
+    store.publish(tensors(0))  # 1: the global, always kept
     store.publish(tensors(1))
     pinned = store.pin_current()
     for v in range(2, 6):
         store.publish(tensors(v))
-    assert store.retained() == [1, 4, 5]  # 1 is pinned, 4 and 5 are the retention window
-    assert store.live_versions() == {1, 5}
+    assert store.retained() == [1, 2, 5, 6]  # 2 is pinned, 5 and 6 are the retention window
+    assert store.live_versions() == {2, 6}
     store.release(pinned.number)
-    assert store.retained() == [4, 5]
+    assert store.retained() == [1, 5, 6]
     with pytest.raises(UnknownVersion, match="not retained"):
-        store.get(1)
+        store.get(2)
     with pytest.raises(RuntimeError, match="released more often"):
-        store.release(1)
+        store.release(2)
 
 
 def test_rollback_makes_a_retained_version_current_and_notifies():

@@ -71,11 +71,12 @@ def test_greedy_request_in_flight_during_publish_keeps_its_pinned_version(random
         engine.submit(prompt, prompt_params, on_event)
         assert done.wait(60)
         final = events[-1]
-        assert final.adapter_version == 1 and store.current.number == 2
+        assert final.adapter_version == "0.0" and store.current.number == 2 and store.current.label == "0.1"
+        assert final.adapter_sha256 == store.get(1).sha256
         served = [e for e in events if isinstance(e, TokenEvent)]
         assert ids_of(served) == ids_of(ref_tokens) and logprobs_of(served) == logprobs_of(ref_tokens)
         after_tokens, after_final = engine.generate(prompt, prompt_params)
-        assert after_final.adapter_version == 2 and ids_of(after_tokens) == ids_of(new_tokens)
+        assert after_final.adapter_version == "0.1" and ids_of(after_tokens) == ids_of(new_tokens)
         assert eventually(lambda: store.pins() == {} and engine.slab.loaded_versions() == {2})
     finally:
         for e in (ref_engine, new_engine, engine):
@@ -128,7 +129,7 @@ def test_twenty_publishes_under_concurrent_streaming_load_fail_no_request(random
         for t in threads:
             t.start()
         for k in range(20):
-            store.publish(adapters[k % 3], round=0, step=k)
+            store.publish(adapters[k % 3], step=k)
             time.sleep(0.03)
         stop.set()
         for t in threads:

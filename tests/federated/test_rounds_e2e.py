@@ -1,8 +1,14 @@
-"""Rounds over real gRPC between three agents on loopback, each with its own non-IID data."""
+"""Rounds over real gRPC between three agents on loopback, each with its own non-IID data.
+
+Local revisions are off here (revision_every_seconds=0): each replica serves exactly the global
+adapter its last round published, so the tests can compare what replicas serve. The agents still
+train continuously; rounds snapshot and upload what they learnt.
+"""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -13,12 +19,15 @@ from replica_agent.federated import rounds as R
 from replica_agent.federated.driver import RoundDriver, StrategyConfig
 from replica_agent.federated.local_cluster import LocalCluster
 
+from tests.helpers import eventually
+
 PACKAGES = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}
 
 
 def configs(**overrides):
     return [
-        AgentConfig(model="tiny", replica_id=name, data=str(stdlib_package_dir(pkg)), federated=True, eval_batches=2, max_total_tokens=256, learning_rate=5e-3, **overrides)
+        AgentConfig(model="tiny", replica_id=name, data=str(stdlib_package_dir(pkg)), eval_batches=2, max_total_tokens=256, learning_rate=5e-3,
+                    revision_every_seconds=0, **overrides)
         for name, pkg in PACKAGES.items()
     ]
 
@@ -35,6 +44,10 @@ def cluster(tiny_base):
 
 def serving_shas(cluster):
     return {name: r.agent.store.current.sha256 for name, r in cluster.replicas.items() if r.agent.engine._thread.is_alive()}
+
+
+def global_shas(cluster):
+    return {name: r.agent.store.global_version.sha256 for name, r in cluster.replicas.items() if r.agent.engine._thread.is_alive()}
 
 
 def test_rounds_publish_everywhere_and_lower_the_loss_under_load(cluster):
@@ -68,25 +81,30 @@ def test_rounds_publish_everywhere_and_lower_the_loss_under_load(cluster):
     assert losses[1][1] < losses[0][1], "the published adapters' held-out loss falls round after round"
     assert finals and all(f.finish_reason is FinishReason.LENGTH for f in finals)
     current = cluster["agent-1"].agent.store.current
-    assert current.round == 2 and current.eval_loss == pytest.approx(losses[1][1])
+    assert current.label == "2.0" and current.eval_loss == pytest.approx(losses[1][1])
+    assert len(set(global_shas(cluster).values())) == 1
 
 
-def test_retried_round_does_not_train_twice(cluster):
+def test_retried_round_uploads_the_same_update_and_publishes_the_same_version(cluster):
     driver = RoundDriver(spec("r-idem", local_steps=3), cluster.addresses, round_number=3)
     first = driver.run(timeout_s=120)
-    steps = {n: r.agent.trainer.step for n, r in cluster.replicas.items()}
+    uploads = {p: r.sha256 for p, r in first.participants.items()}
     again = RoundDriver(spec("r-idem", local_steps=3), cluster.addresses, round_number=3).run(timeout_s=60)
     assert first.succeeded and again.version_sha256 == first.version_sha256
-    assert {n: r.agent.trainer.step for n, r in cluster.replicas.items()} == steps
+    assert {p: r.sha256 for p, r in again.participants.items()} == uploads
+    assert {r.agent.store.global_version.label for r in cluster.replicas.values()} == {"3.0"}
 
 
 def test_gate_rejects_a_worse_adapter_and_the_current_one_stays(cluster):
     before = serving_shas(cluster)
-    # A learning rate this high makes the round's adapter worse than the current one.
+    # A learning rate this high makes the round's adapter worse than the current one: train some
+    # steps with it before the round takes its snapshot.
+    steps = {n: r.agent.trainer.step for n, r in cluster.replicas.items()}
     for r in cluster.replicas.values():
         for group in r.agent.trainer.optimizer.param_groups:
             group["lr"] = 5.0
     try:
+        assert eventually(lambda: all(r.agent.trainer.step >= steps[n] + 5 for n, r in cluster.replicas.items()), timeout=60)
         state = RoundDriver(spec("r-bad", local_steps=3, tolerance=0.0), cluster.addresses, round_number=4).run(timeout_s=120)
     finally:
         for r in cluster.replicas.values():
@@ -99,18 +117,19 @@ def test_gate_rejects_a_worse_adapter_and_the_current_one_stays(cluster):
 def test_a_dead_participant_is_dropped_and_a_dead_aggregator_ends_the_round_cleanly(tiny_base):
     with LocalCluster(configs(), base=tiny_base) as c:
         c["agent-2"].kill()
-        state = RoundDriver(spec("r-dead-participant", local_steps=3), c.addresses, round_number=1).run(timeout_s=120)
+        # A short publish deadline: the dead replica is never acked, the round ends PartiallyPublished at it.
+        state = RoundDriver(replace(spec("r-dead-participant", local_steps=3), publish_deadline_s=5.0), c.addresses, round_number=1).run(timeout_s=120)
         assert state.succeeded
         assert state.participants["agent-2"].outcome is R.Outcome.DROPPED
         assert R.laggards(state) == ("agent-2",)  # it could not be published to; the operator re-publishes later
 
-        before = {n: c[n].agent.store.current.sha256 for n in ("agent-0", "agent-1")}
+        before = {n: c[n].agent.store.global_version.sha256 for n in ("agent-0", "agent-1")}
         # agent-0 trains and aggregates; kill it while the round collects uploads.
         driver = RoundDriver(spec("r-dead-aggregator", participants=("agent-0", "agent-1"), min_participants=1, local_steps=400), c.addresses, round_number=2)
         threading.Timer(1.5, c["agent-0"].kill).start()
         state = driver.run(timeout_s=120)
         assert not state.succeeded and state.conditions[R.Condition.SUCCEEDED].reason == "AggregatorLost"
-        assert c["agent-1"].agent.store.current.sha256 == before["agent-1"], "no replica serves a half-applied version"
+        assert c["agent-1"].agent.store.global_version.sha256 == before["agent-1"], "no replica serves a half-applied version"
 
 
 def test_poisoned_and_nan_updates_are_screened_and_the_round_still_publishes(tiny_base, monkeypatch):
@@ -145,8 +164,8 @@ def test_poisoned_and_nan_updates_are_screened_and_the_round_still_publishes(tin
 def test_rollback_returns_every_replica_to_a_retained_version(cluster):
     from replica_agent.federated.client import AgentClient
 
-    first = cluster["agent-0"].agent.store.get(1).sha256
+    first = cluster["agent-0"].agent.store.get(1).sha256  # the initial global "0.0", the same on every replica
     for address in cluster.addresses.values():
         with AgentClient(address) as peer:
             assert peer.rollback(first).adapter.sha256 == first
-    assert set(serving_shas(cluster).values()) == {first}
+    assert set(serving_shas(cluster).values()) == {first} and set(global_shas(cluster).values()) == {first}

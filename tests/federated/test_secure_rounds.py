@@ -22,7 +22,7 @@ PARTICIPANTS = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}
 def secure_cluster(tiny_base, tmp_path):
     secret = tmp_path / "round-secret"
     secret.write_bytes(b"0123456789abcdef0123456789abcdef")
-    common = dict(model="tiny", federated=True, eval_batches=2, max_total_tokens=256, learning_rate=5e-3)
+    common = dict(model="tiny", eval_batches=2, max_total_tokens=256, learning_rate=5e-3, revision_every_seconds=0)  # no local revisions: replicas serve the global
     configs = [AgentConfig(**common, replica_id=name, data=str(stdlib_package_dir(pkg)), secure_aggregation_secret_file=str(secret)) for name, pkg in PARTICIPANTS.items()]
     configs.append(AgentConfig(**common, replica_id="aggregator"))  # holds no secret and no data
     with LocalCluster(configs, base=tiny_base) as cluster:
@@ -60,19 +60,19 @@ def test_secure_round_publishes_fedavg_and_the_aggregator_sees_only_masked_updat
             assert masked.dtype == torch.int64
             assert (masked.double() / 2**24 / plain.num_samples - plain.delta[key].double()).abs().max() > 1.0
     expected = apply_delta(dict(base.tensors), FedAvg().aggregate(list(plain_updates.values())).delta)
-    published = secure_cluster["agent-1"].agent.store.current
-    assert published.sha256 == state.version_sha256
+    published = secure_cluster["agent-1"].agent.store.global_version
+    assert published.sha256 == state.version_sha256 and published.label == "1.0"
     assert max((published.tensors[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
 
 
 def test_a_participant_dropping_after_masking_is_recovered_from_the_survivors_seeds(secure_cluster, plain_updates, monkeypatch):
     original = participant_module.Participant._upload
 
-    def drop_agent_2(self, rnd, shadow, base, address, only_b):
-        if self.agent.config.replica_id == "agent-2":  # it masked (its seeds are in everyone's masks) but never uploads
-            rnd.state, rnd.message = "Failed", "simulated crash after masking"
+    def drop_agent_2(self, rnd, snapshot, address, only_b):
+        if self.agent.config.replica_id == "agent-2":  # its seeds are in everyone's masks, but it never uploads
+            rnd.state, rnd.message = "Failed", "simulated crash before its upload"
             return
-        original(self, rnd, shadow, base, address, only_b)
+        original(self, rnd, snapshot, address, only_b)
 
     monkeypatch.setattr(participant_module.Participant, "_upload", drop_agent_2)
     base = secure_cluster["aggregator"].agent.store.current
@@ -81,7 +81,7 @@ def test_a_participant_dropping_after_masking_is_recovered_from_the_survivors_se
     assert state.participants["agent-2"].outcome is R.Outcome.DROPPED
     survivors = [plain_updates[p] for p in ("agent-0", "agent-1")]
     expected = apply_delta(dict(base.tensors), FedAvg().aggregate(survivors).delta)
-    published = secure_cluster["agent-0"].agent.store.current
+    published = secure_cluster["agent-0"].agent.store.global_version
     assert max((published.tensors[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
 
 

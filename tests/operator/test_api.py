@@ -27,10 +27,10 @@ def test_defaults_match_the_design():
     assert (cluster.name, cluster.namespace, cluster.uid, cluster.generation) == ("demo", "ns", "uid-1", 3)
     s = cluster.spec
     assert s.model == api.Model("tiny", "float32")
-    assert s.adapter == api.Adapter(8, 16, ("q_proj", "v_proj"))
+    assert s.adapter == api.Adapter(16, 32, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     assert (s.replicas, s.image, s.image_pull_policy) == (2, "ghcr.io/collm/collm:0.1.0", "IfNotPresent")
     assert s.serving == api.Serving(1000, 100, 16, 1024)
-    assert s.training == api.Training(None, "/data", 4, "1e-3", 128)
+    assert s.training == api.Training(None, "/data", 4, "2e-3", 128, 0, 10)
     f = s.federation
     assert (f.enabled, f.round_interval_seconds, f.local_steps, f.min_participants) == (True, 300, 20, 2)
     assert (f.participation_percent, f.deadline_seconds, f.aggregation, f.strategy) == (100, 120, "fedavg", "fedavg")
@@ -193,8 +193,9 @@ def test_agent_args_are_accepted_by_the_agent_and_carry_the_spec(tmp_path):
         "adapter": {"rank": 16, "alpha": 32, "targetModules": ["q_proj", "k_proj"]},
         "resources": {"limits": {"nvidia.com/gpu": "1"}},
         "serving": {"ttftMilliseconds": 500, "tpotMilliseconds": 40, "maxBatch": 32, "maxTotalTokens": 2048},
-        "training": {"dataVolume": {"emptyDir": {}}, "dataPath": "/private", "microBatch": 2, "learningRate": "2e-4", "trainCapTokens": 64},
-        "federation": {"secureAggregation": True, "secureAggregationSecretRef": "s"},
+        "training": {"dataVolume": {"emptyDir": {}}, "dataPath": "/private", "microBatch": 2, "learningRate": "2e-4", "trainCapTokens": 64,
+                     "revisionEverySteps": 25, "revisionEverySeconds": 5},
+        "federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "evalGate": {"toleranceMilliNats": 20}},
     }))
     args = agent_args(cluster, 1)
     # The pod reads the runtime settings from the ConfigMap's file: the same YAML here.
@@ -205,7 +206,8 @@ def test_agent_args_are_accepted_by_the_agent_and_carry_the_spec(tmp_path):
     assert (config.lora_rank, config.lora_alpha, config.lora_targets) == (16, 32, ["q_proj", "k_proj"])
     assert (config.ttft_ms, config.tpot_ms, config.max_batch, config.max_total_tokens) == (500, 40, 32, 2048)
     assert (config.data, config.micro_batch, config.learning_rate, config.train_cap_tokens) == ("/private", 2, 2e-4, 64)
-    assert config.training_enabled and config.federated
+    assert config.train and (config.revision_every_steps, config.revision_every_seconds, config.revision_tolerance) == (25, 5.0, 0.02)
+    assert not config.train_only_b  # fedavg: A trains too
     assert (config.host, config.port, config.grpc_port) == ("0.0.0.0", 8080, 9090)
     assert config.secure_aggregation_secret_file == f"{api.SECRET_DIR}/{api.SECRET_KEY}"
     assert config.cache_dir == api.CACHE_DIR
@@ -227,15 +229,15 @@ def test_statefulset_args_take_the_replica_id_from_the_pod_name(tmp_path):
     assert env["COLLM_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     config = pod_config(cluster, tmp_path, args, {"COLLM_REPLICA_ID": "demo-4"})
     assert config.replica_id == "demo-4"
-    # no data volume: the agent serves only; federation off: it may publish locally
-    assert not config.training_enabled and config.device == "cpu"
+    # no data volume: the agent serves only
+    assert not config.train and config.data is None and config.device == "cpu"
 
 
 def test_inference_only_policy_turns_training_off(tmp_path):
     cluster = parse_cluster(body({"training": {"dataVolume": {"emptyDir": {}}}, "scheduling": {"policy": "inferenceOnly"},
                                   "federation": {"enabled": False}}))
     config = pod_config(cluster, tmp_path)
-    assert not config.training_enabled and config.train_cap_tokens == 0 and not config.federated
+    assert not config.train and config.train_cap_tokens == 0
 
 
 def test_parsing_does_not_modify_the_body():

@@ -306,7 +306,7 @@ def test_cluster_ref_is_immutable():
 def test_defaulting_fills_nested_defaults_under_a_defaulted_object():
     spec = apply_defaults(resource("CollmCluster", {}), crd_schemas()["CollmCluster"])["spec"]
     assert spec["federation"]["evalGate"] == {"toleranceMilliNats": 0}
-    assert (spec["replicas"], spec["training"]["learningRate"], spec["scheduling"]["policy"]) == (2, "1e-3", "coexec")
+    assert (spec["replicas"], spec["training"]["learningRate"], spec["scheduling"]["policy"]) == (2, "2e-3", "coexec")
     assert "secureAggregationSecretRef" not in spec["federation"] and "dataVolume" not in spec["training"]
 
 

@@ -343,8 +343,12 @@ def adapter_round(name: str, succeeded: str | None, version: int, sha: str, loss
     return {"metadata": {"name": name}, "status": {"conditions": conditions, "version": version, "sha256": sha, "evalLossAfter": loss}}
 
 
-def serving(sha: str | None, round_number: int = 0) -> dict:
-    return {"adapter": {"sha256": sha, "round": round_number}} if sha else {}
+def serving(sha: str | None, cluster_version: int = 0, revision: int = 0) -> dict:
+    """An agent's stats: it rests on global `sha` (cluster version) and serves a local revision on it."""
+    if not sha:
+        return {}
+    return {"adapter": {"version": f"{cluster_version}.{revision}", "sha256": f"{sha}.r{revision}" if revision else sha},
+            "global_adapter": {"version": f"{cluster_version}.0", "cluster_version": cluster_version, "sha256": sha}}
 
 
 STATUS = {"adapter": {"version": 2, "sha256": "s2", "round": "demo-round-2", "evalLoss": "1.2000"}}
@@ -376,6 +380,8 @@ def test_laggards_are_agents_on_an_older_adapter_only():
     assert laggards(Adapter(3, "s3"), stats) == ["demo-3", "demo-4"]
     assert laggards(None, stats) == []
     assert laggards(Adapter(0, "base"), {"demo-0": serving("base"), "demo-1": serving("x", 0)}) == ["demo-1"]
+    # A local revision on top of the current global is that global plus local progress: not lagging.
+    assert laggards(Adapter(3, "s3"), {"demo-0": serving("s3", 3, revision=4)}) == []
 
 
 # --- objects.build_round ----------------------------------------------------------------------------

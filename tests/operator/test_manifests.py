@@ -177,7 +177,7 @@ def test_cel_rules_are_present_where_api_py_repeats_them(kind):
 
 def test_rank_bounds_are_in_the_schema():
     rank = openapi_schema("CollmCluster")["properties"]["spec"]["properties"]["adapter"]["properties"]["rank"]
-    assert (rank["minimum"], rank["maximum"], rank["default"]) == (1, 256, 8)
+    assert (rank["minimum"], rank["maximum"], rank["default"]) == (1, 256, 16)
 
 
 # --- examples and kustomize base ----------------------------------------------------------------

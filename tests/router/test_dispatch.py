@@ -73,3 +73,16 @@ def test_seeded_choices_are_reproducible():
     rng1, rng2 = random.Random(7), random.Random(7)
     assert [choose(replicas, rng1).name for _ in range(100)] == [choose(replicas, rng2).name for _ in range(100)]
     assert first == [choose(replicas, random.Random(42)).name]
+
+
+def test_a_request_goes_home_while_home_has_room():
+    rng = random.Random(5)
+    replicas = [load("a", outstanding=3), load("b", outstanding=1)]
+    assert {choose(replicas, rng, home="a").name for _ in range(50)} == {"a"}  # 3 <= 2 x 1 + 4
+    busy = [load("a", outstanding=7), load("b", outstanding=1)]
+    assert {choose(busy, rng, home="a").name for _ in range(50)} == {"b"}  # 7 > 2 x 1 + 4: spill over
+    # A home that is saturated, drained (weight 0) or failed this request takes nothing.
+    assert choose([load("a", outstanding=8), load("b")], rng, home="a").name == "b"
+    assert choose([load("a", weight=0), load("b")], rng, home="a").name == "b"
+    assert choose([load("a"), load("b")], rng, exclude=["a"], home="a").name == "b"
+    assert choose([load("a")], rng, home="nobody").name == "a"  # an unknown home is no preference

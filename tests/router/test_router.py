@@ -24,7 +24,7 @@ from text_generation import Client
 from text_generation.errors import IncompleteGenerationError, OverloadedError
 
 from replica_agent.router.app import ROUTER_KEY, ReplicaEndpoint, create_router_app, main, parse_replica
-from replica_agent.router.proxy import REPLICA_HEADER
+from replica_agent.router.proxy import AFFINITY_HEADER, REPLICA_HEADER
 
 from ..helpers import eventually
 
@@ -38,9 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body=None, timeout: float = 60) -> tuple[int, bytes, dict]:
+def http(method: str, url: str, body=None, timeout: float = 60, headers: dict | None = None) -> tuple[int, bytes, dict]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read(), dict(resp.headers)
@@ -136,7 +136,7 @@ def test_tgi_client_through_the_router(agents, loop):
     events = list(client.generate_stream(PROMPT, max_new_tokens=12))
     assert len(events) == 12 and events[-1].generated_text == direct
     status, body, headers = http("POST", url + "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
-    assert status == 200 and headers[REPLICA_HEADER] in ("a", "b") and headers["x-collm-adapter-version"] == "1"
+    assert status == 200 and headers[REPLICA_HEADER] in ("a", "b") and headers["x-collm-adapter-version"] == "0.0"
     status, body, _ = http("POST", url + "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": -1}})
     assert status == 422 and json.loads(body)["error_type"] == "validation"  # the replica's answer, passed through
     status, body, _ = http("GET", url + "/info")
@@ -153,11 +153,11 @@ def test_openai_client_through_the_router(agents, loop):
     chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == text and chunks[-1].choices[0].finish_reason == "length"
     messages = [{"role": "user", "content": "What is a tuple?"}]
-    reply = client.chat.completions.create(model="tiny@v1", messages=messages, max_tokens=6, temperature=0)
+    reply = client.chat.completions.create(model="tiny@0.0", messages=messages, max_tokens=6, temperature=0)
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
-    assert reply.usage.completion_tokens == 6 and reply.system_fingerprint == "collm-adapter-v1"
-    assert [m.id for m in client.models.list()] == ["tiny", "tiny@v1"]
+    assert reply.usage.completion_tokens == 6 and reply.system_fingerprint == "collm-adapter-0.0"
+    assert [m.id for m in client.models.list()] == ["tiny", "tiny@0.0"]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt=PROMPT)
 
@@ -175,6 +175,17 @@ def test_dispatch_follows_the_weights(agents, loop):
     http("PUT", url + "/admin/weights", {"weights": {"a": 0}})  # drain a
     for _ in range(5):
         assert http("POST", url + "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}})[2][REPLICA_HEADER] == "b"
+
+
+def test_requests_go_to_their_home_replica_unless_affinity_is_off(agents, loop):
+    url, router = start_router(loop, {"a": agents["urls"]["a"], "b": agents["urls"]["b"]})
+    home = {AFFINITY_HEADER: "a"}
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}}
+    assert {http("POST", url + "/generate", body, headers=home)[2][REPLICA_HEADER] for _ in range(10)} == {"a"}
+    http("PUT", url + "/admin/weights", {"weights": {"a": 1, "b": 1}, "affinity": False})
+    assert {http("POST", url + "/generate", body, headers=home)[2][REPLICA_HEADER] for _ in range(30)} == {"a", "b"}
+    status, payload, _ = http("PUT", url + "/admin/weights", {"weights": {"a": 1}, "affinity": "yes"})
+    assert status == 400 and "affinity" in json.loads(payload)["error"] and router.affinity is False
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from replica_agent.config import AgentConfig
 from replica_agent.engine.engine import RequestRejected
 from replica_agent.engine.requests import FinalEvent, FinishReason, SamplingParams, TokenEvent, TokenInfo
 from replica_agent.serving import http_api
-from replica_agent.serving.http_api import ADAPTER_HEADER
+from replica_agent.serving.http_api import ADAPTER_HEADER, ADAPTER_SHA_HEADER
 from replica_agent.serving.schemas import InvalidRequest, StreamFramer, parse_generate_request, prompt_ids, sampling_params
 
 from ..helpers import eventually, post_json
@@ -33,7 +33,8 @@ PROMPT = "The Python language reference describes"
 @pytest.fixture(scope="module")
 def agent(json_data):
     data = json_data
-    agent = Agent(AgentConfig(model="tiny", data=str(data), port=0, max_total_tokens=512, eval_batches=2))
+    # No automatic local revisions: what is served changes only when a test publishes.
+    agent = Agent(AgentConfig(model="tiny", data=str(data), port=0, max_total_tokens=512, eval_batches=2, revision_every_seconds=0))
     agent.start()
     yield agent
     agent.stop()
@@ -83,7 +84,9 @@ def test_generate_stream_joins_to_final_text(client, server):
 
     raw = sse_events(server, {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "details": True}})
     final = raw[-1]
-    assert final["adapter_version"] == final["details"]["adapter_version"] == server.api.agent.store.current.number
+    current = server.api.agent.store.current
+    assert final["adapter_version"] == final["details"]["adapter_version"] == current.label
+    assert final["adapter_sha256"] == final["details"]["adapter_sha256"] == current.sha256
     assert [e["index"] for e in raw] == [0, 1, 2, 3]
 
 
@@ -149,7 +152,7 @@ def test_compat_route_dispatches_on_stream(server):
 
 def test_adapter_version_header(server, agent):
     status, _, headers = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
-    assert status == 200 and headers[ADAPTER_HEADER] == str(agent.store.current.number)
+    assert status == 200 and headers[ADAPTER_HEADER] == agent.store.current.label and headers[ADAPTER_SHA_HEADER] == agent.store.current.sha256
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -239,7 +242,7 @@ def test_info_health_stats(server, agent):
     status, body, _ = get(server, "/info")
     info = json.loads(body)
     assert status == 200 and info["model_id"] and info["max_total_tokens"] == 512 and info["max_input_tokens"] == 511
-    assert info["adapter"]["version"] == agent.store.current.number and info["model_device_type"] == "cpu"
+    assert info["adapter"]["version"] == agent.store.current.label and info["model_device_type"] == "cpu"
     status, body, _ = get(server, "/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
     status, body, _ = get(server, "/stats")
@@ -258,12 +261,12 @@ def test_metrics_exposition(server, client):
     assert 'collm_requests_total{outcome="validation"}' in text
 
 
-def test_publish_bumps_the_version(server, agent):
-    before = agent.store.current.number
+def test_publish_serves_the_next_local_revision(server, agent):
+    before = agent.store.current
     status, body, _ = post(server, "/publish", {})
-    assert status == 200 and body["version"] == before + 1 == agent.store.current.number and len(body["sha256"]) == 64
+    assert status == 200 and body["version"] == f"{before.cluster_version}.{before.revision + 1}" == agent.store.current.label and len(body["sha256"]) == 64
     status, _, headers = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}})
-    assert headers[ADAPTER_HEADER] == str(before + 1)
+    assert headers[ADAPTER_HEADER] == body["version"] and headers[ADAPTER_SHA_HEADER] == body["sha256"]
 
 
 def test_publish_without_trainer_is_a_conflict(server, agent, monkeypatch):
@@ -383,7 +386,7 @@ def tok(i: int, text: str, special: bool = False) -> TokenEvent:
 
 
 def final(text: str, n: int, reason=FinishReason.LENGTH) -> FinalEvent:
-    return FinalEvent(reason, text, n, None, 7, 3)
+    return FinalEvent(reason, text, n, None, "7.3", 3, adapter_sha256="ab" * 32)
 
 
 def test_framer_holds_back_only_a_possible_last_token():
@@ -393,8 +396,8 @@ def test_framer_holds_back_only_a_possible_last_token():
     assert framer.token(tok(2, "c")) == []  # index 2 may be the last: held back
     (last,) = framer.final(final("abcd", 3))  # "d": a tail the detokenizer released at the end
     assert last["token"]["text"] == "cd" and last["generated_text"] == "abcd" and last["index"] == 2
-    assert last["details"] == {"finish_reason": "length", "generated_tokens": 3, "seed": None, "input_length": 3, "adapter_version": 7}
-    assert last["adapter_version"] == 7
+    assert last["details"] == {"finish_reason": "length", "generated_tokens": 3, "seed": None, "input_length": 3, "adapter_version": "7.3", "adapter_sha256": "ab" * 32}
+    assert last["adapter_version"] == "7.3" and last["adapter_sha256"] == "ab" * 32
 
 
 def test_framer_releases_a_held_token_that_was_not_last():

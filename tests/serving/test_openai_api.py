@@ -42,7 +42,7 @@ def tgi_text(server, inputs: str, max_new_tokens: int) -> str:
 
 
 def fingerprint(agent) -> str:
-    return f"collm-adapter-v{agent.store.current.number}"
+    return f"collm-adapter-{agent.store.current.label}"
 
 
 # -- completions ----------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_chat_stream(client):
     chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
-    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].system_fingerprint.startswith("collm-adapter-v")
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].system_fingerprint.startswith("collm-adapter-")
 
 
 def test_chat_without_max_tokens_fills_the_context(client, agent):
@@ -114,12 +114,12 @@ def test_chat_without_max_tokens_fills_the_context(client, agent):
 
 # -- models and adapter versions ------------------------------------------------------------------
 def test_models_and_adapter_versions(client, agent):
-    before = agent.store.current.number
-    assert [m.id for m in client.models.list()] == ["tiny", f"tiny@v{before}"]
-    new = agent.publish().number
-    assert f"tiny@v{new}" in [m.id for m in client.models.list()]
-    raw = client.completions.with_raw_response.create(model=f"tiny@v{before}", prompt=PROMPT, max_tokens=2)
-    assert raw.headers[ADAPTER_HEADER] == str(new) and raw.parse().system_fingerprint == f"collm-adapter-v{new}"
+    before = agent.store.current.label
+    assert [m.id for m in client.models.list()] == ["tiny", f"tiny@{before}"]
+    new = agent.publish().label
+    assert f"tiny@{new}" in [m.id for m in client.models.list()]
+    raw = client.completions.with_raw_response.create(model=f"tiny@{before}", prompt=PROMPT, max_tokens=2)
+    assert raw.headers[ADAPTER_HEADER] == new and raw.parse().system_fingerprint == f"collm-adapter-{new}"
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert err.value.status_code == 404 and err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
@@ -242,8 +242,8 @@ def test_stream_never_shows_a_stop_sequence():
     builder = ResponseBuilder(request(stop=["END", "zz"]), "tiny")
     texts = [c["choices"][0]["text"] for t in ("ab", "E", "N", "D!") for c in builder.token(tok(0, t))]
     assert texts == ["ab"]  # "E", "EN" may start END; "END!" completes it
-    (last,) = builder.final(FinalEvent(FinishReason.STOP_SEQUENCE, "abEND!", 4, None, 3, 2))
-    assert last["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"} and last["system_fingerprint"] == "collm-adapter-v3"
+    (last,) = builder.final(FinalEvent(FinishReason.STOP_SEQUENCE, "abEND!", 4, None, "3.1", 2))
+    assert last["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"} and last["system_fingerprint"] == "collm-adapter-3.1"
 
     builder = ResponseBuilder(request(stop=["END"]), "tiny")
     texts = [c["choices"][0]["text"] for t in ("a", "EN", "x", "E") for c in builder.token(tok(0, t))]
