@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.adapter_store import AdapterVersion
+from ..engine.adapter_store import AdapterVersion, adapter_sha256
 from ..engine.lora import check_adapter
-from ..engine.adapter_store import adapter_sha256
 from .client import AgentClient
 from .secure import encode_masked, mask_update, pair_seeds, reveal_seeds
 from .update import UpdateError, encode_update, make_update
