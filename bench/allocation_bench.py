@@ -25,9 +25,7 @@ def random_replicas(count: int, *, seed: int = 0, unhealthy_share: float = 0.05)
         capacity = sorted([1.0] + [rng.uniform(0.4, 1.0) for _ in CAPS[1:]], reverse=True)
         training = sorted([0.0] + [rng.uniform(0.1, 1.0) for _ in CAPS[1:]])
         profile = CapacityProfile(tuple((cap, alone_rps * a, alone_tokens * b) for cap, a, b in zip(CAPS, capacity, training)))
-        replicas.append(
-            ReplicaState(f"replica-{i:05d}", rng.random() >= unhealthy_share, profile, rng.uniform(0.0, 1e-7), rng.randint(0, 10_000_000))
-        )
+        replicas.append(ReplicaState(f"replica-{i:05d}", rng.random() >= unhealthy_share, profile, rng.uniform(0.0, 1e-7), rng.randint(0, 10_000_000)))
     return replicas
 
 

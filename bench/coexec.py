@@ -1,4 +1,4 @@
-"""`collm bench coexec`: co-execution efficiency (CEE) of one replica, as DESIGN.md defines it.
+"""`collm bench coexec`: co-execution efficiency (CEE) of one replica, as docs/design.md defines it.
 
 In one run, on one replica and one model:
 1. inference alone: the highest Poisson request rate served with >= 99% SLO attainment
@@ -19,14 +19,16 @@ from replica_agent.config import AgentConfig
 from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.engine.model_host import load_base_model
 from replica_agent.engine.trainer import Trainer, TrainerSettings
+from replica_agent.report import machine, print_table, write_json
 
 from .load import find_max_rate, run_trial, trace_shapes
-from replica_agent.report import machine, print_table, write_json
 
 
 def _training_alone(agent: Agent, threads: int, seconds: float) -> float:
     """Training tokens/s of the trainer thread with no requests and no budget limit."""
-    trainer = Trainer(agent.runtime, agent.dataset, agent.store, agent.spec, settings=TrainerSettings(micro_batch=agent.config.micro_batch, torch_threads=threads))
+    trainer = Trainer(
+        agent.runtime, agent.dataset, agent.store, agent.spec, settings=TrainerSettings(micro_batch=agent.config.micro_batch, torch_threads=threads)
+    )
     trainer.start()
     time.sleep(1.0)  # warm-up
     tokens0, t0 = trainer.tokens, time.perf_counter()
@@ -65,7 +67,20 @@ def _search(agent: Agent, shapes, *, ttft_ms, tpot_ms, trial_s, start_rate, refi
     return rate, best, history, per_trial
 
 
-def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpot_ms: int = 50, trial_s: float = 6.0, start_rate: float = 4.0, refinements: int = 3, max_doublings: int = 8, max_batch: int = 16, train_cap_tokens: int = 128, json_path: str | None = None) -> dict:
+def run(
+    model: str = "tiny",
+    *,
+    data: str | None = None,
+    ttft_ms: int = 500,
+    tpot_ms: int = 50,
+    trial_s: float = 6.0,
+    start_rate: float = 4.0,
+    refinements: int = 3,
+    max_doublings: int = 8,
+    max_batch: int = 16,
+    train_cap_tokens: int = 128,
+    json_path: str | None = None,
+) -> dict:
     base = load_base_model(model)
     data = data or str(stdlib_package_dir("json"))
     shapes = trace_shapes()
@@ -76,7 +91,9 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
     alone.start()
     try:
         run_trial(alone.engine, shapes, start_rate, 2.0, ttft_ms=ttft_ms, tpot_ms=tpot_ms)  # warm-up
-        rate_alone, best_alone, hist_alone, _ = _search(alone, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements, max_doublings=max_doublings)
+        rate_alone, best_alone, hist_alone, _ = _search(
+            alone, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements, max_doublings=max_doublings
+        )
     finally:
         alone.stop()
 
@@ -85,7 +102,9 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
     train_alone = max(train_probes.values())
     co.start()
     try:
-        rate_co, best_co, hist_co, train_rates = _search(co, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements, max_doublings=max_doublings)
+        rate_co, best_co, hist_co, train_rates = _search(
+            co, shapes, ttft_ms=ttft_ms, tpot_ms=tpot_ms, trial_s=trial_s, start_rate=start_rate, refinements=refinements, max_doublings=max_doublings
+        )
         train_co = train_rates.get(rate_co, 0.0)
         eval_after = co.trainer.evaluate()
     finally:
@@ -97,7 +116,15 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
         "benchmark": "coexec",
         "model": base.name,
         "alone_probes": {"engine_tokens_per_s_by_threads": thread_probes, "training_tokens_per_s_by_threads": train_probes, "engine_threads": engine_threads},
-        "settings": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "trial_s": trial_s, "max_batch": max_batch, "train_cap_tokens": train_cap_tokens, "data": data, "request_shapes": len(shapes)},
+        "settings": {
+            "ttft_ms": ttft_ms,
+            "tpot_ms": tpot_ms,
+            "trial_s": trial_s,
+            "max_batch": max_batch,
+            "train_cap_tokens": train_cap_tokens,
+            "data": data,
+            "request_shapes": len(shapes),
+        },
         "inference_alone_rps": rate_alone,
         "inference_alone_attainment": best_alone.attainment if best_alone else 0.0,
         "training_alone_tokens_per_s": train_alone,
@@ -109,7 +136,10 @@ def run(model: str = "tiny", *, data: str | None = None, ttft_ms: int = 500, tpo
         "cee": inference_ratio + training_ratio,
         "target_cee": 1.3,
         "coexec_eval_loss_after": eval_after,
-        "trials": {"inference_alone": [h.as_dict() for h in hist_alone], "coexec": [dict(h.as_dict(), training_tokens_per_s=train_rates.get(h.rate, 0.0)) for h in hist_co]},
+        "trials": {
+            "inference_alone": [h.as_dict() for h in hist_alone],
+            "coexec": [dict(h.as_dict(), training_tokens_per_s=train_rates.get(h.rate, 0.0)) for h in hist_co],
+        },
         "machine": machine(),
     }
     print_table(

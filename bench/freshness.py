@@ -25,11 +25,19 @@ from replica_agent.local.controller import ControllerSettings
 from replica_agent.local.traffic import TrafficReplay, trace_slice
 from replica_agent.local.workload import workload_for
 from replica_agent.proto import collm_pb2 as pb
-
 from replica_agent.report import machine, print_table, write_json
 
 
-def run(*, replicas: int = 3, publishes: int = 20, interval_s: float = 1.0, rate: float = 10.0, trace: str = "conv", lora_rank: int = 8, json_path: str | None = None) -> dict:
+def run(
+    *,
+    replicas: int = 3,
+    publishes: int = 20,
+    interval_s: float = 1.0,
+    rate: float = 10.0,
+    trace: str = "conv",
+    lora_rank: int = 8,
+    json_path: str | None = None,
+) -> dict:
     base = load_base_model("tiny")
     duration = publishes * interval_s + 4.0
     configs = replica_configs(replicas, lora_rank=lora_rank, lora_alpha=2 * lora_rank, train_cap_tokens=0, revision_every_seconds=0)
@@ -39,7 +47,9 @@ def run(*, replicas: int = 3, publishes: int = 20, interval_s: float = 1.0, rate
         names = list(deployment.replicas)
         source_name, source = names[0], deployment.replicas[names[0]].agent
         clients = {n: AgentClient(deployment.replicas[n].grpc_address) for n in names[1:]}
-        traffic = TrafficReplay(deployment.router_url, workload_for(configs, trace_slice(trace, rate=rate, duration_s=duration), base.tokenizer), 1000, 100).start()
+        traffic = TrafficReplay(
+            deployment.router_url, workload_for(configs, trace_slice(trace, rate=rate, duration_s=duration), base.tokenizer), 1000, 100
+        ).start()
         time.sleep(2.0)  # traffic flowing before the first publish
         generator = torch.Generator().manual_seed(0)
         with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
@@ -47,11 +57,15 @@ def run(*, replicas: int = 3, publishes: int = 20, interval_s: float = 1.0, rate
                 tensors = {k: v + 1e-3 * torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in source.store.current.tensors.items()}
                 t0 = time.time()
                 version = source.store.publish(tensors, cluster_version=i + 1)
-                request = lambda n: clients[n].publish(pb.PublishRequest(round_id=f"fresh-{i}", sha256=version.sha256, source=deployment.replicas[source_name].grpc_address, cluster_version=i + 1))
-                replies = list(pool.map(request, clients))
+                publish = pb.PublishRequest(
+                    round_id=f"fresh-{i}", sha256=version.sha256, source=deployment.replicas[source_name].grpc_address, cluster_version=i + 1
+                )
+                replies = list(pool.map(lambda n, request=publish: clients[n].publish(request), clients))
                 switched = [r.switched_unix for r in replies]
                 live = [deployment.replicas[n].agent.store.global_version.sha256 == version.sha256 for n in names]
-                cases.append({"publish": i + 1, "freshness_s": max(switched, default=t0) - t0, "per_replica_s": [s - t0 for s in switched], "all_serving": all(live)})
+                cases.append(
+                    {"publish": i + 1, "freshness_s": max(switched, default=t0) - t0, "per_replica_s": [s - t0 for s in switched], "all_serving": all(live)}
+                )
                 time.sleep(max(0.0, interval_s - (time.time() - t0)))
         traffic.wait(120)
         for c in clients.values():
@@ -80,7 +94,13 @@ def run(*, replicas: int = 3, publishes: int = 20, interval_s: float = 1.0, rate
     print_table(
         f"Adapter freshness under load ({replicas} replicas, {publishes} publishes, {rate:g} req/s through the router)",
         ["figure", "value", "target"],
-        [["freshness p50 (s)", result["freshness_s_p50"], "<= 1"], ["freshness max (s)", result["freshness_s_max"], "<= 1"], ["every replica switched", str(result["all_replicas_switched"]), "True"], ["requests sent / answered", f"{result['requests_sent']} / {result['requests_answered']}", ""], ["failed requests", result["failed_requests"], "0"]],
+        [
+            ["freshness p50 (s)", result["freshness_s_p50"], "<= 1"],
+            ["freshness max (s)", result["freshness_s_max"], "<= 1"],
+            ["every replica switched", str(result["all_replicas_switched"]), "True"],
+            ["requests sent / answered", f"{result['requests_sent']} / {result['requests_answered']}", ""],
+            ["failed requests", result["failed_requests"], "0"],
+        ],
     )
     write_json(result, json_path)
     return result

@@ -18,7 +18,6 @@ from replica_agent.traces import DEFAULT_TRACE, RequestShape, trace_shapes
 __all__ = ["DEFAULT_TRACE", "RequestShape", "trace_shapes", "TrialResult", "run_trial", "find_max_rate"]  # trace helpers re-exported
 
 
-
 @dataclass
 class TrialResult:
     rate: float
@@ -47,7 +46,9 @@ class TrialResult:
         return {**self.__dict__, "attainment": self.attainment, "slo_met_rps": self.goodput_rps}
 
 
-def run_trial(engine: Engine, shapes: list[RequestShape], rate: float, duration_s: float, *, ttft_ms: float, tpot_ms: float, seed: int = 0, drain_timeout_s: float = 60.0) -> TrialResult:
+def run_trial(
+    engine: Engine, shapes: list[RequestShape], rate: float, duration_s: float, *, ttft_ms: float, tpot_ms: float, seed: int = 0, drain_timeout_s: float = 60.0
+) -> TrialResult:
     """Offer Poisson arrivals at `rate` req/s for `duration_s`; wait for all to finish."""
     rng = random.Random(seed)
     finals: list[FinalEvent] = []
@@ -105,7 +106,9 @@ def run_trial(engine: Engine, shapes: list[RequestShape], rate: float, duration_
     )
 
 
-def find_max_rate(trial, *, start_rate: float, target: float = 0.99, refinements: int = 3, max_doublings: int = 8) -> tuple[float, TrialResult | None, list[TrialResult]]:
+def find_max_rate(
+    trial, *, start_rate: float, target: float = 0.99, refinements: int = 3, max_doublings: int = 8
+) -> tuple[float, TrialResult | None, list[TrialResult]]:
     """Step the offered load: double until the SLO attainment drops under `target`, then bisect.
 
     `trial(rate) -> TrialResult`. Returns the highest passing rate, its trial, and every trial run.

@@ -20,7 +20,6 @@ from replica_agent.engine.llama import LlamaRuntime
 from replica_agent.engine.lora import LoraSpec, init_adapter
 from replica_agent.engine.model_host import load_base_model
 from replica_agent.engine.requests import SamplingParams
-
 from replica_agent.report import machine, print_table, write_json
 
 
@@ -72,7 +71,17 @@ def _decode_rate(engine: Engine, batch: int, prompt_len: int, new_tokens: int, s
     }
 
 
-def run(model: str = "tiny", *, batch: int = 16, prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3, threads: int = 1, rank: int = 8, json_path: str | None = None) -> dict:
+def run(
+    model: str = "tiny",
+    *,
+    batch: int = 16,
+    prompt_len: int = 32,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    threads: int = 1,
+    rank: int = 8,
+    json_path: str | None = None,
+) -> dict:
     base = load_base_model(model)
     runtime = LlamaRuntime(base.config, base.state_dict)
     spec = LoraSpec(rank=rank, alpha=2 * rank)
@@ -98,7 +107,15 @@ def run(model: str = "tiny", *, batch: int = 16, prompt_len: int = 32, new_token
     result = {
         "benchmark": "overhead",
         "model": base.name,
-        "settings": {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "lora_rank": rank, "targets": list(spec.target_modules)},
+        "settings": {
+            "batch": batch,
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "threads": threads,
+            "lora_rank": rank,
+            "targets": list(spec.target_modules),
+        },
         "no_adapter_tokens_per_s": plain_rate,
         "two_versions_tokens_per_s": lora_rate,
         "slowdown": 1 - lora_rate / plain_rate,

@@ -64,7 +64,7 @@ def _peft_model(config: AgentConfig):
 class _RowStreamer(BaseStreamer):
     """Token ids of a whole batch, one step at a time, sent on to each row's callback."""
 
-    def __init__(self, rows: list["_Pending"], eos: set[int]) -> None:
+    def __init__(self, rows: list[_Pending], eos: set[int]) -> None:
         self.rows, self.eos, self.prompt_seen = rows, eos, False
 
     def put(self, value: torch.Tensor) -> None:
@@ -134,8 +134,9 @@ class PeftServer:
                 for row in rows:
                     row.version = self.version
                 inputs = self.tokenizer([r.prompt for r in rows], return_tensors="pt", padding=True, padding_side="left")
-                self.model.generate(**inputs, max_new_tokens=max(r.max_new_tokens for r in rows), do_sample=False, pad_token_id=self.pad,
-                                    streamer=_RowStreamer(rows, self.eos))
+                self.model.generate(
+                    **inputs, max_new_tokens=max(r.max_new_tokens for r in rows), do_sample=False, pad_token_id=self.pad, streamer=_RowStreamer(rows, self.eos)
+                )
 
     def publish(self, path: str, version: str) -> str:
         from peft import set_peft_model_state_dict
@@ -160,12 +161,22 @@ class PeftServer:
             if kind == "token":
                 token, last = rest
                 if not last:
-                    await response.write(b"data:" + json.dumps({"index": index, "token": {"id": token, "text": "", "special": False}, "generated_text": None, "details": None}).encode() + b"\n\n")
+                    await response.write(
+                        b"data:"
+                        + json.dumps({"index": index, "token": {"id": token, "text": "", "special": False}, "generated_text": None, "details": None}).encode()
+                        + b"\n\n"
+                    )
                 index += 1
                 continue
             text, (version, sha) = rest
-            final = {"index": index, "token": {"id": row.ids[-1] if row.ids else 0, "text": "", "special": False}, "generated_text": text, "details": None,
-                     "adapter_version": version, "adapter_sha256": sha}
+            final = {
+                "index": index,
+                "token": {"id": row.ids[-1] if row.ids else 0, "text": "", "special": False},
+                "generated_text": text,
+                "details": None,
+                "adapter_version": version,
+                "adapter_sha256": sha,
+            }
             await response.write(b"data:" + json.dumps(final).encode() + b"\n\n")
             break
         await response.write_eof()
@@ -227,8 +238,13 @@ def _serve(role: str, config: AgentConfig, port: int) -> None:
             body = await request.json()
             return web.json_response({"sha256": await asyncio.to_thread(server.publish, body["path"], body["version"])})
 
-        app.add_routes([web.post("/generate_stream", server.generate_stream), web.get("/health", lambda _: web.json_response({"status": "ok"})),
-                        web.put("/admin/adapter", publish)])
+        app.add_routes(
+            [
+                web.post("/generate_stream", server.generate_stream),
+                web.get("/health", lambda _: web.json_response({"status": "ok"})),
+                web.put("/admin/adapter", publish),
+            ]
+        )
     else:
         trainer = PeftTrainer(config)
 
@@ -239,13 +255,20 @@ def _serve(role: str, config: AgentConfig, port: int) -> None:
             await asyncio.to_thread(trainer.adopt, (await request.json())["path"])
             return web.json_response({"ok": True})
 
-        app.add_routes([web.get("/health", lambda _: web.json_response({"status": "ok", "tokens": trainer.tokens})),
-                        web.post("/snapshot", snapshot), web.post("/adopt", adopt)])
+        app.add_routes(
+            [
+                web.get("/health", lambda _: web.json_response({"status": "ok", "tokens": trainer.tokens})),
+                web.post("/snapshot", snapshot),
+                web.post("/adopt", adopt),
+            ]
+        )
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m collm_bench.peft_baseline", description="a transformers + peft server or trainer process of the `peft` baseline")
+    parser = argparse.ArgumentParser(
+        prog="python -m collm_bench.peft_baseline", description="a transformers + peft server or trainer process of the `peft` baseline"
+    )
     parser.add_argument("role", choices=["serve", "train"])
     parser.add_argument("--config", required=True, help="the replica's AgentConfig as YAML")
     parser.add_argument("--port", type=int, required=True)
@@ -290,7 +313,9 @@ def _wait(process: _Process, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{process.name} did not start within {timeout:.0f} s (log: {process.log_path})")
 
 
-def run_peft(configs: list[AgentConfig], settings, workload, *, base: BaseModel | None = None, workdir: str | None = None, window_s: float = 5.0, drain_s: float = 120.0) -> dict:
+def run_peft(
+    configs: list[AgentConfig], settings, workload, *, base: BaseModel | None = None, workdir: str | None = None, window_s: float = 5.0, drain_s: float = 120.0
+) -> dict:
     """One measured run of the `peft` baseline; the same figures as replica_agent.local.run.run_policy."""
     base = base or load_base_model(configs[0].model)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="collm-peft-"))
@@ -334,24 +359,28 @@ def run_peft(configs: list[AgentConfig], settings, workload, *, base: BaseModel 
             p.stop()
     scorer = RequestScorer(base, spec, [archive])
     try:
-        result = figures("peft", settings.ttft_ms, settings.tpot_ms, workload, list(traffic.records), traffic.sent, max(elapsed, duration), scorer, initial_sha, window_s)
+        result = figures(
+            "peft", settings.ttft_ms, settings.tpot_ms, workload, list(traffic.records), traffic.sent, max(elapsed, duration), scorer, initial_sha, window_s
+        )
     finally:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    result.update({
-        "training_tokens": sum(tokens),
-        "training_tokens_per_replica": {t.name: n for t, n in zip(trainers, tokens)},
-        "revisions_per_replica": {p.name: 0 for p in trainers + servers},
-        "served_at_end": {s.name: version_label(state["version"], 0) for s in servers},
-        "rounds_started": len(rounds),
-        "rounds_succeeded": len(rounds),
-        "rounds": rounds,
-        "allocations": [],
-        "controller_errors": [],
-        "cpu_seconds": {**cpu, "harness": harness_cpu},
-        "samples": [],
-        "roles": {"train": [t.name for t in trainers], "serve": [s.name for s in servers]},
-    })
+    result.update(
+        {
+            "training_tokens": sum(tokens),
+            "training_tokens_per_replica": {t.name: n for t, n in zip(trainers, tokens)},
+            "revisions_per_replica": {p.name: 0 for p in trainers + servers},
+            "served_at_end": {s.name: version_label(state["version"], 0) for s in servers},
+            "rounds_started": len(rounds),
+            "rounds_succeeded": len(rounds),
+            "rounds": rounds,
+            "allocations": [],
+            "controller_errors": [],
+            "cpu_seconds": {**cpu, "harness": harness_cpu},
+            "samples": [],
+            "roles": {"train": [t.name for t in trainers], "serve": [s.name for s in servers]},
+        }
+    )
     return result
 
 
@@ -379,8 +408,17 @@ def _round(state: dict, trainers: list[_Process], servers: list[_Process], archi
     for t in trainers:
         _http("POST", t.url + "/adopt", {"path": str(path)})
     state["global"] = new
-    return {"number": state["version"], "started_at": started, "finished_at": time.time(), "result": "Succeeded", "version_sha256": sha,
-            "freshness_s": switched - aggregated, "eval_loss_before": 0.0, "eval_loss_after": 0.0, "participants": [t.name for t in trainers]}
+    return {
+        "number": state["version"],
+        "started_at": started,
+        "finished_at": time.time(),
+        "result": "Succeeded",
+        "version_sha256": sha,
+        "freshness_s": switched - aggregated,
+        "eval_loss_before": 0.0,
+        "eval_loss_after": 0.0,
+        "participants": [t.name for t in trainers],
+    }
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from replica_agent.engine.trainer import Trainer, TrainerSettings
 from replica_agent.federated import rounds as R
 from replica_agent.federated.driver import RoundDriver, StrategyConfig
 from replica_agent.federated.local_cluster import LocalCluster
-
 from replica_agent.report import machine, print_table, write_json
 
 PACKAGES = ("json", "http", "email", "logging", "urllib", "xml", "unittest", "importlib")
@@ -40,7 +39,16 @@ def _configs(n: int, **overrides) -> list[AgentConfig]:
 
 
 def _spec(round_id: str, names: list[str], local_steps: int, tolerance: float = 1.0) -> R.RoundSpec:
-    return R.RoundSpec(round_id=round_id, replicas=tuple(names), participants=tuple(names), aggregator=names[0], local_steps=local_steps, deadline_s=600.0, min_participants=len(names), eval_tolerance=tolerance)
+    return R.RoundSpec(
+        round_id=round_id,
+        replicas=tuple(names),
+        participants=tuple(names),
+        aggregator=names[0],
+        local_steps=local_steps,
+        deadline_s=600.0,
+        min_participants=len(names),
+        eval_tolerance=tolerance,
+    )
 
 
 class _Load:
@@ -72,7 +80,9 @@ def run_case(base, *, rank: int, targets: list[str], participants: int, strategy
         adapter_bytes = sum(t.numel() * t.element_size() for t in cluster[names[0]].agent.store.current.tensors.values())
         load = _Load(cluster)
         started = time.time()
-        state = RoundDriver(_spec(f"bench-{strategy}-r{rank}-n{participants}", names, local_steps), cluster.addresses, strategy=StrategyConfig(strategy), round_number=1).run(timeout_s=600)
+        state = RoundDriver(
+            _spec(f"bench-{strategy}-r{rank}-n{participants}", names, local_steps), cluster.addresses, strategy=StrategyConfig(strategy), round_number=1
+        ).run(timeout_s=600)
         wall = time.time() - started
         load.stop()
     return {
@@ -97,11 +107,29 @@ def run_round_bench(*, json_path: str | None = None, ranks=(8, 16, 64), big: boo
     cases = [run_case(base, rank=r, targets=["q_proj", "v_proj"], participants=3, strategy=s) for r in ranks for s in ("fedavg", "ffa")]
     if big:
         cases.append(run_case(base, rank=128, targets=ALL_MODULES, participants=8, strategy="fedavg", local_steps=1))
-    result = {"benchmark": "round", "cases": cases, "targets": {"aggregation_and_publish_s": 2.0, "freshness_s": 1.0, "failed_requests": 0}, "machine": machine()}
+    result = {
+        "benchmark": "round",
+        "cases": cases,
+        "targets": {"aggregation_and_publish_s": 2.0, "freshness_s": 1.0, "failed_requests": 0},
+        "machine": machine(),
+    }
     print_table(
         "Federated round on loopback (tiny model)",
         ["strategy", "rank", "participants", "adapter MB", "MB / participant", "round s", "aggregate s", "freshness s", "failed"],
-        [[c["strategy"], c["rank"], c["participants"], c["adapter_bytes"] / 1e6, c["bytes_per_participant"] / 1e6, c["round_wall_s"], c["aggregation_s"], c["freshness_s"], c["failed_requests"]] for c in cases],
+        [
+            [
+                c["strategy"],
+                c["rank"],
+                c["participants"],
+                c["adapter_bytes"] / 1e6,
+                c["bytes_per_participant"] / 1e6,
+                c["round_wall_s"],
+                c["aggregation_s"],
+                c["freshness_s"],
+                c["failed_requests"],
+            ]
+            for c in cases
+        ],
     )
     write_json(result, json_path)
     return result
@@ -115,7 +143,15 @@ def run_federated_bench(*, rounds: int = 5, local_steps: int = 20, json_path: st
     with LocalCluster(_configs(3, eval_batches=0, micro_batch=4, seq_len=128, learning_rate=2e-3), base=base) as cluster:
         for n in range(1, rounds + 1):
             state = RoundDriver(_spec(f"fed-{n}", names, local_steps, tolerance=0.02), cluster.addresses, round_number=n).run(timeout_s=900)
-            history.append({"round": n, "succeeded": state.succeeded, "result": state.conditions[R.Condition.SUCCEEDED].reason, "eval_loss_before": state.eval_loss_before, "eval_loss_after": state.eval_loss_after})
+            history.append(
+                {
+                    "round": n,
+                    "succeeded": state.succeeded,
+                    "result": state.conditions[R.Condition.SUCCEEDED].reason,
+                    "eval_loss_before": state.eval_loss_before,
+                    "eval_loss_after": state.eval_loss_after,
+                }
+            )
         for name in names:  # what the rounds published is compared now: the replicas stop training
             cluster[name].agent.trainer.pause()
         federated = dict(cluster[names[0]].agent.store.global_version.tensors)
@@ -130,14 +166,20 @@ def run_federated_bench(*, rounds: int = 5, local_steps: int = 20, json_path: st
             c0 = cluster[names[0]].agent
             store = AdapterStore()
             store.publish(initial, cluster_version=0)
-            central = Trainer(c0.runtime, LocalDataset.from_path(union, c0.tokenizer, seq_len=c0.config.seq_len), store, c0.spec, settings=TrainerSettings(learning_rate=c0.config.learning_rate, micro_batch=c0.config.micro_batch))
+            central = Trainer(
+                c0.runtime,
+                LocalDataset.from_path(union, c0.tokenizer, seq_len=c0.config.seq_len),
+                store,
+                c0.spec,
+                settings=TrainerSettings(learning_rate=c0.config.learning_rate, micro_batch=c0.config.micro_batch),
+            )
             for _ in range(steps):
                 central.train_step()
             centralized = central.snapshot()
 
         def weighted(tensors):
             losses = [(t.evaluate(tensors), t.eval_tokens) for t in evaluators]
-            return sum(l * n for l, n in losses) / sum(n for _, n in losses)
+            return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
 
         fed_loss, central_loss, initial_loss = weighted(federated), weighted(centralized), weighted(initial)
     result = {
@@ -157,7 +199,12 @@ def run_federated_bench(*, rounds: int = 5, local_steps: int = 20, json_path: st
     print_table(
         f"Federated vs centralized LoRA ({rounds} rounds of at least {local_steps} steps x 3 replicas; {steps} steps in the final global)",
         ["adapter", "held-out loss (token-weighted over the 3 replicas)"],
-        [["initial", initial_loss], ["federated (FedAvg)", fed_loss], ["centralized on the union", central_loss], ["ratio (target <= 1.1)", fed_loss / central_loss]]
+        [
+            ["initial", initial_loss],
+            ["federated (FedAvg)", fed_loss],
+            ["centralized on the union", central_loss],
+            ["ratio (target <= 1.1)", fed_loss / central_loss],
+        ]
         + [[f"round {h['round']}: before -> after ({h['result']})", f"{h['eval_loss_before']:.3f} -> {h['eval_loss_after']:.3f}"] for h in history],
     )
     write_json(result, json_path)

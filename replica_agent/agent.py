@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .config import AgentConfig
 from .engine.adapter_store import AdapterStore, AdapterVersion
 from .engine.archive import AdapterArchive
@@ -52,7 +51,9 @@ class Agent:
         self.dataset, self.data_error = self._load_data(c)
         # The initial adapter is global version 0 ("0.0") on every replica: the same seed, the same tensors.
         initial = init_adapter(self.spec, self.runtime.dims, seed=c.seed, dtype=self.runtime.dtype)
-        initial_loss = held_out_loss(self.runtime, self.dataset, self.spec, initial, micro_batch=c.micro_batch, max_batches=c.eval_batches)[0] if self.dataset else None
+        initial_loss = (
+            held_out_loss(self.runtime, self.dataset, self.spec, initial, micro_batch=c.micro_batch, max_batches=c.eval_batches)[0] if self.dataset else None
+        )
         self.store.publish(initial, cluster_version=0, eval_loss=initial_loss)
         # With data the replica trains whenever the plan's cap and the batch mixer allow (cap 0: never).
         self.training = training = c.train and self.dataset is not None
@@ -127,7 +128,13 @@ class Agent:
         if kind == "iteration":
             tokens = self.trainer.tokens if self.trainer is not None else 0
             ran, self._training_tokens_seen = tokens - self._training_tokens_seen, tokens
-            self.profiler.observe_iteration(cap=self.mixer.settings.cap_tokens_per_iteration, budget=self.mixer.training_tokens, rows=payload.decode_rows, iteration_ms=payload.iteration_ms, training_tokens=ran)
+            self.profiler.observe_iteration(
+                cap=self.mixer.settings.cap_tokens_per_iteration,
+                budget=self.mixer.training_tokens,
+                rows=payload.decode_rows,
+                iteration_ms=payload.iteration_ms,
+                training_tokens=ran,
+            )
         elif kind == "finished" and payload.ok:
             self.profiler.observe_request(payload.generated_tokens)
             self.requests_finished += 1
@@ -218,7 +225,9 @@ class Agent:
             "data_error": self.data_error,
             "adapter": current.summary() if current else None,
             "global_adapter": self.store.global_version.summary() if self.store.global_version else None,
-            "revisions": {"published": trainer.revisions_published, "rejected": trainer.revisions_rejected, "last_at": trainer.last_revision_at} if trainer else None,
+            "revisions": {"published": trainer.revisions_published, "rejected": trainer.revisions_rejected, "last_at": trainer.last_revision_at}
+            if trainer
+            else None,
             "unuploaded_steps": trainer.unuploaded_steps if trainer else 0,
             "live_versions": sorted(self._labels(self.store.live_versions()).values()),
             "pins": {self._labels([n]).get(n, str(n)): count for n, count in self.store.pins().items()},

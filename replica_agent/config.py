@@ -31,7 +31,10 @@ class AgentConfig(BaseModel):
     # only to 2.18 (docs/benchmarks.md). Decode pays ~30% more for the five extra projections.
     lora_rank: int = Field(16, ge=1, le=256, description="LoRA rank r")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r)")
-    lora_targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], description="projections that carry LoRA (comma-separated on the command line)")
+    lora_targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="projections that carry LoRA (comma-separated on the command line)",
+    )
     lora_slots: int = Field(4, ge=1, le=64, description="adapter versions servable at once (pinned + current)")
     adapter_retain: int = Field(8, ge=1, description="published versions kept for rollback and fetching")
     # engine
@@ -52,14 +55,28 @@ class AgentConfig(BaseModel):
     learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate of the shadow adapter")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of the data held out for eval loss")
     eval_batches: int = Field(8, ge=0, description="eval batches per evaluation (0 = whole eval split)")
-    revision_every_steps: int = Field(0, ge=0, description="evaluate the shadow every N training steps and serve it as a local revision if it passes the eval gate (0: not by steps)")
-    revision_every_seconds: float = Field(10.0, ge=0, description="the same every T seconds of training, whichever comes first (0: not by time; both 0: no local revisions)")
-    revision_tolerance: float = Field(0.0, ge=0, description="nats a local revision's held-out loss may exceed the served version's (the round's eval-gate rule; 0: never worse)")
+    revision_every_steps: int = Field(
+        0, ge=0, description="evaluate the shadow every N training steps and serve it as a local revision if it passes the eval gate (0: not by steps)"
+    )
+    revision_every_seconds: float = Field(
+        10.0, ge=0, description="the same every T seconds of training, whichever comes first (0: not by time; both 0: no local revisions)"
+    )
+    revision_tolerance: float = Field(
+        0.0, ge=0, description="nats a local revision's held-out loss may exceed the served version's (the round's eval-gate rule; 0: never worse)"
+    )
     train_only_b: bool = Field(False, description="keep lora_A at its shared init and train only B (FFA-LoRA rounds need it)")
-    adapter_archive: str | None = Field(None, description="folder that receives every published adapter version as <sha256>.safetensors (offline scoring, audits)")
-    secure_aggregation_secret_file: str | None = Field(None, description="file with the round secret (>= 16 bytes) shared by participants only; needed to take part in secure-aggregation rounds")
+    adapter_archive: str | None = Field(
+        None, description="folder that receives every published adapter version as <sha256>.safetensors (offline scoring, audits)"
+    )
+    secure_aggregation_secret_file: str | None = Field(
+        None, description="file with the round secret (>= 16 bytes) shared by participants only; needed to take part in secure-aggregation rounds"
+    )
     trainer_threads: int | None = Field(None, ge=1, description="intra-op threads of the training thread (default 1)")
-    trainer_priority: Literal["low", "normal"] = Field("low", description="OS priority of the training thread: low (niceness 19: inference first, training in the gaps it leaves) or normal (an equal share, the `static` baseline)")
+    trainer_priority: Literal["low", "normal"] = Field(
+        "low",
+        description="OS priority of the training thread: low (niceness 19: inference first, training in the gaps it leaves) "
+        "or normal (an equal share, the `static` baseline)",
+    )
     seed: int = Field(0, description="seed of the adapter init and the data order")
     feedback: bool = Field(False, description="enable POST /feedback, which appends served interactions to the local data")
     feedback_path: str | None = Field(None, description="JSONL file that /feedback appends to (default: <data>/feedback.jsonl or ./feedback.jsonl)")
@@ -70,7 +87,7 @@ class AgentConfig(BaseModel):
     cache_dir: str | None = Field(None, description="where the built-in tiny model is cached (default $COLLM_CACHE_DIR or ~/.cache/collm)")
 
     @model_validator(mode="after")
-    def _check(self) -> "AgentConfig":
+    def _check(self) -> AgentConfig:
         if self.feedback and not (self.feedback_path or self.data):
             raise ValueError("feedback needs a place to write: set feedback_path or data")
         return self

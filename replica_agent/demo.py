@@ -23,8 +23,6 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .report import machine, print_table, write_json
-
 from .engine.model_host import load_base_model
 from .local.cluster import replica_configs
 from .local.controller import ControllerSettings
@@ -32,16 +30,38 @@ from .local.plots import write_plots
 from .local.run import run_policy
 from .local.traffic import trace_slice
 from .local.workload import workload_for
+from .report import machine, print_table, write_json
 
 DEFAULT_RATE = 8.0  # req/s for the tiny model on 3 replicas (docs/benchmarks.md: about half of what 2 cores serve)
 
 
-def run_demo(model: str = "tiny", *, duration_s: float = 90.0, replicas: int = 3, trace: str = "conv", policy: str = "coexec", rate: float | None = None, ttft_ms: int = 1000, tpot_ms: int = 100, slow_interval_s: float = 5.0, round_interval_s: float = 15.0, local_steps: int = 10, out_dir: str | None = None, json_path: str | None = None, live: bool = True) -> dict:
+def run_demo(
+    model: str = "tiny",
+    *,
+    duration_s: float = 90.0,
+    replicas: int = 3,
+    trace: str = "conv",
+    policy: str = "coexec",
+    rate: float | None = None,
+    ttft_ms: int = 1000,
+    tpot_ms: int = 100,
+    slow_interval_s: float = 5.0,
+    round_interval_s: float = 15.0,
+    local_steps: int = 10,
+    out_dir: str | None = None,
+    json_path: str | None = None,
+    live: bool = True,
+) -> dict:
     console = Console()
     rate = rate if rate is not None else DEFAULT_RATE * replicas / 3 * (1.0 if model == "tiny" else 0.1)
     out = Path(out_dir or f"reports/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    console.print(f"[bold]CoLLM demo[/]: {replicas} replicas of {model!r} serve the Azure {trace} trace at {rate:g} req/s for {duration_s:.0f} s while they fine-tune (policy {policy})")
-    settings = ControllerSettings(policy=policy, slow_interval_s=slow_interval_s, round_interval_s=round_interval_s, local_steps=local_steps, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+    console.print(
+        f"[bold]CoLLM demo[/]: {replicas} replicas of {model!r} serve the Azure {trace} trace at {rate:g} req/s "
+        f"for {duration_s:.0f} s while they fine-tune (policy {policy})"
+    )
+    settings = ControllerSettings(
+        policy=policy, slow_interval_s=slow_interval_s, round_interval_s=round_interval_s, local_steps=local_steps, ttft_ms=ttft_ms, tpot_ms=tpot_ms
+    )
     configs = replica_configs(replicas, model=model, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
     base = load_base_model(model)
     arrivals = trace_slice(trace, rate=rate, duration_s=duration_s)
@@ -83,14 +103,25 @@ def _replica_table(sample, traffic, deployment, ttft_ms: int, tpot_ms: int) -> T
             continue
         mine = [x for x in recent if x.replica == name]
         attained = f"{sum(x.met for x in mine) / len(mine):.0%}" if mine else "-"
-        table.add_row(name, f"{r['weight']:.2f}", str(r["queue"] + r["running"]), f"{r['training_share']:.2f}", str(r["train_cap_tokens"]),
-                      r["version"], str(r["revisions"]), f"{r['eval_loss']:.3f}" if r["eval_loss"] else "-", attained)
+        table.add_row(
+            name,
+            f"{r['weight']:.2f}",
+            str(r["queue"] + r["running"]),
+            f"{r['training_share']:.2f}",
+            str(r["train_cap_tokens"]),
+            r["version"],
+            str(r["revisions"]),
+            f"{r['eval_loss']:.3f}" if r["eval_loss"] else "-",
+            attained,
+        )
     met = [x for x in recent if x.met]
     window = min(10.0, max(sample.t, 1e-9))
     rounds = deployment.controller.history.rounds
-    table.caption = (f"cluster: {len(met) / window:.1f} SLO-met req/s   rounds {sum(1 for x in rounds if x.state)} done"
-                     f"{' + 1 running' if deployment.controller.round_running else ''}   "
-                     "serves <cluster version>.<local revision>: local revisions go live between rounds")
+    table.caption = (
+        f"cluster: {len(met) / window:.1f} SLO-met req/s   rounds {sum(1 for x in rounds if x.state)} done"
+        f"{' + 1 running' if deployment.controller.round_running else ''}   "
+        "serves <cluster version>.<local revision>: local revisions go live between rounds"
+    )
     return table
 
 
@@ -109,7 +140,10 @@ def _summary(result: dict, out: Path, console: Console) -> None:
             ["rounds started / succeeded", f"{result['rounds_started']} / {result['rounds_succeeded']}"],
             ["local revisions served (per replica)", ", ".join(f"{n}: {v}" for n, v in result["revisions_per_replica"].items())],
             ["adapters that served requests", result["adapters_serving"]],
-            ["Q per request: initial adapter -> as served (gain)", f"{result['mean_quality_initial_adapter']:.3f} -> {result['mean_quality_served']:.3f} (x{result['quality_gain']:.2f})"],
+            [
+                "Q per request: initial adapter -> as served (gain)",
+                f"{result['mean_quality_initial_adapter']:.3f} -> {result['mean_quality_served']:.3f} (x{result['quality_gain']:.2f})",
+            ],
             ["goodput (sum of Q over SLO-met requests; per s)", f"{result['goodput']:.1f} ({result['goodput_per_s']:.3f}/s)"],
             ["adapter freshness p50 / max (s)", f"{_median(fresh):.2f} / {max(fresh, default=0.0):.2f}"],
             ["report", str(out / "report.json")],

@@ -114,7 +114,12 @@ def test_capacity_profile_is_measured_online_and_plans_arrive_over_grpc(tiny_bas
     agent.start()
     server, _, port = serve_grpc(agent)
     try:
-        threads = [threading.Thread(target=lambda: [agent.engine.generate(agent.engine.encode("x = 1"), SamplingParams(max_new_tokens=24, ignore_eos=True)) for _ in range(4)]) for _ in range(4)]
+        threads = [
+            threading.Thread(
+                target=lambda: [agent.engine.generate(agent.engine.encode("x = 1"), SamplingParams(max_new_tokens=24, ignore_eos=True)) for _ in range(4)]
+            )
+            for _ in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:

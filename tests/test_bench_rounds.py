@@ -36,9 +36,20 @@ def test_round_benchmark_writes_complete_json(tmp_path, tiny_model_dir):
     assert saved["machine"]["cpu_count"] >= 1
 
     cases = saved["cases"]
-    assert [(c["rank"], c["strategy"]) for c in cases] == [(r, s) for r in ROUND_RANKS for s in ("fedavg", "ffa")], "one case per rank and strategy asked for, no big case"
+    assert [(c["rank"], c["strategy"]) for c in cases] == [(r, s) for r in ROUND_RANKS for s in ("fedavg", "ffa")], (
+        "one case per rank and strategy asked for, no big case"
+    )
     for c in cases:
-        for key in ("adapter_bytes", "bytes_per_participant", "round_wall_s", "aggregation_s", "freshness_s", "aggregation_and_publish_s", "requests_during_round", "failed_requests"):
+        for key in (
+            "adapter_bytes",
+            "bytes_per_participant",
+            "round_wall_s",
+            "aggregation_s",
+            "freshness_s",
+            "aggregation_and_publish_s",
+            "requests_during_round",
+            "failed_requests",
+        ):
             assert _is_figure(c[key]), (c["strategy"], c["rank"], key)
         assert c["participants"] == 3 and c["targets"] == ["q_proj", "v_proj"]
         assert c["succeeded"] is True, c

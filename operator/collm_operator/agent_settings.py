@@ -7,6 +7,7 @@ from typing import Any
 
 from collm_operator.api import CACHE_DIR, CONFIG_FILE, GRPC_PORT, HTTP_PORT, RUNTIME_SETTINGS, SECRET_DIR, SECRET_KEY, Cluster
 
+
 def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[str, Any]:
     """The cluster as replica_agent.config.AgentConfig settings (snake_case keys, agent defaults omitted
     only where the agent's default is right for a pod). The ConfigMap renders this dict as YAML."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Mapping
 
 import grpc
 
@@ -45,6 +45,7 @@ class AgentPool:
 
     def stats(self, addresses: Mapping[str, str]) -> dict[str, dict | None]:
         """Every agent's stats (GetStats' JSON), None for one that did not answer; in parallel."""
+
         def one(item):
             name, address = item
             try:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 POLICIES = ("coexec", "static", "separated", "inferenceOnly")
 DEFAULT_STATIC_CAP = 128  # the agent's default train_cap_tokens
@@ -70,7 +70,7 @@ class CapacityProfile:
         object.__setattr__(self, "_caps", [p[0] for p in self.points])
 
     @classmethod
-    def from_measurements(cls, points) -> "CapacityProfile":
+    def from_measurements(cls, points) -> CapacityProfile:
         """Sort, average repeated caps and make the curves monotone (measurement noise must not
         make a higher cap look like more capacity)."""
         by_cap: dict[int, list[tuple[float, float]]] = {}
@@ -188,15 +188,13 @@ def allocate(
     weights = {r.name: 0.0 for r in replicas}
     weights.update(_weights(serving, capacities, proportional))
     overloaded = (predicted_load > 0 and not capacities) or any(
-        weights[name] * predicted_load > headroom * capacity * (1 + _TOLERANCE) + _TOLERANCE
-        for name, capacity in capacities.items()
+        weights[name] * predicted_load > headroom * capacity * (1 + _TOLERANCE) + _TOLERANCE for name, capacity in capacities.items()
     )
     by_name = {r.name: r for r in healthy}
-    objective = sum(
-        (by_name[n].loss_slope_per_token * by_name[n].profile.training_rate_at(caps[n]) for n in participants), 0.0
-    )
+    objective = sum((by_name[n].loss_slope_per_token * by_name[n].profile.training_rate_at(caps[n]) for n in participants), 0.0)
     aggregator = None
     if participants:
+
         def spare(name: str) -> float:
             return headroom * by_name[name].profile.capacity_at(caps[name]) - weights[name] * predicted_load
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from collm_operator.allocation import POLICIES
 
@@ -150,11 +151,11 @@ class RoundSpec:
     participants: tuple[str, ...] | None = None
     aggregator: str | None = None
 
-    def resolved(self, federation: Federation) -> "RoundSpec":
+    def resolved(self, federation: Federation) -> RoundSpec:
         """The round with the cluster's federation settings filled in where the round is silent."""
-        return replace(self, **{
-            name: getattr(federation, name) for name in ("local_steps", "deadline_seconds", "min_participants") if getattr(self, name) is None
-        })
+        return replace(
+            self, **{name: getattr(federation, name) for name in ("local_steps", "deadline_seconds", "min_participants") if getattr(self, name) is None}
+        )
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class _Section:
             raise SpecError(path, f"{path} must be an object, got {type(parent).__name__}")
         self.d, self.path = parent, path
 
-    def section(self, key: str) -> "_Section":
+    def section(self, key: str) -> _Section:
         return _Section(self.d.get(key), f"{self.path}.{key}")
 
     def int(self, key: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int:
@@ -216,13 +217,13 @@ class _Section:
         """A positive decimal written as a string (no floats in spec)."""
         path, value = f"{self.path}.{key}", self.d.get(key, default)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            raise SpecError(path, f"{path} must be a string such as \"{example}\", got the number {value!r} (no floats in spec)")
+            raise SpecError(path, f'{path} must be a string such as "{example}", got the number {value!r} (no floats in spec)')
         if not isinstance(value, str):
-            raise SpecError(path, f"{path} must be a string such as \"{example}\", got {value!r}")
+            raise SpecError(path, f'{path} must be a string such as "{example}", got {value!r}')
         if value == "" and allow_empty:
             return value
         if len(value) > 32 or not _NUMBER.match(value) or not 0 < float(value) < math.inf:
-            raise SpecError(path, f"{path} {value!r} must be a positive number written as a string, e.g. \"{example}\"")
+            raise SpecError(path, f'{path} {value!r} must be a positive number written as a string, e.g. "{example}"')
         return value
 
     def object(self, key: str) -> Mapping[str, Any] | None:
@@ -257,8 +258,10 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
 
     s = root.section("serving")
     serving = Serving(
-        s.int("ttftMilliseconds", Serving.ttft_milliseconds, 1), s.int("tpotMilliseconds", Serving.tpot_milliseconds, 1),
-        s.int("maxBatch", Serving.max_batch, 1, 1024), s.int("maxTotalTokens", Serving.max_total_tokens, 16),
+        s.int("ttftMilliseconds", Serving.ttft_milliseconds, 1),
+        s.int("tpotMilliseconds", Serving.tpot_milliseconds, 1),
+        s.int("maxBatch", Serving.max_batch, 1, 1024),
+        s.int("maxTotalTokens", Serving.max_total_tokens, 16),
     )
 
     t = root.section("training")
@@ -267,12 +270,19 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
         raise SpecError("spec.training.dataPath", f"spec.training.dataPath {data_path!r} must be an absolute path such as /data")
     data_volume = t.object("dataVolume")
     if data_volume is not None and len(data_volume) != 1:
-        raise SpecError("spec.training.dataVolume", f"spec.training.dataVolume must hold exactly one volume source such as {{emptyDir: {{}}}} "
-                        f"or {{hostPath: {{path: /srv/data}}}}, got {sorted(data_volume) or 'none'}")
+        raise SpecError(
+            "spec.training.dataVolume",
+            f"spec.training.dataVolume must hold exactly one volume source such as {{emptyDir: {{}}}} "
+            f"or {{hostPath: {{path: /srv/data}}}}, got {sorted(data_volume) or 'none'}",
+        )
     training = Training(
-        data_volume, data_path, t.int("microBatch", Training.micro_batch, 1),
-        t.number("learningRate", Training.learning_rate, "2e-3"), t.int("trainCapTokens", Training.train_cap_tokens, 0),
-        t.int("revisionEverySteps", Training.revision_every_steps, 0, 1_000_000), t.int("revisionEverySeconds", Training.revision_every_seconds, 0, 86_400),
+        data_volume,
+        data_path,
+        t.int("microBatch", Training.micro_batch, 1),
+        t.number("learningRate", Training.learning_rate, "2e-3"),
+        t.int("trainCapTokens", Training.train_cap_tokens, 0),
+        t.int("revisionEverySteps", Training.revision_every_steps, 0, 1_000_000),
+        t.int("revisionEverySeconds", Training.revision_every_seconds, 0, 86_400),
     )
 
     f, F = root.section("federation"), Federation  # F: the defaults
@@ -330,11 +340,12 @@ def _check_cross_fields(spec: ClusterSpec) -> None:
     if f.enabled and f.min_participants > spec.replicas:
         raise SpecError(
             "spec.federation.minParticipants",
-            f"spec.federation.minParticipants ({f.min_participants}) must be <= spec.replicas ({spec.replicas}): "
-            "lower minParticipants or add replicas",
+            f"spec.federation.minParticipants ({f.min_participants}) must be <= spec.replicas ({spec.replicas}): lower minParticipants or add replicas",
         )
     if spec.scheduling.policy == "separated" and spec.replicas < 2:
-        raise SpecError("spec.scheduling.policy", "spec.scheduling.policy separated needs spec.replicas >= 2 (half serve, half train): add replicas or pick coexec")
+        raise SpecError(
+            "spec.scheduling.policy", "spec.scheduling.policy separated needs spec.replicas >= 2 (half serve, half train): add replicas or pick coexec"
+        )
     if f.secure_aggregation and f.aggregation != "fedavg":
         raise SpecError(
             "spec.federation.secureAggregation",
@@ -348,9 +359,15 @@ def _check_cross_fields(spec: ClusterSpec) -> None:
             f"whose key '{SECRET_KEY}' holds >= 16 random bytes",
         )
     if f.noise_multiplier and not f.clip_norm:
-        raise SpecError("spec.federation.noiseMultiplier", "spec.federation.noiseMultiplier needs clipNorm: DP noise is calibrated to the clipping norm, so set clipNorm (e.g. \"1.0\")")
+        raise SpecError(
+            "spec.federation.noiseMultiplier",
+            'spec.federation.noiseMultiplier needs clipNorm: DP noise is calibrated to the clipping norm, so set clipNorm (e.g. "1.0")',
+        )
     if f.noise_multiplier and f.aggregation not in ("fedavg", "ffa"):
-        raise SpecError("spec.federation.noiseMultiplier", f"spec.federation.noiseMultiplier needs aggregation fedavg or ffa, not {f.aggregation}: DP noise is calibrated for the mean")
+        raise SpecError(
+            "spec.federation.noiseMultiplier",
+            f"spec.federation.noiseMultiplier needs aggregation fedavg or ffa, not {f.aggregation}: DP noise is calibrated for the mean",
+        )
     if f.deadline_seconds > f.round_interval_seconds:
         raise SpecError(
             "spec.federation.deadlineSeconds",
@@ -395,8 +412,12 @@ def parse_round_spec(spec: Mapping[str, Any] | None) -> RoundSpec:
             raise SpecError("spec.participants", "spec.participants lists a replica twice: list each once")
         participants = tuple(participants)
     result = RoundSpec(
-        name, root.optional_int("localSteps", 1), root.optional_int("deadlineSeconds", 1), root.optional_int("minParticipants", 1),
-        participants, root.str("aggregator", None),
+        name,
+        root.optional_int("localSteps", 1),
+        root.optional_int("deadlineSeconds", 1),
+        root.optional_int("minParticipants", 1),
+        participants,
+        root.str("aggregator", None),
     )
     if participants is not None and result.min_participants is not None and result.min_participants > len(participants):
         raise SpecError(
@@ -416,4 +437,6 @@ def check_round_update(old_spec: Mapping[str, Any] | None, new_spec: Mapping[str
 
 def parse_round(body: Mapping[str, Any]) -> Round:
     meta = body.get("metadata") or {}
-    return Round(meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", ""), int(meta.get("generation") or 0), parse_round_spec(body.get("spec")))
+    return Round(
+        meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", ""), int(meta.get("generation") or 0), parse_round_spec(body.get("spec"))
+    )

@@ -9,9 +9,10 @@ they take `now` and return new lists, so tests and the operator share them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 _STATUSES = (TRUE, FALSE, UNKNOWN)
@@ -27,14 +28,17 @@ class ConditionType:
 
 
 CLUSTER_CONDITIONS = (
-    ConditionType("Ready", "cluster controller (summary of the others)", False,
-                  "the spec is valid, every replica serves and the router dispatches"),
-    ConditionType("Progressing", "cluster controller", True,
-                  "True while child objects roll out or replicas start; False once settled (Ready needs not Progressing)"),
-    ConditionType("Degraded", "cluster controller, allocation loop", True,
-                  "True when replicas are missing or the SLO is missed; Ready needs it False"),
-    ConditionType("TrainingActive", "allocation loop, round controller", False,
-                  "True while replicas fine-tune (informational: inferenceOnly clusters are Ready without it)"),
+    ConditionType("Ready", "cluster controller (summary of the others)", False, "the spec is valid, every replica serves and the router dispatches"),
+    ConditionType(
+        "Progressing", "cluster controller", True, "True while child objects roll out or replicas start; False once settled (Ready needs not Progressing)"
+    ),
+    ConditionType("Degraded", "cluster controller, allocation loop", True, "True when replicas are missing or the SLO is missed; Ready needs it False"),
+    ConditionType(
+        "TrainingActive",
+        "allocation loop, round controller",
+        False,
+        "True while replicas fine-tune (informational: inferenceOnly clusters are Ready without it)",
+    ),
 )
 ROUND_CONDITIONS = (
     ConditionType("Trained", "round controller", True, "enough participants finished their local steps"),
@@ -75,8 +79,8 @@ class Reason:
 
 def _format_time(now: datetime) -> str:
     if now.tzinfo is None:
-        now = now.replace(tzinfo=timezone.utc)
-    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now.replace(tzinfo=UTC)
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def get_condition(conditions: Sequence[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
@@ -150,11 +154,11 @@ def summarize_ready(
             missing.append(type_)
             continue
         if not is_healthy(condition):
-            return set_condition(conditions, summary, FALSE, condition.get("reason") or "NotReady",
-                                 f"{type_}: {condition.get('message', '')}", observed_generation, now)
+            return set_condition(
+                conditions, summary, FALSE, condition.get("reason") or "NotReady", f"{type_}: {condition.get('message', '')}", observed_generation, now
+            )
     if missing:
-        return set_condition(conditions, summary, UNKNOWN, Reason.WAITING,
-                             "waiting for " + ", ".join(missing), observed_generation, now)
+        return set_condition(conditions, summary, UNKNOWN, Reason.WAITING, "waiting for " + ", ".join(missing), observed_generation, now)
     ok_reason = Reason.AVAILABLE if kind == "CollmCluster" else Reason.PUBLISHED
     return set_condition(conditions, summary, TRUE, ok_reason, "", observed_generation, now)
 

@@ -23,9 +23,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 
@@ -104,8 +105,7 @@ def laggards(adapter: Adapter | None, stats: Mapping[str, dict | None]) -> list[
 
 
 class ClusterController:
-    def __init__(self, kube: Kube, *, event: Event | None = None, pool: AgentPool | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, kube: Kube, *, event: Event | None = None, pool: AgentPool | None = None, clock: Callable[[], float] = time.time) -> None:
         self.kube, self.clock = kube, clock
         self.event = event or (lambda *_: None)
         self.pool = pool or AgentPool()
@@ -161,20 +161,26 @@ class ClusterController:
 
         slo_attainment = met_n / finished_n if finished_n else None
         health = Health(
-            reachable=frozenset(reachable), laggards=tuple(behind), slo_attainment=slo_attainment, slo_requests=finished_n,
-            adapter_lost=f"no serving replica holds adapter version {adapter.version} ({adapter.sha256[:12]}) any more; "
-                         "the next round publishes a new one" if lost else "",
+            reachable=frozenset(reachable),
+            laggards=tuple(behind),
+            slo_attainment=slo_attainment,
+            slo_requests=finished_n,
+            adapter_lost=f"no serving replica holds adapter version {adapter.version} ({adapter.sha256[:12]}) any more; the next round publishes a new one"
+            if lost
+            else "",
             training=tuple(sorted(n for n in reachable if decision and decision.cap(n) > 0 and reachable[n].get("eval_loss") is not None)),
             with_data=sum(1 for st in reachable.values() if st.get("eval_loss") is not None),
         )
-        judgement = cluster_conditions(status.get("conditions"), cluster, workloads, health, datetime.fromtimestamp(now, timezone.utc))
-        patch.update({
-            "observedGeneration": cluster.generation,
-            "conditions": judgement.conditions,
-            "readyReplicas": judgement.ready_replicas,
-            "sloAttainment": f"{slo_attainment:.3f}" if slo_attainment is not None else None,
-            "goodput": self._goodput(finished_n, met_n, reachable),
-        })
+        judgement = cluster_conditions(status.get("conditions"), cluster, workloads, health, datetime.fromtimestamp(now, UTC))
+        patch.update(
+            {
+                "observedGeneration": cluster.generation,
+                "conditions": judgement.conditions,
+                "readyReplicas": judgement.ready_replicas,
+                "sloAttainment": f"{slo_attainment:.3f}" if slo_attainment is not None else None,
+                "goodput": self._goodput(finished_n, met_n, reachable),
+            }
+        )
         if adapter is not None:
             patch["adapter"] = adapter.as_status()
         if decision is not None:
@@ -194,8 +200,10 @@ class ClusterController:
     def _planner(self, cluster: api.Cluster, now: float) -> Planner:
         spec = cluster.spec
         settings = PlanningSettings(
-            policy=spec.scheduling.policy, slow_interval_s=float(spec.scheduling.slow_interval_seconds),
-            max_cap_tokens=spec.training.train_cap_tokens, min_participants=spec.federation.min_participants,
+            policy=spec.scheduling.policy,
+            slow_interval_s=float(spec.scheduling.slow_interval_seconds),
+            max_cap_tokens=spec.training.train_cap_tokens,
+            min_participants=spec.federation.min_participants,
             participation_fraction=spec.federation.participation_percent / 100,
         )
         if self.planner is None or settings != self._planning:
@@ -231,8 +239,9 @@ class ClusterController:
         s = cluster.spec
         for name in reachable:
             try:
-                self.pool.client(name, addresses[name]).apply_plan(decision.cap(name), s.serving.ttft_milliseconds, s.serving.tpot_milliseconds,
-                                                                    fixed_training=s.scheduling.policy == "static")
+                self.pool.client(name, addresses[name]).apply_plan(
+                    decision.cap(name), s.serving.ttft_milliseconds, s.serving.tpot_milliseconds, fixed_training=s.scheduling.policy == "static"
+                )
             except grpc.RpcError as exc:
                 log.info("ApplyPlan to %s failed: %s", name, exc.code().name)
 
@@ -243,8 +252,9 @@ class ClusterController:
             ip = (pod.get("status") or {}).get("podIP")
             if not ip:
                 continue
-            request = urllib.request.Request(f"http://{ip}:{objects.ROUTER_PORT}/admin/weights", data=body, method="PUT",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"http://{ip}:{objects.ROUTER_PORT}/admin/weights", data=body, method="PUT", headers={"Content-Type": "application/json"}
+            )
             try:
                 urllib.request.urlopen(request, timeout=3).close()
             except (urllib.error.URLError, OSError) as exc:
@@ -253,16 +263,30 @@ class ClusterController:
     def _republish(self, adapter: Adapter, behind: list[str], sources: list[str], addresses: Mapping[str, str]) -> None:
         loss = float(adapter.eval_loss) if adapter.eval_loss else None
         for name in behind:
-            request = pb.PublishRequest(round_id=f"republish-{adapter.sha256[:12]}", sha256=adapter.sha256, source=addresses[sources[0]],
-                                        cluster_version=adapter.version, eval_loss=loss or 0.0, has_eval_loss=loss is not None)
+            request = pb.PublishRequest(
+                round_id=f"republish-{adapter.sha256[:12]}",
+                sha256=adapter.sha256,
+                source=addresses[sources[0]],
+                cluster_version=adapter.version,
+                eval_loss=loss or 0.0,
+                has_eval_loss=loss is not None,
+            )
             try:
                 self.pool.client(name, addresses[name]).publish(request)
                 self.event("Normal", "AdapterRestored", f"{name} serves adapter version {adapter.version} ({adapter.sha256[:12]}) again")
             except grpc.RpcError as exc:
                 log.info("re-publishing %s to %s failed: %s", adapter.sha256[:12], name, exc.code().name)
 
-    def _schedule_round(self, cluster: api.Cluster, body: Mapping[str, Any], status: Mapping[str, Any], running: list[dict],
-                        decision: Decision | None, reachable: Mapping[str, dict], now: float) -> dict[str, Any] | None:
+    def _schedule_round(
+        self,
+        cluster: api.Cluster,
+        body: Mapping[str, Any],
+        status: Mapping[str, Any],
+        running: list[dict],
+        decision: Decision | None,
+        reachable: Mapping[str, dict],
+        now: float,
+    ) -> dict[str, Any] | None:
         f = cluster.spec.federation
         if not f.enabled or cluster.spec.scheduling.policy == "inferenceOnly" or decision is None or running:
             return None
@@ -294,7 +318,7 @@ class ClusterController:
         scheduled = [r for r in rounds if (r["metadata"].get("labels") or {}).get(objects.SCHEDULED_LABEL) == "true" and finished(r.get("status"))]
         scheduled.sort(key=lambda r: (r["metadata"].get("creationTimestamp") or "", r["metadata"]["name"]))
         excess = len(scheduled) - cluster.spec.federation.round_history_limit
-        for r in scheduled[:max(0, excess)]:
+        for r in scheduled[: max(0, excess)]:
             self.kube.delete(api.API_VERSION, api.ROUND_KIND, cluster.namespace, r["metadata"]["name"])
 
     def _announce(self, status: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
@@ -313,10 +337,8 @@ def _stage(round_obj: Mapping[str, Any]) -> R.Condition | None:
 
 
 def _parse_time(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def _format_time(at: float) -> str:
-    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

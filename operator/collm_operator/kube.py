@@ -46,7 +46,7 @@ class Kube:
         self.dynamic = dynamic.DynamicClient(api_client)
 
     @classmethod
-    def from_environment(cls) -> "Kube":
+    def from_environment(cls) -> Kube:
         """In a pod: the ServiceAccount; elsewhere: KUBECONFIG or ~/.kube/config (as kubectl)."""
         try:
             config.load_incluster_config()
@@ -93,7 +93,9 @@ class Kube:
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """Create the object; None when one of that name exists already (creating is then idempotent)."""
         try:
-            return self.resource(obj["apiVersion"], obj["kind"]).create(body=obj, namespace=obj["metadata"].get("namespace"), _request_timeout=TIMEOUT).to_dict()
+            return (
+                self.resource(obj["apiVersion"], obj["kind"]).create(body=obj, namespace=obj["metadata"].get("namespace"), _request_timeout=TIMEOUT).to_dict()
+            )
         except ConflictError:
             return None
 
@@ -108,7 +110,9 @@ class Kube:
     def patch(self, api_version: str, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Merge-patch the object (metadata, spec); None when it is gone."""
         try:
-            return self.resource(api_version, kind).patch(body=body, name=name, namespace=namespace, content_type=MERGE_PATCH, _request_timeout=TIMEOUT).to_dict()
+            return (
+                self.resource(api_version, kind).patch(body=body, name=name, namespace=namespace, content_type=MERGE_PATCH, _request_timeout=TIMEOUT).to_dict()
+            )
         except NotFoundError:
             return None
 

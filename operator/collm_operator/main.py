@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import kopf
 
@@ -31,8 +31,10 @@ ROUNDS = dict(group=api.GROUP, version=api.VERSION, plural=api.ROUND_PLURAL)
 
 def _events(body):
     """(type, reason, message) -> a Kubernetes Event on the object."""
+
     def post(type_: str, reason: str, message: str) -> None:
         (kopf.info if type_ == "Normal" else kopf.warn)(body, reason=reason, message=message[:1024])
+
     return post
 
 
@@ -64,7 +66,7 @@ def clusters_controlled(memo: kopf.Memo, **_) -> int:
 @kopf.on.create(**CLUSTERS)
 @kopf.on.update(**CLUSTERS)
 def reconcile_cluster(body, old, patch, memo: kopf.Memo, **_) -> None:
-    result = reconcile.reconcile_cluster(memo.kube, body, (old or {}).get("spec"), datetime.now(timezone.utc))
+    result = reconcile.reconcile_cluster(memo.kube, body, (old or {}).get("spec"), datetime.now(UTC))
     metrics.RECONCILES.labels("invalid" if result.invalid else "applied").inc()
     for key, value in result.status.items():
         patch.status[key] = value
@@ -107,5 +109,4 @@ def drive_round(stopped, body, memo: kopf.Memo, **_) -> None:
     # status, before it records the result on the cluster. A finished round returns at once.
     if round_control.finished(body.get("status")):
         return
-    round_control.drive(memo.kube, body, stop=lambda: bool(stopped), event=_events(body),
-                        ended=lambda result: metrics.ROUNDS.labels(result).inc())
+    round_control.drive(memo.kube, body, stop=lambda: bool(stopped), event=_events(body), ended=lambda result: metrics.ROUNDS.labels(result).inc())

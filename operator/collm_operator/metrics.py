@@ -9,8 +9,9 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 log = logging.getLogger(__name__)
 
 RECONCILES = Counter("collm_operator_reconciles", "Spec reconciliations of CollmClusters by result (applied, invalid)", ["result"])
-CONTROL_STEPS = Histogram("collm_operator_control_step_seconds", "Wall time of one slow-timescale step of a cluster",
-                          buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+CONTROL_STEPS = Histogram(
+    "collm_operator_control_step_seconds", "Wall time of one slow-timescale step of a cluster", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+)
 CONTROL_ERRORS = Counter("collm_operator_control_step_errors", "Slow-timescale steps that failed (retried next interval)")
 ROUNDS = Counter("collm_operator_rounds", "AdapterRounds that ended, by result", ["result"])
 READY_REPLICAS = Gauge("collm_operator_ready_replicas", "Replicas that serve, per cluster", ["namespace", "cluster"])

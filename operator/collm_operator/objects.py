@@ -103,7 +103,12 @@ def pod_security_context() -> dict[str, Any]:
 
 def build_service_account(cluster: Cluster) -> dict[str, Any]:
     """The agents' identity: no Role binds it and no token is mounted (agents never call the API)."""
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(cluster, service_account_name(cluster), AGENT), "automountServiceAccountToken": False}
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(cluster, service_account_name(cluster), AGENT),
+        "automountServiceAccountToken": False,
+    }
 
 
 def build_configmap(cluster: Cluster) -> dict[str, Any]:
@@ -165,10 +170,16 @@ def _agent_volumes(cluster: Cluster) -> list[dict[str, Any]]:
     if spec.training.data_volume is not None:
         volumes.append({**dict(spec.training.data_volume), "name": _DATA_VOLUME})
     if spec.federation.secure_aggregation:
-        volumes.append({
-            "name": _SECRET_VOLUME,
-            "secret": {"secretName": spec.federation.secure_aggregation_secret_ref, "items": [{"key": api.SECRET_KEY, "path": api.SECRET_KEY}], "defaultMode": 0o440},
-        })
+        volumes.append(
+            {
+                "name": _SECRET_VOLUME,
+                "secret": {
+                    "secretName": spec.federation.secure_aggregation_secret_ref,
+                    "items": [{"key": api.SECRET_KEY, "path": api.SECRET_KEY}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
     return volumes
 
 

@@ -13,8 +13,8 @@ caps to their maximum until real points arrive).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping
 
 from collm_operator.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
 from collm_operator.predictor import LoadPredictor
@@ -78,8 +78,15 @@ class Planner:
         states = self.replica_states(stats)
         forecast = self.predictor.predict(s.slow_interval_s)
         predicted = self._planned_load(now, arrivals, forecast)
-        allocation = allocate(predicted, states, policy=s.policy, headroom=s.headroom, min_participants=s.min_participants,
-                              participation_fraction=s.participation_fraction, static_cap=s.max_cap_tokens)
+        allocation = allocate(
+            predicted,
+            states,
+            policy=s.policy,
+            headroom=s.headroom,
+            min_participants=s.min_participants,
+            participation_fraction=s.participation_fraction,
+            static_cap=s.max_cap_tokens,
+        )
         if s.policy == "coexec" and allocation.overloaded and s.overload_keeps_caps:
             allocation = keep_caps(allocation, states, s.max_cap_tokens)
         if s.policy == "coexec" and round_participants and s.round_min_cap > 0:

@@ -3,7 +3,7 @@
 Pure code (stdlib only). The operator calls `observe` once per slow interval with the arrivals
 counted since the previous call, then `predict` before it allocates.
 
-Why not a plain EMA: the Azure code trace (../shared/traces) is bursts of a few tens of seconds
+Why not a plain EMA: the Azure code trace (replica_agent/traces/) is bursts of a few tens of seconds
 separated by idle gaps of up to minutes; inside a burst the rate is about 3x the mean. An EMA
 averages bursts with gaps, so it under-predicts almost every burst interval (it provisions the
 mean) and still predicts load deep inside long gaps (when training could take every replica).

@@ -10,9 +10,10 @@ summary). The kopf handlers (main.py) and the control loop (control.py) call the
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 from collm_operator import api, objects
 from collm_operator.conditions import FALSE, TRUE, Reason, invalid_spec, set_condition, summarize_ready
@@ -49,13 +50,16 @@ def apply_children(kube: Kube, cluster: api.Cluster) -> Applied:
         try:
             changed |= kube.apply(obj)
         except ResourceNotFoundError:
-            warnings.append(f"{obj['kind']} {obj['metadata']['name']} not created: the API server does not serve "
-                            f"{obj['apiVersion']} (install the Prometheus Operator CRDs or set spec.monitoring.serviceMonitor: false)")
+            warnings.append(
+                f"{obj['kind']} {obj['metadata']['name']} not created: the API server does not serve "
+                f"{obj['apiVersion']} (install the Prometheus Operator CRDs or set spec.monitoring.serviceMonitor: false)"
+            )
             continue
         except ApiException as exc:
             if exc.status in (400, 422):
-                raise ChildRejected(f"the API server refused {obj['kind']} {obj['metadata']['name']} built from this spec: "
-                                    f"{_api_message(exc)}; fix the spec fields it names") from exc
+                raise ChildRejected(
+                    f"the API server refused {obj['kind']} {obj['metadata']['name']} built from this spec: {_api_message(exc)}; fix the spec fields it names"
+                ) from exc
             raise
         kinds.append(obj["kind"])
     if objects.build_service_monitor(cluster) is None:
@@ -156,7 +160,9 @@ def cluster_conditions(previous: Sequence[dict[str, Any]] | None, cluster: api.C
     ready = len(serving)
     c = list(previous or ())
     if not w.rolled_out or len(w.pods) < desired:
-        c = set_condition(c, "Progressing", TRUE, Reason.ROLLING_OUT, f"{w.updated} of {desired} replicas on the current spec, {len(w.pods)} pods exist", gen, now)
+        c = set_condition(
+            c, "Progressing", TRUE, Reason.ROLLING_OUT, f"{w.updated} of {desired} replicas on the current spec, {len(w.pods)} pods exist", gen, now
+        )
     elif starting := sorted(n for n, p in w.pods.items() if not p.ready and p.restarts == 0):
         c = set_condition(c, "Progressing", TRUE, Reason.ROLLING_OUT, f"{ready} of {desired} replicas serve; starting: {', '.join(starting)}", gen, now)
     elif h.laggards and ready == desired:
@@ -170,10 +176,20 @@ def cluster_conditions(previous: Sequence[dict[str, Any]] | None, cluster: api.C
     elif h.adapter_lost:
         c = set_condition(c, "Degraded", TRUE, Reason.ADAPTER_LOST, h.adapter_lost, gen, now)
     elif not w.router_available and not progressing:
-        c = set_condition(c, "Degraded", TRUE, Reason.ROUTER_UNAVAILABLE, f"the router Deployment {objects.router_name(cluster)} has no available pod", gen, now)
+        c = set_condition(
+            c, "Degraded", TRUE, Reason.ROUTER_UNAVAILABLE, f"the router Deployment {objects.router_name(cluster)} has no available pod", gen, now
+        )
     elif h.slo_attainment is not None and h.slo_requests >= SLO_MIN_REQUESTS and h.slo_attainment < SLO_DEGRADED_BELOW:
-        c = set_condition(c, "Degraded", TRUE, Reason.SLO_MISSED, f"{h.slo_attainment:.1%} of the last {h.slo_requests} requests met the SLO "
-                          f"(TTFT <= {cluster.spec.serving.ttft_milliseconds} ms, TPOT <= {cluster.spec.serving.tpot_milliseconds} ms)", gen, now)
+        c = set_condition(
+            c,
+            "Degraded",
+            TRUE,
+            Reason.SLO_MISSED,
+            f"{h.slo_attainment:.1%} of the last {h.slo_requests} requests met the SLO "
+            f"(TTFT <= {cluster.spec.serving.ttft_milliseconds} ms, TPOT <= {cluster.spec.serving.tpot_milliseconds} ms)",
+            gen,
+            now,
+        )
     else:
         c = set_condition(c, "Degraded", FALSE, Reason.AS_EXPECTED, "", gen, now)
     spec = cluster.spec
@@ -183,7 +199,9 @@ def cluster_conditions(previous: Sequence[dict[str, Any]] | None, cluster: api.C
     elif h.training:
         c = set_condition(c, "TrainingActive", TRUE, Reason.TRAINING, f"{len(h.training)} replicas fine-tune: {', '.join(h.training)}", gen, now)
     elif h.reachable and h.with_data == 0:
-        c = set_condition(c, "TrainingActive", FALSE, Reason.NO_DATA, f"no replica found training data under {spec.training.data_path}: put files there", gen, now)
+        c = set_condition(
+            c, "TrainingActive", FALSE, Reason.NO_DATA, f"no replica found training data under {spec.training.data_path}: put files there", gen, now
+        )
     else:
         c = set_condition(c, "TrainingActive", FALSE, Reason.WAITING, "the current plan gives no replica a training cap (serving needs the capacity)", gen, now)
     c = summarize_ready(c, api.CLUSTER_KIND, gen, now)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from collm_operator import api, objects
 from collm_operator.agents import AgentPool, grpc_addresses
@@ -75,28 +76,36 @@ def choose_roles(cluster: api.Cluster, spec: api.RoundSpec, serving: list[str], 
                 others = [participants.pop()]  # the last one aggregates instead of training
             aggregator = others[0] if others else None
             if aggregator is None and participants:
-                raise ValueError(f"secure aggregation needs an aggregator that is not a participant, and every serving replica "
-                                 f"({', '.join(serving)}) is one: list fewer spec.participants or add replicas")
+                raise ValueError(
+                    f"secure aggregation needs an aggregator that is not a participant, and every serving replica "
+                    f"({', '.join(serving)}) is one: list fewer spec.participants or add replicas"
+                )
         else:
             aggregator = participants[0] if participants else None
     if secure and aggregator in participants:
         raise ValueError(f"secure aggregation needs an aggregator that is not a participant; {aggregator} is both")
     if aggregator is None or not participants:
-        raise ValueError(f"no replica of {cluster.name} can train now: {len(serving)} serve, {len(with_data)} have data under {cluster.spec.training.data_path}")
+        raise ValueError(
+            f"no replica of {cluster.name} can train now: {len(serving)} serve, {len(with_data)} have data under {cluster.spec.training.data_path}"
+        )
     return Roles(tuple(participants), aggregator, tuple(serving))
 
 
 def strategy(cluster: api.Cluster) -> StrategyConfig:
     f = cluster.spec.federation
-    return StrategyConfig(name=f.strategy, clip_norm=float(f.clip_norm) if f.clip_norm else None,
-                          noise_multiplier=float(f.noise_multiplier) if f.noise_multiplier else None, secure=f.secure_aggregation)
+    return StrategyConfig(
+        name=f.strategy,
+        clip_norm=float(f.clip_norm) if f.clip_norm else None,
+        noise_multiplier=float(f.noise_multiplier) if f.noise_multiplier else None,
+        secure=f.secure_aggregation,
+    )
 
 
 # --- status ---------------------------------------------------------------------------------------
 
 
 def _iso(at: float | None, fallback: datetime) -> datetime:
-    return datetime.fromtimestamp(at, timezone.utc) if at is not None else fallback
+    return datetime.fromtimestamp(at, UTC) if at is not None else fallback
 
 
 def _num(value: float | None, digits: int = 4) -> str | None:
@@ -121,9 +130,13 @@ def round_status(state: R.RoundState, *, generation: int, version: int, now: dat
         participants.append(entry)
     s = state
     timings = {}
-    for key, start, end in (("train", s.started_at, s.trained_at), ("aggregate", s.trained_at, s.aggregated_at),
-                            ("evaluate", s.aggregated_at, s.evaluated_at), ("publish", s.evaluated_at, s.published_at),
-                            ("total", s.started_at, s.finished_at)):
+    for key, start, end in (
+        ("train", s.started_at, s.trained_at),
+        ("aggregate", s.trained_at, s.aggregated_at),
+        ("evaluate", s.aggregated_at, s.evaluated_at),
+        ("publish", s.evaluated_at, s.published_at),
+        ("total", s.started_at, s.finished_at),
+    ):
         if start is not None and end is not None:
             timings[key] = f"{max(0.0, end - start):.3f}"
     status: dict[str, Any] = {
@@ -174,14 +187,22 @@ def next_version(cluster_status: Mapping[str, Any], rounds: list[Mapping[str, An
     return max(known) + 1
 
 
-def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], event: Event, pool: AgentPool | None = None,
-          clock: Callable[[], float] = time.time, ended: Callable[[str], None] = lambda result: None,
-          wait_s: float = 2.0) -> R.RoundState | None:
+def drive(
+    kube: Kube,
+    body: Mapping[str, Any],
+    *,
+    stop: Callable[[], bool],
+    event: Event,
+    pool: AgentPool | None = None,
+    clock: Callable[[], float] = time.time,
+    ended: Callable[[str], None] = lambda result: None,
+    wait_s: float = 2.0,
+) -> R.RoundState | None:
     """Run (or resume) one AdapterRound until it ends or `stop()`; None when it could not start.
     `ended(result)` is told how every round that ends here ends (Succeeded, Failed, Rejected)."""
     meta, status = body["metadata"], dict(body.get("status") or {})
     name, ns, gen = meta["name"], meta.get("namespace", "default"), int(meta.get("generation") or 1)
-    now = lambda: datetime.now(timezone.utc)  # noqa: E731
+    now = lambda: datetime.now(UTC)  # noqa: E731
 
     def fail(reason: str, message: str) -> None:
         kube.patch_status(api.API_VERSION, api.ROUND_KIND, ns, name, failed_status(status, gen, reason, message, now()))
@@ -235,9 +256,14 @@ def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], even
         try:
             roles = choose_roles(cluster, resolved, serving, with_data)
             spec = R.RoundSpec(
-                round_id=round_id(name, meta.get("uid", "")), replicas=roles.replicas, participants=roles.participants,
-                aggregator=roles.aggregator, local_steps=resolved.local_steps, deadline_s=float(resolved.deadline_seconds),
-                min_participants=resolved.min_participants, eval_tolerance=cluster.spec.federation.eval_gate_tolerance_milli_nats / 1000,
+                round_id=round_id(name, meta.get("uid", "")),
+                replicas=roles.replicas,
+                participants=roles.participants,
+                aggregator=roles.aggregator,
+                local_steps=resolved.local_steps,
+                deadline_s=float(resolved.deadline_seconds),
+                min_participants=resolved.min_participants,
+                eval_tolerance=cluster.spec.federation.eval_gate_tolerance_milli_nats / 1000,
                 publish_deadline_s=PUBLISH_DEADLINE_S,
             )
         except ValueError as exc:
@@ -258,8 +284,9 @@ def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], even
 
     persist(state.to_dict())
     addresses = grpc_addresses(cluster, workloads.pods, state.spec.replicas, stable=True)
-    driver = RoundDriver(state.spec, addresses, strategy=strategy(cluster), round_number=version, state=state, persist=persist,
-                         clock=clock, poll_s=0.5, rpc_timeout_s=30.0)
+    driver = RoundDriver(
+        state.spec, addresses, strategy=strategy(cluster), round_number=version, state=state, persist=persist, clock=clock, poll_s=0.5, rpc_timeout_s=30.0
+    )
     result = driver.run(stop=stop)
     if not result.finished:
         return result
@@ -270,8 +297,12 @@ def drive(kube: Kube, body: Mapping[str, Any], *, stop: Callable[[], bool], even
         if result.eval_loss_after is not None:
             adapter["evalLoss"] = f"{result.eval_loss_after:.4f}"
         kube.patch_status(api.API_VERSION, api.CLUSTER_KIND, ns, cluster.name, {"adapter": adapter, "lastRound": name})
-        event("Normal", "Published", f"version {version} ({result.version_sha256[:12]}) serves on {len(result.publishes)} replicas; "
-              f"eval loss {_num(result.eval_loss_before)} -> {_num(result.eval_loss_after)}")
+        event(
+            "Normal",
+            "Published",
+            f"version {version} ({result.version_sha256[:12]}) serves on {len(result.publishes)} replicas; "
+            f"eval loss {_num(result.eval_loss_before)} -> {_num(result.eval_loss_after)}",
+        )
     else:
         event("Warning", summary.reason or "RoundFailed", summary.message)
     return result

@@ -22,8 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -40,25 +41,38 @@ DEFAULT_SHARED_MOUNTS = {"/var/cache/collm": str(Path.home() / ".cache" / "collm
 
 
 def kubeconfig_text(server: str, namespace: str = "default") -> str:
-    return yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "preferences": {},
-        "clusters": [{"name": "collm-dev", "cluster": {"server": server}}],
-        "users": [{"name": "collm-dev", "user": {"token": "collm-dev-token"}}],
-        "contexts": [{"name": "collm-dev", "context": {"cluster": "collm-dev", "user": "collm-dev",
-                                                      "namespace": namespace}}],
-        "current-context": "collm-dev",
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "preferences": {},
+            "clusters": [{"name": "collm-dev", "cluster": {"server": server}}],
+            "users": [{"name": "collm-dev", "user": {"token": "collm-dev-token"}}],
+            "contexts": [{"name": "collm-dev", "context": {"cluster": "collm-dev", "user": "collm-dev", "namespace": namespace}}],
+            "current-context": "collm-dev",
+        },
+        sort_keys=False,
+    )
 
 
 class DevCluster:
     """An emulated cluster: start() / stop(), or use it as a context manager."""
 
-    def __init__(self, kubeconfig: str | os.PathLike | None = None, *, port: int | None = None,
-                 crds_dir: str | os.PathLike | None = DEFAULT_CRDS_DIR, kubelet: bool = True,
-                 operator: bool = False, operator_module: str = DEFAULT_OPERATOR_MODULE,
-                 operator_pythonpath: list[str] | None = None, operator_args: list[str] | None = None,
-                 workdir: str | os.PathLike | None = None, operator_log: str | os.PathLike | None = None,
-                 shared_mounts: dict[str, str] | None = None):
+    def __init__(
+        self,
+        kubeconfig: str | os.PathLike | None = None,
+        *,
+        port: int | None = None,
+        crds_dir: str | os.PathLike | None = DEFAULT_CRDS_DIR,
+        kubelet: bool = True,
+        operator: bool = False,
+        operator_module: str = DEFAULT_OPERATOR_MODULE,
+        operator_pythonpath: list[str] | None = None,
+        operator_args: list[str] | None = None,
+        workdir: str | os.PathLike | None = None,
+        operator_log: str | os.PathLike | None = None,
+        shared_mounts: dict[str, str] | None = None,
+    ):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="collm-devcluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.kubeconfig = str(kubeconfig or self.workdir / "kubeconfig")
@@ -81,7 +95,7 @@ class DevCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout_s: float = 30.0) -> "DevCluster":
+    def start(self, timeout_s: float = 30.0) -> DevCluster:
         ready: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run_loop, args=(ready,), name="collm-devcluster", daemon=True)
         self._thread.start()
@@ -132,7 +146,7 @@ class DevCluster:
             self._thread.join(30)
         self._loop = None
 
-    def __enter__(self) -> "DevCluster":
+    def __enter__(self) -> DevCluster:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -150,8 +164,7 @@ class DevCluster:
         """Start ``kopf run`` against the emulator; False (with a warning) when the module is absent."""
         if self.operator_proc is not None:
             return True
-        found = any((Path(d) / (self.operator_module.replace(".", "/") + ".py")).exists() for d in
-                    self.operator_pythonpath) or self.operator_available()
+        found = any((Path(d) / (self.operator_module.replace(".", "/") + ".py")).exists() for d in self.operator_pythonpath) or self.operator_available()
         if not found:
             log.warning("operator module %s not found: running without the operator", self.operator_module)
             return False
@@ -159,13 +172,10 @@ class DevCluster:
         if self.kubelet is not None:  # the operator resolves Service/pod DNS names like the pods do
             env.update(self.kubelet.dns_env())
         if self.operator_pythonpath:
-            env["PYTHONPATH"] = os.pathsep.join(self.operator_pythonpath + [env.get("PYTHONPATH", "")]).rstrip(
-                os.pathsep)
-        cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces",
-               "-m", self.operator_module, *self.operator_args]
+            env["PYTHONPATH"] = os.pathsep.join(self.operator_pythonpath + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "-m", self.operator_module, *self.operator_args]
         logf = open(self.operator_log, "ab")
-        self.operator_proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True)
+        self.operator_proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         logf.close()
         return True
 
@@ -193,6 +203,7 @@ class DevCluster:
 
     def apply_object(self, body: dict) -> dict:
         """Create or merge-patch one object (a minimal in-process ``kubectl apply``)."""
+
         def run(emu: ApiEmulator) -> dict:
             api_version, kind = body["apiVersion"], body["kind"]
             rt = emu.rt_by_kind(api_version, kind)
@@ -202,6 +213,7 @@ class DevCluster:
             except ApiError:
                 return emu.create_object(rt, body, meta.get("namespace"))
             return emu.patch_object(rt, meta.get("namespace") or "default", meta["name"], body)
+
         return self.call(run)
 
     def apply_manifest(self, path: str | os.PathLike) -> list[dict]:
@@ -231,6 +243,7 @@ class DevCluster:
                 return emu.get_object(emu.rt_by_kind(api_version, kind), namespace, name)
             except ApiError:
                 return None
+
         return self.call(run)
 
     def wait_for(self, predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.2) -> Any:
@@ -259,13 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    dc = DevCluster(args.kubeconfig, port=args.port, crds_dir=args.crds, kubelet=not args.no_kubelet,
-                    operator=not args.no_operator, operator_module=args.operator_module, workdir=args.workdir)
+    dc = DevCluster(
+        args.kubeconfig,
+        port=args.port,
+        crds_dir=args.crds,
+        kubelet=not args.no_kubelet,
+        operator=not args.no_operator,
+        operator_module=args.operator_module,
+        workdir=args.workdir,
+    )
     dc.start()
     kubeconfig = os.path.abspath(dc.kubeconfig)
-    print(f"dev cluster API at {dc.url}\n  export KUBECONFIG={kubeconfig}\n  kubectl get pods -o wide\n"
-          f"operator: {'running (log: ' + str(dc.operator_log) + ')' if dc.operator_proc else 'not running'}\n"
-          f"pod logs: {dc.workdir / 'kubelet' / 'logs'}\nCtrl-C stops it.", flush=True)
+    print(
+        f"dev cluster API at {dc.url}\n  export KUBECONFIG={kubeconfig}\n  kubectl get pods -o wide\n"
+        f"operator: {'running (log: ' + str(dc.operator_log) + ')' if dc.operator_proc else 'not running'}\n"
+        f"pod logs: {dc.workdir / 'kubelet' / 'logs'}\nCtrl-C stops it.",
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     reported = False
@@ -275,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc is not None and proc.poll() is not None and not reported:
                 reported = True
                 tail = dc.operator_log.read_text(errors="replace")[-2000:] if dc.operator_log.exists() else ""
-                print(f"the operator exited with code {proc.returncode} (the API keeps serving); "
-                      f"log tail:\n{tail}", file=sys.stderr, flush=True)
+                print(f"the operator exited with code {proc.returncode} (the API keeps serving); log tail:\n{tail}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         pass
     finally:

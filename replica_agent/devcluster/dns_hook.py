@@ -56,7 +56,7 @@ def _rewrite_target(target):
     prefix = ""
     rest = target
     if rest.startswith("dns:///"):
-        prefix, rest = "dns:///", rest[len("dns:///"):]
+        prefix, rest = "dns:///", rest[len("dns:///") :]
     host, sep, port = rest.rpartition(":")
     if not sep:
         host, port = rest, ""
@@ -71,6 +71,7 @@ def _rewrite_target(target):
 def _wrap(fn):
     def wrapper(target, *args, **kwargs):
         return fn(_rewrite_target(target), *args, **kwargs)
+
     wrapper.__wrapped__ = fn
     return wrapper
 

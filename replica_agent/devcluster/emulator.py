@@ -31,21 +31,44 @@ import kmock
 
 from .errors import ApiError
 from .http_api import HttpApiMixin, Watcher, parse_api_path
-from .patching import apply_defaults, json_patch, merge_patch, strategic_merge_patch
 from .matching import dig, jsonpath, match_fields, match_labels, match_selector_obj
+from .patching import apply_defaults, json_patch, merge_patch, strategic_merge_patch
 
-__all__ = ["ApiEmulator", "ApiError", "ResourceType", "BUILTIN_RESOURCES",
-           # re-exported helpers (they live in patching, matching and http_api)
-           "apply_defaults", "json_patch", "merge_patch", "strategic_merge_patch",
-           "dig", "jsonpath", "match_fields", "match_labels", "match_selector_obj", "parse_api_path"]
+__all__ = [
+    "ApiEmulator",
+    "ApiError",
+    "ResourceType",
+    "BUILTIN_RESOURCES",
+    # re-exported helpers (they live in patching, matching and http_api)
+    "apply_defaults",
+    "json_patch",
+    "merge_patch",
+    "strategic_merge_patch",
+    "dig",
+    "jsonpath",
+    "match_fields",
+    "match_labels",
+    "match_selector_obj",
+    "parse_api_path",
+]
 
 Obj = dict[str, Any]
 
 
 class ResourceType:
-    def __init__(self, group: str, version: str, plural: str, kind: str, namespaced: bool = True,
-                 singular: str | None = None, short_names: tuple[str, ...] = (), subresources: tuple[str, ...] = (),
-                 printer_columns: list[Obj] | None = None, categories: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        kind: str,
+        namespaced: bool = True,
+        singular: str | None = None,
+        short_names: tuple[str, ...] = (),
+        subresources: tuple[str, ...] = (),
+        printer_columns: list[Obj] | None = None,
+        categories: tuple[str, ...] = (),
+    ):
         self.group, self.version, self.plural, self.kind = group, version, plural, kind
         self.namespaced = namespaced
         self.singular = singular or kind.lower()
@@ -65,13 +88,20 @@ class ResourceType:
 
     def discovery(self) -> list[Obj]:
         verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
-        out = [{"name": self.plural, "singularName": self.singular, "namespaced": self.namespaced,
-                "kind": self.kind, "verbs": verbs, "shortNames": list(self.short_names),
-                "categories": list(self.categories)}]
+        out = [
+            {
+                "name": self.plural,
+                "singularName": self.singular,
+                "namespaced": self.namespaced,
+                "kind": self.kind,
+                "verbs": verbs,
+                "shortNames": list(self.short_names),
+                "categories": list(self.categories),
+            }
+        ]
         for sub in self.subresources:
             kind = "Scale" if sub == "scale" else self.kind
-            out.append({"name": f"{self.plural}/{sub}", "singularName": "", "namespaced": self.namespaced,
-                        "kind": kind, "verbs": ["get", "patch", "update"]})
+            out.append({"name": f"{self.plural}/{sub}", "singularName": "", "namespaced": self.namespaced, "kind": kind, "verbs": ["get", "patch", "update"]})
         return out
 
 
@@ -84,23 +114,26 @@ BUILTIN_RESOURCES = [
     ResourceType("", "v1", "events", "Event", short_names=("ev",)),
     ResourceType("", "v1", "serviceaccounts", "ServiceAccount", short_names=("sa",)),
     ResourceType("", "v1", "endpoints", "Endpoints", short_names=("ep",)),
-    ResourceType("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", short_names=("pvc",),
-                 subresources=("status",)),
+    ResourceType("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", short_names=("pvc",), subresources=("status",)),
     ResourceType("", "v1", "nodes", "Node", namespaced=False, short_names=("no",), subresources=("status",)),
-    ResourceType("apps", "v1", "statefulsets", "StatefulSet", short_names=("sts",),
-                 subresources=("status", "scale"), categories=("all",)),
-    ResourceType("apps", "v1", "deployments", "Deployment", short_names=("deploy",),
-                 subresources=("status", "scale"), categories=("all",)),
-    ResourceType("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short_names=("pdb",),
-                 subresources=("status",)),
+    ResourceType("apps", "v1", "statefulsets", "StatefulSet", short_names=("sts",), subresources=("status", "scale"), categories=("all",)),
+    ResourceType("apps", "v1", "deployments", "Deployment", short_names=("deploy",), subresources=("status", "scale"), categories=("all",)),
+    ResourceType("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short_names=("pdb",), subresources=("status",)),
     ResourceType("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
     ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role"),
     ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
     ResourceType("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
     ResourceType("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
-    ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
-                 namespaced=False, short_names=("crd", "crds"), subresources=("status",)),
+    ResourceType(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        namespaced=False,
+        short_names=("crd", "crds"),
+        subresources=("status",),
+    ),
     ResourceType("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor", short_names=("smon",)),
 ]
 
@@ -160,8 +193,7 @@ class ApiEmulator(HttpApiMixin, kmock.KubernetesEmulator):
         try:
             return self.types[(group, version, plural)]
         except KeyError:
-            raise ApiError(404, "NotFound", f"the server could not find the requested resource "
-                                            f"({group}/{version}/{plural})") from None
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({group}/{version}/{plural})") from None
 
     def rt_by_kind(self, api_version: str, kind: str) -> ResourceType:
         for rt in self.types.values():
@@ -177,11 +209,17 @@ class ApiEmulator(HttpApiMixin, kmock.KubernetesEmulator):
                 continue
             subs = tuple(k for k in ("status", "scale") if k in (v.get("subresources") or {}))
             rt = ResourceType(
-                spec["group"], v["name"], names["plural"], names["kind"],
+                spec["group"],
+                v["name"],
+                names["plural"],
+                names["kind"],
                 namespaced=spec.get("scope", "Namespaced") == "Namespaced",
-                singular=names.get("singular"), short_names=tuple(names.get("shortNames") or ()),
-                subresources=subs, printer_columns=v.get("additionalPrinterColumns"),
-                categories=tuple(names.get("categories") or ()))
+                singular=names.get("singular"),
+                short_names=tuple(names.get("shortNames") or ()),
+                subresources=subs,
+                printer_columns=v.get("additionalPrinterColumns"),
+                categories=tuple(names.get("categories") or ()),
+            )
             rt.schema = (v.get("schema") or {}).get("openAPIV3Schema")
             self.types[(spec["group"], v["name"], names["plural"])] = rt
 
@@ -223,8 +261,7 @@ class ApiEmulator(HttpApiMixin, kmock.KubernetesEmulator):
             raise ApiError(404, "NotFound", f'{rt.plural}.{rt.group or "core"} "{name}" not found')
         return obj
 
-    def list_objects(self, rt: ResourceType, namespace: str | None = None, label_selector: str | None = None,
-                     field_selector: str | None = None) -> list[Obj]:
+    def list_objects(self, rt: ResourceType, namespace: str | None = None, label_selector: str | None = None, field_selector: str | None = None) -> list[Obj]:
         out = []
         for (key, ns, _), obj in self.store.items():
             if key != rt.key or (namespace is not None and ns != namespace):
@@ -265,12 +302,14 @@ class ApiEmulator(HttpApiMixin, kmock.KubernetesEmulator):
         meta["resourceVersion"] = self._next_rv()
         if rt.key == ("apiextensions.k8s.io", "v1", "customresourcedefinitions"):
             self._register_crd(obj)
-            obj["status"] = {"conditions": [
-                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "lastTransitionTime": now_iso()},
-                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
-                 "lastTransitionTime": now_iso()}],
-                "acceptedNames": (obj.get("spec") or {}).get("names") or {}, "storedVersions":
-                [v["name"] for v in (obj.get("spec") or {}).get("versions") or [] if v.get("storage")]}
+            obj["status"] = {
+                "conditions": [
+                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "lastTransitionTime": now_iso()},
+                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "lastTransitionTime": now_iso()},
+                ],
+                "acceptedNames": (obj.get("spec") or {}).get("names") or {},
+                "storedVersions": [v["name"] for v in (obj.get("spec") or {}).get("versions") or [] if v.get("storage")],
+            }
         if rt.kind == "Namespace":
             obj.setdefault("status", {"phase": "Active"})
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})
@@ -306,8 +345,7 @@ class ApiEmulator(HttpApiMixin, kmock.KubernetesEmulator):
         else:
             meta.pop("deletionTimestamp", None)
         new["apiVersion"], new["kind"] = rt.api_version, rt.kind
-        spec_changed = {k: v for k, v in new.items() if k not in ("metadata", "status")} != \
-                       {k: v for k, v in old.items() if k not in ("metadata", "status")}
+        spec_changed = {k: v for k, v in new.items() if k not in ("metadata", "status")} != {k: v for k, v in old.items() if k not in ("metadata", "status")}
         if spec_changed:
             meta["generation"] = int(old_meta.get("generation") or 1) + 1
         if new == old:
@@ -323,8 +361,7 @@ class ApiEmulator(HttpApiMixin, kmock.KubernetesEmulator):
             self._emit(rt, "MODIFIED", new)
         return new
 
-    def patch_object(self, rt: ResourceType, namespace: str | None, name: str, patch: Any,
-                     patch_type: str = "merge", subresource: str | None = None) -> Obj:
+    def patch_object(self, rt: ResourceType, namespace: str | None, name: str, patch: Any, patch_type: str = "merge", subresource: str | None = None) -> Obj:
         old = self.get_object(rt, namespace, name)
         if patch_type == "json":
             new = json_patch(old, patch)
@@ -334,24 +371,20 @@ class ApiEmulator(HttpApiMixin, kmock.KubernetesEmulator):
             new = merge_patch(old, patch)
         rv = ((patch if isinstance(patch, dict) else {}).get("metadata") or {}).get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict", "the object has been modified; please apply your changes "
-                                            "to the latest version and try again")
+            raise ApiError(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again")
         new.setdefault("metadata", {})["resourceVersion"] = old["metadata"]["resourceVersion"]
         return self._apply_change(rt, old, new, subresource)
 
-    def replace_object(self, rt: ResourceType, namespace: str | None, name: str, body: Obj,
-                       subresource: str | None = None) -> Obj:
+    def replace_object(self, rt: ResourceType, namespace: str | None, name: str, body: Obj, subresource: str | None = None) -> Obj:
         old = self.get_object(rt, namespace, name)
         rv = (body.get("metadata") or {}).get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict", "the object has been modified; please apply your changes "
-                                            "to the latest version and try again")
+            raise ApiError(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again")
         body = copy.deepcopy(body)
         body.setdefault("metadata", {})["resourceVersion"] = old["metadata"]["resourceVersion"]
         return self._apply_change(rt, old, body, subresource)
 
-    def delete_object(self, rt: ResourceType, namespace: str | None, name: str,
-                      propagation: str = "Background") -> Obj:
+    def delete_object(self, rt: ResourceType, namespace: str | None, name: str, propagation: str = "Background") -> Obj:
         key = self._key(rt, namespace, name)
         obj = self.get_object(rt, namespace, name)
         if propagation == "Orphan":
@@ -400,8 +433,7 @@ class ApiEmulator(HttpApiMixin, kmock.KubernetesEmulator):
         """One GC pass: dependents of vanished owners, and the contents of terminating namespaces."""
         removed = 0
         uids = {obj["metadata"]["uid"] for obj in self.store.values()}
-        terminating = {name for (k, _, name), obj in self.store.items()
-                       if k == ("", "v1", "namespaces") and obj["metadata"].get("deletionTimestamp")}
+        terminating = {name for (k, _, name), obj in self.store.items() if k == ("", "v1", "namespaces") and obj["metadata"].get("deletionTimestamp")}
         emptied = set(terminating)
         for key, obj in list(self.store.items()):
             if key not in self.store:

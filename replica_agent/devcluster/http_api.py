@@ -21,8 +21,8 @@ import aiohttp.web
 import kmock
 
 from .errors import ApiError
-from .patching import json_patch, merge_patch
 from .matching import match_fields, match_labels
+from .patching import json_patch, merge_patch
 from .tables import build_table
 
 if TYPE_CHECKING:
@@ -77,26 +77,36 @@ class HttpApiMixin:
                 data = json.loads(text)
             except ValueError:
                 data = None
-        request = kmock.Request(method=raw_request.method, url=raw_request.url, params=dict(raw_request.query),
-                                headers=dict(raw_request.headers), body=body, text=text, data=data,
-                                raw_request=raw_request)
+        request = kmock.Request(
+            method=raw_request.method,
+            url=raw_request.url,
+            params=dict(raw_request.query),
+            headers=dict(raw_request.headers),
+            body=body,
+            text=text,
+            data=data,
+            raw_request=raw_request,
+        )
         return await self._handle(request)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:  # type: ignore[override]
         ctype = request.headers.get("Content-Type", "")
         if request.body and ("protobuf" in ctype or "cbor" in ctype):
             # Only JSON is spoken here (kubectl create <generator> / run send protobuf: unsupported).
-            return aiohttp.web.json_response(ApiError(415, "UnsupportedMediaType",
-                                                      "the body of the request was in an unknown format - "
-                                                      "accepted media types include: application/json, "
-                                                      "application/yaml").status(), status=415)
+            return aiohttp.web.json_response(
+                ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml",
+                ).status(),
+                status=415,
+            )
         try:
             return await self._dispatch(request)
         except ApiError as e:
             return aiohttp.web.json_response(e.status(), status=e.code)
         except (ValueError, TypeError, KeyError, IndexError) as e:
-            return aiohttp.web.json_response(ApiError(400, "BadRequest", f"{type(e).__name__}: {e}").status(),
-                                             status=400)
+            return aiohttp.web.json_response(ApiError(400, "BadRequest", f"{type(e).__name__}: {e}").status(), status=400)
         except Exception as e:  # noqa: BLE001  answer like an API server, never drop the connection
             return aiohttp.web.json_response(ApiError(500, "InternalError", repr(e)).status(), status=500)
 
@@ -109,20 +119,29 @@ class HttpApiMixin:
             if path in ("/healthz", "/readyz", "/livez"):
                 return aiohttp.web.Response(text="ok")
             if path == "/version":
-                return self._json({"major": "1", "minor": "31", "gitVersion": "v1.31.0-collm-devcluster",
-                                   "gitCommit": "0" * 40, "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
-                                   "goVersion": "go1.22", "compiler": "gc", "platform": "linux/amd64"})
+                return self._json(
+                    {
+                        "major": "1",
+                        "minor": "31",
+                        "gitVersion": "v1.31.0-collm-devcluster",
+                        "gitCommit": "0" * 40,
+                        "gitTreeState": "clean",
+                        "buildDate": "2026-01-01T00:00:00Z",
+                        "goVersion": "go1.22",
+                        "compiler": "gc",
+                        "platform": "linux/amd64",
+                    }
+                )
             if path == "/api":
-                return self._json({"kind": "APIVersions", "versions": ["v1"],
-                                   "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0",
-                                                                   "serverAddress": "127.0.0.1"}]})
+                return self._json(
+                    {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}
+                )
             if path == "/apis":
                 return self._json(self._group_list())
             if path == "/openapi/v3":
-                return self._json({"paths": {gv: {"serverRelativeURL": f"/openapi/v3/{gv}"}
-                                             for gv in self._group_versions()}})
+                return self._json({"paths": {gv: {"serverRelativeURL": f"/openapi/v3/{gv}"} for gv in self._group_versions()}})
             if path.startswith("/openapi/v3/"):
-                return self._json(self._openapi_v3(path[len("/openapi/v3/"):]))
+                return self._json(self._openapi_v3(path[len("/openapi/v3/") :]))
             if path.startswith("/openapi"):
                 raise ApiError(404, "NotFound", "openapi v2 is not served by the dev cluster")
             m = re.fullmatch(r"/apis/([^/]+)", path)
@@ -134,13 +153,12 @@ class HttpApiMixin:
             m = re.fullmatch(r"/api/(v1)|/apis/([^/]+)/([^/]+)", path)
             if m:
                 group, version = ("", "v1") if m.group(1) else (m.group(2), m.group(3))
-                resources = [d for rt in self.types.values() if rt.group == group and rt.version == version
-                             for d in rt.discovery()]
+                resources = [d for rt in self.types.values() if rt.group == group and rt.version == version for d in rt.discovery()]
                 if not resources:
                     raise ApiError(404, "NotFound", "group version not found")
-                return self._json({"kind": "APIResourceList", "apiVersion": "v1",
-                                   "groupVersion": f"{group}/{version}" if group else version,
-                                   "resources": resources})
+                return self._json(
+                    {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
+                )
         parsed = parse_api_path(path)
         if parsed is None:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
@@ -163,15 +181,14 @@ class HttpApiMixin:
                 objs = self.list_objects(rt, ns, params.get("labelSelector"), params.get("fieldSelector"))
                 for o in objs:
                     self.delete_object(rt, o["metadata"].get("namespace"), o["metadata"]["name"])
-                return self._json({"kind": rt.kind + "List", "apiVersion": rt.api_version,
-                                   "metadata": {"resourceVersion": str(self.rv)}, "items": objs})
+                return self._json({"kind": rt.kind + "List", "apiVersion": rt.api_version, "metadata": {"resourceVersion": str(self.rv)}, "items": objs})
             raise ApiError(405, "MethodNotAllowed", f"{method} is not allowed on a collection")
         if sub == "log" and rt.kind == "Pod" and method == "GET":
             self.get_object(rt, ns, name)
             reader = getattr(self, "pod_log_reader", None)
             text = reader(ns, name, params.get("container")) if reader else ""
             if params.get("tailLines"):
-                text = "".join(text.splitlines(keepends=True)[-int(params["tailLines"]):])
+                text = "".join(text.splitlines(keepends=True)[-int(params["tailLines"]) :])
             return aiohttp.web.Response(text=text, content_type="text/plain")
         if sub == "scale":
             return self._scale(request, rt, ns, name, method)
@@ -184,8 +201,9 @@ class HttpApiMixin:
             return self._table([obj], rt, request) if self._wants_table(request) else self._json(obj)
         if method == "PATCH":
             ctype = request.headers.get("Content-Type", "application/merge-patch+json").split(";")[0].strip()
-            kind = {"application/json-patch+json": "json", "application/strategic-merge-patch+json": "strategic",
-                    "application/apply-patch+yaml": "apply"}.get(ctype, "merge")
+            kind = {"application/json-patch+json": "json", "application/strategic-merge-patch+json": "strategic", "application/apply-patch+yaml": "apply"}.get(
+                ctype, "merge"
+            )
             patch = self._body(request)
             if kind == "apply":
                 kind = "strategic" if not rt.group or rt.group in ("apps", "policy") else "merge"
@@ -219,6 +237,7 @@ class HttpApiMixin:
                 data = json.loads(request.text)
             except ValueError:
                 import yaml  # apply-patch+yaml bodies
+
                 data = yaml.safe_load(request.text)
         if data is None:
             raise ApiError(400, "BadRequest", "a request body is required")
@@ -231,10 +250,18 @@ class HttpApiMixin:
                 versions = groups.setdefault(rt.group, [])
                 if rt.version not in versions:
                     versions.append(rt.version)
-        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            {"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
-             "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]}}
-            for g, vs in sorted(groups.items())]}
+        return {
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": [
+                {
+                    "name": g,
+                    "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
+                    "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]},
+                }
+                for g, vs in sorted(groups.items())
+            ],
+        }
 
     def _group_versions(self) -> list[str]:
         return sorted({f"apis/{rt.group}/{rt.version}" if rt.group else "api/v1" for rt in self.types.values()})
@@ -253,11 +280,12 @@ class HttpApiMixin:
             ns_part = "/namespaces/{namespace}" if rt.namespaced else ""
             gvk = {"group": group, "version": version, "kind": rt.kind}
             op = {"x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {}}
-            paths[f"{prefix}{ns_part}/{rt.plural}/{{name}}"] = {"patch": dict(op, **{"x-kubernetes-action": "patch"}),
-                                                               "get": dict(op, **{"x-kubernetes-action": "get"})}
+            paths[f"{prefix}{ns_part}/{rt.plural}/{{name}}"] = {
+                "patch": dict(op, **{"x-kubernetes-action": "patch"}),
+                "get": dict(op, **{"x-kubernetes-action": "get"}),
+            }
             paths[f"{prefix}{ns_part}/{rt.plural}"] = {"post": dict(op, **{"x-kubernetes-action": "post"})}
-        return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.31.0"}, "paths": paths,
-                "components": {"schemas": {}}}
+        return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.31.0"}, "paths": paths, "components": {"schemas": {}}}
 
     @staticmethod
     def _wants_table(request: kmock.Request) -> bool:
@@ -268,15 +296,13 @@ class HttpApiMixin:
         objs = self.list_objects(rt, ns, p.get("labelSelector"), p.get("fieldSelector"))
         if self._wants_table(request):
             return self._table(objs, rt, request)
-        return self._json({"kind": rt.kind + "List", "apiVersion": rt.api_version,
-                           "metadata": {"resourceVersion": str(self.rv)}, "items": objs})
+        return self._json({"kind": rt.kind + "List", "apiVersion": rt.api_version, "metadata": {"resourceVersion": str(self.rv)}, "items": objs})
 
     def _table(self, objs: list[Obj], rt: ResourceType, request: kmock.Request) -> aiohttp.web.Response:
         include = request.params.get("includeObject", "Metadata")
         return self._json(build_table(objs, rt, include, str(self.rv)))
 
-    def _scale(self, request: kmock.Request, rt: ResourceType, ns: str | None, name: str,
-               method: str) -> aiohttp.web.Response:
+    def _scale(self, request: kmock.Request, rt: ResourceType, ns: str | None, name: str, method: str) -> aiohttp.web.Response:
         if "scale" not in rt.subresources:
             raise ApiError(404, "NotFound", f"{rt.plural} has no scale subresource")
         obj = self.get_object(rt, ns, name)
@@ -293,14 +319,15 @@ class HttpApiMixin:
     @staticmethod
     def _scale_obj(obj: Obj) -> Obj:
         meta = obj["metadata"]
-        return {"kind": "Scale", "apiVersion": "autoscaling/v1",
-                "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion",
-                                                      "creationTimestamp")},
-                "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 1)},
-                "status": {"replicas": (obj.get("status") or {}).get("replicas", 0)}}
+        return {
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")},
+            "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 1)},
+            "status": {"replicas": (obj.get("status") or {}).get("replicas", 0)},
+        }
 
-    async def _watch(self, request: kmock.Request, rt: ResourceType, ns: str | None,
-                     name: str | None) -> aiohttp.web.StreamResponse:
+    async def _watch(self, request: kmock.Request, rt: ResourceType, ns: str | None, name: str | None) -> aiohttp.web.StreamResponse:
         p = request.params
         labels, fields = p.get("labelSelector"), p.get("fieldSelector")
         if name:
@@ -317,23 +344,43 @@ class HttpApiMixin:
         self.watchers.add(watcher)
         initial: list[Obj]
         if since in ("", "0"):
-            initial = [{"type": "ADDED", "object": copy.deepcopy(o)}
-                       for o in self.list_objects(rt, ns, labels, fields)]
+            initial = [{"type": "ADDED", "object": copy.deepcopy(o)} for o in self.list_objects(rt, ns, labels, fields)]
         else:
             start = int(since)
             oldest = self.event_log[0][0] if self.event_log else self.rv + 1
             if start < oldest - 1 and start < self.rv:
-                initial = [{"type": "ERROR", "object": {
-                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 410,
-                    "reason": "Expired", "message": f"too old resource version: {start} ({oldest})"}}]
+                initial = [
+                    {
+                        "type": "ERROR",
+                        "object": {
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "metadata": {},
+                            "status": "Failure",
+                            "code": 410,
+                            "reason": "Expired",
+                            "message": f"too old resource version: {start} ({oldest})",
+                        },
+                    }
+                ]
             else:
-                initial = [e for rv, key, e in self.event_log if rv > start and key == rt.key
-                           and (ns is None or e["object"]["metadata"].get("namespace") == ns) and wanted(e)]
+                initial = [
+                    e
+                    for rv, key, e in self.event_log
+                    if rv > start and key == rt.key and (ns is None or e["object"]["metadata"].get("namespace") == ns) and wanted(e)
+                ]
         if p.get("sendInitialEvents") == "true":  # WatchList (kubectl delete/wait): end the snapshot with a bookmark
             initial = [{"type": "ADDED", "object": copy.deepcopy(o)} for o in self.list_objects(rt, ns, labels, fields)]
-            initial.append({"type": "BOOKMARK", "object": {
-                "kind": rt.kind, "apiVersion": rt.api_version,
-                "metadata": {"resourceVersion": str(self.rv), "annotations": {"k8s.io/initial-events-end": "true"}}}})
+            initial.append(
+                {
+                    "type": "BOOKMARK",
+                    "object": {
+                        "kind": rt.kind,
+                        "apiVersion": rt.api_version,
+                        "metadata": {"resourceVersion": str(self.rv), "annotations": {"k8s.io/initial-events-end": "true"}},
+                    },
+                }
+            )
             since = ""
         replay_rv = self.rv
         raw = request._raw_request
@@ -353,7 +400,7 @@ class HttpApiMixin:
                     break
                 try:
                     event = await asyncio.wait_for(watcher.queue.get(), timeout=min(remaining, 30))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 if event is None:
                     break

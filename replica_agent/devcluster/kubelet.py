@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import threading
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,14 @@ class _Pod:
 
 
 class Kubelet:
-    def __init__(self, emulator: ApiEmulator, workdir: str | os.PathLike | None = None, poll_s: float = 0.3,
-                 node_name: str = "devcluster", shared_mounts: dict[str, str] | None = None):
+    def __init__(
+        self,
+        emulator: ApiEmulator,
+        workdir: str | os.PathLike | None = None,
+        poll_s: float = 0.3,
+        node_name: str = "devcluster",
+        shared_mounts: dict[str, str] | None = None,
+    ):
         self.emu = emulator
         # mountPath -> host directory shared by every pod that mounts that path (e.g. a model cache,
         # so that each replica does not rebuild or download the model into its own emptyDir).
@@ -110,8 +116,11 @@ class Kubelet:
     def update_dns(self) -> None:
         emu = self.emu
         mapping: dict[str, Any] = {}
-        pods = [p for p in emu.list_objects(emu.types[POD_RT]) if (p["metadata"]["namespace"], p["metadata"]["name"])
-                in self.pods and not p["metadata"].get("deletionTimestamp")]
+        pods = [
+            p
+            for p in emu.list_objects(emu.types[POD_RT])
+            if (p["metadata"]["namespace"], p["metadata"]["name"]) in self.pods and not p["metadata"].get("deletionTimestamp")
+        ]
 
         def names(base: str) -> list[str]:
             return [base + ".svc", base + ".svc.cluster.local"]
@@ -127,16 +136,18 @@ class Kubelet:
             selector = spec.get("selector") or {}
             if not selector:
                 continue
-            members = [p for p in pods if p["metadata"]["namespace"] == meta["namespace"]
-                       and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
+            members = [
+                p
+                for p in pods
+                if p["metadata"]["namespace"] == meta["namespace"] and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+            ]
             members.sort(key=lambda p: (not pod_ready(p), p["metadata"]["name"]))
             if not members:
                 continue
             target = members[0]
             ip = self.pods[(target["metadata"]["namespace"], target["metadata"]["name"])].ip
             ports: dict[str, int] = {}
-            cports = {cp.get("name"): cp.get("containerPort") for c in (target.get("spec") or {}).get("containers") or []
-                      for cp in c.get("ports") or []}
+            cports = {cp.get("name"): cp.get("containerPort") for c in (target.get("spec") or {}).get("containers") or [] for cp in c.get("ports") or []}
             for sp in spec.get("ports") or []:
                 tp = sp.get("targetPort", sp.get("port"))
                 tp = cports.get(tp, tp) if isinstance(tp, str) and not tp.isdigit() else tp
@@ -157,17 +168,29 @@ class Kubelet:
             self.emu.get_object(node_rt, None, self.node_name)
         except ApiError:
             cpus = str(os.cpu_count() or 1)
-            self.emu.create_object(node_rt, {"metadata": {"name": self.node_name, "labels": {
-                "kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux"}}})
-            self.emu.patch_object(node_rt, None, self.node_name, {"status": {
-                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                "lastTransitionTime": now_iso()}],
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                              {"type": "Hostname", "address": self.node_name}],
-                "capacity": {"cpu": cpus, "pods": "250"}, "allocatable": {"cpu": cpus, "pods": "250"},
-                "nodeInfo": {"kubeletVersion": "v1.31.0-collm-devcluster", "operatingSystem": "linux",
-                             "architecture": "amd64", "containerRuntimeVersion": "local-processes"}}},
-                subresource="status")
+            self.emu.create_object(
+                node_rt, {"metadata": {"name": self.node_name, "labels": {"kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux"}}}
+            )
+            self.emu.patch_object(
+                node_rt,
+                None,
+                self.node_name,
+                {
+                    "status": {
+                        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "lastTransitionTime": now_iso()}],
+                        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.node_name}],
+                        "capacity": {"cpu": cpus, "pods": "250"},
+                        "allocatable": {"cpu": cpus, "pods": "250"},
+                        "nodeInfo": {
+                            "kubeletVersion": "v1.31.0-collm-devcluster",
+                            "operatingSystem": "linux",
+                            "architecture": "amd64",
+                            "containerRuntimeVersion": "local-processes",
+                        },
+                    }
+                },
+                subresource="status",
+            )
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -268,14 +291,14 @@ class Kubelet:
                 continue
             path = state.root / "volumes" / vol["name"]
             path.mkdir(parents=True, exist_ok=True)
-            for source, rt_key, field in (("configMap", ("", "v1", "configmaps"), "name"),
-                                          ("secret", ("", "v1", "secrets"), "secretName")):
+            for source, rt_key, field in (("configMap", ("", "v1", "configmaps"), "name"), ("secret", ("", "v1", "secrets"), "secretName")):
                 if source in vol:
                     try:
                         obj = self.emu.get_object(self.emu.types[rt_key], ns, vol[source].get(field))
                     except ApiError:
                         continue
                     import base64
+
                     for k, v in (obj.get("data") or {}).items():
                         (path / k).write_bytes(base64.b64decode(v) if source == "secret" else str(v).encode())
                     for k, v in (obj.get("stringData") or {}).items():
@@ -298,14 +321,19 @@ class Kubelet:
             value: str | None = None
             if "fieldRef" in src:
                 fp = src["fieldRef"].get("fieldPath", "")
-                value = {"metadata.name": meta["name"], "metadata.namespace": ns, "metadata.uid": meta["uid"],
-                         "status.podIP": state.ip, "status.hostIP": "127.0.0.1", "spec.nodeName": self.node_name,
-                         "spec.serviceAccountName": (pod.get("spec") or {}).get("serviceAccountName", "default")
-                         }.get(fp)
+                value = {
+                    "metadata.name": meta["name"],
+                    "metadata.namespace": ns,
+                    "metadata.uid": meta["uid"],
+                    "status.podIP": state.ip,
+                    "status.hostIP": "127.0.0.1",
+                    "spec.nodeName": self.node_name,
+                    "spec.serviceAccountName": (pod.get("spec") or {}).get("serviceAccountName", "default"),
+                }.get(fp)
                 if value is None and fp.startswith("metadata.labels['"):
-                    value = (meta.get("labels") or {}).get(fp[len("metadata.labels['"):-2])
+                    value = (meta.get("labels") or {}).get(fp[len("metadata.labels['") : -2])
                 if value is None and fp.startswith("metadata.annotations['"):
-                    value = (meta.get("annotations") or {}).get(fp[len("metadata.annotations['"):-2])
+                    value = (meta.get("annotations") or {}).get(fp[len("metadata.annotations['") : -2])
             for ref, rt_key in (("configMapKeyRef", ("", "v1", "configmaps")), ("secretKeyRef", ("", "v1", "secrets"))):
                 if ref in src:
                     try:
@@ -313,6 +341,7 @@ class Kubelet:
                         raw = (obj.get("data") or {}).get(src[ref]["key"])
                         if raw is not None and ref == "secretKeyRef":
                             import base64
+
                             raw = base64.b64decode(raw).decode()
                         value = raw if raw is not None else (obj.get("stringData") or {}).get(src[ref]["key"])
                     except ApiError:
@@ -369,8 +398,7 @@ class Kubelet:
             cwd = str(state.root)
         logf = open(self.log_path(pod["metadata"]["namespace"], pod["metadata"]["name"], c.name), "ab")
         try:
-            c.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+            c.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             c.started_at, c.ready, c.error = now_iso(), False, None
         except OSError as e:
             c.proc, c.error = None, f"cannot start {argv[0]}: {e}"
@@ -428,8 +456,7 @@ class Kubelet:
                     self._start(pod, container, state, c)
             if c.proc is not None:
                 c.ready = await self._probe(container, state.ip)
-            cs: Obj = {"name": c.name, "image": container.get("image", ""), "ready": c.ready,
-                       "restartCount": c.restarts, "started": c.proc is not None}
+            cs: Obj = {"name": c.name, "image": container.get("image", ""), "ready": c.ready, "restartCount": c.restarts, "started": c.proc is not None}
             if c.proc is not None:
                 cs["state"] = {"running": {"startedAt": c.started_at}}
             elif c.error:
@@ -450,22 +477,23 @@ class Kubelet:
             ts = prev.get("lastTransitionTime") if prev and prev.get("status") == value else now_iso()
             return {"type": t, "status": value, "lastTransitionTime": ts}
 
-        status = {"phase": "Running" if running else "Pending", "podIP": state.ip,
-                  "podIPs": [{"ip": state.ip}], "hostIP": "127.0.0.1",
-                  "startTime": old.get("startTime") or now_iso(),
-                  "conditions": [cond("PodScheduled", True), cond("Initialized", True),
-                                 cond("ContainersReady", ready), cond("Ready", ready)],
-                  "containerStatuses": statuses}
+        status = {
+            "phase": "Running" if running else "Pending",
+            "podIP": state.ip,
+            "podIPs": [{"ip": state.ip}],
+            "hostIP": "127.0.0.1",
+            "startTime": old.get("startTime") or now_iso(),
+            "conditions": [cond("PodScheduled", True), cond("Initialized", True), cond("ContainersReady", ready), cond("Ready", ready)],
+            "containerStatuses": statuses,
+        }
         new_spec_node = spec.get("nodeName")
         if status != old or new_spec_node != self.node_name:
             body = copy.deepcopy(pod)
             body["status"] = status
             try:
                 if new_spec_node != self.node_name:
-                    self.emu.patch_object(self.emu.types[POD_RT], pod["metadata"]["namespace"],
-                                          pod["metadata"]["name"], {"spec": {"nodeName": self.node_name}})
-                self.emu.patch_object(self.emu.types[POD_RT], pod["metadata"]["namespace"], pod["metadata"]["name"],
-                                      {"status": status}, subresource="status")
+                    self.emu.patch_object(self.emu.types[POD_RT], pod["metadata"]["namespace"], pod["metadata"]["name"], {"spec": {"nodeName": self.node_name}})
+                self.emu.patch_object(self.emu.types[POD_RT], pod["metadata"]["namespace"], pod["metadata"]["name"], {"status": status}, subresource="status")
             except ApiError:
                 pass
 
@@ -473,11 +501,11 @@ class Kubelet:
 def _rewrite(value: str, mounts: dict[str, Path]) -> str:
     for mount, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
         if value == mount or value.startswith(mount.rstrip("/") + "/"):
-            return str(local) + value[len(mount.rstrip("/")):]
+            return str(local) + value[len(mount.rstrip("/")) :]
         if "=" in value:  # --flag=/mount/path
             flag, _, rest = value.partition("=")
             if rest == mount or rest.startswith(mount.rstrip("/") + "/"):
-                return f"{flag}={local}{rest[len(mount.rstrip('/')):]}"
+                return f"{flag}={local}{rest[len(mount.rstrip('/')) :]}"
     return value
 
 

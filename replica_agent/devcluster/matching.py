@@ -112,8 +112,7 @@ def jsonpath(obj: Any, path: str) -> Any:
         if cur is None:
             return None
         if fkey:
-            cur = next((x for x in cur if isinstance(x, dict) and str(dig(x, fkey)) == fval), None) \
-                if isinstance(cur, list) else None
+            cur = next((x for x in cur if isinstance(x, dict) and str(dig(x, fkey)) == fval), None) if isinstance(cur, list) else None
         elif idx:
             cur = cur[int(idx)] if isinstance(cur, list) and int(idx) < len(cur) else None
         else:

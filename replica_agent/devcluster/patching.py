@@ -21,9 +21,16 @@ Obj = dict[str, Any]
 
 # List merge keys of the strategic merge patch (the subset used by our manifests and kubectl apply).
 MERGE_KEYS: dict[str, tuple[str, ...]] = {
-    "containers": ("name",), "initContainers": ("name",), "env": ("name",), "volumes": ("name",),
-    "volumeMounts": ("mountPath",), "ports": ("containerPort", "port"), "conditions": ("type",),
-    "ownerReferences": ("uid",), "tolerations": ("key",), "imagePullSecrets": ("name",),
+    "containers": ("name",),
+    "initContainers": ("name",),
+    "env": ("name",),
+    "volumes": ("name",),
+    "volumeMounts": ("mountPath",),
+    "ports": ("containerPort", "port"),
+    "conditions": ("type",),
+    "ownerReferences": ("uid",),
+    "tolerations": ("key",),
+    "imagePullSecrets": ("name",),
 }
 
 
@@ -68,8 +75,7 @@ def strategic_merge_patch(target: Any, patch: Any, field: str | None = None) -> 
         if retain is not None:
             result = {k: v for k, v in result.items() if k in retain}
         return result
-    if isinstance(patch, list) and field in MERGE_KEYS and isinstance(target, list) \
-            and all(isinstance(x, dict) for x in patch):
+    if isinstance(patch, list) and field in MERGE_KEYS and isinstance(target, list) and all(isinstance(x, dict) for x in patch):
         # Container ports merge on containerPort, Service ports on port.
         key = next((k for k in MERGE_KEYS[field] if any(k in x for x in patch + target)), MERGE_KEYS[field][0])
         result = [copy.deepcopy(x) for x in target]
@@ -153,8 +159,7 @@ def json_patch(doc: Any, ops: list[Obj]) -> Any:
             except ApiError:
                 current = None
             if current != op.get("value"):
-                raise ApiError(422, "Invalid", f"the JSON-patch test failed at {path}: "
-                               f"{current!r} != {op.get('value')!r}")
+                raise ApiError(422, "Invalid", f"the JSON-patch test failed at {path}: {current!r} != {op.get('value')!r}")
         elif kind == "add":
             add(path, op.get("value"))
         elif kind == "remove":

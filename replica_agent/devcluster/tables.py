@@ -51,53 +51,88 @@ def _pod_cells(o: Obj) -> tuple[list[Obj], list[Any]]:
     phase = status.get("phase") or "Pending"
     if (o.get("metadata") or {}).get("deletionTimestamp"):
         phase = "Terminating"
-    cols = [_col("Name", fmt="name"), _col("Ready"), _col("Status"), _col("Restarts", "string"), _col("Age"),
-            _col("IP", priority=1), _col("Node", priority=1), _col("Nominated Node", priority=1),
-            _col("Readiness Gates", priority=1)]
-    cells = [o["metadata"]["name"], f"{ready}/{len(spec.get('containers') or [])}", phase, str(restarts),
-             _age(o["metadata"].get("creationTimestamp")), status.get("podIP") or "<none>",
-             spec.get("nodeName") or "<none>", "<none>", "<none>"]
+    cols = [
+        _col("Name", fmt="name"),
+        _col("Ready"),
+        _col("Status"),
+        _col("Restarts", "string"),
+        _col("Age"),
+        _col("IP", priority=1),
+        _col("Node", priority=1),
+        _col("Nominated Node", priority=1),
+        _col("Readiness Gates", priority=1),
+    ]
+    cells = [
+        o["metadata"]["name"],
+        f"{ready}/{len(spec.get('containers') or [])}",
+        phase,
+        str(restarts),
+        _age(o["metadata"].get("creationTimestamp")),
+        status.get("podIP") or "<none>",
+        spec.get("nodeName") or "<none>",
+        "<none>",
+        "<none>",
+    ]
     return cols, cells
 
 
 def _workload_cells(o: Obj) -> tuple[list[Obj], list[Any]]:
     spec, status = o.get("spec") or {}, o.get("status") or {}
     containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
-    cols = [_col("Name", fmt="name"), _col("Ready"), _col("Age"), _col("Containers", priority=1),
-            _col("Images", priority=1)]
-    cells = [o["metadata"]["name"], f"{status.get('readyReplicas') or 0}/{spec.get('replicas', 1)}",
-             _age(o["metadata"].get("creationTimestamp")), ",".join(c.get("name", "") for c in containers),
-             ",".join(c.get("image", "") for c in containers)]
+    cols = [_col("Name", fmt="name"), _col("Ready"), _col("Age"), _col("Containers", priority=1), _col("Images", priority=1)]
+    cells = [
+        o["metadata"]["name"],
+        f"{status.get('readyReplicas') or 0}/{spec.get('replicas', 1)}",
+        _age(o["metadata"].get("creationTimestamp")),
+        ",".join(c.get("name", "") for c in containers),
+        ",".join(c.get("image", "") for c in containers),
+    ]
     return cols, cells
 
 
 def _service_cells(o: Obj) -> tuple[list[Obj], list[Any]]:
     spec = o.get("spec") or {}
     ports = ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in spec.get("ports") or [])
-    cols = [_col("Name", fmt="name"), _col("Type"), _col("Cluster-IP"), _col("External-IP"), _col("Port(s)"),
-            _col("Age"), _col("Selector", priority=1)]
-    cells = [o["metadata"]["name"], spec.get("type", "ClusterIP"), spec.get("clusterIP", "None"), "<none>",
-             ports or "<none>", _age(o["metadata"].get("creationTimestamp")),
-             ",".join(f"{k}={v}" for k, v in (spec.get("selector") or {}).items()) or "<none>"]
+    cols = [_col("Name", fmt="name"), _col("Type"), _col("Cluster-IP"), _col("External-IP"), _col("Port(s)"), _col("Age"), _col("Selector", priority=1)]
+    cells = [
+        o["metadata"]["name"],
+        spec.get("type", "ClusterIP"),
+        spec.get("clusterIP", "None"),
+        "<none>",
+        ports or "<none>",
+        _age(o["metadata"].get("creationTimestamp")),
+        ",".join(f"{k}={v}" for k, v in (spec.get("selector") or {}).items()) or "<none>",
+    ]
     return cols, cells
 
 
 def _data_cells(o: Obj) -> tuple[list[Obj], list[Any]]:
     n = len(o.get("data") or {}) + len(o.get("binaryData") or {})
-    return ([_col("Name", fmt="name"), _col("Data", "integer"), _col("Age")],
-            [o["metadata"]["name"], n, _age(o["metadata"].get("creationTimestamp"))])
+    return ([_col("Name", fmt="name"), _col("Data", "integer"), _col("Age")], [o["metadata"]["name"], n, _age(o["metadata"].get("creationTimestamp"))])
 
 
 def _event_cells(o: Obj) -> tuple[list[Obj], list[Any]]:
     inv = o.get("involvedObject") or {}
-    return ([_col("Last Seen"), _col("Type"), _col("Reason"), _col("Object"), _col("Message")],
-            [_age(o.get("lastTimestamp") or o["metadata"].get("creationTimestamp")), o.get("type", ""),
-             o.get("reason", ""), f"{(inv.get('kind') or '').lower()}/{inv.get('name', '')}", o.get("message", "")])
+    return (
+        [_col("Last Seen"), _col("Type"), _col("Reason"), _col("Object"), _col("Message")],
+        [
+            _age(o.get("lastTimestamp") or o["metadata"].get("creationTimestamp")),
+            o.get("type", ""),
+            o.get("reason", ""),
+            f"{(inv.get('kind') or '').lower()}/{inv.get('name', '')}",
+            o.get("message", ""),
+        ],
+    )
 
 
 TABLE_BUILDERS: dict[str, Callable[[Obj], tuple[list[Obj], list[Any]]]] = {
-    "Pod": _pod_cells, "StatefulSet": _workload_cells, "Deployment": _workload_cells,
-    "Service": _service_cells, "ConfigMap": _data_cells, "Secret": _data_cells, "Event": _event_cells,
+    "Pod": _pod_cells,
+    "StatefulSet": _workload_cells,
+    "Deployment": _workload_cells,
+    "Service": _service_cells,
+    "ConfigMap": _data_cells,
+    "Secret": _data_cells,
+    "Event": _event_cells,
 }
 
 
@@ -121,12 +156,18 @@ def _printer_cells(rt: ResourceType, o: Obj) -> tuple[list[Obj], list[Any]]:
 
 def build_table(objs: list[Obj], rt: ResourceType, include_object: str, resource_version: str) -> Obj:
     """The Table of ``objs``; ``include_object`` is the request's ``includeObject`` (Object, None or Metadata)."""
+
+    def printer_cells(o: Obj):
+        return _printer_cells(rt, o)
+
+    def name_and_age(o: Obj):
+        return [_col("Name", fmt="name"), _col("Age")], [o["metadata"]["name"], _age(o["metadata"].get("creationTimestamp"))]
+
     builder = TABLE_BUILDERS.get(rt.kind) if rt.group in ("", "apps") else None
     if rt.printer_columns is not None:
-        builder = lambda o: _printer_cells(rt, o)  # noqa: E731
+        builder = printer_cells
     if builder is None:
-        builder = lambda o: ([_col("Name", fmt="name"), _col("Age")],  # noqa: E731
-                             [o["metadata"]["name"], _age(o["metadata"].get("creationTimestamp"))])
+        builder = name_and_age
     rows, cols = [], None
     for o in objs:
         cols, cells = builder(o)
@@ -139,5 +180,4 @@ def build_table(objs: list[Obj], rt: ResourceType, include_object: str, resource
         rows.append({"cells": cells, "object": row_obj})
     if cols is None:
         cols, _ = builder({"metadata": {"name": ""}})
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-            "metadata": {"resourceVersion": resource_version}, "columnDefinitions": cols, "rows": rows}
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": resource_version}, "columnDefinitions": cols, "rows": rows}

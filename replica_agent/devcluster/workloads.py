@@ -35,8 +35,7 @@ def reconcile_workloads(emu: ApiEmulator) -> None:
             replicas = int(spec.get("replicas", 1))
             template = spec.get("template") or {}
             revision = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
-            owned = [p for p in emu.list_objects(pod_rt, ns)
-                     if any(r.get("uid") == meta["uid"] for r in p["metadata"].get("ownerReferences") or [])]
+            owned = [p for p in emu.list_objects(pod_rt, ns) if any(r.get("uid") == meta["uid"] for r in p["metadata"].get("ownerReferences") or [])]
             by_name = {p["metadata"]["name"]: p for p in owned}
             wanted = [f"{name}-{i}" for i in range(replicas)]
             for i, pod_name in enumerate(wanted):
@@ -52,12 +51,19 @@ def reconcile_workloads(emu: ApiEmulator) -> None:
                     pod_spec.setdefault("hostname", pod_name)
                     if spec.get("serviceName"):
                         pod_spec.setdefault("subdomain", spec["serviceName"])
-                pod = {"metadata": {
-                    "name": pod_name, "namespace": ns, "labels": labels,
-                    "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
-                    "ownerReferences": [{"apiVersion": rt.api_version, "kind": rt.kind, "name": name,
-                                         "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]},
-                    "spec": pod_spec, "status": {"phase": "Pending"}}
+                pod = {
+                    "metadata": {
+                        "name": pod_name,
+                        "namespace": ns,
+                        "labels": labels,
+                        "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
+                        "ownerReferences": [
+                            {"apiVersion": rt.api_version, "kind": rt.kind, "name": name, "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+                        ],
+                    },
+                    "spec": pod_spec,
+                    "status": {"phase": "Pending"},
+                }
                 try:
                     emu.create_object(pod_rt, pod, ns)
                 except ApiError:
@@ -70,8 +76,7 @@ def reconcile_workloads(emu: ApiEmulator) -> None:
                         pass
             live = [by_name[n] for n in wanted if n in by_name]
             ready = sum(1 for p in live if pod_ready(p))
-            updated = [p for p in live if (p["metadata"].get("labels") or {}).get("controller-revision-hash")
-                       == revision]
+            updated = [p for p in live if (p["metadata"].get("labels") or {}).get("controller-revision-hash") == revision]
             # Rolling update of a changed template: replace one outdated pod at a time (highest
             # ordinal first), and only while every other pod is ready.
             outdated = [p for p in live if p not in updated]
@@ -83,13 +88,18 @@ def reconcile_workloads(emu: ApiEmulator) -> None:
                         emu.delete_object(pod_rt, ns, victim["metadata"]["name"])
                     except ApiError:
                         pass
-            status = {"observedGeneration": meta.get("generation", 1), "replicas": len(live),
-                      "readyReplicas": ready, "currentReplicas": len(live), "updatedReplicas": len(updated),
-                      "availableReplicas": ready, "currentRevision": f"{name}-{revision}",
-                      "updateRevision": f"{name}-{revision}"}
+            status = {
+                "observedGeneration": meta.get("generation", 1),
+                "replicas": len(live),
+                "readyReplicas": ready,
+                "currentReplicas": len(live),
+                "updatedReplicas": len(updated),
+                "availableReplicas": ready,
+                "currentRevision": f"{name}-{revision}",
+                "updateRevision": f"{name}-{revision}",
+            }
             if rt_key == DEPLOY_RT:
-                status["conditions"] = [{"type": "Available", "status": "True" if ready >= replicas else "False",
-                                         "reason": "MinimumReplicasAvailable"}]
+                status["conditions"] = [{"type": "Available", "status": "True" if ready >= replicas else "False", "reason": "MinimumReplicasAvailable"}]
             if (wl.get("status") or {}) != status:
                 try:
                     emu.replace_object(rt, ns, name, {**wl, "status": status}, subresource="status")
@@ -98,5 +108,4 @@ def reconcile_workloads(emu: ApiEmulator) -> None:
 
 
 def pod_ready(pod: Obj) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in (pod.get("status") or {}).get("conditions") or [])

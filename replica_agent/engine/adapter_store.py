@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 import torch
 
@@ -61,7 +61,14 @@ class AdapterVersion:
         return self.revision == 0
 
     def summary(self) -> dict:
-        return {"version": self.label, "cluster_version": self.cluster_version, "revision": self.revision, "sha256": self.sha256, "step": self.step, "eval_loss": self.eval_loss}
+        return {
+            "version": self.label,
+            "cluster_version": self.cluster_version,
+            "revision": self.revision,
+            "sha256": self.sha256,
+            "step": self.step,
+            "eval_loss": self.eval_loss,
+        }
 
 
 class UnknownVersion(KeyError):
@@ -83,7 +90,15 @@ class AdapterStore:
         self._listeners: list[Callable[[AdapterVersion], None]] = []
 
     # -- publishing ---------------------------------------------------------------------------
-    def publish(self, tensors: Mapping[str, torch.Tensor], *, cluster_version: int | None = None, step: int = 0, eval_loss: float | None = None, on_global: str | None = None) -> AdapterVersion | None:
+    def publish(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        cluster_version: int | None = None,
+        step: int = 0,
+        eval_loss: float | None = None,
+        on_global: str | None = None,
+    ) -> AdapterVersion | None:
         """Snapshot `tensors` into a new immutable version and make it current atomically.
 
         With `cluster_version` it is a global adapter (revision 0) and becomes the global this

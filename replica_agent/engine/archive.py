@@ -7,7 +7,6 @@ re-scores every request with exactly the version that served it from here, after
 
 from __future__ import annotations
 
-
 import os
 import tempfile
 from pathlib import Path
@@ -29,8 +28,13 @@ class AdapterArchive:
         path = self.folder / f"{version.sha256}.safetensors"
         if path.exists():
             return path
-        meta = {"replica": self.replica, "version": version.label, "step": str(version.step), "created_at": repr(version.created_at),
-                "eval_loss": "" if version.eval_loss is None else repr(version.eval_loss)}
+        meta = {
+            "replica": self.replica,
+            "version": version.label,
+            "step": str(version.step),
+            "created_at": repr(version.created_at),
+            "eval_loss": "" if version.eval_loss is None else repr(version.eval_loss),
+        }
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in version.tensors.items()}
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         os.close(fd)
@@ -56,6 +60,3 @@ def archive_index(folder: str | Path) -> list[dict]:
             meta = dict(f.metadata() or {})
         out.append({**meta, "sha256": path.stem})
     return out
-
-
-

@@ -58,7 +58,9 @@ class CapacityPoint:
 
 
 class CapacityProfiler:
-    def __init__(self, *, tpot_ms: float, max_batch: int, buckets: int = 4, headroom: float = 0.9, half_life_iterations: int = 2000, min_samples: int = 50) -> None:
+    def __init__(
+        self, *, tpot_ms: float, max_batch: int, buckets: int = 4, headroom: float = 0.9, half_life_iterations: int = 2000, min_samples: int = 50
+    ) -> None:
         if buckets < 1 or max_batch < 1 or tpot_ms <= 0:
             raise ValueError("capacity profiler needs buckets >= 1, max_batch >= 1 and a positive TPOT SLO")
         self.tpot_ms, self.max_batch, self.headroom = tpot_ms, max_batch, headroom

@@ -17,8 +17,8 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import torch
 
@@ -106,9 +106,7 @@ class Engine:
             raise ValueError(f"max_total_tokens {s.max_total_tokens} exceeds the model's context of {max_ctx} tokens")
         self.cache = KVCache(runtime.dims, s.max_batch, s.max_total_tokens, dtype=runtime.dtype, device=runtime.device)
         self.slab = (
-            LoraSlab(lora_spec, runtime.dims, s.lora_slots, dtype=runtime.dtype, device=runtime.device)
-            if store is not None and lora_spec is not None
-            else None
+            LoraSlab(lora_spec, runtime.dims, s.lora_slots, dtype=runtime.dtype, device=runtime.device) if store is not None and lora_spec is not None else None
         )
         self._rows: list[_Row] = []
         self._waiting: collections.deque[RequestHandle] = collections.deque()
@@ -150,8 +148,7 @@ class Engine:
             raise RequestRejected("`inputs` must not be empty")
         if len(prompt_ids) + params.max_new_tokens > limit:
             raise RequestRejected(
-                f"`inputs` tokens + `max_new_tokens` must be <= {limit}. Given: {len(prompt_ids)} `inputs` tokens "
-                f"and {params.max_new_tokens} `max_new_tokens`"
+                f"`inputs` tokens + `max_new_tokens` must be <= {limit}. Given: {len(prompt_ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
             )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callback, *, decoder_input_details: bool = False) -> RequestHandle:
@@ -181,7 +178,9 @@ class Engine:
         finally:
             handle.cancel()
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, *, timeout: float = 120.0, decoder_input_details: bool = False) -> tuple[list[TokenEvent], FinalEvent]:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, timeout: float = 120.0, decoder_input_details: bool = False
+    ) -> tuple[list[TokenEvent], FinalEvent]:
         """Blocking helper (benchmarks, tests): all token events and the final event."""
         done = threading.Event()
         events: list[Event] = []
@@ -321,7 +320,15 @@ class Engine:
         row_index = len(self._rows)
         now = time.perf_counter()
         logits = self.runtime.prefill(req.prompt_ids, self.cache, row_index, self._lora([slot]), all_logits=req.decoder_input_details)
-        row = _Row(handle, RowSampler(req.params, req.prompt_ids), IncrementalDetokenizer(self.tokenizer, req.prompt_ids), version, slot, len(req.prompt_ids), admitted_at=now)
+        row = _Row(
+            handle,
+            RowSampler(req.params, req.prompt_ids),
+            IncrementalDetokenizer(self.tokenizer, req.prompt_ids),
+            version,
+            slot,
+            len(req.prompt_ids),
+            admitted_at=now,
+        )
         if req.decoder_input_details:
             row.prefill = _prefill_details(self.tokenizer, req.prompt_ids, logits)
             logits = logits[-1]

@@ -116,7 +116,7 @@ class LlamaRuntime:
                 biases = [sd.get(f"{p}{group}.{m}.bias") for m in modules]
                 bias[site] = torch.cat(biases).contiguous() if all(b is not None for b in biases) else None
             self.layers.append(_Layer(sd[f"{p}input_layernorm.weight"], sd[f"{p}post_attention_layernorm.weight"], w, bias))
-        for t in [self.embed, self.lm_head, self.final_norm, *(t for l in self.layers for t in l.w.values())]:
+        for t in [self.embed, self.lm_head, self.final_norm, *(t for layer in self.layers for t in layer.w.values())]:
             t.requires_grad_(False)
         self._init_rotary()
 
@@ -216,6 +216,4 @@ class LlamaRuntime:
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, lora: TensorLora | None) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled positions (HF convention: labels aligned with inputs)."""
         logits = self.forward_train(input_ids, lora)
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)

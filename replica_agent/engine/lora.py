@@ -52,9 +52,7 @@ class LoraSpec:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
         unknown = sorted(set(self.target_modules) - set(ALL_MODULES))
         if unknown or not self.target_modules:
-            raise ValueError(
-                f"LoRA target modules {unknown or '[]'} are not supported; choose from {list(ALL_MODULES)}"
-            )
+            raise ValueError(f"LoRA target modules {unknown or '[]'} are not supported; choose from {list(ALL_MODULES)}")
         if self.dropout != 0.0:
             # Serving and training share one set of modules that stay in eval mode for life.
             raise ValueError("LoRA dropout must be 0 (training and serving share the base weights)")

@@ -22,8 +22,8 @@ raise it. Aiming at `headroom` x SLO rather than the SLO keeps the AIMD saw-toot
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 REASONS = ("Idle", "Headroom", "Pressure", "Overload", "Capped", "Disabled", "Fixed")
 
@@ -45,30 +45,15 @@ class MixerSettings:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of milliseconds, got {value!r}")
         if not _is_int(self.cap_tokens_per_iteration) or self.cap_tokens_per_iteration < 0:
-            raise ValueError(
-                "cap_tokens_per_iteration must be an integer >= 0 (0 disables training), "
-                f"got {self.cap_tokens_per_iteration!r}"
-            )
+            raise ValueError(f"cap_tokens_per_iteration must be an integer >= 0 (0 disables training), got {self.cap_tokens_per_iteration!r}")
         if not (isinstance(self.headroom, (int, float)) and 0 < self.headroom <= 1):
-            raise ValueError(
-                f"headroom must be in (0, 1], the fraction of the SLO to aim at; got {self.headroom!r}"
-            )
-        if self.increase_tokens is not None and (
-            not _is_int(self.increase_tokens) or self.increase_tokens < 1
-        ):
-            raise ValueError(
-                "increase_tokens must be an integer >= 1, or None for cap/8; "
-                f"got {self.increase_tokens!r}"
-            )
+            raise ValueError(f"headroom must be in (0, 1], the fraction of the SLO to aim at; got {self.headroom!r}")
+        if self.increase_tokens is not None and (not _is_int(self.increase_tokens) or self.increase_tokens < 1):
+            raise ValueError(f"increase_tokens must be an integer >= 1, or None for cap/8; got {self.increase_tokens!r}")
         if not (isinstance(self.decrease_factor, (int, float)) and 0 <= self.decrease_factor < 1):
-            raise ValueError(
-                "decrease_factor must be in [0, 1), the fraction of the budget kept on pressure; "
-                f"got {self.decrease_factor!r}"
-            )
+            raise ValueError(f"decrease_factor must be in [0, 1), the fraction of the budget kept on pressure; got {self.decrease_factor!r}")
         if not _is_int(self.overload_iterations) or self.overload_iterations < 1:
-            raise ValueError(
-                f"overload_iterations must be an integer >= 1, got {self.overload_iterations!r}"
-            )
+            raise ValueError(f"overload_iterations must be an integer >= 1, got {self.overload_iterations!r}")
 
     @property
     def increase(self) -> int:
@@ -162,17 +147,10 @@ class BatchMixer:
             self._violations_in_a_row = 0
             self._budget = cap
             return MixDecision(cap, "Idle")
-        if (
-            self._violations_in_a_row >= s.overload_iterations
-            or self._queue_growth_in_a_row >= s.overload_iterations
-        ):
+        if self._violations_in_a_row >= s.overload_iterations or self._queue_growth_in_a_row >= s.overload_iterations:
             self._budget = 0
             return MixDecision(0, "Overload")
-        pressure = (
-            _above(tpot, s.headroom * s.tpot_ms)
-            or _above(ttft, s.headroom * s.ttft_ms)
-            or self._queue_growth_in_a_row > 0
-        )
+        pressure = _above(tpot, s.headroom * s.tpot_ms) or _above(ttft, s.headroom * s.ttft_ms) or self._queue_growth_in_a_row > 0
         if pressure:
             self._budget = int(self._budget * s.decrease_factor)
             return MixDecision(self._budget, "Pressure")
@@ -203,12 +181,7 @@ class LinearLatencyModel:
     per_training_token_ms: float
 
     def iteration_ms(self, decode_rows: int, prefill_tokens: int, training_tokens: int) -> float:
-        return (
-            self.base_ms
-            + self.per_row_ms * decode_rows
-            + self.per_prefill_token_ms * prefill_tokens
-            + self.per_training_token_ms * training_tokens
-        )
+        return self.base_ms + self.per_row_ms * decode_rows + self.per_prefill_token_ms * prefill_tokens + self.per_training_token_ms * training_tokens
 
 
 def simulate(

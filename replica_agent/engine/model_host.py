@@ -82,9 +82,7 @@ def parse_device(device: str) -> torch.device:
     if parsed.type != "cuda":
         raise ValueError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
     if not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} asked for, but CUDA is not available here (torch {torch.__version__}); use device='cpu'"
-        )
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch {torch.__version__}); use device='cpu'")
     index = torch.cuda.current_device() if parsed.index is None else parsed.index
     if index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
@@ -113,9 +111,7 @@ def _resolve_source(source: str | os.PathLike, cache_dir: Path | None) -> _Resol
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(
-                f"{path} is not a Hugging Face model directory (no config.json); accepted sources: {ACCEPTED_SOURCES}"
-            )
+            raise ValueError(f"{path} is not a Hugging Face model directory (no config.json); accepted sources: {ACCEPTED_SOURCES}")
         return _ResolvedSource(path.resolve().name, path, None)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return _ResolvedSource(path.name, path.parent, path.name)
@@ -129,10 +125,7 @@ def _load_config(resolved: _ResolvedSource) -> transformers.PretrainedConfig:
     except ValueError as error:  # e.g. a GGUF architecture transformers cannot read
         raise ValueError(f"cannot read the model config of {resolved.name}: {error}") from error
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type {config.model_type!r} is not supported; "
-            "CoLLM serves Llama-architecture models (Llama, SmolLM2, TinyLlama...)"
-        )
+        raise ValueError(f"model_type {config.model_type!r} is not supported; CoLLM serves Llama-architecture models (Llama, SmolLM2, TinyLlama...)")
     return config
 
 
@@ -174,9 +167,7 @@ def _load(
     started = time.perf_counter()
     config = _load_config(resolved)
     tokenizer = _load_tokenizer(resolved)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        resolved.directory, config=config, dtype=torch_dtype, **resolved.hf_kwargs()
-    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(resolved.directory, config=config, dtype=torch_dtype, **resolved.hf_kwargs())
     model.to(torch_device).eval().requires_grad_(False)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) as %s on %s in %.1f s", resolved.name, source, dtype, torch_device, seconds)
@@ -191,9 +182,7 @@ def load_hf_model(
     return model, tokenizer
 
 
-def _eos_token_ids(
-    model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase
-) -> tuple[int, ...]:
+def _eos_token_ids(model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[int, ...]:
     candidates: list[int] = []
     generation_config = getattr(model, "generation_config", None)
     for value in (model.config.eos_token_id, getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
@@ -215,9 +204,7 @@ def _frozen_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_base_model(
-    source: str | os.PathLike = "tiny", *, dtype: str = "float32", device: str = "cpu", cache_dir: Path | None = None
-) -> BaseModel:
+def load_base_model(source: str | os.PathLike = "tiny", *, dtype: str = "float32", device: str = "cpu", cache_dir: Path | None = None) -> BaseModel:
     """Load the replica's base model once, frozen; see ACCEPTED_SOURCES for `source`."""
     resolved, model, tokenizer = _load(source, dtype, device, cache_dir)
     state_dict = _frozen_state_dict(model)

@@ -80,7 +80,7 @@ class FinalEvent:
         return self.finish_reason not in (FinishReason.CANCELLED, FinishReason.ERROR)
 
     def meets_slo(self, ttft_ms: float, tpot_ms: float) -> bool:
-        """DESIGN.md's SLO: TTFT <= ttftMilliseconds and mean TPOT <= tpotMilliseconds."""
+        """docs/design.md's SLO: TTFT <= ttftMilliseconds and mean TPOT <= tpotMilliseconds."""
         if self.ttft_s is None or self.ttft_s * 1000 > ttft_ms:
             return False
         return self.tpot_s is None or self.tpot_s * 1000 <= tpot_ms

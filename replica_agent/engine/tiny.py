@@ -46,10 +46,7 @@ NUM_TOKENS = 259
 
 # Plain-text turns: the tiny vocabulary has no chat special tokens, and the OpenAI chat route
 # needs some template.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
 
 
 @dataclass(frozen=True)
@@ -219,9 +216,7 @@ def _build(target: Path, spec: TinySpec) -> dict:
         torch.manual_seed(spec.seed)
         model = transformers.LlamaForCausalLM(tiny_config(spec))
         final_loss = _pretrain(model, spec)
-    model.generation_config = transformers.GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID
-    )
+    model.generation_config = transformers.GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     model.save_pretrained(target, safe_serialization=True)
     build_tokenizer().save_pretrained(target)
     info = {
@@ -245,9 +240,7 @@ def ensure_tiny_model(cache_dir: Path | None = None, spec: TinySpec = TinySpec()
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for it
         if target.is_dir():
             return target
-        log.info(
-            "building the tiny model into %s (seed %d, %d pre-training steps)", target, spec.seed, spec.pretrain_steps
-        )
+        log.info("building the tiny model into %s (seed %d, %d pre-training steps)", target, spec.seed, spec.pretrain_steps)
         scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=models_dir))
         try:
             info = _build(scratch, spec)

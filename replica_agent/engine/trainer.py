@@ -25,8 +25,8 @@ import math
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def held_out_loss(runtime: LlamaRuntime, dataset: LocalDataset, spec: LoraSpec, tensors: Mapping[str, torch.Tensor], *, micro_batch: int, max_batches: int = 0) -> tuple[float, int]:
+def held_out_loss(
+    runtime: LlamaRuntime, dataset: LocalDataset, spec: LoraSpec, tensors: Mapping[str, torch.Tensor], *, micro_batch: int, max_batches: int = 0
+) -> tuple[float, int]:
     """(mean next-token cross-entropy, labelled tokens) of an adapter on the held-out split; the
     first `max_batches` batches (0: all of it), always the same ones, so losses compare."""
     lora = TensorLora(dict(tensors), spec, runtime.dims)
@@ -156,8 +158,14 @@ class Trainer:
 
     def evaluate(self, tensors: Mapping[str, torch.Tensor] | None = None) -> float:
         """Mean next-token cross-entropy on the held-out split (of `tensors`, default the shadow)."""
-        loss, self.eval_tokens = held_out_loss(self.runtime, self.dataset, self.spec, self.snapshot() if tensors is None else tensors,
-                                               micro_batch=self.settings.micro_batch, max_batches=self.settings.eval_batches)
+        loss, self.eval_tokens = held_out_loss(
+            self.runtime,
+            self.dataset,
+            self.spec,
+            self.snapshot() if tensors is None else tensors,
+            micro_batch=self.settings.micro_batch,
+            max_batches=self.settings.eval_batches,
+        )
         return loss
 
     def local_loss(self, version: AdapterVersion) -> float:
@@ -214,8 +222,14 @@ class Trainer:
             existing = self._snapshots.get(round_id)
             if existing is not None:
                 return existing
-            snap = RoundSnapshot(round_id, {k: v.detach().clone() for k, v in self.shadow.items()}, self.global_version.tensors,
-                                 self.global_version.sha256, self.step, self.step - self._anchor_step)
+            snap = RoundSnapshot(
+                round_id,
+                {k: v.detach().clone() for k, v in self.shadow.items()},
+                self.global_version.tensors,
+                self.global_version.sha256,
+                self.step,
+                self.step - self._anchor_step,
+            )
             self._snapshots[round_id] = snap
             return snap
 
@@ -285,4 +299,3 @@ class Trainer:
                 self.error = f"{type(exc).__name__}: {exc}"
                 log.exception("training failed; the trainer stops, serving goes on")
                 return
-

@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -109,9 +110,7 @@ def _shape_difference(got: tuple, want: tuple) -> str:
     return f"{key} has shape {got_d[key]}, the other updates {want_d[key]}"
 
 
-def screen(
-    updates: Sequence[AdapterUpdate], base_sha256: str | None = None
-) -> tuple[list[AdapterUpdate], list[Rejection]]:
+def screen(updates: Sequence[AdapterUpdate], base_sha256: str | None = None) -> tuple[list[AdapterUpdate], list[Rejection]]:
     """Split updates into those fit to aggregate and rejections. The round's base is `base_sha256`,
     else the most common one; the reference keys/shapes are the most common among those."""
     if not updates:
@@ -125,9 +124,7 @@ def screen(
         if u.participant in seen:
             rejection = Rejection(u.participant, "Duplicate", "a second update from this participant in the round")
         elif u.base_sha256 != base:
-            rejection = Rejection(
-                u.participant, "WrongBase", f"trained from adapter {u.base_sha256[:12]}, the round's is {base[:12]}"
-            )
+            rejection = Rejection(u.participant, "WrongBase", f"trained from adapter {u.base_sha256[:12]}, the round's is {base[:12]}")
         elif (sig := _signature(u.delta)) != shapes:
             rejection = Rejection(u.participant, "ShapeMismatch", _shape_difference(sig, shapes))
         elif u.num_samples < 1:
@@ -158,10 +155,7 @@ class FedAvg:
         if not kept:
             raise AggregationError("every update was rejected", rejected)
         weights = self._weights(kept)
-        delta = {
-            key: self._combine(_stack(kept, key), [weights[u.participant] for u in kept]).to(kept[0].delta[key].dtype)
-            for key in sorted(kept[0].delta)
-        }
+        delta = {key: self._combine(_stack(kept, key), [weights[u.participant] for u in kept]).to(kept[0].delta[key].dtype) for key in sorted(kept[0].delta)}
         return AggregateResult(delta, tuple(u.participant for u in kept), tuple(rejected), (), weights)
 
     def _admit(self, kept: list[AdapterUpdate], rejected: list[Rejection]):
@@ -186,10 +180,13 @@ class FFALoRA(FedAvg):
         for u in kept:
             trained = next((k for k, v in u.delta.items() if is_lora_a(k) and torch.count_nonzero(v)), None)
             if trained is not None:
-                rejected.append(Rejection(
-                    u.participant, "TrainedA",
-                    f"{trained} changed; FFA-LoRA trains B only: freeze A in the trainer or aggregate with fedavg",
-                ))
+                rejected.append(
+                    Rejection(
+                        u.participant,
+                        "TrainedA",
+                        f"{trained} changed; FFA-LoRA trains B only: freeze A in the trainer or aggregate with fedavg",
+                    )
+                )
                 continue
             delta = {k: v for k, v in u.delta.items() if not is_lora_a(k)}
             admitted.append(u if len(delta) == len(u.delta) else replace(u, delta=delta, sha256=adapter_sha256(delta)))
@@ -241,8 +238,15 @@ class Robust:
        std = noise_multiplier * clip_norm / number of accepted updates.
     """
 
-    def __init__(self, inner: Strategy, *, clip_norm: float | None = None, outlier_factor: float | None = None,
-                 noise_multiplier: float | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        clip_norm: float | None = None,
+        outlier_factor: float | None = None,
+        noise_multiplier: float | None = None,
+        seed: int | None = None,
+    ) -> None:
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         if outlier_factor is not None and not outlier_factor > 1:
@@ -288,22 +292,30 @@ class Robust:
         delta, noise_std = result.delta, None
         if self.noise_multiplier is not None:
             noise_std = self.noise_multiplier * self.clip_norm / len(result.accepted)
-            delta = {
-                k: (v.double() + torch.randn(v.shape, generator=self._gen, dtype=torch.float64) * noise_std).to(v.dtype)
-                for k, v in delta.items()
-            }
+            delta = {k: (v.double() + torch.randn(v.shape, generator=self._gen, dtype=torch.float64) * noise_std).to(v.dtype) for k, v in delta.items()}
         return replace(
-            result, delta=delta, rejected=tuple(rejected) + result.rejected,
+            result,
+            delta=delta,
+            rejected=tuple(rejected) + result.rejected,
             clipped=tuple(p for p in clipped if p in result.accepted),
-            clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, noise_std=noise_std,
+            clip_norm=self.clip_norm,
+            noise_multiplier=self.noise_multiplier,
+            noise_std=noise_std,
         )
 
 
 STRATEGIES = ("fedavg", "ffa", "median", "trimmed_mean")
 
 
-def build_strategy(name: str, *, clip_norm: float | None = None, noise_multiplier: float | None = None,
-                   outlier_factor: float | None = None, trim_fraction: float = 0.1, seed: int | None = None) -> Strategy:
+def build_strategy(
+    name: str,
+    *,
+    clip_norm: float | None = None,
+    noise_multiplier: float | None = None,
+    outlier_factor: float | None = None,
+    trim_fraction: float = 0.1,
+    seed: int | None = None,
+) -> Strategy:
     """The named rule, wrapped in Robust when any robustness or privacy option is set."""
     rules = {"fedavg": FedAvg, "ffa": FFALoRA, "median": CoordinateMedian, "trimmed_mean": lambda: TrimmedMean(trim_fraction)}
     if name not in rules:

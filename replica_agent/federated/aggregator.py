@@ -91,7 +91,19 @@ class Aggregator:
         log.info("round %s: update from %s (%d bytes, %d samples)", round_id, participant, len(blob), update.num_samples)
         return UploadOutcome(True)
 
-    def aggregate(self, round_id: str, participants: list[str], *, strategy: str, base_sha256: str, clip_norm: float | None = None, noise_multiplier: float | None = None, outlier_factor: float | None = None, invited: list[str] | None = None, revealed: dict | None = None) -> AggregatorRound:
+    def aggregate(
+        self,
+        round_id: str,
+        participants: list[str],
+        *,
+        strategy: str,
+        base_sha256: str,
+        clip_norm: float | None = None,
+        noise_multiplier: float | None = None,
+        outlier_factor: float | None = None,
+        invited: list[str] | None = None,
+        revealed: dict | None = None,
+    ) -> AggregatorRound:
         """Close the round and combine the named participants' uploads into a candidate adapter.
 
         With `invited` (a secure round) the uploads are masked: only their sum is unmasked, with the
@@ -112,7 +124,9 @@ class Aggregator:
             if invited is not None:
                 result = _unmask(round_id, invited, updates, revealed or {})
             else:
-                result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(updates, base_sha256=base_sha256)
+                result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(
+                    updates, base_sha256=base_sha256
+                )
         except AggregationError as exc:
             with self._lock:
                 rnd.failure = exc
@@ -149,4 +163,6 @@ def _unmask(round_id: str, invited: list[str], updates: list, revealed: dict) ->
     delta = secure.unmask(revealed)
     total = sum(u.num_samples for u in updates)
     weights = {u.participant: u.num_samples / total for u in updates}
-    return AggregateResult(delta=delta, accepted=secure.survivors, rejected=(), clipped=(), weights=weights, clip_norm=None, noise_multiplier=None, noise_std=None)
+    return AggregateResult(
+        delta=delta, accepted=secure.survivors, rejected=(), clipped=(), weights=weights, clip_norm=None, noise_multiplier=None, noise_std=None
+    )

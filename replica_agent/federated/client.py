@@ -1,18 +1,17 @@
-"""A gRPC client of one agent, used by the round driver and by agents calling each other.
+"""A gRPC client of one agent, used by the operator, the round driver and agents calling each other.
 
-Adapter bytes travel in chunks; `fetch` reassembles and verifies them by sha256.
+Adapter bytes travel in chunks; `fetch_bytes` reassembles them (update.fetch_adapter decodes and
+verifies them). This module needs no torch: the operator imports it.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 
-from ..engine.adapter_store import adapter_sha256
 from ..proto import collm_pb2 as pb
 from ..proto import collm_pb2_grpc as pb_grpc
-from .update import UpdateError, chunks, decode
 
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
@@ -28,7 +27,7 @@ class AgentClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "AgentClient":
+    def __enter__(self) -> AgentClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -81,10 +80,11 @@ class AgentClient:
         parts = [chunk.data for chunk in self.stub.FetchAdapter(pb.FetchRequest(sha256=sha256), timeout=self.timeout)]
         return b"".join(parts)
 
-    def fetch(self, sha256: str) -> dict:
-        """Fetch an adapter by content hash and verify it; raises UpdateError on any mismatch."""
-        tensors, _ = decode(self.fetch_bytes(sha256))
-        actual = adapter_sha256(tensors)
-        if actual != sha256:
-            raise UpdateError(f"adapter fetched from {self.address} has sha256 {actual}, expected {sha256}")
-        return tensors
+
+def chunks(blob: bytes, size: int = 1 << 20) -> Iterator[bytes]:
+    """The blob in pieces of at most `size` bytes (for a gRPC stream); b"".join() restores it."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    view = memoryview(blob)
+    for start in range(0, len(blob), size):
+        yield bytes(view[start : start + size])

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import grpc
 
@@ -162,7 +162,15 @@ class RoundDriver:
 
     def _start_training(self, action: R.StartTraining) -> list:
         aggregator = self.addresses[action.aggregator]
-        request = dict(round_id=self.spec.round_id, local_steps=action.local_steps, deadline_unix=action.deadline_at, base_sha256=action.base_sha256, base_source=aggregator, aggregator_address=aggregator, only_b=self.strategy.only_b)
+        request = dict(
+            round_id=self.spec.round_id,
+            local_steps=action.local_steps,
+            deadline_unix=action.deadline_at,
+            base_sha256=action.base_sha256,
+            base_source=aggregator,
+            aggregator_address=aggregator,
+            only_b=self.strategy.only_b,
+        )
         if self.strategy.secure:
             request.update(secure=True, participants=list(self.spec.participants), clip_norm=self.strategy.clip_norm or 0.0)
         actions = []
@@ -178,7 +186,15 @@ class RoundDriver:
 
     def _aggregate(self, action: R.Aggregate) -> list:
         s = self.strategy
-        request = pb.AggregateRequest(round_id=self.spec.round_id, participants=list(action.participants), strategy=s.name, clip_norm=s.clip_norm or 0.0, noise_multiplier=s.noise_multiplier or 0.0, outlier_factor=s.outlier_factor or 0.0, base_sha256=self.state.base_sha256)
+        request = pb.AggregateRequest(
+            round_id=self.spec.round_id,
+            participants=list(action.participants),
+            strategy=s.name,
+            clip_norm=s.clip_norm or 0.0,
+            noise_multiplier=s.noise_multiplier or 0.0,
+            outlier_factor=s.outlier_factor or 0.0,
+            base_sha256=self.state.base_sha256,
+        )
         if s.secure:
             request.secure = True
             request.invited.extend(self.spec.participants)
@@ -219,8 +235,15 @@ class RoundDriver:
 
         def one(replica):
             for source in action.sources:
-                request = pb.PublishRequest(round_id=self.spec.round_id, sha256=action.version_sha256, source=self.addresses[source], cluster_version=self.round_number,
-                                            eval_loss=loss or 0.0, has_eval_loss=loss is not None, included=included)
+                request = pb.PublishRequest(
+                    round_id=self.spec.round_id,
+                    sha256=action.version_sha256,
+                    source=self.addresses[source],
+                    cluster_version=self.round_number,
+                    eval_loss=loss or 0.0,
+                    has_eval_loss=loss is not None,
+                    included=included,
+                )
                 try:
                     reply = self.client(replica).publish(request)
                     return R.PublishAcked(self.clock(), replica, reply.adapter.sha256)

@@ -57,7 +57,7 @@ class LocalCluster:
             replica.server.stop(grace=0)
             replica.agent.stop()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc) -> None:

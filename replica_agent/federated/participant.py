@@ -23,7 +23,7 @@ from ..engine.adapter_store import AdapterVersion, adapter_sha256
 from ..engine.lora import check_adapter
 from .client import AgentClient
 from .secure import encode_masked, mask_update, pair_seeds, reveal_seeds
-from .update import UpdateError, encode_update, make_update
+from .update import UpdateError, encode_update, fetch_adapter, make_update
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,25 @@ class Participant:
         if not source:
             raise UpdateError(f"adapter {sha256[:12]} is not held here and no source was given")
         with AgentClient(source) as peer:
-            tensors = peer.fetch(sha256)
+            tensors = fetch_adapter(peer, sha256)
         check_adapter(tensors, self.agent.spec, self.agent.runtime.dims)
         with self._lock:
             self._fetched[sha256] = tensors
         return tensors
 
     # -- training ----------------------------------------------------------------------------
-    def start_round(self, round_id: str, *, local_steps: int, base_sha256: str, base_source: str, aggregator_address: str, deadline_unix: float = 0.0, only_b: bool = False, secure: SecureRound | None = None) -> ParticipantRound:
+    def start_round(
+        self,
+        round_id: str,
+        *,
+        local_steps: int,
+        base_sha256: str,
+        base_source: str,
+        aggregator_address: str,
+        deadline_unix: float = 0.0,
+        only_b: bool = False,
+        secure: SecureRound | None = None,
+    ) -> ParticipantRound:
         with self._lock:
             existing = self._rounds.get(round_id)
             if existing is not None:
@@ -94,8 +105,13 @@ class Participant:
             return rnd
         rests_on = trainer.global_version
         if rests_on.sha256 != base_sha256:
-            rnd.state, rnd.message = "Failed", (f"BaseMismatch: this replica rests on global version {rests_on.cluster_version} ({rests_on.sha256[:12]}), "
-                                                f"the round starts from {base_sha256[:12]}; publish that version to it first")
+            rnd.state, rnd.message = (
+                "Failed",
+                (
+                    f"BaseMismatch: this replica rests on global version {rests_on.cluster_version} ({rests_on.sha256[:12]}), "
+                    f"the round starts from {base_sha256[:12]}; publish that version to it first"
+                ),
+            )
             return rnd
         if only_b and not trainer.settings.freeze_a:
             rnd.state, rnd.message = "Failed", "FFA-LoRA rounds need lora_A frozen: start the agent with --train-only-b"
@@ -114,7 +130,9 @@ class Participant:
         if trainer.unuploaded_steps == 0 and self.agent.mixer.settings.cap_tokens_per_iteration == 0:
             rnd.state, rnd.message = "Failed", "NoProgress: the plan allows no training (cap 0) and nothing was learnt since the global adapter"
             return rnd
-        threading.Thread(target=self._snapshot_and_upload, args=(rnd, local_steps, deadline_unix, aggregator_address, only_b), name=f"collm-round-{round_id}", daemon=True).start()
+        threading.Thread(
+            target=self._snapshot_and_upload, args=(rnd, local_steps, deadline_unix, aggregator_address, only_b), name=f"collm-round-{round_id}", daemon=True
+        ).start()
         return rnd
 
     def _snapshot_and_upload(self, rnd: ParticipantRound, local_steps: int, deadline_unix: float, aggregator_address: str, only_b: bool) -> None:
@@ -181,7 +199,9 @@ class Participant:
         current_loss = trainer.local_loss(trainer.global_version)
         return candidate_loss, current_loss, trainer.eval_tokens
 
-    def publish(self, sha256: str, source: str, *, cluster_version: int, eval_loss: float | None, round_id: str = "", included: tuple[str, ...] = ()) -> AdapterVersion:
+    def publish(
+        self, sha256: str, source: str, *, cluster_version: int, eval_loss: float | None, round_id: str = "", included: tuple[str, ...] = ()
+    ) -> AdapterVersion:
         """Serve global adapter `sha256` as cluster version `cluster_version` and rebase the shadow on it."""
         rests_on = self.agent.store.global_version
         if rests_on is not None and rests_on.sha256 == sha256:

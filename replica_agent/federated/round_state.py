@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Union
 
 
 class Condition(str, Enum):
@@ -36,11 +35,15 @@ class Outcome(str, Enum):
 
 
 class Result(str, Enum):
-    SUCCEEDED = "Succeeded"; FAILED = "Failed"; REJECTED = "Rejected"  # Rejected: the eval gate said no
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    REJECTED = "Rejected"  # Rejected: the eval gate said no
 
 
 class Delivery(str, Enum):
-    IN_FLIGHT = "InFlight"; FAILED = "Failed"; ACKED = "Acked"  # Failed: retried on the next Tick
+    IN_FLIGHT = "InFlight"
+    FAILED = "Failed"
+    ACKED = "Acked"  # Failed: retried on the next Tick
 
 
 def valid_number(value, minimum: float, strict: bool) -> bool:
@@ -77,8 +80,7 @@ class RoundSpec:
         if not (isinstance(self.local_steps, int) and valid_number(self.local_steps, 0, strict=True)):
             problems.append(f"local_steps must be a positive integer (got {self.local_steps!r})")
         if not (isinstance(self.min_participants, int) and 1 <= self.min_participants <= len(self.participants)):
-            problems.append(f"min_participants must be between 1 and the {len(self.participants)} participants "
-                            f"(got {self.min_participants!r})")
+            problems.append(f"min_participants must be between 1 and the {len(self.participants)} participants (got {self.min_participants!r})")
         for name in ("deadline_s", "publish_deadline_s"):
             if not valid_number(getattr(self, name), 0, strict=True):
                 problems.append(f"{name} must be a positive number of seconds (got {getattr(self, name)!r})")
@@ -90,69 +92,149 @@ class RoundSpec:
 
 # Events: what happened, stamped `at` by the driver's clock.
 @dataclass(frozen=True)
-class Started: at: float; base_version: str; base_sha256: str
+class Started:
+    at: float
+    base_version: str
+    base_sha256: str
+
+
 @dataclass(frozen=True)
-class UpdateUploaded: at: float; participant: str; num_samples: int; sha256: str; bytes: int
+class UpdateUploaded:
+    at: float
+    participant: str
+    num_samples: int
+    sha256: str
+    bytes: int
+
+
 @dataclass(frozen=True)
-class ParticipantFailed: at: float; participant: str; reason: str
+class ParticipantFailed:
+    at: float
+    participant: str
+    reason: str
+
+
 @dataclass(frozen=True)
-class Tick: at: float
+class Tick:
+    at: float
+
+
 @dataclass(frozen=True)
 class Aggregated:
-    at: float; version_sha256: str; accepted: tuple[str, ...]
+    at: float
+    version_sha256: str
+    accepted: tuple[str, ...]
     rejected: tuple[tuple[str, str], ...]  # (participant, reason)
     bytes_in: int
-@dataclass(frozen=True)
-class AggregatorFailed: at: float; reason: str
-@dataclass(frozen=True)
-class Evaluated: at: float; participant: str; candidate_loss: float; current_loss: float; tokens: int
-@dataclass(frozen=True)
-class EvaluationFailed: at: float; participant: str; reason: str
-@dataclass(frozen=True)
-class PublishAcked: at: float; replica: str; version: str  # the sha256 the replica now serves
-@dataclass(frozen=True)
-class PublishFailed: at: float; replica: str; reason: str
 
 
-Event = Union[Started, UpdateUploaded, ParticipantFailed, Tick, Aggregated, AggregatorFailed,
-              Evaluated, EvaluationFailed, PublishAcked, PublishFailed]
+@dataclass(frozen=True)
+class AggregatorFailed:
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    at: float
+    participant: str
+    candidate_loss: float
+    current_loss: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class EvaluationFailed:
+    at: float
+    participant: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PublishAcked:
+    at: float
+    replica: str
+    version: str  # the sha256 the replica now serves
+
+
+@dataclass(frozen=True)
+class PublishFailed:
+    at: float
+    replica: str
+    reason: str
+
+
+Event = Started | UpdateUploaded | ParticipantFailed | Tick | Aggregated | AggregatorFailed | Evaluated | EvaluationFailed | PublishAcked | PublishFailed
 
 
 # Actions: what the driver must do.
 @dataclass(frozen=True)
 class StartTraining:
-    participants: tuple[str, ...]; base_version: str; base_sha256: str; local_steps: int; deadline_at: float
+    participants: tuple[str, ...]
+    base_version: str
+    base_sha256: str
+    local_steps: int
+    deadline_at: float
     aggregator: str  # where to upload
+
+
 @dataclass(frozen=True)
-class Aggregate: aggregator: str; participants: tuple[str, ...]  # the uploads to combine
+class Aggregate:
+    aggregator: str
+    participants: tuple[str, ...]  # the uploads to combine
+
+
 @dataclass(frozen=True)
-class Evaluate: participants: tuple[str, ...]; version_sha256: str  # the candidate, held by the aggregator
+class Evaluate:
+    participants: tuple[str, ...]
+    version_sha256: str  # the candidate, held by the aggregator
+
+
 @dataclass(frozen=True)
-class Publish: replicas: tuple[str, ...]; version_sha256: str; sources: tuple[str, ...]  # sources hold it
+class Publish:
+    replicas: tuple[str, ...]
+    version_sha256: str
+    sources: tuple[str, ...]  # sources hold it
+
+
 @dataclass(frozen=True)
-class Finish: succeeded: bool; reason: str; message: str
+class Finish:
+    succeeded: bool
+    reason: str
+    message: str
+
+
 @dataclass(frozen=True)
 class Refused:
     to: str  # who sent the refused event: a participant, a replica, the aggregator; "" = the driver
-    reason: str; message: str
+    reason: str
+    message: str
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}"
 
 
-Action = Union[StartTraining, Aggregate, Evaluate, Publish, Finish, Refused]
+Action = StartTraining | Aggregate | Evaluate | Publish | Finish | Refused
 
 
 @dataclass(frozen=True)
 class ConditionState:
-    status: str = "Unknown"; reason: str = "Pending"; message: str = ""; at: float | None = None
+    status: str = "Unknown"
+    reason: str = "Pending"
+    message: str = ""
+    at: float | None = None
 
 
 @dataclass(frozen=True)
 class ParticipantRecord:
-    outcome: Outcome = Outcome.PENDING; reason: str = ""
-    num_samples: int = 0; sha256: str = ""; bytes: int = 0; uploaded_at: float | None = None
-    candidate_loss: float | None = None; current_loss: float | None = None
+    outcome: Outcome = Outcome.PENDING
+    reason: str = ""
+    num_samples: int = 0
+    sha256: str = ""
+    bytes: int = 0
+    uploaded_at: float | None = None
+    candidate_loss: float | None = None
+    current_loss: float | None = None
     eval_tokens: int = 0  # > 0 once evaluated
     eval_error: str = ""  # set when its evaluation failed
 
@@ -162,7 +244,10 @@ class ParticipantRecord:
 
 @dataclass(frozen=True)
 class PublishRecord:
-    status: Delivery = Delivery.IN_FLIGHT; attempts: int = 1; reason: str = ""; acked_at: float | None = None
+    status: Delivery = Delivery.IN_FLIGHT
+    attempts: int = 1
+    reason: str = ""
+    acked_at: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "status", Delivery(self.status))
@@ -176,13 +261,22 @@ class RoundState:
     conditions: dict[Condition, ConditionState]
     participants: dict[str, ParticipantRecord]
     publishes: dict[str, PublishRecord] = field(default_factory=dict)  # per replica, once the gate passed
-    base_version: str = ""; base_sha256: str = ""; version_sha256: str = ""
+    base_version: str = ""
+    base_sha256: str = ""
+    version_sha256: str = ""
     # Timings, on the driver's clock.
-    started_at: float | None = None; deadline_at: float | None = None; trained_at: float | None = None
-    aggregated_at: float | None = None; evaluated_at: float | None = None
-    publish_deadline_at: float | None = None; published_at: float | None = None; finished_at: float | None = None
+    started_at: float | None = None
+    deadline_at: float | None = None
+    trained_at: float | None = None
+    aggregated_at: float | None = None
+    evaluated_at: float | None = None
+    publish_deadline_at: float | None = None
+    published_at: float | None = None
+    finished_at: float | None = None
     # Token-weighted federated eval losses of the current adapter (before) and the candidate (after).
-    eval_loss_before: float | None = None; eval_loss_after: float | None = None; eval_tokens: int = 0
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    eval_tokens: int = 0
     bytes_uploaded: int = 0  # sum of the updates received before the deadline
     bytes_aggregated: int = 0  # what the aggregator reports it received
     freshness_s: float | None = None  # last publish ack - end of aggregation

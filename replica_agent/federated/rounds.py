@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .round_state import valid_number
 from .round_state import (  # re-exported: callers use rounds.<Name>
+    STAGES,
     Action,
     Aggregate,
     Aggregated,
@@ -58,65 +58,61 @@ from .round_state import (  # re-exported: callers use rounds.<Name>
     Result,
     RoundSpec,
     RoundState,
-    STAGES,
-    StartTraining,
     Started,
+    StartTraining,
     Tick,
     UpdateUploaded,
+    valid_number,
 )
 
 __all__ = [
-    'Action',
-    'Aggregate',
-    'Aggregated',
-    'AggregatorFailed',
-    'Condition',
-    'ConditionState',
-    'Delivery',
-    'Evaluate',
-    'Evaluated',
-    'EvaluationFailed',
-    'Event',
-    'Finish',
-    'Outcome',
-    'ParticipantFailed',
-    'ParticipantRecord',
-    'Publish',
-    'PublishAcked',
-    'PublishFailed',
-    'PublishRecord',
-    'Refused',
-    'Result',
-    'RoundSpec',
-    'RoundState',
-    'STAGES',
-    'StartTraining',
-    'Started',
-    'Tick',
-    'UpdateUploaded',
-    'start',
-    'step',
-    'pending_actions',
-    'laggards',
+    "Action",
+    "Aggregate",
+    "Aggregated",
+    "AggregatorFailed",
+    "Condition",
+    "ConditionState",
+    "Delivery",
+    "Evaluate",
+    "Evaluated",
+    "EvaluationFailed",
+    "Event",
+    "Finish",
+    "Outcome",
+    "ParticipantFailed",
+    "ParticipantRecord",
+    "Publish",
+    "PublishAcked",
+    "PublishFailed",
+    "PublishRecord",
+    "Refused",
+    "Result",
+    "RoundSpec",
+    "RoundState",
+    "STAGES",
+    "StartTraining",
+    "Started",
+    "Tick",
+    "UpdateUploaded",
+    "start",
+    "step",
+    "pending_actions",
+    "laggards",
 ]
 
 
 def start(spec: RoundSpec) -> RoundState:
     """A round not started yet: the driver feeds `Started` when it begins."""
-    return RoundState(spec=spec, conditions={c: ConditionState() for c in Condition},
-                      participants={p: ParticipantRecord() for p in spec.participants})
+    return RoundState(spec=spec, conditions={c: ConditionState() for c in Condition}, participants={p: ParticipantRecord() for p in spec.participants})
 
 
 def step(state: RoundState, event: Event) -> tuple[RoundState, list[Action]]:
     """Apply one event; pure. Refusals leave the state as it was, but time still moves deadlines."""
-    s = replace(state, conditions=dict(state.conditions), participants=dict(state.participants),
-                publishes=dict(state.publishes))
+    s = replace(state, conditions=dict(state.conditions), participants=dict(state.participants), publishes=dict(state.publishes))
     if isinstance(event, Tick):
         actions: list[Action] = []
     elif s.finished:
-        actions = [_refuse(s, event, "RoundFinished",
-                           f"round {s.spec.round_id} already ended {s.result.value} "
-                           f"({s.conditions[Condition.SUCCEEDED].reason})")]
+        actions = [_refuse(s, event, "RoundFinished", f"round {s.spec.round_id} already ended {s.result.value} ({s.conditions[Condition.SUCCEEDED].reason})")]
     elif s.started_at is None and not isinstance(event, (Started, AggregatorFailed)):
         actions = [_refuse(s, event, "NotStarted", f"round {s.spec.round_id} has not started yet")]
     else:
@@ -166,8 +162,7 @@ def _sources(s: RoundState) -> tuple[str, ...]:
 
 
 def _start_training(s: RoundState, participants: tuple[str, ...]) -> StartTraining:
-    return StartTraining(participants, s.base_version, s.base_sha256, s.spec.local_steps, s.deadline_at,
-                         s.spec.aggregator)
+    return StartTraining(participants, s.base_version, s.base_sha256, s.spec.local_steps, s.deadline_at, s.spec.aggregator)
 
 
 def _refuse(s: RoundState, event: Event, reason: str, message: str) -> Refused:
@@ -196,8 +191,7 @@ def _on_started(s: RoundState, e: Started) -> list[Action]:
     if s.started_at is not None:
         if (e.base_version, e.base_sha256) == (s.base_version, s.base_sha256):
             return []
-        return [_refuse(s, e, "AlreadyStarted", f"round {s.spec.round_id} started at {s.started_at:g} "
-                                                f"from version {s.base_version}")]
+        return [_refuse(s, e, "AlreadyStarted", f"round {s.spec.round_id} started at {s.started_at:g} from version {s.base_version}")]
     s.started_at, s.deadline_at = e.at, e.at + s.spec.deadline_s
     s.base_version, s.base_sha256 = e.base_version, e.base_sha256
     return [_start_training(s, s.spec.participants)]
@@ -206,24 +200,22 @@ def _on_started(s: RoundState, e: Started) -> list[Action]:
 def _on_uploaded(s: RoundState, e: UpdateUploaded) -> list[Action]:
     record = s.participants.get(e.participant)
     if record is None:
-        return [_refuse(s, e, "NotAParticipant", f"{e.participant!r} is not a participant of round "
-                                                 f"{s.spec.round_id}; wait for a round that invites it")]
+        return [_refuse(s, e, "NotAParticipant", f"{e.participant!r} is not a participant of round {s.spec.round_id}; wait for a round that invites it")]
     if record.uploaded_at is not None and record.sha256 == e.sha256:
         return []  # a retried upload that already arrived
     if record.outcome is Outcome.LATE or (record.outcome is Outcome.PENDING and e.at >= s.deadline_at):
-        return [_refuse(s, e, "RoundClosed", f"the round's deadline passed at {s.deadline_at:g} (update sent at "
-                                             f"{e.at:g}); the update was not used, join the next round")]
+        return [
+            _refuse(
+                s, e, "RoundClosed", f"the round's deadline passed at {s.deadline_at:g} (update sent at {e.at:g}); the update was not used, join the next round"
+            )
+        ]
     if record.outcome is Outcome.DROPPED:
-        return [_refuse(s, e, "ParticipantDropped", f"{e.participant} was dropped from round {s.spec.round_id} "
-                                                    f"({record.reason}); join the next round")]
+        return [_refuse(s, e, "ParticipantDropped", f"{e.participant} was dropped from round {s.spec.round_id} ({record.reason}); join the next round")]
     if record.outcome is not Outcome.PENDING:
-        return [_refuse(s, e, "Duplicate", f"{e.participant} already uploaded update {record.sha256[:12]} "
-                                           f"in round {s.spec.round_id}; one update per round")]
+        return [_refuse(s, e, "Duplicate", f"{e.participant} already uploaded update {record.sha256[:12]} in round {s.spec.round_id}; one update per round")]
     if not e.sha256 or not (isinstance(e.num_samples, int) and e.num_samples >= 1) or not valid_number(e.bytes, 0, False):
-        return [_refuse(s, e, "Corrupt", f"an update needs a sha256, num_samples >= 1 and bytes >= 0 (got "
-                                         f"{e.sha256!r}, {e.num_samples!r}, {e.bytes!r})")]
-    s.participants[e.participant] = replace(record, outcome=Outcome.UPLOADED, num_samples=e.num_samples,
-                                            sha256=e.sha256, bytes=e.bytes, uploaded_at=e.at)
+        return [_refuse(s, e, "Corrupt", f"an update needs a sha256, num_samples >= 1 and bytes >= 0 (got {e.sha256!r}, {e.num_samples!r}, {e.bytes!r})")]
+    s.participants[e.participant] = replace(record, outcome=Outcome.UPLOADED, num_samples=e.num_samples, sha256=e.sha256, bytes=e.bytes, uploaded_at=e.at)
     s.bytes_uploaded += e.bytes
     return []
 
@@ -235,8 +227,7 @@ def _on_participant_failed(s: RoundState, e: ParticipantFailed) -> list[Action]:
     reason = e.reason or "failed"
     if s.stage is Condition.TRAINED and record.outcome is Outcome.PENDING:
         s.participants[e.participant] = replace(record, outcome=Outcome.DROPPED, reason=reason)
-    elif s.stage is Condition.EVALUATED and record.outcome is Outcome.ACCEPTED \
-            and _evaluation_pending(s, e.participant):
+    elif s.stage is Condition.EVALUATED and record.outcome is Outcome.ACCEPTED and _evaluation_pending(s, e.participant):
         s.participants[e.participant] = replace(record, eval_error=reason)
     return []  # an update already uploaded is kept
 
@@ -251,8 +242,11 @@ def _on_aggregated(s: RoundState, e: Aggregated) -> list[Action]:
     named = list(e.accepted) + list(rejected)
     strangers = [p for p in named if p not in uploaded]
     if not e.version_sha256 or strangers or len(named) != len(set(named)) or len(rejected) != len(e.rejected):
-        return [_refuse(s, e, "InvalidAggregate", f"an aggregate needs a version sha256 and names each upload "
-                                                  f"of {list(uploaded)} at most once (unknown: {strangers})")]
+        return [
+            _refuse(
+                s, e, "InvalidAggregate", f"an aggregate needs a version sha256 and names each upload of {list(uploaded)} at most once (unknown: {strangers})"
+            )
+        ]
     for p in uploaded:
         if p in e.accepted:
             s.participants[p] = replace(s.participants[p], outcome=Outcome.ACCEPTED)
@@ -262,11 +256,15 @@ def _on_aggregated(s: RoundState, e: Aggregated) -> list[Action]:
     accepted = _with(s, Outcome.ACCEPTED)
     s.version_sha256, s.aggregated_at, s.bytes_aggregated = e.version_sha256, e.at, e.bytes_in
     if not accepted:
-        return _finish(s, e.at, Result.FAILED, "NoUpdateAccepted",
-                       f"the aggregator rejected all {len(uploaded)} updates: {rejected}")
-    _set(s, Condition.AGGREGATED, "True", "Aggregated",
-         f"{len(accepted)} of {len(uploaded)} updates combined into {e.version_sha256[:12]}"
-         + (f"; rejected {sorted(rejected)}" if rejected else ""), e.at)
+        return _finish(s, e.at, Result.FAILED, "NoUpdateAccepted", f"the aggregator rejected all {len(uploaded)} updates: {rejected}")
+    _set(
+        s,
+        Condition.AGGREGATED,
+        "True",
+        "Aggregated",
+        f"{len(accepted)} of {len(uploaded)} updates combined into {e.version_sha256[:12]}" + (f"; rejected {sorted(rejected)}" if rejected else ""),
+        e.at,
+    )
     return [Evaluate(accepted, e.version_sha256)]
 
 
@@ -278,10 +276,15 @@ def _on_aggregator_failed(s: RoundState, e: AggregatorFailed) -> list[Action]:
             if s.publishes[agg].status is not Delivery.ACKED:
                 s.publishes[agg] = replace(s.publishes[agg], status=Delivery.FAILED, reason=f"AggregatorLost: {e.reason}")
         return []
-    return _finish(s, e.at, Result.FAILED, "AggregatorLost",
-                   f"aggregator {s.spec.aggregator} failed before the round was {s.stage.value} "
-                   f"({e.reason}); nothing was published and every replica keeps its current version; "
-                   f"start a new round with another aggregator")
+    return _finish(
+        s,
+        e.at,
+        Result.FAILED,
+        "AggregatorLost",
+        f"aggregator {s.spec.aggregator} failed before the round was {s.stage.value} "
+        f"({e.reason}); nothing was published and every replica keeps its current version; "
+        f"start a new round with another aggregator",
+    )
 
 
 def _on_evaluated(s: RoundState, e: Evaluated | EvaluationFailed) -> list[Action]:
@@ -294,14 +297,12 @@ def _on_evaluated(s: RoundState, e: Evaluated | EvaluationFailed) -> list[Action
         return []  # the first report wins
     if isinstance(e, EvaluationFailed):
         s.participants[e.participant] = replace(record, eval_error=e.reason or "failed")
-    elif valid_number(e.candidate_loss, 0, False) and valid_number(e.current_loss, 0, False) \
-            and isinstance(e.tokens, int) and e.tokens >= 1:
-        s.participants[e.participant] = replace(record, candidate_loss=e.candidate_loss,
-                                                current_loss=e.current_loss, eval_tokens=e.tokens)
+    elif valid_number(e.candidate_loss, 0, False) and valid_number(e.current_loss, 0, False) and isinstance(e.tokens, int) and e.tokens >= 1:
+        s.participants[e.participant] = replace(record, candidate_loss=e.candidate_loss, current_loss=e.current_loss, eval_tokens=e.tokens)
     else:
-        s.participants[e.participant] = replace(record, eval_error=(
-            f"InvalidEvaluation: losses must be finite and >= 0, tokens >= 1 (got {e.candidate_loss!r}, "
-            f"{e.current_loss!r}, {e.tokens!r})"))
+        s.participants[e.participant] = replace(
+            record, eval_error=(f"InvalidEvaluation: losses must be finite and >= 0, tokens >= 1 (got {e.candidate_loss!r}, {e.current_loss!r}, {e.tokens!r})")
+        )
     return []
 
 
@@ -316,35 +317,41 @@ def _on_publish(s: RoundState, e: PublishAcked | PublishFailed) -> list[Action]:
     if isinstance(e, PublishFailed):
         s.publishes[e.replica] = replace(record, status=Delivery.FAILED, reason=e.reason)
     elif e.version != s.version_sha256:
-        return [_refuse(s, e, "WrongVersion", f"{e.replica} acked {e.version[:12]} but round "
-                                              f"{s.spec.round_id} publishes {s.version_sha256[:12]}")]
+        return [_refuse(s, e, "WrongVersion", f"{e.replica} acked {e.version[:12]} but round {s.spec.round_id} publishes {s.version_sha256[:12]}")]
     else:
         s.publishes[e.replica] = replace(record, status=Delivery.ACKED, reason="", acked_at=e.at)
     return []
 
 
-_HANDLERS = {Started: _on_started, UpdateUploaded: _on_uploaded, ParticipantFailed: _on_participant_failed,
-             Aggregated: _on_aggregated, AggregatorFailed: _on_aggregator_failed, Evaluated: _on_evaluated,
-             EvaluationFailed: _on_evaluated, PublishAcked: _on_publish, PublishFailed: _on_publish}
+_HANDLERS = {
+    Started: _on_started,
+    UpdateUploaded: _on_uploaded,
+    ParticipantFailed: _on_participant_failed,
+    Aggregated: _on_aggregated,
+    AggregatorFailed: _on_aggregator_failed,
+    Evaluated: _on_evaluated,
+    EvaluationFailed: _on_evaluated,
+    PublishAcked: _on_publish,
+    PublishFailed: _on_publish,
+}
 
 
 def _advance(s: RoundState, at: float, retry: bool) -> list[Action]:
     """Close the stage in progress if its facts (or the clock) allow it."""
-    return {Condition.TRAINED: _settle_training, Condition.EVALUATED: _settle_evaluation,
-            Condition.PUBLISHED: _settle_publishing}.get(s.stage, lambda *_: [])(s, at, retry)
+    return {Condition.TRAINED: _settle_training, Condition.EVALUATED: _settle_evaluation, Condition.PUBLISHED: _settle_publishing}.get(s.stage, lambda *_: [])(
+        s, at, retry
+    )
 
 
 def _settle_training(s: RoundState, at: float, retry: bool) -> list[Action]:
     if at >= s.deadline_at:
         for p in _with(s, Outcome.PENDING):
-            s.participants[p] = replace(s.participants[p], outcome=Outcome.LATE,
-                                        reason=f"RoundClosed: no update before the deadline at {s.deadline_at:g}")
+            s.participants[p] = replace(s.participants[p], outcome=Outcome.LATE, reason=f"RoundClosed: no update before the deadline at {s.deadline_at:g}")
     uploaded, pending = _with(s, Outcome.UPLOADED), _with(s, Outcome.PENDING)
     others = "".join(f"; {o.value.lower()}: {list(_with(s, o))}" for o in (Outcome.LATE, Outcome.DROPPED) if _with(s, o))
     summary = f"{len(uploaded)} of {len(s.spec.participants)} participants uploaded an update{others}"
     if len(uploaded) + len(pending) < s.spec.min_participants:
-        return _finish(s, at, Result.FAILED, "NotEnoughParticipants",
-                       f"{summary}; round {s.spec.round_id} needs {s.spec.min_participants}")
+        return _finish(s, at, Result.FAILED, "NotEnoughParticipants", f"{summary}; round {s.spec.round_id} needs {s.spec.min_participants}")
     if pending:
         return []
     s.trained_at = at
@@ -364,9 +371,11 @@ def _settle_evaluation(s: RoundState, at: float, retry: bool) -> list[Action]:
     s.eval_tokens = sum(r.eval_tokens for r in done)
     s.eval_loss_after = sum(r.candidate_loss * r.eval_tokens for r in done) / s.eval_tokens
     s.eval_loss_before = sum(r.current_loss * r.eval_tokens for r in done) / s.eval_tokens
-    message = (f"candidate loss {s.eval_loss_after:.4f} vs current loss {s.eval_loss_before:.4f} "
-               f"(tolerance {s.spec.eval_tolerance:g} nats) over {s.eval_tokens} tokens from {len(done)} "
-               f"participants" + (f"; not evaluated: {failed}" if failed else ""))
+    message = (
+        f"candidate loss {s.eval_loss_after:.4f} vs current loss {s.eval_loss_before:.4f} "
+        f"(tolerance {s.spec.eval_tolerance:g} nats) over {s.eval_tokens} tokens from {len(done)} "
+        f"participants" + (f"; not evaluated: {failed}" if failed else "")
+    )
     if s.eval_loss_after > s.eval_loss_before + s.spec.eval_tolerance:
         return _finish(s, at, Result.REJECTED, "EvalGateFailed", message + "; the current adapter stays")
     _set(s, Condition.EVALUATED, "True", "GatePassed", message, at)
@@ -382,11 +391,14 @@ def _settle_publishing(s: RoundState, at: float, retry: bool) -> list[Action]:
     if acked and (not missing or at >= s.publish_deadline_at):
         s.freshness_s = max(s.publishes[r].acked_at for r in acked) - s.aggregated_at
         if not missing:
-            return _finish(s, at, Result.SUCCEEDED, "Published",
-                           f"all {len(acked)} replicas serve {s.version_sha256[:12]}")
-        return _finish(s, at, Result.SUCCEEDED, "PartiallyPublished",
-                       f"{len(acked)} of {len(s.publishes)} replicas serve {s.version_sha256[:12]}; "
-                       f"laggards {list(missing)} will be re-published by the operator")
+            return _finish(s, at, Result.SUCCEEDED, "Published", f"all {len(acked)} replicas serve {s.version_sha256[:12]}")
+        return _finish(
+            s,
+            at,
+            Result.SUCCEEDED,
+            "PartiallyPublished",
+            f"{len(acked)} of {len(s.publishes)} replicas serve {s.version_sha256[:12]}; laggards {list(missing)} will be re-published by the operator",
+        )
     if at >= s.publish_deadline_at or not (sources or in_flight):
         reason = "AggregatorLost" if s.aggregator_lost else "NotPublished"
         errors = {r: s.publishes[r].reason or "no answer" for r in missing}

@@ -30,8 +30,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,8 @@ def pair_seeds(me: str, participants: Sequence[str], round_secret: bytes, round_
         raise ValueError("the secure-aggregation round secret must be at least 16 bytes (use 32 random bytes)")
     return {
         peer: hmac.new(round_secret, json.dumps(["collm-secagg", round_id, *sorted((me, peer))]).encode(), hashlib.sha256).digest()
-        for peer in participants if peer != me
+        for peer in participants
+        if peer != me
     }
 
 
@@ -79,8 +80,7 @@ def _quantize(delta: torch.Tensor, num_samples: int) -> np.ndarray:
     return fixed.to(torch.int64).numpy().view(np.uint64)
 
 
-def mask_update(update: AdapterUpdate, participants: Sequence[str], pair_seeds: Mapping[str, bytes], *,
-                clip_norm: float | None = None) -> MaskedUpdate:
+def mask_update(update: AdapterUpdate, participants: Sequence[str], pair_seeds: Mapping[str, bytes], *, clip_norm: float | None = None) -> MaskedUpdate:
     """Participant side: check, optionally clip, quantize and mask this participant's own update."""
     me = update.participant
     if me not in participants or len(set(participants)) != len(participants):
@@ -128,7 +128,9 @@ class SecureAggregator:
             return False
         who = masked.participant
         if masked.round_id != self.round_id or who not in self.participants:
-            raise UpdateError(f"masked update from {who!r} of round {masked.round_id!r} does not belong to round {self.round_id!r} of {list(self.participants)}")
+            raise UpdateError(
+                f"masked update from {who!r} of round {masked.round_id!r} does not belong to round {self.round_id!r} of {list(self.participants)}"
+            )
         if who in self._received:
             raise UpdateError(f"{who} already uploaded a masked update for round {self.round_id}")
         if any(t.dtype != torch.int64 for t in masked.masked.values()):
@@ -182,8 +184,13 @@ class SecureAggregator:
 
 
 def encode_masked(masked: MaskedUpdate) -> bytes:
-    meta = {"format": FORMAT, "participant": masked.participant, "round_id": masked.round_id,
-            "base_sha256": masked.base_sha256, "num_samples": str(masked.num_samples)}
+    meta = {
+        "format": FORMAT,
+        "participant": masked.participant,
+        "round_id": masked.round_id,
+        "base_sha256": masked.base_sha256,
+        "num_samples": str(masked.num_samples),
+    }
     return encode(masked.masked, meta)
 
 

@@ -12,13 +12,17 @@ and are left out: half the bytes for q/v projections, and the aggregate stays ex
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
 
 from replica_agent.engine.adapter_store import adapter_sha256
+
+if TYPE_CHECKING:
+    from .client import AgentClient
 
 FORMAT = "collm-adapter-update/1"
 
@@ -65,8 +69,7 @@ def make_update(
         if only_b and is_lora_a(key):
             if torch.count_nonzero(d):
                 raise UpdateError(
-                    f"{key} changed during training, but FFA-LoRA (only_b) requires lora_A to stay frozen: "
-                    "freeze A in the trainer or send full updates"
+                    f"{key} changed during training, but FFA-LoRA (only_b) requires lora_A to stay frozen: freeze A in the trainer or send full updates"
                 )
             continue
         delta[key] = d.cpu().contiguous()
@@ -111,13 +114,13 @@ def decode(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, dict(metadata)
 
 
-def chunks(blob: bytes, size: int = 1 << 20) -> Iterator[bytes]:
-    """The blob in pieces of at most `size` bytes (for a gRPC stream); b"".join() restores it."""
-    if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}")
-    view = memoryview(blob)
-    for start in range(0, len(blob), size):
-        yield bytes(view[start : start + size])
+def fetch_adapter(peer: AgentClient, sha256: str) -> dict[str, torch.Tensor]:
+    """An adapter fetched from `peer` by content hash, decoded and verified; UpdateError on any mismatch."""
+    tensors, _ = decode(peer.fetch_bytes(sha256))
+    actual = adapter_sha256(tensors)
+    if actual != sha256:
+        raise UpdateError(f"adapter fetched from {peer.address} has sha256 {actual}, expected {sha256}")
+    return tensors
 
 
 def encode_update(update: AdapterUpdate) -> bytes:
@@ -141,9 +144,7 @@ def decode_update(blob: bytes, *, expected_sha256: str | None = None) -> Adapter
         raise UpdateError(f"not an adapter update: format {meta.get('format')!r}, expected {FORMAT!r}")
     try:
         num_samples = int(meta["num_samples"])
-        participant, round_id, base_sha256, declared = (
-            meta["participant"], meta["round_id"], meta["base_sha256"], meta["sha256"]
-        )
+        participant, round_id, base_sha256, declared = (meta["participant"], meta["round_id"], meta["base_sha256"], meta["sha256"])
     except (KeyError, ValueError) as exc:
         raise UpdateError(f"update metadata is incomplete or malformed ({exc!r})") from None
     actual = adapter_sha256(tensors)
@@ -153,7 +154,5 @@ def decode_update(blob: bytes, *, expected_sha256: str | None = None) -> Adapter
             f"{declared}; the bytes were corrupted in transit, upload again"
         )
     if expected_sha256 is not None and actual != expected_sha256:
-        raise UpdateError(
-            f"update from {participant!r}: sha256 mismatch, received {actual} but {expected_sha256} was announced"
-        )
+        raise UpdateError(f"update from {participant!r}: sha256 mismatch, received {actual} but {expected_sha256} was announced")
     return AdapterUpdate(participant, round_id, base_sha256, num_samples, tensors, actual)

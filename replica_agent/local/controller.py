@@ -23,8 +23,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import grpc
 
@@ -191,7 +191,20 @@ class Controller:
         except Exception as exc:  # a router restart must not stop planning; the next tick retries
             self.history.errors.append(f"routing weights not applied: {exc}")
         states = decision.states
-        tick = Tick(now, arrivals, decision.predicted_load, dict(allocation.caps), dict(allocation.weights), allocation.participants, allocation.aggregator, allocation.overloaded, {r.name: r.healthy for r in states}, decision.forecast, allocation.capacity, {r.name: [list(p) for p in r.profile.points] for r in states})
+        tick = Tick(
+            now,
+            arrivals,
+            decision.predicted_load,
+            dict(allocation.caps),
+            dict(allocation.weights),
+            allocation.participants,
+            allocation.aggregator,
+            allocation.overloaded,
+            {r.name: r.healthy for r in states},
+            decision.forecast,
+            allocation.capacity,
+            {r.name: [list(p) for p in r.profile.points] for r in states},
+        )
         self.history.ticks.append(tick)
         return tick
 
@@ -226,7 +239,16 @@ class Controller:
             if remaining < self.run_s / 4:
                 return None
             deadline = min(deadline, max(s.min_round_deadline_s, remaining / 3))
-        spec = R.RoundSpec(round_id=f"local-{int(self.clock())}-{number}", replicas=replicas, participants=participants, aggregator=aggregator, local_steps=s.local_steps, deadline_s=deadline, min_participants=max(1, min(s.min_participants, len(participants))), eval_tolerance=s.eval_tolerance)
+        spec = R.RoundSpec(
+            round_id=f"local-{int(self.clock())}-{number}",
+            replicas=replicas,
+            participants=participants,
+            aggregator=aggregator,
+            local_steps=s.local_steps,
+            deadline_s=deadline,
+            min_participants=max(1, min(s.min_participants, len(participants))),
+            eval_tolerance=s.eval_tolerance,
+        )
         record = RoundRecord(number, spec.round_id, spec.participants, spec.aggregator, self.clock())
         self.history.rounds.append(record)
 
@@ -249,7 +271,7 @@ class Controller:
         if self.clock() - self._last_round_at >= self.settings.round_interval_s and not self.round_running:
             self.start_round()
 
-    def start(self) -> "Controller":
+    def start(self) -> Controller:
         self.tick()  # plans and weights before traffic starts
         self._thread = threading.Thread(target=self._run, name="collm-controller", daemon=True)
         self._thread.start()

@@ -35,7 +35,13 @@ def write_plots(results: list[dict], out: Path) -> dict[str, str]:
     for r in results:
         windows = [w for w in r["windows"] if w["mean_quality"] is not None]  # windows without an answered request have no Q
         line = ax.plot([w["t"] for w in windows], [w["mean_quality"] for w in windows], marker="o", label=f"{r['policy']}: as served")[0]
-        ax.plot([w["t"] for w in windows], [w["mean_quality_initial"] for w in windows], linestyle=":", color=line.get_color(), label=f"{r['policy']}: initial adapter")
+        ax.plot(
+            [w["t"] for w in windows],
+            [w["mean_quality_initial"] for w in windows],
+            linestyle=":",
+            color=line.get_color(),
+            label=f"{r['policy']}: initial adapter",
+        )
     ax.set_xlabel("seconds into the trace")
     ax.set_ylabel("Q per request (1 / cross-entropy)")
     ax.legend(fontsize="small")

@@ -35,8 +35,10 @@ def core_sets(replicas: int, cores_per_replica: int = 1, available: set[int] | N
     cpus = sorted(available if available is not None else os.sched_getaffinity(0))
     need = replicas * cores_per_replica
     if need > len(cpus):
-        raise ValueError(f"{replicas} replicas x {cores_per_replica} core(s) need {need} CPU cores, this machine gives {len(cpus)}: "
-                         "run fewer replicas (or give up core isolation: in-process replicas share the cores)")
+        raise ValueError(
+            f"{replicas} replicas x {cores_per_replica} core(s) need {need} CPU cores, this machine gives {len(cpus)}: "
+            "run fewer replicas (or give up core isolation: in-process replicas share the cores)"
+        )
     return [set(cpus[i * cores_per_replica : (i + 1) * cores_per_replica]) for i in range(replicas)]
 
 
@@ -91,10 +93,26 @@ class AgentProcess(ManagedProcess):
 def start_agent(config: AgentConfig, log_dir: Path, cores: set[int] | None) -> AgentProcess:
     """`collm-agent` with `config` (as its YAML file) on fresh loopback ports, pinned to `cores`."""
     http_port, grpc_port = free_port(), free_port()
-    config = config.model_copy(update={"port": http_port, "grpc_port": grpc_port, "host": "127.0.0.1", "engine_threads": config.engine_threads or 1, "trainer_threads": config.trainer_threads or 1})
+    config = config.model_copy(
+        update={
+            "port": http_port,
+            "grpc_port": grpc_port,
+            "host": "127.0.0.1",
+            "engine_threads": config.engine_threads or 1,
+            "trainer_threads": config.trainer_threads or 1,
+        }
+    )
     path = log_dir / f"{config.replica_id}.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    argv = [sys.executable, "-c", "import sys; from replica_agent.cli import agent_main; sys.exit(agent_main())", "--config", str(path), "--log-level", "WARNING"]
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from replica_agent.cli import agent_main; sys.exit(agent_main())",
+        "--config",
+        str(path),
+        "--log-level",
+        "WARNING",
+    ]
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     managed = spawn(config.replica_id, argv, log_dir, cores, env)
     return AgentProcess(managed.name, managed.proc, managed.log_path, cores, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
@@ -123,8 +141,21 @@ class RouterProcess(ManagedProcess):
 def start_router(replicas: dict[str, str], log_dir: Path, *, max_outstanding: int = 256) -> RouterProcess:
     """`collm-router` in front of `replicas` (name -> http url); health checks off (the harness owns the replicas)."""
     port = free_port()
-    argv = [sys.executable, "-c", "import sys; from replica_agent.router.app import main; sys.exit(main())", "--host", "127.0.0.1", "--port", str(port),
-            "--health-interval", "0", "--max-outstanding", str(max_outstanding), "--log-level", "WARNING"]
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from replica_agent.router.app import main; sys.exit(main())",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--health-interval",
+        "0",
+        "--max-outstanding",
+        str(max_outstanding),
+        "--log-level",
+        "WARNING",
+    ]
     for name, url in replicas.items():
         argv += ["--replica", f"{name}={url}"]
     managed = spawn("router", argv, log_dir, None, {})

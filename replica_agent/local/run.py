@@ -2,7 +2,7 @@
 
 Starts the deployment (agents, router, controller), replays the workload through the router, samples
 every replica once a second over gRPC (load, training share, served adapter, revisions), and at the
-end turns the measured requests and archived adapters into DESIGN.md's figures:
+end turns the measured requests and archived adapters into docs/design.md's figures:
 
 - SLO attainment: requests answered within TTFT and mean TPOT (measured at the client) / sent.
 - F: SLO-met requests per second of the run.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 
@@ -52,9 +52,19 @@ def read_stats(clients: dict[str, AgentClient]) -> dict[str, dict | None]:
     return out
 
 
-def run_policy(configs: list[AgentConfig], settings: ControllerSettings, workload: Workload, *, base: BaseModel | None = None, processes: bool = False,
-               cores_per_replica: int = 1, window_s: float = 5.0, on_sample: Callable[[Sample, TrafficReplay, LocalDeployment], None] | None = None,
-               drain_s: float = 120.0, workdir: str | None = None) -> dict:
+def run_policy(
+    configs: list[AgentConfig],
+    settings: ControllerSettings,
+    workload: Workload,
+    *,
+    base: BaseModel | None = None,
+    processes: bool = False,
+    cores_per_replica: int = 1,
+    window_s: float = 5.0,
+    on_sample: Callable[[Sample, TrafficReplay, LocalDeployment], None] | None = None,
+    drain_s: float = 120.0,
+    workdir: str | None = None,
+) -> dict:
     base = base or (None if processes else load_base_model(configs[0].model))
     deployment = LocalDeployment.start(configs, settings, base=base, processes=processes, cores_per_replica=cores_per_replica, workdir=workdir)
     clients = {n: AgentClient(r.grpc_address, timeout=10) for n, r in deployment.replicas.items()}
@@ -88,7 +98,9 @@ def run_policy(configs: list[AgentConfig], settings: ControllerSettings, workloa
     scorer = RequestScorer(base or load_base_model(configs[0].model), spec, deployment.archives())
     initial_sha = next((st["adapter"]["sha256"] for st in start_stats.values() if st), "")
     try:
-        result = figures(settings.policy, settings.ttft_ms, settings.tpot_ms, workload, records, traffic.sent, max(elapsed, duration), scorer, initial_sha, window_s)
+        result = figures(
+            settings.policy, settings.ttft_ms, settings.tpot_ms, workload, records, traffic.sent, max(elapsed, duration), scorer, initial_sha, window_s
+        )
     finally:
         deployment.cleanup()
     trained = {n: _tokens(end_stats.get(n)) - _tokens(start_stats.get(n)) for n in deployment.replicas}
@@ -100,19 +112,21 @@ def run_policy(configs: list[AgentConfig], settings: ControllerSettings, workloa
     for r in rounds:
         for key in ("eval_loss_before", "eval_loss_after", "freshness_s", "finished_at"):
             r[key] = float(r[key]) if r[key] is not None else 0.0
-    result.update({
-        "training_tokens": sum(trained.values()),
-        "training_tokens_per_replica": trained,
-        "revisions_per_replica": {n: ((st or {}).get("revisions") or {}).get("published", 0) for n, st in end_stats.items()},
-        "served_at_end": {n: ((st or {}).get("adapter") or {}).get("version", "") for n, st in end_stats.items()},
-        "rounds_started": len(rounds),
-        "rounds_succeeded": sum(1 for r in rounds if r["result"] == "Succeeded"),
-        "rounds": rounds,
-        "allocations": [t.as_dict() for t in history.ticks],
-        "controller_errors": history.errors[:10],
-        "cpu_seconds": {**cpu, "harness": harness_cpu},
-        "samples": [{"t": s.t, "replicas": s.replicas} for s in samples],
-    })
+    result.update(
+        {
+            "training_tokens": sum(trained.values()),
+            "training_tokens_per_replica": trained,
+            "revisions_per_replica": {n: ((st or {}).get("revisions") or {}).get("published", 0) for n, st in end_stats.items()},
+            "served_at_end": {n: ((st or {}).get("adapter") or {}).get("version", "") for n, st in end_stats.items()},
+            "rounds_started": len(rounds),
+            "rounds_succeeded": sum(1 for r in rounds if r["result"] == "Succeeded"),
+            "rounds": rounds,
+            "allocations": [t.as_dict() for t in history.ticks],
+            "controller_errors": history.errors[:10],
+            "cpu_seconds": {**cpu, "harness": harness_cpu},
+            "samples": [{"t": s.t, "replicas": s.replicas} for s in samples],
+        }
+    )
     return result
 
 
@@ -144,8 +158,18 @@ def _sample(deployment: LocalDeployment, clients: dict[str, AgentClient], starte
     return Sample(time.time() - started_at, replicas)
 
 
-def figures(policy: str, ttft_ms: int, tpot_ms: int, workload: Workload, records: list[RequestRecord], sent: int, duration: float,
-            scorer: RequestScorer, initial_sha: str, window_s: float = 5.0) -> dict:
+def figures(
+    policy: str,
+    ttft_ms: int,
+    tpot_ms: int,
+    workload: Workload,
+    records: list[RequestRecord],
+    sent: int,
+    duration: float,
+    scorer: RequestScorer,
+    initial_sha: str,
+    window_s: float = 5.0,
+) -> dict:
     """The run's figures from its request records; each answered request is scored (quality.py)."""
     answered = [r for r in records if r.ok]
     scorable = [r for r in answered if r.adapter_sha256]
@@ -162,10 +186,17 @@ def figures(policy: str, ttft_ms: int, tpot_ms: int, workload: Workload, records
         inside = [r for r in records if lo <= r.sent_s < hi]
         inside_met = [r for r in inside if r.met]
         scored = [q[r.index] for r in inside if r.index in q]
-        windows.append({"t": hi, "requests": len(inside), "slo_attainment": len(inside_met) / len(inside) if inside else 1.0,
-                        "slo_met_rps": len(inside_met) / window_s, "goodput_per_s": sum(q.get(r.index, 0.0) for r in inside_met) / window_s,
-                        "mean_quality": statistics.mean(scored) if scored else None,  # None: no request was answered in this window
-                        "mean_quality_initial": statistics.mean(q0[r.index] for r in inside if r.index in q0) if any(r.index in q0 for r in inside) else None})
+        windows.append(
+            {
+                "t": hi,
+                "requests": len(inside),
+                "slo_attainment": len(inside_met) / len(inside) if inside else 1.0,
+                "slo_met_rps": len(inside_met) / window_s,
+                "goodput_per_s": sum(q.get(r.index, 0.0) for r in inside_met) / window_s,
+                "mean_quality": statistics.mean(scored) if scored else None,  # None: no request was answered in this window
+                "mean_quality_initial": statistics.mean(q0[r.index] for r in inside if r.index in q0) if any(r.index in q0 for r in inside) else None,
+            }
+        )
     values = list(q.values())
     home = sum(1 for r in answered if r.replica == workload.requests[r.index].domain)
     by_domain: dict[str, list[tuple[float, float]]] = {}
@@ -195,8 +226,10 @@ def figures(policy: str, ttft_ms: int, tpot_ms: int, workload: Workload, records
         "mean_quality_initial_adapter": statistics.mean(q0.values()) if q0 else 0.0,
         "quality_gain": (statistics.mean(values) / statistics.mean(q0.values())) if values and q0 else 0.0,
         "quality_cdf": {"levels": QUALITY_LEVELS, "share_at_or_above": quality_cdf(values, QUALITY_LEVELS)},
-        "quality_by_domain": {d: {"requests": len(v), "mean_quality_served": statistics.mean(x for x, _ in v), "mean_quality_initial_adapter": statistics.mean(y for _, y in v)}
-                              for d, v in sorted(by_domain.items())},
+        "quality_by_domain": {
+            d: {"requests": len(v), "mean_quality_served": statistics.mean(x for x, _ in v), "mean_quality_initial_adapter": statistics.mean(y for _, y in v)}
+            for d, v in sorted(by_domain.items())
+        },
         "goodput": goodput,
         "goodput_per_s": goodput / duration if duration else 0.0,
         "adapters_serving": len({r.adapter_sha256 for r in scorable}),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from ..router.proxy import AFFINITY_HEADER
-from ..traces import CODE_TRACE, CONV_TRACE, RequestShape, load_arrivals, trace_shapes
+from ..traces import CODE_TRACE, CONV_TRACE, RequestShape, load_arrivals, trace_path, trace_shapes
 
 if TYPE_CHECKING:
     from .workload import Workload
@@ -42,18 +41,10 @@ def trace_segment(trace: str, *, count: int, offset: int = 0, max_output: int = 
     """`count` consecutive requests of the trace from `offset`, at the trace's own times (from 0)."""
     if count < 1:
         raise ValueError("count must be >= 1")
-    path = Path(TRACES.get(trace, trace))
-    if path.exists():
-        times = load_arrivals(str(path))[offset : offset + count]
-        shapes = trace_shapes(path, max_output=max_output, limit=offset + count)[offset:]
-    else:  # no trace beside the checkout: Poisson arrivals (1 req/s) and a fixed size mix
-        rng = random.Random(offset)
-        t, times = 0.0, []
-        for _ in range(count):
-            times.append(t)
-            t += rng.expovariate(1.0)
-        shapes = trace_shapes(None)
-    return [Arrival(t - times[0], shapes[i % len(shapes)]) for i, t in enumerate(times)]
+    path = trace_file(trace)
+    times = load_arrivals(str(path))[offset : offset + count]
+    shapes = trace_shapes(path, max_output=max_output, limit=offset + count)[offset:]
+    return [Arrival(t - times[0], shapes[i]) for i, t in enumerate(times)]
 
 
 def at_rate(arrivals: list[Arrival], rate: float) -> list[Arrival]:
@@ -74,10 +65,9 @@ def trace_slice(trace: str, *, rate: float, duration_s: float, offset: int = 0, 
     return at_rate(trace_segment(trace, count=max(1, round(rate * duration_s)), offset=offset, max_output=max_output), rate)
 
 
-def trace_file(trace: str) -> Path | None:
-    """The file a trace name reads, or None when it is missing (then arrivals are Poisson: say so)."""
-    path = Path(TRACES.get(trace, trace))
-    return path if path.exists() else None
+def trace_file(trace: str) -> Path:
+    """The file a trace name ("code", "conv") or path reads; a clear error when it is missing."""
+    return trace_path(TRACES.get(trace, trace))
 
 
 @dataclass
@@ -100,7 +90,7 @@ class TrafficReplay:
     """Sends the workload through `url` (the router) on a thread of its own; `records` fill as answers end."""
 
     url: str
-    workload: "Workload"
+    workload: Workload
     ttft_ms: float
     tpot_ms: float
     records: list[RequestRecord] = field(default_factory=list)
@@ -115,7 +105,7 @@ class TrafficReplay:
     def arrivals(self) -> list[Arrival]:
         return self.workload.arrivals
 
-    def start(self) -> "TrafficReplay":
+    def start(self) -> TrafficReplay:
         self.started_at = time.time()
         self._thread.start()
         return self
@@ -162,7 +152,7 @@ class TrafficReplay:
                             first = first or time.perf_counter()
                         if event.get("generated_text") is not None or event.get("details") is not None:
                             version, sha = str(event.get("adapter_version") or ""), str(event.get("adapter_sha256") or "")
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         end = time.perf_counter()
         ok = not error and tokens > 0

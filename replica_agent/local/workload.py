@@ -38,7 +38,7 @@ class Workload:
         if len(self.arrivals) != len(self.requests):
             raise ValueError("a workload needs one request per arrival")
 
-    def at_rate(self, rate: float) -> "Workload":
+    def at_rate(self, rate: float) -> Workload:
         """The same requests, replayed at a mean rate of `rate` req/s (traffic.at_rate)."""
         return Workload(at_rate(self.arrivals, rate), self.requests)
 
@@ -69,7 +69,9 @@ def held_out_windows(dataset: LocalDataset, tokenizer, *, gate_chunks: int, min_
     return windows
 
 
-def build_workload(arrivals: list[Arrival], domains: dict[str, LocalDataset], tokenizer, *, gate_chunks: int, reference_tokens: int = 32, min_prompt: int = 16, seed: int = 0) -> Workload:
+def build_workload(
+    arrivals: list[Arrival], domains: dict[str, LocalDataset], tokenizer, *, gate_chunks: int, reference_tokens: int = 32, min_prompt: int = 16, seed: int = 0
+) -> Workload:
     """One request per arrival: a domain drawn uniformly, a held-out window of it, the prompt length
     from the trace (cut to fit the window), the next `reference_tokens` tokens as the reference."""
     if not domains:
@@ -77,8 +79,10 @@ def build_workload(arrivals: list[Arrival], domains: dict[str, LocalDataset], to
     pools = {name: held_out_windows(ds, tokenizer, gate_chunks=gate_chunks, min_tokens=min_prompt + reference_tokens) for name, ds in domains.items()}
     empty = [name for name, pool in pools.items() if not pool]
     if empty:
-        raise ValueError(f"no held-out window of at least {min_prompt + reference_tokens} tokens after the gate's {gate_chunks} chunks for {empty}: "
-                         "give those replicas more data or lower eval_batches")
+        raise ValueError(
+            f"no held-out window of at least {min_prompt + reference_tokens} tokens after the gate's {gate_chunks} chunks for {empty}: "
+            "give those replicas more data or lower eval_batches"
+        )
     rng = random.Random(seed)
     names = sorted(pools)
     requests = []
@@ -96,8 +100,14 @@ def workload_for(configs, arrivals: list[Arrival], tokenizer, *, reference_token
     """The workload for replicas started with `configs`: their data split exactly as the agents split
     it (same tokenizer, sequence length, eval fraction and seed), requests after each gate's chunks."""
     first = configs[0]
-    if any((c.seq_len, c.eval_fraction, c.seed, c.eval_batches, c.micro_batch) != (first.seq_len, first.eval_fraction, first.seed, first.eval_batches, first.micro_batch) for c in configs):
+    if any(
+        (c.seq_len, c.eval_fraction, c.seed, c.eval_batches, c.micro_batch)
+        != (first.seq_len, first.eval_fraction, first.seed, first.eval_batches, first.micro_batch)
+        for c in configs
+    ):
         raise ValueError("the replicas' data settings (seq_len, eval_fraction, seed, eval_batches, micro_batch) must agree for one workload")
-    domains = {c.replica_id: LocalDataset.from_path(c.data, tokenizer, seq_len=c.seq_len, eval_fraction=c.eval_fraction, seed=c.seed) for c in configs if c.data}
+    domains = {
+        c.replica_id: LocalDataset.from_path(c.data, tokenizer, seq_len=c.seq_len, eval_fraction=c.eval_fraction, seed=c.seed) for c in configs if c.data
+    }
     gate = first.eval_batches * first.micro_batch if first.eval_batches else 10**9
     return build_workload(arrivals, domains, tokenizer, gate_chunks=gate, reference_tokens=reference_tokens, seed=seed)

@@ -40,7 +40,7 @@ from .proxy import error_response, forward
 log = logging.getLogger(__name__)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-ROUTER_KEY: web.AppKey["Router"] = web.AppKey("collm_router")
+ROUTER_KEY: web.AppKey[Router] = web.AppKey("collm_router")
 ENV_PREFIX = "COLLM_ROUTER_"
 
 
@@ -138,7 +138,16 @@ class Router:
 
     def describe(self) -> list[dict]:
         return [
-            {"name": s.name, "url": s.url, "weight": s.weight, "healthy": s.healthy, "outstanding": s.outstanding, "max_outstanding": self.max_outstanding, "last_error": s.last_error, "checked_at": s.checked_at}
+            {
+                "name": s.name,
+                "url": s.url,
+                "weight": s.weight,
+                "healthy": s.healthy,
+                "outstanding": s.outstanding,
+                "max_outstanding": self.max_outstanding,
+                "last_error": s.last_error,
+                "checked_at": s.checked_at,
+            }
             for s in self.replicas.values()
         ]
 
@@ -251,14 +260,40 @@ def parse_replica(text: str, index: int) -> ReplicaEndpoint:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="collm-router", description="CoLLM router: TGI- and OpenAI-compatible HTTP front that dispatches requests to replica agents by routing weight and load. Every flag also reads a COLLM_ROUTER_* environment variable.")
-    p.add_argument("--replica", action="append", default=[], metavar="NAME=URL", help="a replica agent (repeatable; env COLLM_ROUTER_REPLICAS, comma-separated)")
+    p = argparse.ArgumentParser(
+        prog="collm-router",
+        description="CoLLM router: TGI- and OpenAI-compatible HTTP front that dispatches requests to replica agents by routing weight and load. "
+        "Every flag also reads a COLLM_ROUTER_* environment variable.",
+    )
+    p.add_argument(
+        "--replica", action="append", default=[], metavar="NAME=URL", help="a replica agent (repeatable; env COLLM_ROUTER_REPLICAS, comma-separated)"
+    )
     p.add_argument("--host", default=env(ENV_PREFIX + "HOST", "0.0.0.0"), help="listen address (env COLLM_ROUTER_HOST; default 0.0.0.0)")
     p.add_argument("--port", type=int, default=int(env(ENV_PREFIX + "PORT", "8080")), help="listen port (env COLLM_ROUTER_PORT; default 8080)")
-    p.add_argument("--max-outstanding", type=int, default=int(env(ENV_PREFIX + "MAX_OUTSTANDING", "64")), help="requests in flight per replica before the router answers 429 (env COLLM_ROUTER_MAX_OUTSTANDING; default 64)")
-    p.add_argument("--health-interval", type=float, default=float(env(ENV_PREFIX + "HEALTH_INTERVAL", "5")), help="seconds between health checks, 0 to disable (env COLLM_ROUTER_HEALTH_INTERVAL; default 5)")
-    p.add_argument("--max-attempts", type=int, default=int(env(ENV_PREFIX + "MAX_ATTEMPTS", "3")), help="replicas tried per request before giving up (env COLLM_ROUTER_MAX_ATTEMPTS; default 3)")
-    p.add_argument("--stream-idle-timeout", type=float, default=float(env(ENV_PREFIX + "STREAM_IDLE_TIMEOUT", "30")), help="seconds a stream may stay silent before the client gets an error event (env COLLM_ROUTER_STREAM_IDLE_TIMEOUT; default 30)")
+    p.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=int(env(ENV_PREFIX + "MAX_OUTSTANDING", "64")),
+        help="requests in flight per replica before the router answers 429 (env COLLM_ROUTER_MAX_OUTSTANDING; default 64)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=float(env(ENV_PREFIX + "HEALTH_INTERVAL", "5")),
+        help="seconds between health checks, 0 to disable (env COLLM_ROUTER_HEALTH_INTERVAL; default 5)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=int(env(ENV_PREFIX + "MAX_ATTEMPTS", "3")),
+        help="replicas tried per request before giving up (env COLLM_ROUTER_MAX_ATTEMPTS; default 3)",
+    )
+    p.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=float(env(ENV_PREFIX + "STREAM_IDLE_TIMEOUT", "30")),
+        help="seconds a stream may stay silent before the client gets an error event (env COLLM_ROUTER_STREAM_IDLE_TIMEOUT; default 30)",
+    )
     p.add_argument("--log-level", default=env(ENV_PREFIX + "LOG_LEVEL", "INFO"), help="logging level (env COLLM_ROUTER_LOG_LEVEL)")
     return p
 
@@ -271,10 +306,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         replicas = [parse_replica(spec, i) for i, spec in enumerate(specs)]
-        app = create_router_app(replicas, max_outstanding_per_replica=args.max_outstanding, health_interval_s=args.health_interval, max_attempts=args.max_attempts, stream_idle_timeout_s=args.stream_idle_timeout)
+        app = create_router_app(
+            replicas,
+            max_outstanding_per_replica=args.max_outstanding,
+            health_interval_s=args.health_interval,
+            max_attempts=args.max_attempts,
+            stream_idle_timeout_s=args.stream_idle_timeout,
+        )
     except ValueError as exc:
         parser.error(str(exc))
-    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, access_log=None, shutdown_timeout=30.0, print=lambda *_: log.info("routing on http://%s:%d to %s", args.host, args.port, ", ".join(specs)))
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=30.0,
+        print=lambda *_: log.info("routing on http://%s:%d to %s", args.host, args.port, ", ".join(specs)),
+    )
     return 0
 
 

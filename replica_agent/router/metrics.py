@@ -23,11 +23,26 @@ class RouterMetrics:
     def __init__(self, router) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("collm_router_requests", "Attempts on a replica by outcome", ["replica", "outcome"], registry=r)
-        self.retries = Counter("collm_router_retries", "Attempts that failed before the first byte and were retried on another replica (by the replica that failed)", ["replica"], registry=r)
+        self.retries = Counter(
+            "collm_router_retries",
+            "Attempts that failed before the first byte and were retried on another replica (by the replica that failed)",
+            ["replica"],
+            registry=r,
+        )
         self.shed = Counter("collm_router_shed_requests", "Requests answered 429 because every eligible replica was saturated", registry=r)
-        self.unserved = Counter("collm_router_unserved_requests", "Requests answered 502/503: no healthy replica, or every attempt failed", ["reason"], registry=r)
-        self.first_byte = Histogram("collm_router_upstream_first_byte_seconds", "Time from sending a request to a replica until its first byte (first event of a stream)", ["replica"], buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("collm_router_upstream_seconds", "Time from sending a request to a replica until its answer ended", ["replica"], buckets=LATENCY_BUCKETS, registry=r)
+        self.unserved = Counter(
+            "collm_router_unserved_requests", "Requests answered 502/503: no healthy replica, or every attempt failed", ["reason"], registry=r
+        )
+        self.first_byte = Histogram(
+            "collm_router_upstream_first_byte_seconds",
+            "Time from sending a request to a replica until its first byte (first event of a stream)",
+            ["replica"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "collm_router_upstream_seconds", "Time from sending a request to a replica until its answer ended", ["replica"], buckets=LATENCY_BUCKETS, registry=r
+        )
         r.register(_ReplicaCollector(router))
 
     def render(self) -> bytes:

@@ -26,7 +26,19 @@ log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-collm-replica"  # which replica served the answer
 AFFINITY_HEADER = "x-collm-affinity"  # the request's home replica (dispatch.py)
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "content-encoding"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-encoding",
+}
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 _TGI_ERROR_TYPES = {413: "validation", 429: "overloaded", 502: "upstream", 503: "unavailable"}
 _OPENAI_ERROR_CODES = {429: "rate_limit_exceeded", 502: "upstream_failed", 503: "unavailable"}
@@ -127,12 +139,19 @@ async def forward(router, request: web.Request) -> web.StreamResponse:
         return web.Response(status=failure.status, body=failure.body, headers=failure.headers)
     if router.why_none(exclude=tried) == "saturated" and len(tried) < router.max_attempts:
         router.metrics.shed.inc()
-        return error_response(path, 429, f"every replica is at its limit of {router.max_outstanding} outstanding requests; retry after {router.retry_after_s} s", headers={"Retry-After": str(router.retry_after_s)})
+        return error_response(
+            path,
+            429,
+            f"every replica is at its limit of {router.max_outstanding} outstanding requests; retry after {router.retry_after_s} s",
+            headers={"Retry-After": str(router.retry_after_s)},
+        )
     if failure is not None:
         router.metrics.unserved.labels("upstream_error").inc()
         return error_response(path, 502, f"no replica could serve the request ({len(tried)} tried); last error: {failure}")
     router.metrics.unserved.labels("no_replica").inc()
-    return error_response(path, 503, "no replica is healthy and routable (see GET /admin/replicas); retry later", headers={"Retry-After": str(router.retry_after_s)})
+    return error_response(
+        path, 503, "no replica is healthy and routable (see GET /admin/replicas); retry later", headers={"Retry-After": str(router.retry_after_s)}
+    )
 
 
 async def _attempt(router, replica, request: web.Request, body: bytes) -> web.StreamResponse:
@@ -153,7 +172,9 @@ async def _attempt(router, replica, request: web.Request, body: bytes) -> web.St
                     data = await upstream.read()
                 except _UPSTREAM_ERRORS:
                     data = b""
-                raise UpstreamFailed(f"replica {name} answered {upstream.status}: {data[:200].decode(errors='replace')}", status=upstream.status, body=data, headers=headers)
+                raise UpstreamFailed(
+                    f"replica {name} answered {upstream.status}: {data[:200].decode(errors='replace')}", status=upstream.status, body=data, headers=headers
+                )
             streaming = upstream.content_type == "text/event-stream"
             reader = EventReader(upstream.content, request.path) if streaming else None
             try:

@@ -15,9 +15,9 @@ import grpc
 from ..agent import Plan
 from ..engine.adapter_store import AdapterVersion
 from ..federated.aggregator import Aggregator, AggregatorError
-from ..federated.client import CHANNEL_OPTIONS
+from ..federated.client import CHANNEL_OPTIONS, chunks
 from ..federated.participant import Participant, SecureRound
-from ..federated.update import UpdateError, chunks, encode
+from ..federated.update import UpdateError, encode
 from ..proto import collm_pb2 as pb
 from ..proto import collm_pb2_grpc as pb_grpc
 
@@ -27,8 +27,14 @@ log = logging.getLogger(__name__)
 def adapter_ref(version: AdapterVersion | None) -> pb.AdapterRef:
     if version is None:
         return pb.AdapterRef()
-    return pb.AdapterRef(version=version.label, cluster_version=version.cluster_version, revision=version.revision, sha256=version.sha256,
-                         eval_loss=version.eval_loss or 0.0, has_eval_loss=version.eval_loss is not None)
+    return pb.AdapterRef(
+        version=version.label,
+        cluster_version=version.cluster_version,
+        revision=version.revision,
+        sha256=version.sha256,
+        eval_loss=version.eval_loss or 0.0,
+        has_eval_loss=version.eval_loss is not None,
+    )
 
 
 class AgentService(pb_grpc.AgentServicer):
@@ -87,7 +93,9 @@ class AgentService(pb_grpc.AgentServicer):
         hosted = self.aggregator.round(request.round_id)
         if hosted is not None:
             for name, upload in sorted(hosted.uploads.items()):
-                status.uploads.add(participant=name, num_samples=upload.update.num_samples, sha256=upload.sha256, bytes=upload.bytes, received_unix=upload.received_at)
+                status.uploads.add(
+                    participant=name, num_samples=upload.update.num_samples, sha256=upload.sha256, bytes=upload.bytes, received_unix=upload.received_at
+                )
             if mine is None:
                 status.state = "Aggregated" if hosted.result is not None else ("Closed" if hosted.closed else "Collecting")
         return status
@@ -156,8 +164,14 @@ class AgentService(pb_grpc.AgentServicer):
 
     def Publish(self, request, context):
         try:
-            version = self.participant.publish(request.sha256, request.source, cluster_version=request.cluster_version, round_id=request.round_id,
-                                               included=tuple(request.included), eval_loss=request.eval_loss if request.has_eval_loss else None)
+            version = self.participant.publish(
+                request.sha256,
+                request.source,
+                cluster_version=request.cluster_version,
+                round_id=request.round_id,
+                included=tuple(request.included),
+                eval_loss=request.eval_loss if request.has_eval_loss else None,
+            )
         except (UpdateError, ValueError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except grpc.RpcError as exc:

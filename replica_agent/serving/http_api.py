@@ -54,7 +54,7 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HEALTH_STALE_S = 5.0  # an engine that has not finished an iteration for this long is unhealthy
 SHUTDOWN_TIMEOUT_S = 30.0  # in-flight requests get this long to finish on SIGTERM
 ENCODE_IN_THREAD_CHARS = 4096  # tokenize longer prompts off the event loop
-API_KEY: web.AppKey["HttpApi"] = web.AppKey("collm_api")
+API_KEY: web.AppKey[HttpApi] = web.AppKey("collm_api")
 
 
 class ApiError(Exception):
@@ -211,7 +211,7 @@ async def _read_json(request: web.Request):
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON ({exc}); send JSON like {{\"inputs\": \"...\"}}") from None
+        raise InvalidRequest(f'the body is not valid JSON ({exc}); send JSON like {{"inputs": "..."}}') from None
 
 
 def _reject_constant(name: str):

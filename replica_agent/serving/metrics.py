@@ -27,7 +27,9 @@ class AgentMetrics:
         self.requests = Counter("collm_requests", "Requests by outcome (finish reason, rejected, error)", ["outcome"], registry=r)
         self.slo_requests = Counter("collm_slo_requests", "Finished requests by whether they met the TTFT and TPOT SLO", ["met"], registry=r)
         self.ttft = Histogram("collm_time_to_first_token_seconds", "Time from arrival to the first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("collm_time_per_output_token_seconds", "Mean time per output token after the first, per request", buckets=TPOT_BUCKETS, registry=r)
+        self.tpot = Histogram(
+            "collm_time_per_output_token_seconds", "Mean time per output token after the first, per request", buckets=TPOT_BUCKETS, registry=r
+        )
         self.queue_time = Histogram("collm_queue_seconds", "Time a request waited before admission", buckets=LATENCY_BUCKETS, registry=r)
         self.inference_tokens = Counter("collm_inference_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("collm_prompt_tokens", "Prompt tokens prefilled", registry=r)
@@ -114,15 +116,25 @@ class _StateCollector:
         yield gauge("collm_eval_loss", "Held-out eval loss of the last evaluated shadow", stats["eval_loss"])
         adapter = stats["adapter"]
         yield gauge("collm_adapter_version", "Cluster version of the served adapter (the global it rests on)", adapter["cluster_version"] if adapter else None)
-        yield gauge("collm_adapter_revision", "Local revision of the served adapter on top of its cluster version (0: the global itself)", adapter["revision"] if adapter else None)
-        yield gauge("collm_adapter_info", "The served adapter: version label <cluster version>.<local revision> and sha256",
-                    [([adapter["version"], adapter["sha256"]], 1.0)] if adapter else [], labels=["version", "sha256"])
+        yield gauge(
+            "collm_adapter_revision",
+            "Local revision of the served adapter on top of its cluster version (0: the global itself)",
+            adapter["revision"] if adapter else None,
+        )
+        yield gauge(
+            "collm_adapter_info",
+            "The served adapter: version label <cluster version>.<local revision> and sha256",
+            [([adapter["version"], adapter["sha256"]], 1.0)] if adapter else [],
+            labels=["version", "sha256"],
+        )
         revisions = stats.get("revisions") or {}
         yield gauge("collm_local_revisions_total", "Local revisions published (passed the eval gate)", revisions.get("published"))
         yield gauge("collm_local_revisions_rejected_total", "Shadow evaluations that did not pass the eval gate", revisions.get("rejected"))
         yield gauge("collm_adapter_eval_loss", "Eval loss recorded with the current adapter version", adapter["eval_loss"] if adapter else None)
         pins = stats["pins"]
         yield gauge("collm_live_adapter_versions", "Adapter versions in use (current or pinned)", len(stats["live_versions"]))
-        yield gauge("collm_pinned_requests", "Requests holding each adapter version", [([label], float(n)) for label, n in sorted(pins.items())], labels=["version"])
+        yield gauge(
+            "collm_pinned_requests", "Requests holding each adapter version", [([label], float(n)) for label, n in sorted(pins.items())], labels=["version"]
+        )
         attainment = self.metrics.slo_attainment()
         yield gauge("collm_slo_attainment", "Share of requests in the last 60 s that met the SLO", attainment)

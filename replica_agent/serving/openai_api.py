@@ -126,7 +126,9 @@ class OpenAIRoutes:
         try:
             text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # no template, or the template rejects these messages (e.g. role order)
-            raise OpenAIError(400, f"the model's chat template cannot render these messages ({exc}); use /v1/completions with a plain prompt", param="messages") from None
+            raise OpenAIError(
+                400, f"the model's chat template cannot render these messages ({exc}); use /v1/completions with a plain prompt", param="messages"
+            ) from None
         ids = tokenizer.encode(text, add_special_tokens=False)
         # Add BOS when the model expects one (engine.encode adds it) and the template did not write it.
         bos = self.engine.bos_token_id
@@ -144,7 +146,7 @@ def _version(store, number: int):
 async def _read_json(request: web.Request) -> Any:
     raw = await request.read()
     if not raw.strip():
-        raise OpenAIError(400, "the body is empty; send JSON like {\"model\": \"...\", \"prompt\": \"...\"}")
+        raise OpenAIError(400, 'the body is empty; send JSON like {"model": "...", "prompt": "..."}')
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

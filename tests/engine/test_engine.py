@@ -236,9 +236,15 @@ def test_engine_without_adapters_serves_the_base_model(random_hf_model, random_r
         prompt = [byte_tokenizer.bos_token_id, *byte_tokenizer.encode("base model", add_special_tokens=False)]
         tokens, final = engine.generate(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))
         with torch.no_grad():
-            ref = random_hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+            ref = random_hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         assert ids_of(tokens) == ref[0, len(prompt) :].tolist()
         assert final.adapter_version is None
     finally:
         engine.stop()
-

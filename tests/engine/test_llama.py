@@ -44,7 +44,9 @@ def test_lora_training_path_matches_peft(random_hf_model, random_runtime):
     spec = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     adapter = random_adapter(spec, random_runtime, seed=3)
     check_adapter(adapter, spec, random_runtime.dims)
-    peft_model = get_peft_model(random_hf_model, LoraConfig(**{k: v for k, v in spec.peft_config("tiny").items() if k in ("r", "lora_alpha", "target_modules", "lora_dropout")}))
+    peft_model = get_peft_model(
+        random_hf_model, LoraConfig(**{k: v for k, v in spec.peft_config("tiny").items() if k in ("r", "lora_alpha", "target_modules", "lora_dropout")})
+    )
     try:
         result = set_peft_model_state_dict(peft_model, adapter)
         assert not result.unexpected_keys
@@ -71,7 +73,7 @@ def test_mixed_version_batch_equals_each_version_alone(random_runtime, targets):
     cache = KVCache(rt.dims, 3, 32, dtype=torch.float32, device="cpu")
     order = [12, 10, 11]  # row r uses version order[r]
     slots = [slab.slot_of(n) for n in order]
-    for row, number in enumerate(order):
+    for row in range(len(order)):
         rt.prefill(ids[row, :9].tolist(), cache, row, SlabLora(slab, torch.tensor([slots[row]])))
     logits = rt.decode(ids[:, 9], torch.full((3,), 9), cache, SlabLora(slab, torch.tensor(slots)))
     for row, number in enumerate(order):

@@ -1,7 +1,9 @@
 import math
 
 import pytest
-from hypothesis import given, settings as hyp_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from replica_agent.engine.mixer import (
     REASONS,

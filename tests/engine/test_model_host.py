@@ -62,7 +62,7 @@ def test_byte_tokenizer_prepends_bos_and_skips_specials_when_decoding():
 
 def test_byte_tokenizer_gives_replacement_char_for_cut_utf8():
     tokenizer = build_tokenizer()
-    ids = list("é🎉".encode("utf-8"))
+    ids = list("é🎉".encode())
     assert tokenizer.decode(ids[:1]) == "\ufffd"
     assert tokenizer.decode(ids[:-1]).startswith("é")
     assert "\ufffd" in tokenizer.decode(ids[:-1])
@@ -122,6 +122,7 @@ def test_concurrent_callers_build_once_and_later_calls_hit_the_cache(tmp_path, m
 
     monkeypatch.setattr(tiny, "_build", counting_build)
     results: list[pathlib.Path] = []
+
     def call() -> None:
         results.append(ensure_tiny_model(tmp_path, MICRO_SPEC))
 

@@ -16,7 +16,6 @@ from replica_agent.engine.lora import LoraSpec, init_adapter
 from replica_agent.engine.revisions import RevisionSettings, passes_gate, revision_due
 from replica_agent.engine.trainer import Trainer, TrainerSettings
 from replica_agent.federated.update import make_update
-
 from tests.helpers import eventually
 
 SPEC = LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -121,8 +120,17 @@ def test_an_upload_left_out_of_the_global_is_uploaded_again(runtime, dataset):
 
 @pytest.fixture
 def agent(tiny_base):
-    config = AgentConfig(model="tiny", data=str(stdlib_package_dir("json")), seq_len=64, micro_batch=2, eval_batches=1, lora_rank=4, lora_targets=["q_proj", "v_proj"],
-                         revision_every_seconds=0.3, learning_rate=5e-3)
+    config = AgentConfig(
+        model="tiny",
+        data=str(stdlib_package_dir("json")),
+        seq_len=64,
+        micro_batch=2,
+        eval_batches=1,
+        lora_rank=4,
+        lora_targets=["q_proj", "v_proj"],
+        revision_every_seconds=0.3,
+        learning_rate=5e-3,
+    )
     agent = Agent(config, base=tiny_base)
     agent.start()
     yield agent

@@ -124,8 +124,7 @@ def test_wrong_base_shape_mismatch_and_duplicates_are_rejected():
     other_base = make_update("old", "r1", trained(global_adapter(seed=5), seed=3), global_adapter(seed=5), 1)
     short = replace(updates[0], participant="short", delta={k: v for k, v in list(updates[0].delta.items())[1:]})
     result = FedAvg().aggregate(updates + [other_base, short, updates[1]])
-    assert [(r.participant, r.reason) for r in result.rejected] == [
-        ("old", "WrongBase"), ("short", "ShapeMismatch"), ("p1", "Duplicate")]
+    assert [(r.participant, r.reason) for r in result.rejected] == [("old", "WrongBase"), ("short", "ShapeMismatch"), ("p1", "Duplicate")]
     assert result.accepted == ("p0", "p1", "p2")
     # The round's base, when given, wins over the majority.
     only_old = FedAvg().aggregate(updates + [other_base], base_sha256=other_base.base_sha256)

@@ -21,7 +21,14 @@ def test_exported_adapter_matches_the_agent_greedy_output(tiny_base, tmp_path):
     adapter = {k: torch.randn(v.shape, generator=gen) * 0.3 if "lora_B" in k else v for k, v in init_adapter(spec, runtime.dims, seed=5).items()}
     store = AdapterStore()
     store.publish(adapter)
-    engine = Engine(runtime, tiny_base.tokenizer, eos_token_ids=tiny_base.eos_token_ids, store=store, lora_spec=spec, settings=EngineSettings(max_batch=2, max_total_tokens=128))
+    engine = Engine(
+        runtime,
+        tiny_base.tokenizer,
+        eos_token_ids=tiny_base.eos_token_ids,
+        store=store,
+        lora_spec=spec,
+        settings=EngineSettings(max_batch=2, max_total_tokens=128),
+    )
     engine.start()
     try:
         prompt = engine.encode("The Python language")
@@ -33,11 +40,25 @@ def test_exported_adapter_matches_the_agent_greedy_output(tiny_base, tmp_path):
     hf_model, _ = load_hf_model("tiny")
     peft_model = PeftModel.from_pretrained(hf_model, str(out))
     with torch.no_grad():
-        ref = peft_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert [t.token.id for t in tokens] == ref[0, len(prompt):].tolist()
+        ref = peft_model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert [t.token.id for t in tokens] == ref[0, len(prompt) :].tolist()
     with torch.no_grad():  # and the adapter really matters: without it the output differs
         with peft_model.disable_adapter():
-            plain = peft_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+            plain = peft_model.generate(
+                input_ids=torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
     assert plain[0].tolist() != ref[0].tolist()
 
 

@@ -10,13 +10,45 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replica_agent.federated.rounds import (
-    STAGES, Aggregate, Aggregated, AggregatorFailed, Condition, Evaluate, Evaluated, EvaluationFailed, Finish,
-    Outcome, ParticipantFailed, Publish, PublishAcked, PublishFailed, Refused, Result, RoundSpec, RoundState,
-    Started, StartTraining, Tick, UpdateUploaded, laggards, pending_actions, start, step,
+    STAGES,
+    Aggregate,
+    Aggregated,
+    AggregatorFailed,
+    Condition,
+    Evaluate,
+    Evaluated,
+    EvaluationFailed,
+    Finish,
+    Outcome,
+    ParticipantFailed,
+    Publish,
+    PublishAcked,
+    PublishFailed,
+    Refused,
+    Result,
+    RoundSpec,
+    RoundState,
+    Started,
+    StartTraining,
+    Tick,
+    UpdateUploaded,
+    laggards,
+    pending_actions,
+    start,
+    step,
 )
 
-SPEC = RoundSpec("r1", replicas=("a", "b", "c", "d"), participants=("a", "b", "c"), aggregator="a",
-                 local_steps=5, deadline_s=100.0, min_participants=2, eval_tolerance=0.0, publish_deadline_s=30.0)
+SPEC = RoundSpec(
+    "r1",
+    replicas=("a", "b", "c", "d"),
+    participants=("a", "b", "c"),
+    aggregator="a",
+    local_steps=5,
+    deadline_s=100.0,
+    min_participants=2,
+    eval_tolerance=0.0,
+    publish_deadline_s=30.0,
+)
 NEW = "sha-new"
 
 
@@ -37,8 +69,7 @@ def run(events, state=None, spec=SPEC):
 TRAINING = [Started(0.0, "v1", "sha-base"), upload(10, "a"), upload(11, "b"), upload(12, "c")]
 AGGREGATION = [Aggregated(20.0, NEW, ("a", "b", "c"), (), 3000)]
 EVALUATION = [Evaluated(30, "a", 1.0, 1.2, 100), Evaluated(31, "b", 1.1, 1.2, 100), Evaluated(32, "c", 0.9, 1.0, 200)]
-PUBLISHING = [PublishAcked(40, "a", NEW), PublishAcked(41, "b", NEW), PublishAcked(42, "d", NEW),
-              PublishAcked(43, "c", NEW)]
+PUBLISHING = [PublishAcked(40, "a", NEW), PublishAcked(41, "b", NEW), PublishAcked(42, "d", NEW), PublishAcked(43, "c", NEW)]
 HAPPY = TRAINING + AGGREGATION + EVALUATION + PUBLISHING
 
 
@@ -59,8 +90,7 @@ def test_happy_path_reaches_succeeded_with_conditions_in_order_and_timings():
     assert all(state.conditions[c].status == "True" for c in Condition)
     times = [state.conditions[c].at for c in Condition]
     assert times == sorted(times) == [12, 20, 32, 43, 43]
-    assert (state.started_at, state.trained_at, state.aggregated_at, state.evaluated_at, state.published_at,
-            state.finished_at) == (0, 12, 20, 32, 43, 43)
+    assert (state.started_at, state.trained_at, state.aggregated_at, state.evaluated_at, state.published_at, state.finished_at) == (0, 12, 20, 32, 43, 43)
     assert state.freshness_s == 43 - 20
     assert state.bytes_uploaded == 3000 and state.bytes_aggregated == 3000
     assert state.eval_loss_after == pytest.approx((1.0 * 100 + 1.1 * 100 + 0.9 * 200) / 400)
@@ -74,7 +104,7 @@ def test_conditions_become_true_one_stage_at_a_time():
     for event in HAPPY:
         state, _ = step(state, event)
         true = [c for c in STAGES if state.conditions[c].status == "True"]
-        assert true == list(STAGES[:len(true)])
+        assert true == list(STAGES[: len(true)])
         seen.append(len(true))
     assert seen == sorted(seen) and seen[-1] == 4
 
@@ -117,8 +147,7 @@ def test_upload_past_the_deadline_is_refused_and_fires_the_deadline_itself():
 
 
 def test_a_failed_participant_is_dropped_and_the_round_goes_on_without_waiting():
-    state, outputs = run([Started(0.0, "v1", "sb"), ParticipantFailed(5, "c", "pod evicted"),
-                          upload(10, "a"), upload(11, "b")])
+    state, outputs = run([Started(0.0, "v1", "sb"), ParticipantFailed(5, "c", "pod evicted"), upload(10, "a"), upload(11, "b")])
     assert state.participants["c"].outcome is Outcome.DROPPED
     assert state.participants["c"].reason == "pod evicted"
     assert outputs[-1] == [Aggregate("a", ("a", "b"))]
@@ -132,9 +161,11 @@ def test_failures_that_make_min_participants_unreachable_fail_at_once():
     assert state.finished_at == 6
 
 
-@pytest.mark.parametrize("prefix", [TRAINING[:2], TRAINING, TRAINING + AGGREGATION,
-                                    TRAINING + AGGREGATION + EVALUATION[:2]],
-                         ids=["training", "aggregating", "evaluating", "evaluating-partly"])
+@pytest.mark.parametrize(
+    "prefix",
+    [TRAINING[:2], TRAINING, TRAINING + AGGREGATION, TRAINING + AGGREGATION + EVALUATION[:2]],
+    ids=["training", "aggregating", "evaluating", "evaluating-partly"],
+)
 def test_aggregator_failure_before_publishing_ends_failed_aggregator_lost(prefix):
     state, outputs = run(prefix + [AggregatorFailed(35, "node lost")])
     stage_condition = state.conditions[next(c for c in STAGES if state.conditions[c].status != "True")]
@@ -142,7 +173,7 @@ def test_aggregator_failure_before_publishing_ends_failed_aggregator_lost(prefix
     assert outputs[-1][0].reason == "AggregatorLost" and not outputs[-1][0].succeeded
     assert "new round" in outputs[-1][0].message
     assert state.result is Result.FAILED and state.conditions[Condition.PUBLISHED].status == "Unknown"
-    rest, later = run(HAPPY[len(prefix):], state)
+    rest, later = run(HAPPY[len(prefix) :], state)
     assert rest == state and all(isinstance(a, Refused) for actions in later for a in actions)
     assert not any(isinstance(a, Publish) for actions in outputs + later for a in actions)
 
@@ -221,8 +252,7 @@ def test_publish_failure_is_retried_on_the_next_tick_for_the_missing_replica_onl
 
 
 def test_publish_deadline_with_laggards_still_succeeds_and_lists_them():
-    state, outputs = run(TRAINING + AGGREGATION + EVALUATION
-                         + [PublishAcked(40, r, NEW) for r in "abc"] + [PublishFailed(41, "d", "disk full"), Tick(62)])
+    state, outputs = run(TRAINING + AGGREGATION + EVALUATION + [PublishAcked(40, r, NEW) for r in "abc"] + [PublishFailed(41, "d", "disk full"), Tick(62)])
     assert outputs[-1][0] == Finish(True, "PartiallyPublished", state.conditions[Condition.PUBLISHED].message)
     assert "['d']" in state.conditions[Condition.PUBLISHED].message and laggards(state) == ("d",)
     assert state.freshness_s == 40 - 20
@@ -239,14 +269,17 @@ def test_an_ack_for_another_version_is_refused():
     assert after == state and actions[0].reason == "WrongVersion"
 
 
-@pytest.mark.parametrize("event, reason", [
-    (upload(5, "d"), "NotAParticipant"),
-    (upload(5, "a", sha="sha-other"), "Duplicate"),
-    (Aggregated(5, NEW, ("a",), (), 1), "NotAggregating"),
-    (Evaluated(5, "a", 1.0, 1.0, 10), "NotEvaluating"),
-    (PublishAcked(5, "a", NEW), "NotPublishing"),
-    (Started(5, "v2", "sb2"), "AlreadyStarted"),
-])
+@pytest.mark.parametrize(
+    "event, reason",
+    [
+        (upload(5, "d"), "NotAParticipant"),
+        (upload(5, "a", sha="sha-other"), "Duplicate"),
+        (Aggregated(5, NEW, ("a",), (), 1), "NotAggregating"),
+        (Evaluated(5, "a", 1.0, 1.0, 10), "NotEvaluating"),
+        (PublishAcked(5, "a", NEW), "NotPublishing"),
+        (Started(5, "v2", "sb2"), "AlreadyStarted"),
+    ],
+)
 def test_unexpected_events_are_refused_without_changing_the_state(event, reason):
     state, _ = run(TRAINING[:2])
     after, actions = step(state, event)
@@ -304,17 +337,20 @@ def test_to_dict_is_json_ready_with_camel_case_keys():
     assert data["spec"]["minParticipants"] == 2 and data["evalLossAfter"] == pytest.approx(0.975)
 
 
-@pytest.mark.parametrize("change, fix", [
-    ({"aggregator": "z"}, "aggregator 'z' must be one of the replicas"),
-    ({"participants": ("a", "z")}, "participants ['z'] are not replicas"),
-    ({"min_participants": 4}, "min_participants must be between 1 and the 3 participants"),
-    ({"min_participants": 0}, "min_participants must be between 1"),
-    ({"local_steps": 0}, "local_steps must be a positive integer"),
-    ({"deadline_s": -1}, "deadline_s must be a positive number"),
-    ({"publish_deadline_s": 0}, "publish_deadline_s must be a positive number"),
-    ({"eval_tolerance": -0.1}, "eval_tolerance must be a non-negative number"),
-    ({"replicas": ("a", "a", "b", "c")}, "replicas must name at least one replica, each once"),
-])
+@pytest.mark.parametrize(
+    "change, fix",
+    [
+        ({"aggregator": "z"}, "aggregator 'z' must be one of the replicas"),
+        ({"participants": ("a", "z")}, "participants ['z'] are not replicas"),
+        ({"min_participants": 4}, "min_participants must be between 1 and the 3 participants"),
+        ({"min_participants": 0}, "min_participants must be between 1"),
+        ({"local_steps": 0}, "local_steps must be a positive integer"),
+        ({"deadline_s": -1}, "deadline_s must be a positive number"),
+        ({"publish_deadline_s": 0}, "publish_deadline_s must be a positive number"),
+        ({"eval_tolerance": -0.1}, "eval_tolerance must be a non-negative number"),
+        ({"replicas": ("a", "a", "b", "c")}, "replicas must name at least one replica, each once"),
+    ],
+)
 def test_invalid_specs_say_what_to_fix(change, fix):
     with pytest.raises(ValueError, match="invalid spec for round 'r1'") as error:
         RoundSpec(**{**SPEC.__dict__, **change})
@@ -329,12 +365,17 @@ LOSS = st.one_of(st.floats(0, 5), st.just(float("nan")), st.just(-1.0))
 
 ARBITRARY_EVENT = st.one_of(  # stamped at 0; the test moves each to its time
     st.builds(Started, st.just(0.0), st.sampled_from(("v1", "v2")), st.just("sb")),
-    st.builds(UpdateUploaded, st.just(0.0), NAMES, st.integers(-1, 50), st.sampled_from(("s1", "s2", "")),
-              st.integers(0, 10_000)),
+    st.builds(UpdateUploaded, st.just(0.0), NAMES, st.integers(-1, 50), st.sampled_from(("s1", "s2", "")), st.integers(0, 10_000)),
     st.builds(ParticipantFailed, st.just(0.0), NAMES, st.text(max_size=3)),
     st.builds(Tick, st.just(0.0)),
-    st.builds(Aggregated, st.just(0.0), st.sampled_from((NEW, "")), st.lists(NAMES, max_size=3).map(tuple),
-              st.lists(st.tuples(NAMES, st.just("Why")), max_size=2).map(tuple), st.integers(0, 10)),
+    st.builds(
+        Aggregated,
+        st.just(0.0),
+        st.sampled_from((NEW, "")),
+        st.lists(NAMES, max_size=3).map(tuple),
+        st.lists(st.tuples(NAMES, st.just("Why")), max_size=2).map(tuple),
+        st.integers(0, 10),
+    ),
     st.builds(AggregatorFailed, st.just(0.0), st.just("gone")),
     st.builds(Evaluated, st.just(0.0), NAMES, LOSS, LOSS, st.integers(-1, 500)),
     st.builds(EvaluationFailed, st.just(0.0), NAMES, st.just("oom")),
@@ -381,7 +422,7 @@ def test_random_event_sequences_keep_the_invariants(data, tolerance):
         assert again == new and all(isinstance(a, Refused) for a in repeated)
         assert RoundState.from_dict(json.loads(json.dumps(new.to_dict()))) == new
         true = [c for c in STAGES if new.conditions[c].status == "True"]
-        assert true == list(STAGES[:len(true)])
+        assert true == list(STAGES[: len(true)])
         if any(isinstance(a, Publish) for a in actions + pending_actions(new)):
             assert new.conditions[Condition.EVALUATED].status == "True" and not new.finished
             assert new.eval_loss_after <= new.eval_loss_before + tolerance

@@ -18,7 +18,6 @@ from replica_agent.engine.requests import FinishReason, SamplingParams
 from replica_agent.federated import rounds as R
 from replica_agent.federated.driver import RoundDriver, StrategyConfig
 from replica_agent.federated.local_cluster import LocalCluster
-
 from tests.helpers import eventually
 
 PACKAGES = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}
@@ -26,14 +25,31 @@ PACKAGES = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}
 
 def configs(**overrides):
     return [
-        AgentConfig(model="tiny", replica_id=name, data=str(stdlib_package_dir(pkg)), eval_batches=2, max_total_tokens=256, learning_rate=5e-3,
-                    revision_every_seconds=0, **overrides)
+        AgentConfig(
+            model="tiny",
+            replica_id=name,
+            data=str(stdlib_package_dir(pkg)),
+            eval_batches=2,
+            max_total_tokens=256,
+            learning_rate=5e-3,
+            revision_every_seconds=0,
+            **overrides,
+        )
         for name, pkg in PACKAGES.items()
     ]
 
 
 def spec(round_id, *, participants=tuple(PACKAGES), aggregator="agent-0", min_participants=2, local_steps=6, deadline_s=60.0, tolerance=0.05):
-    return R.RoundSpec(round_id=round_id, replicas=tuple(PACKAGES), participants=participants, aggregator=aggregator, local_steps=local_steps, deadline_s=deadline_s, min_participants=min_participants, eval_tolerance=tolerance)
+    return R.RoundSpec(
+        round_id=round_id,
+        replicas=tuple(PACKAGES),
+        participants=participants,
+        aggregator=aggregator,
+        local_steps=local_steps,
+        deadline_s=deadline_s,
+        min_participants=min_participants,
+        eval_tolerance=tolerance,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +166,12 @@ def test_poisoned_and_nan_updates_are_screened_and_the_round_still_publishes(tin
 
     monkeypatch.setattr(participant_module, "make_update", hostile)
     with LocalCluster(configs(), base=tiny_base) as c:
-        driver = RoundDriver(spec("r-poison", local_steps=3, min_participants=1, tolerance=0.5), c.addresses, strategy=StrategyConfig("fedavg", clip_norm=1.0, outlier_factor=5.0), round_number=1)
+        driver = RoundDriver(
+            spec("r-poison", local_steps=3, min_participants=1, tolerance=0.5),
+            c.addresses,
+            strategy=StrategyConfig("fedavg", clip_norm=1.0, outlier_factor=5.0),
+            round_number=1,
+        )
         state = driver.run(timeout_s=120)
         assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
         outcomes = {p: (r.outcome, r.reason) for p, r in state.participants.items()}

@@ -50,10 +50,7 @@ def test_masked_updates_hide_each_update_and_their_sum_is_fedavg():
     updates, masked = masked_round()
     for update, m in zip(updates, masked):
         values = torch.cat([t.flatten() for t in m.masked.values()]).numpy()
-        plain = np.concatenate([
-            torch.round(update.delta[k].double().flatten() * update.num_samples * SCALE).to(torch.int64).numpy()
-            for k in m.masked
-        ])
+        plain = np.concatenate([torch.round(update.delta[k].double().flatten() * update.num_samples * SCALE).to(torch.int64).numpy() for k in m.masked])
         assert (values != plain).mean() > 0.99
         unit = values.view(np.uint64) / 2.0**64  # uniform on [0, 1) if the mask hides the update
         assert abs(unit.mean() - 0.5) < 0.04 and abs((unit > 0.5).mean() - 0.5) < 0.05
@@ -116,6 +113,5 @@ def test_aggregator_refuses_foreign_duplicate_and_too_few_updates():
 def test_masked_update_bytes_round_trip():
     _, masked = masked_round()
     back = decode_masked(encode_masked(masked[0]))
-    assert (back.participant, back.round_id, back.base_sha256, back.num_samples) == (
-        masked[0].participant, "r1", masked[0].base_sha256, 3)
+    assert (back.participant, back.round_id, back.base_sha256, back.num_samples) == (masked[0].participant, "r1", masked[0].base_sha256, 3)
     assert all(torch.equal(back.masked[k], masked[0].masked[k]) for k in masked[0].masked)

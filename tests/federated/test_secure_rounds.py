@@ -22,15 +22,30 @@ PARTICIPANTS = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}
 def secure_cluster(tiny_base, tmp_path):
     secret = tmp_path / "round-secret"
     secret.write_bytes(b"0123456789abcdef0123456789abcdef")
-    common = dict(model="tiny", eval_batches=2, max_total_tokens=256, learning_rate=5e-3, revision_every_seconds=0)  # no local revisions: replicas serve the global
-    configs = [AgentConfig(**common, replica_id=name, data=str(stdlib_package_dir(pkg)), secure_aggregation_secret_file=str(secret)) for name, pkg in PARTICIPANTS.items()]
+    common = dict(
+        model="tiny", eval_batches=2, max_total_tokens=256, learning_rate=5e-3, revision_every_seconds=0
+    )  # no local revisions: replicas serve the global
+    configs = [
+        AgentConfig(**common, replica_id=name, data=str(stdlib_package_dir(pkg)), secure_aggregation_secret_file=str(secret))
+        for name, pkg in PARTICIPANTS.items()
+    ]
     configs.append(AgentConfig(**common, replica_id="aggregator"))  # holds no secret and no data
     with LocalCluster(configs, base=tiny_base) as cluster:
         yield cluster
 
 
 def spec(round_id, **kw):
-    return R.RoundSpec(round_id=round_id, replicas=(*PARTICIPANTS, "aggregator"), participants=tuple(PARTICIPANTS), aggregator="aggregator", local_steps=3, deadline_s=60, min_participants=2, eval_tolerance=0.5, **kw)
+    return R.RoundSpec(
+        round_id=round_id,
+        replicas=(*PARTICIPANTS, "aggregator"),
+        participants=tuple(PARTICIPANTS),
+        aggregator="aggregator",
+        local_steps=3,
+        deadline_s=60,
+        min_participants=2,
+        eval_tolerance=0.5,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -86,6 +101,8 @@ def test_a_participant_dropping_after_masking_is_recovered_from_the_survivors_se
 
 
 def test_secure_rounds_refuse_an_aggregator_that_participates(secure_cluster):
-    bad = R.RoundSpec(round_id="x", replicas=tuple(PARTICIPANTS), participants=tuple(PARTICIPANTS), aggregator="agent-0", local_steps=1, deadline_s=10, min_participants=2)
+    bad = R.RoundSpec(
+        round_id="x", replicas=tuple(PARTICIPANTS), participants=tuple(PARTICIPANTS), aggregator="agent-0", local_steps=1, deadline_s=10, min_participants=2
+    )
     with pytest.raises(ValueError, match="not a participant"):
         RoundDriver(bad, secure_cluster.addresses, strategy=StrategyConfig("fedavg", secure=True))

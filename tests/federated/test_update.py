@@ -30,8 +30,7 @@ DIMS = ModelDims(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermedi
 def global_adapter(seed: int = 0) -> dict[str, torch.Tensor]:
     """PEFT's init (A random, B zero), plus a random B, as a round's starting adapter."""
     gen = torch.Generator().manual_seed(1000 + seed)
-    return {k: torch.randn(v.shape, generator=gen) * 0.1 if "lora_B" in k else v
-            for k, v in init_adapter(LoraSpec(), DIMS, seed=seed).items()}
+    return {k: torch.randn(v.shape, generator=gen) * 0.1 if "lora_B" in k else v for k, v in init_adapter(LoraSpec(), DIMS, seed=seed).items()}
 
 
 def trained(base, seed: int, *, scale: float = 0.1, train_a: bool = True, common_seed: int | None = None, spread: float = 0.0):
@@ -52,10 +51,7 @@ def trained(base, seed: int, *, scale: float = 0.1, train_a: bool = True, common
 
 def updates_for(base, samples: list[int], *, only_b: bool = False, round_id: str = "r1", **kwargs):
     kwargs.setdefault("train_a", not only_b)
-    return [
-        make_update(f"p{i}", round_id, trained(base, seed=i, **kwargs), base, n, only_b=only_b)
-        for i, n in enumerate(samples)
-    ]
+    return [make_update(f"p{i}", round_id, trained(base, seed=i, **kwargs), base, n, only_b=only_b) for i, n in enumerate(samples)]
 
 
 def test_update_is_shadow_minus_base_and_apply_delta_restores_the_shadow():
@@ -100,8 +96,7 @@ def test_encode_decode_round_trip():
 
     blob = encode_update(update)
     back = decode_update(b"".join(chunks(blob, 1000)), expected_sha256=update.sha256)
-    assert (back.participant, back.round_id, back.base_sha256, back.num_samples, back.sha256) == (
-        "p0", "r1", update.base_sha256, 12, update.sha256)
+    assert (back.participant, back.round_id, back.base_sha256, back.num_samples, back.sha256) == ("p0", "r1", update.base_sha256, 12, update.sha256)
     assert all(torch.equal(back.delta[k], update.delta[k]) for k in update.delta)
 
 

@@ -19,8 +19,20 @@ from replica_agent.local.traffic import at_rate, trace_segment, trace_slice
 
 from ..helpers import numbers_in
 
-FIGURES = ("requests_sent", "requests_answered", "slo_attainment", "slo_met_rps", "ttft_ms_p50", "tpot_ms_p50", "goodput", "goodput_per_s", "mean_quality_served",
-           "mean_quality_initial_adapter", "quality_gain", "training_tokens")
+FIGURES = (
+    "requests_sent",
+    "requests_answered",
+    "slo_attainment",
+    "slo_met_rps",
+    "ttft_ms_p50",
+    "tpot_ms_p50",
+    "goodput",
+    "goodput_per_s",
+    "mean_quality_served",
+    "mean_quality_initial_adapter",
+    "quality_gain",
+    "training_tokens",
+)
 QUICK = dict(slow_interval_s=1.0, round_interval_s=2.0, local_steps=2)
 PLOTS = ("goodput", "slo_attainment", "quality_over_time", "quality_cdf", "freshness")
 

@@ -37,8 +37,9 @@ def test_a_request_is_scored_under_the_version_that_served_it(archive, tiny_base
     tokenizer = tiny_base.tokenizer
     prompt, reference = "import json\ndef load(", tuple(tokenizer.encode("path):\n    return json.loads(path)", add_special_tokens=False))
     scorer = RequestScorer(tiny_base, SPEC, [folder])
-    got = scorer.cross_entropy([ScoreItem(1, first.sha256, prompt, reference), ScoreItem(2, second.sha256, prompt, reference),
-                                ScoreItem(3, first.sha256, prompt, reference)])
+    got = scorer.cross_entropy(
+        [ScoreItem(1, first.sha256, prompt, reference), ScoreItem(2, second.sha256, prompt, reference), ScoreItem(3, first.sha256, prompt, reference)]
+    )
 
     def direct(version) -> float:  # the same sequence, scored on its own, labels only on the reference
         ids = tokenizer.encode(prompt) + list(reference)
@@ -62,7 +63,7 @@ def test_requests_come_from_held_out_windows_after_the_gate(tiny_base):
     dataset = LocalDataset.from_path(stdlib_package_dir("json"), tokenizer, seq_len=128)
     all_windows = held_out_windows(dataset, tokenizer, gate_chunks=0, min_tokens=48)
     after_gate = held_out_windows(dataset, tokenizer, gate_chunks=4, min_tokens=48)
-    assert 0 < len(after_gate) < len(all_windows) and after_gate == all_windows[len(all_windows) - len(after_gate):]
+    assert 0 < len(after_gate) < len(all_windows) and after_gate == all_windows[len(all_windows) - len(after_gate) :]
     arrivals = [Arrival(0.1 * i, RequestShape(prompt_tokens=p, output_tokens=5)) for i, p in enumerate((20, 60, 500))]
     workload = build_workload(arrivals, {"replica-0": dataset}, tokenizer, gate_chunks=4, reference_tokens=32)
     for arrival, request in zip(arrivals, workload.requests):

@@ -18,9 +18,10 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import celpy
 import yaml
@@ -79,10 +80,7 @@ def crd_schemas() -> dict[str, dict]:
 
 
 def collect_rules(kind: str, schema: dict, path: tuple[str, ...] = ()) -> list[Rule]:
-    rules = [
-        Rule(kind, path, i, entry["rule"], entry.get("message", ""))
-        for i, entry in enumerate(schema.get("x-kubernetes-validations", []))
-    ]
+    rules = [Rule(kind, path, i, entry["rule"], entry.get("message", "")) for i, entry in enumerate(schema.get("x-kubernetes-validations", []))]
     for name, sub in (schema.get("properties") or {}).items():
         rules += collect_rules(kind, sub, path + (name,))
     if isinstance(schema.get("items"), dict):

@@ -91,7 +91,7 @@ INVALID = [
     ({"federation": {"participationPercent": 101}}, "spec.federation.participationPercent", "<= 100"),
     ({"federation": {"deadlineSeconds": 0}}, "spec.federation.deadlineSeconds", ">= 1"),
     ({"federation": {"aggregation": "krum"}}, "spec.federation.aggregation", "fedavg, ffa, median, trimmedMean"),
-    ({"federation": {"clipNorm": "none"}}, "spec.federation.clipNorm", "\"1.0\""),
+    ({"federation": {"clipNorm": "none"}}, "spec.federation.clipNorm", '"1.0"'),
     ({"federation": {"noiseMultiplier": 0.5}}, "spec.federation.noiseMultiplier", "no floats"),
     ({"federation": {"evalGate": {"toleranceMilliNats": -5}}}, "spec.federation.evalGate.toleranceMilliNats", ">= 0"),
     ({"federation": {"roundHistoryLimit": -1}}, "spec.federation.roundHistoryLimit", ">= 0"),
@@ -99,16 +99,24 @@ INVALID = [
     ({"scheduling": {"slowIntervalSeconds": 0}}, "spec.scheduling.slowIntervalSeconds", ">= 1"),
     ({"monitoring": {"serviceMonitor": "on"}}, "spec.monitoring.serviceMonitor", "true or false"),
     # the CRD's CEL rules, repeated in api.py
-    ({"replicas": 3, "federation": {"minParticipants": 5}}, "spec.federation.minParticipants",
-     "spec.federation.minParticipants (5) must be <= spec.replicas (3): lower minParticipants or add replicas"),
-    ({"replicas": 1, "federation": {"enabled": False, "minParticipants": 1}, "scheduling": {"policy": "separated"}},
-     "spec.scheduling.policy", "needs spec.replicas >= 2"),
-    ({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "aggregation": "median"}},
-     "spec.federation.secureAggregation", "needs aggregation fedavg, not median"),
+    (
+        {"replicas": 3, "federation": {"minParticipants": 5}},
+        "spec.federation.minParticipants",
+        "spec.federation.minParticipants (5) must be <= spec.replicas (3): lower minParticipants or add replicas",
+    ),
+    (
+        {"replicas": 1, "federation": {"enabled": False, "minParticipants": 1}, "scheduling": {"policy": "separated"}},
+        "spec.scheduling.policy",
+        "needs spec.replicas >= 2",
+    ),
+    (
+        {"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "aggregation": "median"}},
+        "spec.federation.secureAggregation",
+        "needs aggregation fedavg, not median",
+    ),
     ({"federation": {"secureAggregation": True}}, "spec.federation.secureAggregationSecretRef", "name of a Secret"),
     ({"federation": {"noiseMultiplier": "0.5"}}, "spec.federation.noiseMultiplier", "needs clipNorm"),
-    ({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": "median"}},
-     "spec.federation.noiseMultiplier", "fedavg or ffa"),
+    ({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": "median"}}, "spec.federation.noiseMultiplier", "fedavg or ffa"),
     ({"federation": {"deadlineSeconds": 400}}, "spec.federation.deadlineSeconds", "(400) must be <= roundIntervalSeconds (300)"),
 ]
 
@@ -159,22 +167,29 @@ def test_round_defaults_come_from_the_cluster():
     assert r.spec == api.RoundSpec("demo")
     resolved = r.spec.resolved(parse_cluster(body({"federation": {"localSteps": 7}})).spec.federation)
     assert (resolved.local_steps, resolved.deadline_seconds, resolved.min_participants) == (7, 120, 2)
-    explicit = parse_round(round_body({"clusterRef": {"name": "demo"}, "localSteps": 3, "participants": ["demo-0", "demo-1"],
-                                       "minParticipants": 2, "aggregator": "demo-1"})).spec
+    explicit = parse_round(
+        round_body({"clusterRef": {"name": "demo"}, "localSteps": 3, "participants": ["demo-0", "demo-1"], "minParticipants": 2, "aggregator": "demo-1"})
+    ).spec
     assert explicit.resolved(api.Federation()).local_steps == 3
     assert explicit.participants == ("demo-0", "demo-1") and explicit.aggregator == "demo-1"
 
 
-@pytest.mark.parametrize("spec, field, words", [
-    ({}, "spec.clusterRef.name", "name the CollmCluster"),
-    ({"clusterRef": {"name": ""}}, "spec.clusterRef.name", "is required"),
-    ({"clusterRef": {"name": "c"}, "localSteps": 0}, "spec.localSteps", ">= 1"),
-    ({"clusterRef": {"name": "c"}, "deadlineSeconds": 1.5}, "spec.deadlineSeconds", "integer"),
-    ({"clusterRef": {"name": "c"}, "participants": "c-0"}, "spec.participants", "list of replica"),
-    ({"clusterRef": {"name": "c"}, "participants": ["c-0", "c-0"]}, "spec.participants", "twice"),
-    ({"clusterRef": {"name": "c"}, "participants": ["c-0"], "minParticipants": 2}, "spec.minParticipants",
-     "spec.minParticipants (2) must be <= the number of spec.participants (1)"),
-])
+@pytest.mark.parametrize(
+    "spec, field, words",
+    [
+        ({}, "spec.clusterRef.name", "name the CollmCluster"),
+        ({"clusterRef": {"name": ""}}, "spec.clusterRef.name", "is required"),
+        ({"clusterRef": {"name": "c"}, "localSteps": 0}, "spec.localSteps", ">= 1"),
+        ({"clusterRef": {"name": "c"}, "deadlineSeconds": 1.5}, "spec.deadlineSeconds", "integer"),
+        ({"clusterRef": {"name": "c"}, "participants": "c-0"}, "spec.participants", "list of replica"),
+        ({"clusterRef": {"name": "c"}, "participants": ["c-0", "c-0"]}, "spec.participants", "twice"),
+        (
+            {"clusterRef": {"name": "c"}, "participants": ["c-0"], "minParticipants": 2},
+            "spec.minParticipants",
+            "spec.minParticipants (2) must be <= the number of spec.participants (1)",
+        ),
+    ],
+)
 def test_round_spec_errors(spec, field, words):
     with pytest.raises(SpecError) as info:
         parse_round(round_body(spec))
@@ -188,15 +203,26 @@ def test_round_cluster_ref_is_immutable():
 
 
 def test_agent_args_are_accepted_by_the_agent_and_carry_the_spec(tmp_path):
-    cluster = parse_cluster(body({
-        "model": {"source": "smollm2", "dtype": "bfloat16"},
-        "adapter": {"rank": 16, "alpha": 32, "targetModules": ["q_proj", "k_proj"]},
-        "resources": {"limits": {"nvidia.com/gpu": "1"}},
-        "serving": {"ttftMilliseconds": 500, "tpotMilliseconds": 40, "maxBatch": 32, "maxTotalTokens": 2048},
-        "training": {"dataVolume": {"emptyDir": {}}, "dataPath": "/private", "microBatch": 2, "learningRate": "2e-4", "trainCapTokens": 64,
-                     "revisionEverySteps": 25, "revisionEverySeconds": 5},
-        "federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "evalGate": {"toleranceMilliNats": 20}},
-    }))
+    cluster = parse_cluster(
+        body(
+            {
+                "model": {"source": "smollm2", "dtype": "bfloat16"},
+                "adapter": {"rank": 16, "alpha": 32, "targetModules": ["q_proj", "k_proj"]},
+                "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                "serving": {"ttftMilliseconds": 500, "tpotMilliseconds": 40, "maxBatch": 32, "maxTotalTokens": 2048},
+                "training": {
+                    "dataVolume": {"emptyDir": {}},
+                    "dataPath": "/private",
+                    "microBatch": 2,
+                    "learningRate": "2e-4",
+                    "trainCapTokens": 64,
+                    "revisionEverySteps": 25,
+                    "revisionEverySeconds": 5,
+                },
+                "federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "evalGate": {"toleranceMilliNats": 20}},
+            }
+        )
+    )
     args = agent_args(cluster, 1)
     # The pod reads the runtime settings from the ConfigMap's file: the same YAML here.
     assert args[:2] == ["--config", api.CONFIG_FILE]
@@ -234,8 +260,7 @@ def test_statefulset_args_take_the_replica_id_from_the_pod_name(tmp_path):
 
 
 def test_inference_only_policy_turns_training_off(tmp_path):
-    cluster = parse_cluster(body({"training": {"dataVolume": {"emptyDir": {}}}, "scheduling": {"policy": "inferenceOnly"},
-                                  "federation": {"enabled": False}}))
+    cluster = parse_cluster(body({"training": {"dataVolume": {"emptyDir": {}}}, "scheduling": {"policy": "inferenceOnly"}, "federation": {"enabled": False}}))
     config = pod_config(cluster, tmp_path)
     assert not config.train and config.train_cap_tokens == 0
 

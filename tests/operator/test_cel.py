@@ -25,8 +25,8 @@ import yaml
 from collm_operator import api
 from collm_operator.api import SpecError
 
-from .test_manifests import to_jsonschema
 from .cel_rules import ROOT, Rule, all_rules, apply_defaults, crd_schemas, evaluate, failures, program, validate
+from .test_manifests import to_jsonschema
 
 EXAMPLES = [ROOT / "manifests" / "examples" / name for name in ("collmcluster-cpu-tiny.yaml", "collmcluster-gpu.yaml", "adapterround.yaml")]
 BASE = {"CollmCluster": {"model": {"source": "tiny"}}, "AdapterRound": {"clusterRef": {"name": "tiny"}}}  # smallest valid specs
@@ -44,7 +44,8 @@ def merge(base: Any, patch: Any) -> Any:
 
 def resource(kind: str, patch: dict) -> dict:
     return {
-        "apiVersion": api.API_VERSION, "kind": kind,
+        "apiVersion": api.API_VERSION,
+        "kind": kind,
         "metadata": {"name": "tiny", "namespace": "default"},
         "spec": merge(BASE[kind], patch),
     }
@@ -76,73 +77,85 @@ TWO = ["tiny-0", "tiny-1"]
 
 CASES = [
     Case(
-        "CollmCluster.spec#0", "!self.federation.enabled || self.federation.minParticipants <= self.replicas",
+        "CollmCluster.spec#0",
+        "!self.federation.enabled || self.federation.minParticipants <= self.replicas",
         "spec.federation.minParticipants",
         invalid=({"replicas": 3, "federation": {"minParticipants": 5}}, {"replicas": 1}),  # the second by defaults (minParticipants 2)
-        valid=({"replicas": 5, "federation": {"minParticipants": 5}}, {"replicas": 1, "federation": {"enabled": False}},
-               {"replicas": 1, "federation": {"minParticipants": 1}}),
+        valid=(
+            {"replicas": 5, "federation": {"minParticipants": 5}},
+            {"replicas": 1, "federation": {"enabled": False}},
+            {"replicas": 1, "federation": {"minParticipants": 1}},
+        ),
     ),
     Case(
-        "CollmCluster.spec#1", "self.scheduling.policy != 'separated' || self.replicas >= 2",
+        "CollmCluster.spec#1",
+        "self.scheduling.policy != 'separated' || self.replicas >= 2",
         "spec.scheduling.policy",
         invalid=({"replicas": 1, "federation": {"enabled": False}, "scheduling": {"policy": "separated"}},),
-        valid=({"replicas": 2, "scheduling": {"policy": "separated"}},
-               {"replicas": 1, "federation": {"enabled": False}, "scheduling": {"policy": "static"}}),
+        valid=({"replicas": 2, "scheduling": {"policy": "separated"}}, {"replicas": 1, "federation": {"enabled": False}, "scheduling": {"policy": "static"}}),
     ),
     Case(
-        "CollmCluster.spec.model.source#0", "self == oldSelf",
+        "CollmCluster.spec.model.source#0",
+        "self == oldSelf",
         "spec.model.source",
         invalid=((TINY, SMOLLM2), (TINY, {"model": {"source": "/models/tiny"}})),
         valid=((TINY, {"model": {"source": "tiny", "dtype": "float16"}}), (TINY, {"replicas": 4}), (SMOLLM2, SMOLLM2)),
     ),
     Case(
-        "CollmCluster.spec.training.learningRate#0", "double(self) > 0.0",
+        "CollmCluster.spec.training.learningRate#0",
+        "double(self) > 0.0",
         "spec.training.learningRate",
         invalid=tuple({"training": {"learningRate": lr}} for lr in ("0", "0.0", ".0", "0e-3", "00")),  # all match the pattern
         valid=tuple({"training": {"learningRate": lr}} for lr in ("1e-3", ".5", "1.", "2.5E-4", "3")),
     ),
     Case(
-        "CollmCluster.spec.federation#0", "!self.secureAggregation || self.aggregation == 'fedavg'",
+        "CollmCluster.spec.federation#0",
+        "!self.secureAggregation || self.aggregation == 'fedavg'",
         "spec.federation.secureAggregation",
         invalid=tuple({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "aggregation": a}} for a in ("median", "ffa")),
-        valid=({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "aggregation": "fedavg"}},
-               {"federation": {"aggregation": "median"}}),
+        valid=(
+            {"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "aggregation": "fedavg"}},
+            {"federation": {"aggregation": "median"}},
+        ),
     ),
     Case(
         "CollmCluster.spec.federation#1",
         "!self.secureAggregation || (has(self.secureAggregationSecretRef) && self.secureAggregationSecretRef != '')",
         "spec.federation.secureAggregationSecretRef",
         invalid=({"federation": {"secureAggregation": True}}, {"federation": {"secureAggregation": True, "secureAggregationSecretRef": ""}}),
-        valid=({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "round-secret"}},
-               {"federation": {"secureAggregationSecretRef": ""}}),
+        valid=({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "round-secret"}}, {"federation": {"secureAggregationSecretRef": ""}}),
     ),
     Case(
-        "CollmCluster.spec.federation#2", "self.noiseMultiplier == '' || self.clipNorm != ''",
+        "CollmCluster.spec.federation#2",
+        "self.noiseMultiplier == '' || self.clipNorm != ''",
         "spec.federation.noiseMultiplier",
         invalid=({"federation": {"noiseMultiplier": "0.5"}}, {"federation": {"noiseMultiplier": "0.5", "clipNorm": ""}}),
         valid=({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1.0"}}, {"federation": {"clipNorm": "1.0"}}),
     ),
     Case(
-        "CollmCluster.spec.federation#3", "self.noiseMultiplier == '' || self.aggregation in ['fedavg', 'ffa']",
+        "CollmCluster.spec.federation#3",
+        "self.noiseMultiplier == '' || self.aggregation in ['fedavg', 'ffa']",
         "spec.federation.noiseMultiplier",
         invalid=tuple({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": a}} for a in ("median", "trimmedMean")),
-        valid=({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": "ffa"}},
-               {"federation": {"clipNorm": "1", "aggregation": "median"}}),
+        valid=({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": "ffa"}}, {"federation": {"clipNorm": "1", "aggregation": "median"}}),
     ),
     Case(
-        "CollmCluster.spec.federation#4", "self.deadlineSeconds <= self.roundIntervalSeconds",
+        "CollmCluster.spec.federation#4",
+        "self.deadlineSeconds <= self.roundIntervalSeconds",
         "spec.federation.deadlineSeconds",
         invalid=({"federation": {"deadlineSeconds": 400}}, {"federation": {"roundIntervalSeconds": 60}}),  # the second by defaults (deadline 120)
         valid=({"federation": {"deadlineSeconds": 300}}, {"federation": {"roundIntervalSeconds": 60, "deadlineSeconds": 60}}),
     ),
     Case(
-        "AdapterRound.spec#0", "!has(self.participants) || !has(self.minParticipants) || self.minParticipants <= size(self.participants)",
+        "AdapterRound.spec#0",
+        "!has(self.participants) || !has(self.minParticipants) || self.minParticipants <= size(self.participants)",
         "spec.minParticipants",
         invalid=({"minParticipants": 3, "participants": TWO}, {"minParticipants": 1, "participants": []}),
         valid=({"minParticipants": 2, "participants": TWO}, {"minParticipants": 3}, {"participants": ["tiny-0"]}),
     ),
     Case(
-        "AdapterRound.spec.clusterRef#0", "self == oldSelf",
+        "AdapterRound.spec.clusterRef#0",
+        "self == oldSelf",
         "spec.clusterRef",
         invalid=(({}, {"clusterRef": {"name": "smollm2"}}),),
         valid=(({}, {"localSteps": 5}), ({"participants": TWO}, {"participants": ["tiny-0"]})),
@@ -167,7 +180,9 @@ def objects(case: Case, patch) -> tuple[dict, dict | None]:
 def entries(which: str) -> list:
     return [
         pytest.param(case, patch, id=f"{case.rule}-{which}{i}")
-        for case in CASES if case.rule in {r.id for r in RULES} for i, patch in enumerate(getattr(case, which))
+        for case in CASES
+        if case.rule in {r.id for r in RULES}
+        for i, patch in enumerate(getattr(case, which))
     ]
 
 
@@ -190,8 +205,9 @@ def test_every_rule_compiles(rule):
 def test_every_rule_has_cases():
     """A rule added to a CRD needs an invalid case and a valid neighbour here; a changed rule a review."""
     found = {r.id: r for r in RULES}
-    assert sorted(found) == sorted(BY_RULE), "rules without cases (left) or cases without rules (right): " + \
-        f"{sorted(set(found) - set(BY_RULE))} vs {sorted(set(BY_RULE) - set(found))}"
+    assert sorted(found) == sorted(BY_RULE), (
+        "rules without cases (left) or cases without rules (right): " + f"{sorted(set(found) - set(BY_RULE))} vs {sorted(set(BY_RULE) - set(found))}"
+    )
     assert len(CASES) == len(BY_RULE) == len(RULES)
     for case in CASES:
         assert case.text == found[case.rule].rule, f"{case.rule} changed: review its cases, then update the text"

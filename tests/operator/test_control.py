@@ -7,7 +7,7 @@ against the CRD) and the slow-timescale planner (planning.Planner) on fake agent
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import jsonschema
 import pytest
@@ -20,17 +20,19 @@ from replica_agent.federated import rounds as R
 
 from .test_manifests import openapi_schema, to_jsonschema
 
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 STAMP = "2026-01-02T03:04:05Z"
 NAMES = ("demo-0", "demo-1", "demo-2")
 SECURE = {"secureAggregation": True, "aggregation": "fedavg", "secureAggregationSecretRef": "round-secret"}
 
 
 def cluster(spec: dict | None = None, generation: int = 2) -> api.Cluster:
-    return api.parse_cluster({
-        "metadata": {"name": "demo", "namespace": "team-a", "uid": "0000-uid", "generation": generation},
-        "spec": {"model": {"source": "tiny"}, "replicas": 3, "training": {"dataVolume": {"hostPath": {"path": "/srv/data"}}}, **(spec or {})},
-    })
+    return api.parse_cluster(
+        {
+            "metadata": {"name": "demo", "namespace": "team-a", "uid": "0000-uid", "generation": generation},
+            "spec": {"model": {"source": "tiny"}, "replicas": 3, "training": {"dataVolume": {"hostPath": {"path": "/srv/data"}}}, **(spec or {})},
+        }
+    )
 
 
 def workloads(*, rolled_out=True, router=True, **pods: Pod) -> Workloads:
@@ -132,13 +134,17 @@ def test_laggards_are_publishing_the_adapter_only_while_every_replica_serves():
     assert status_reason(c["Degraded"]) == ("True", "ReplicasUnavailable")
 
 
-@pytest.mark.parametrize("spec, health, expected, message", [
-    ({"scheduling": {"policy": "inferenceOnly"}}, {"training": ("demo-0",)}, ("False", "TrainingDisabled"), "scheduling.policy is inferenceOnly"),
-    ({"training": {}}, {"training": ("demo-0",)}, ("False", "TrainingDisabled"), "spec.training.dataVolume is not set"),
-    ({}, {"training": ("demo-0", "demo-2")}, ("True", "Training"), "2 replicas fine-tune: demo-0, demo-2"),
-    ({}, {"with_data": 0}, ("False", "NoTrainingData"), "no replica found training data under /data: put files there"),
-    ({}, {"with_data": 0, "reachable": frozenset()}, ("False", "Waiting"), None),
-], ids=["inferenceOnly", "no-dataVolume", "training", "no-data", "nobody-reachable"])
+@pytest.mark.parametrize(
+    "spec, health, expected, message",
+    [
+        ({"scheduling": {"policy": "inferenceOnly"}}, {"training": ("demo-0",)}, ("False", "TrainingDisabled"), "scheduling.policy is inferenceOnly"),
+        ({"training": {}}, {"training": ("demo-0",)}, ("False", "TrainingDisabled"), "spec.training.dataVolume is not set"),
+        ({}, {"training": ("demo-0", "demo-2")}, ("True", "Training"), "2 replicas fine-tune: demo-0, demo-2"),
+        ({}, {"with_data": 0}, ("False", "NoTrainingData"), "no replica found training data under /data: put files there"),
+        ({}, {"with_data": 0, "reachable": frozenset()}, ("False", "Waiting"), None),
+    ],
+    ids=["inferenceOnly", "no-dataVolume", "training", "no-data", "nobody-reachable"],
+)
 def test_training_active_variants(spec, health, expected, message):
     _, c = judge(c=cluster(spec), h=healthy(**health))
     assert status_reason(c["TrainingActive"]) == expected
@@ -208,6 +214,7 @@ def test_a_scheduled_secure_round_with_every_replica_holding_data_can_start():
         def create(self, obj):
             self.created = obj
             return obj
+
     c, kube, stats = cluster({"federation": SECURE}), Kube(), {n: agent() for n in NAMES}
     ctl = control.ClusterController(kube)
     decision = ctl._planner(c, 0.0).plan(5.0, 50, stats)  # participationPercent 100: all three train
@@ -217,10 +224,13 @@ def test_a_scheduled_secure_round_with_every_replica_holding_data_can_start():
     assert r.aggregator not in r.participants and len(r.participants) >= c.spec.federation.min_participants
 
 
-@pytest.mark.parametrize("serving, round_spec", [
-    (NAMES, {"participants": NAMES}),  # every serving replica is listed: nobody is left to aggregate
-    (["demo-0"], {}),  # a single replica cannot both train and aggregate
-])
+@pytest.mark.parametrize(
+    "serving, round_spec",
+    [
+        (NAMES, {"participants": NAMES}),  # every serving replica is listed: nobody is left to aggregate
+        (["demo-0"], {}),  # a single replica cannot both train and aggregate
+    ],
+)
 def test_secure_aggregation_raises_when_no_outside_aggregator_exists(serving, round_spec):
     with pytest.raises(ValueError):
         roles({"federation": SECURE}, serving=serving, with_data=serving, **round_spec)
@@ -239,8 +249,9 @@ def test_secure_aggregation_error_says_an_outside_aggregator_is_missing(serving,
 
 T0 = NOW.timestamp()
 SHA = {"demo-0": "a" * 64, "demo-1": "b" * 64, "candidate": "c" * 64}
-SPEC = R.RoundSpec(round_id="demo-round-1-0000uid", replicas=NAMES, participants=("demo-0", "demo-1"), aggregator="demo-0",
-                   local_steps=5, deadline_s=60.0, min_participants=2)
+SPEC = R.RoundSpec(
+    round_id="demo-round-1-0000uid", replicas=NAMES, participants=("demo-0", "demo-1"), aggregator="demo-0", local_steps=5, deadline_s=60.0, min_participants=2
+)
 
 
 def drive(*events) -> R.RoundState:
@@ -251,11 +262,11 @@ def drive(*events) -> R.RoundState:
     return state
 
 
-TRAINED = (R.Started(T0, "0", ""), R.UpdateUploaded(T0 + 10, "demo-0", 10, SHA["demo-0"], 1000),
-           R.UpdateUploaded(T0 + 12, "demo-1", 30, SHA["demo-1"], 1500))
+TRAINED = (R.Started(T0, "0", ""), R.UpdateUploaded(T0 + 10, "demo-0", 10, SHA["demo-0"], 1000), R.UpdateUploaded(T0 + 12, "demo-1", 30, SHA["demo-1"], 1500))
 SUCCESSFUL = TRAINED + (
     R.Aggregated(T0 + 15, SHA["candidate"], ("demo-0", "demo-1"), (), 2500),
-    R.Evaluated(T0 + 20, "demo-0", 1.5, 2.0, 100), R.Evaluated(T0 + 21, "demo-1", 1.25, 1.75, 300),
+    R.Evaluated(T0 + 20, "demo-0", 1.5, 2.0, 100),
+    R.Evaluated(T0 + 21, "demo-1", 1.25, 1.75, 300),
     *(R.PublishAcked(T0 + t, n, SHA["candidate"]) for t, n in ((25, "demo-0"), (26, "demo-1"), (30, "demo-2"))),
 )
 
@@ -277,8 +288,12 @@ def test_round_status_of_a_successful_round():
     c = {x["type"]: x for x in s["conditions"]}
     assert [x["type"] for x in s["conditions"]] == ["Trained", "Aggregated", "Evaluated", "Published", "Succeeded"]
     assert {t: status_reason(x) for t, x in c.items()} == {
-        "Trained": ("True", "Collected"), "Aggregated": ("True", "Aggregated"), "Evaluated": ("True", "GatePassed"),
-        "Published": ("True", "Published"), "Succeeded": ("True", "Published")}
+        "Trained": ("True", "Collected"),
+        "Aggregated": ("True", "Aggregated"),
+        "Evaluated": ("True", "GatePassed"),
+        "Published": ("True", "Published"),
+        "Succeeded": ("True", "Published"),
+    }
     assert {x["observedGeneration"] for x in s["conditions"]} == {4}
     assert c["Trained"]["lastTransitionTime"] == at(12) and c["Succeeded"]["lastTransitionTime"] == at(30)
     assert s["participants"] == [
@@ -295,8 +310,9 @@ def test_round_status_of_a_successful_round():
 def test_round_status_while_training_has_pending_stages_and_no_result():
     state = drive(*TRAINED[:2])
     s = render(state)
-    assert {x["type"]: status_reason(x) for x in s["conditions"]} == {t: ("Unknown", "Pending") for t in
-                                                                        ("Trained", "Aggregated", "Evaluated", "Published", "Succeeded")}
+    assert {x["type"]: status_reason(x) for x in s["conditions"]} == {
+        t: ("Unknown", "Pending") for t in ("Trained", "Aggregated", "Evaluated", "Published", "Succeeded")
+    }
     assert [(p["name"], p["outcome"]) for p in s["participants"]] == [("demo-0", "Uploaded"), ("demo-1", "Pending")]
     assert "candidateLoss" not in s["participants"][0] and "sha256" not in s["participants"][1]
     assert s["timings"] == {} and s["bytesTransferred"] == 1000
@@ -325,13 +341,22 @@ def test_round_status_keeps_the_transition_time_of_stages_still_pending():
 
 
 def test_failed_status_sets_succeeded_false_and_keeps_other_conditions():
-    previous = {"conditions": [{"type": "Trained", "status": "Unknown", "reason": "Pending", "message": "",
-                                "observedGeneration": 1, "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    previous = {
+        "conditions": [
+            {"type": "Trained", "status": "Unknown", "reason": "Pending", "message": "", "observedGeneration": 1, "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ]
+    }
     s = failed_status(previous, 2, "ClusterNotFound", "CollmCluster 'nope' does not exist", NOW)
     assert s["observedGeneration"] == 2
     assert s["conditions"][0] == previous["conditions"][0]
-    assert s["conditions"][1] == {"type": "Succeeded", "status": "False", "reason": "ClusterNotFound",
-                                  "message": "CollmCluster 'nope' does not exist", "observedGeneration": 2, "lastTransitionTime": STAMP}
+    assert s["conditions"][1] == {
+        "type": "Succeeded",
+        "status": "False",
+        "reason": "ClusterNotFound",
+        "message": "CollmCluster 'nope' does not exist",
+        "observedGeneration": 2,
+        "lastTransitionTime": STAMP,
+    }
     assert finished(s) and failed_status(None, 1, "InvalidSpec", "x", NOW)["conditions"][0]["type"] == "Succeeded"
 
 
@@ -347,8 +372,10 @@ def serving(sha: str | None, cluster_version: int = 0, revision: int = 0) -> dic
     """An agent's stats: it rests on global `sha` (cluster version) and serves a local revision on it."""
     if not sha:
         return {}
-    return {"adapter": {"version": f"{cluster_version}.{revision}", "sha256": f"{sha}.r{revision}" if revision else sha},
-            "global_adapter": {"version": f"{cluster_version}.0", "cluster_version": cluster_version, "sha256": sha}}
+    return {
+        "adapter": {"version": f"{cluster_version}.{revision}", "sha256": f"{sha}.r{revision}" if revision else sha},
+        "global_adapter": {"version": f"{cluster_version}.0", "cluster_version": cluster_version, "sha256": sha},
+    }
 
 
 STATUS = {"adapter": {"version": 2, "sha256": "s2", "round": "demo-round-2", "evalLoss": "1.2000"}}
@@ -357,20 +384,28 @@ STATUS = {"adapter": {"version": 2, "sha256": "s2", "round": "demo-round-2", "ev
 def test_the_status_adapter_unless_a_newer_round_succeeded():
     assert current_adapter(STATUS, [], {"demo-0": serving("other")}) == Adapter(2, "s2", "demo-round-2", "1.2000")
     assert Adapter(2, "s2", "r").as_status() == {"version": 2, "sha256": "s2", "round": "r"}
-    rounds = [adapter_round("demo-round-1", "True", 1, "s1"), adapter_round("demo-round-3", "True", 3, "s3", "1.1000"),
-              adapter_round("demo-round-4", "False", 4, "s4"), adapter_round("demo-round-5", None, 5, "s5")]
+    rounds = [
+        adapter_round("demo-round-1", "True", 1, "s1"),
+        adapter_round("demo-round-3", "True", 3, "s3", "1.1000"),
+        adapter_round("demo-round-4", "False", 4, "s4"),
+        adapter_round("demo-round-5", None, 5, "s5"),
+    ]
     assert current_adapter(STATUS, rounds, {}) == Adapter(3, "s3", "demo-round-3", "1.1000")
     assert current_adapter({}, rounds[:1], {}) == Adapter(1, "s1", "demo-round-1", None)
     assert current_adapter(STATUS, rounds[:1] + rounds[2:], {}) == Adapter(2, "s2", "demo-round-2", "1.2000")
 
 
-@pytest.mark.parametrize("stats, expected", [
-    ({"demo-0": serving("base"), "demo-1": serving("base")}, Adapter(0, "base")),
-    ({"demo-0": serving("base"), "demo-1": serving("other")}, None),
-    ({"demo-0": serving("base"), "demo-1": None}, None),
-    ({"demo-0": serving(None), "demo-1": serving(None)}, None),
-    ({}, None),
-], ids=["agree", "disagree", "one-silent", "none-serves-an-adapter", "no-agents"])
+@pytest.mark.parametrize(
+    "stats, expected",
+    [
+        ({"demo-0": serving("base"), "demo-1": serving("base")}, Adapter(0, "base")),
+        ({"demo-0": serving("base"), "demo-1": serving("other")}, None),
+        ({"demo-0": serving("base"), "demo-1": None}, None),
+        ({"demo-0": serving(None), "demo-1": serving(None)}, None),
+        ({}, None),
+    ],
+    ids=["agree", "disagree", "one-silent", "none-serves-an-adapter", "no-agents"],
+)
 def test_before_any_round_the_adapter_every_agent_agrees_on(stats, expected):
     assert current_adapter({}, [], stats) == expected
 
@@ -393,14 +428,20 @@ def test_build_round_is_owned_labelled_and_valid_against_the_crd(aggregator):
     meta = obj["metadata"]
     assert (obj["apiVersion"], obj["kind"], meta["name"], meta["namespace"]) == ("collm.io/v1alpha1", "AdapterRound", "demo-round-4", "team-a")
     assert meta["labels"]["collm.io/cluster"] == "demo" and meta["labels"]["collm.io/scheduled"] == "true"
-    assert meta["ownerReferences"] == [{"apiVersion": "collm.io/v1alpha1", "kind": "CollmCluster", "name": "demo", "uid": "0000-uid",
-                                        "controller": True, "blockOwnerDeletion": True}]
+    assert meta["ownerReferences"] == [
+        {"apiVersion": "collm.io/v1alpha1", "kind": "CollmCluster", "name": "demo", "uid": "0000-uid", "controller": True, "blockOwnerDeletion": True}
+    ]
     expected = {"clusterRef": {"name": "demo"}, "participants": ["demo-0", "demo-1"]}
     assert obj["spec"] == (expected if aggregator is None else {**expected, "aggregator": aggregator})  # None: the round picks one
     jsonschema.validate(obj, to_jsonschema(openapi_schema("AdapterRound")))
     parsed = api.parse_round(obj)
     assert (parsed.name, parsed.namespace, parsed.spec.cluster_name, parsed.spec.participants, parsed.spec.aggregator) == (
-        "demo-round-4", "team-a", "demo", ("demo-0", "demo-1"), aggregator)
+        "demo-round-4",
+        "team-a",
+        "demo",
+        ("demo-0", "demo-1"),
+        aggregator,
+    )
 
 
 # --- planning.Planner -------------------------------------------------------------------------------
@@ -471,8 +512,10 @@ def test_three_way_patch_removes_what_the_last_apply_set_and_the_spec_dropped():
 
     last = {"spec": {"template": {"spec": {"nodeSelector": {"gpu": "true"}, "containers": [{"name": "a"}]}}}}
     desired = {"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "x"}]}}}}
-    live = {"spec": {"template": {"spec": {"nodeSelector": {"gpu": "true"}, "containers": [{"name": "a"}], "dnsPolicy": "ClusterFirst"}}},
-            "status": {"replicas": 2}}
+    live = {
+        "spec": {"template": {"spec": {"nodeSelector": {"gpu": "true"}, "containers": [{"name": "a"}], "dnsPolicy": "ClusterFirst"}}},
+        "status": {"replicas": 2},
+    }
     patch = three_way_patch(last, desired)
     assert patch["spec"]["template"]["spec"]["nodeSelector"] is None
     after = merge_patch(live, patch)
@@ -524,15 +567,20 @@ class FakeKube:
 
 
 def cluster_body(spec: dict | None = None) -> dict:
-    return {"metadata": {"name": "demo", "namespace": "team-a", "uid": "0000-uid", "generation": 2},
-            "spec": {"model": {"source": "tiny"}, "replicas": 3, **(spec or {})}}
+    return {
+        "metadata": {"name": "demo", "namespace": "team-a", "uid": "0000-uid", "generation": 2},
+        "spec": {"model": {"source": "tiny"}, "replicas": 3, **(spec or {})},
+    }
 
 
 def test_reconcile_flips_progressing_only_when_a_child_changed():
     from collm_operator.reconcile import reconcile_cluster
 
     changed = reconcile_cluster(FakeKube(True), cluster_body(), None, NOW)
-    assert [(c["type"], c["status"], c["reason"]) for c in changed.status["conditions"]] == [("Ready", "False", "RollingOut"), ("Progressing", "True", "RollingOut")]
+    assert [(c["type"], c["status"], c["reason"]) for c in changed.status["conditions"]] == [
+        ("Ready", "False", "RollingOut"),
+        ("Progressing", "True", "RollingOut"),
+    ]
     assert changed.events[0][1] == "Applied"
     same = reconcile_cluster(FakeKube(False), cluster_body(), None, NOW)  # an operator restart: nothing to roll out
     assert same.status == {} and same.events == [] and not same.invalid

@@ -199,14 +199,16 @@ def test_custom_resource_schema_rejects_typos_and_floats():
     schema = to_jsonschema(openapi_schema("CollmCluster"))
     good = {"apiVersion": api.API_VERSION, "kind": "CollmCluster", "metadata": {"name": "x"}, "spec": {"model": {"source": "tiny"}}}
     jsonschema.validate(good, schema)
-    for bad_spec in ({"model": {"source": "tiny"}, "replica": 2},
-                     {"model": {"source": "tiny"}, "training": {"learningRate": 0.001}},
-                     {"model": {"source": "tiny"}, "adapter": {"rank": 300}},
-                     {"model": {"source": "tiny"}, "training": {"learningRate": "-1"}},
-                     {"model": {"source": "tiny"}, "training": {"dataVolume": {}}},
-                     {"model": {"source": "tiny"}, "training": {"dataVolume": {"emptyDir": {}, "hostPath": {"path": "/d"}}}},
-                     {"model": {"source": "tiny", "dtype": "int4"}},
-                     {"model": {"source": "tiny"}, "federation": {"aggregation": "krum"}}):
+    for bad_spec in (
+        {"model": {"source": "tiny"}, "replica": 2},
+        {"model": {"source": "tiny"}, "training": {"learningRate": 0.001}},
+        {"model": {"source": "tiny"}, "adapter": {"rank": 300}},
+        {"model": {"source": "tiny"}, "training": {"learningRate": "-1"}},
+        {"model": {"source": "tiny"}, "training": {"dataVolume": {}}},
+        {"model": {"source": "tiny"}, "training": {"dataVolume": {"emptyDir": {}, "hostPath": {"path": "/d"}}}},
+        {"model": {"source": "tiny", "dtype": "int4"}},
+        {"model": {"source": "tiny"}, "federation": {"aggregation": "krum"}},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({**good, "spec": bad_spec}, schema)
 
@@ -222,7 +224,14 @@ def test_kustomize_base_builds_and_validates():
         k8s_validate(doc)
     deployment = next(d for d in built if d["kind"] == "Deployment")
     assert deployment["spec"]["template"]["spec"]["containers"][0]["command"] == [
-        "kopf", "run", "--standalone", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz", "-m", "collm_operator.main"]
+        "kopf",
+        "run",
+        "--standalone",
+        "--all-namespaces",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "-m",
+        "collm_operator.main",
+    ]
 
 
 # --- Helm chart ---------------------------------------------------------------------------------
@@ -246,8 +255,9 @@ def test_chart_crds_are_copies_of_the_crds_folder():
         assert sorted(c["filename"] for c in chart.crds) == [f"collm/crds/{p.name}" for p in CRD_FILES]
 
 
-@pytest.mark.parametrize("values", [None, {"watchNamespace": "team-a", "metrics": {"serviceMonitor": {"enabled": True}}}],
-                         ids=["all-namespaces", "one-namespace"])
+@pytest.mark.parametrize(
+    "values", [None, {"watchNamespace": "team-a", "metrics": {"serviceMonitor": {"enabled": True}}}], ids=["all-namespaces", "one-namespace"]
+)
 def test_chart_renders_valid_objects(values):
     rendered = render(values)
     kinds = sorted(d["kind"] for d in rendered)
@@ -274,8 +284,19 @@ def test_chart_renders_valid_objects(values):
         role = next(d for d in rendered if d["kind"] == "Role")
         assert role["metadata"]["namespace"] == "team-a"
         resources = {r for rule in role["rules"] for r in rule["resources"]}
-        assert {"statefulsets", "deployments", "services", "configmaps", "poddisruptionbudgets", "events", "pods",
-                "servicemonitors", "collmclusters", "adapterrounds", "collmclusters/status"} <= resources
+        assert {
+            "statefulsets",
+            "deployments",
+            "services",
+            "configmaps",
+            "poddisruptionbudgets",
+            "events",
+            "pods",
+            "servicemonitors",
+            "collmclusters",
+            "adapterrounds",
+            "collmclusters/status",
+        } <= resources
         assert "ServiceMonitor" in kinds
     assert "Secret" not in kinds
 
@@ -299,8 +320,14 @@ def test_grafana_dashboard_covers_the_agent_metrics():
     dashboard_cm = next(d for d in render() if d["kind"] == "ConfigMap")
     dashboard = json.loads(dashboard_cm["data"]["collm.json"])
     exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
-    for metric in ("collm_slo_attainment", "collm_training_share", "collm_adapter_version", "collm_time_to_first_token_seconds",
-                   "collm_eval_loss", "collm_inference_tokens_per_second"):
+    for metric in (
+        "collm_slo_attainment",
+        "collm_training_share",
+        "collm_adapter_version",
+        "collm_time_to_first_token_seconds",
+        "collm_eval_loss",
+        "collm_inference_tokens_per_second",
+    ):
         assert metric in exprs
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import yaml
@@ -11,14 +11,16 @@ from collm_operator import agent_settings, api, conditions, objects
 from collm_operator.api import parse_cluster
 from collm_operator.conditions import FALSE, TRUE, UNKNOWN, set_condition, summarize_ready
 
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def cluster(spec: dict | None = None) -> api.Cluster:
-    return parse_cluster({
-        "metadata": {"name": "demo", "namespace": "team-a", "uid": "0000-uid", "generation": 2},
-        "spec": {"model": {"source": "tiny"}, "replicas": 3, "training": {"dataVolume": {"hostPath": {"path": "/srv/data"}}}, **(spec or {})},
-    })
+    return parse_cluster(
+        {
+            "metadata": {"name": "demo", "namespace": "team-a", "uid": "0000-uid", "generation": 2},
+            "spec": {"model": {"source": "tiny"}, "replicas": 3, "training": {"dataVolume": {"hostPath": {"path": "/srv/data"}}}, **(spec or {})},
+        }
+    )
 
 
 def by_kind(objs):
@@ -34,10 +36,16 @@ def test_build_all_lists_each_child_once_with_owner_and_labels():
     for o in objs:
         meta = o["metadata"]
         assert meta["namespace"] == "team-a"
-        assert meta["ownerReferences"] == [{
-            "apiVersion": "collm.io/v1alpha1", "kind": "CollmCluster", "name": "demo", "uid": "0000-uid",
-            "controller": True, "blockOwnerDeletion": True,
-        }]
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "collm.io/v1alpha1",
+                "kind": "CollmCluster",
+                "name": "demo",
+                "uid": "0000-uid",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         labels = meta["labels"]
         assert labels["app.kubernetes.io/name"] == "collm"
         assert labels["app.kubernetes.io/instance"] == "demo"
@@ -61,8 +69,14 @@ def test_service_monitor_only_when_enabled():
 
 
 def test_statefulset_runs_one_restricted_agent_per_replica():
-    c = cluster({"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
-                 "resources": {"limits": {"nvidia.com/gpu": "1"}}, "imagePullPolicy": "Always"})
+    c = cluster(
+        {
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "resources": {"limits": {"nvidia.com/gpu": "1"}},
+            "imagePullPolicy": "Always",
+        }
+    )
     sts = objects.build_statefulset(c)
     spec = sts["spec"]
     assert sts["metadata"]["name"] == "demo" and spec["replicas"] == 3
@@ -166,8 +180,9 @@ def test_catalog_lists_every_condition_once():
 
 def test_set_condition_moves_the_transition_time_only_on_status_change():
     first = set_condition([], "Degraded", FALSE, "AsExpected", "", 1, NOW)
-    assert first == [{"type": "Degraded", "status": "False", "reason": "AsExpected", "message": "",
-                      "observedGeneration": 1, "lastTransitionTime": "2026-01-02T03:04:05Z"}]
+    assert first == [
+        {"type": "Degraded", "status": "False", "reason": "AsExpected", "message": "", "observedGeneration": 1, "lastTransitionTime": "2026-01-02T03:04:05Z"}
+    ]
     later = NOW + timedelta(minutes=5)
     same = set_condition(first, "Degraded", FALSE, "AsExpected", "still fine", 2, later)
     assert same[0]["lastTransitionTime"] == "2026-01-02T03:04:05Z"
@@ -234,8 +249,9 @@ def test_an_slo_change_keeps_the_pod_template_and_reaches_the_configmap():
     """SLO and training cap travel in plans (and the ConfigMap for new pods): no pod restarts."""
     template = lambda c: objects.build_statefulset(c)["spec"]["template"]  # noqa: E731
     before = cluster()
-    after = cluster({"serving": {"ttftMilliseconds": 250, "tpotMilliseconds": 30},
-                     "training": {"dataVolume": {"hostPath": {"path": "/srv/data"}}, "trainCapTokens": 32}})
+    after = cluster(
+        {"serving": {"ttftMilliseconds": 250, "tpotMilliseconds": 30}, "training": {"dataVolume": {"hostPath": {"path": "/srv/data"}}, "trainCapTokens": 32}}
+    )
     assert template(before) == template(after)
     settings = yaml.safe_load(objects.build_configmap(after)["data"]["agent.yaml"])
     assert (settings["ttft_ms"], settings["tpot_ms"], settings["train_cap_tokens"]) == (250, 30, 32)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from replica_agent.traces import CODE_TRACE, load_arrivals
 from collm_operator.predictor import EmaPredictor, LoadPredictor, PredictorSettings, replay
+from replica_agent.traces import load_arrivals
 
 
 def feed(predictor, rates, interval_s=10.0, start=0.0):
@@ -63,7 +63,6 @@ def test_bad_inputs_are_rejected(call):
         PredictorSettings(hold_s=0)
 
 
-@pytest.mark.skipif(not CODE_TRACE.exists(), reason=f"the Azure code trace is not at {CODE_TRACE}")
 def test_on_the_code_trace_bursts_are_rarely_under_predicted_and_idle_gaps_free_capacity():
     arrivals = load_arrivals()
     ours = replay(LoadPredictor(), arrivals, 10.0)

@@ -117,7 +117,10 @@ def start_router(loop: Loop, replicas: dict[str, str], **settings):
 def metric(url: str, name: str, **labels) -> float:
     text = http("GET", url + "/metrics")[1].decode()
     return sum(
-        s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
 
@@ -255,7 +258,11 @@ def test_load_shedding_answers_429_with_retry_after(agents, loop):
         async with aiohttp.ClientSession() as session:
 
             async def one(i: int):
-                path, body = ("/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 150}}) if i < 6 else ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 150})
+                path, body = (
+                    ("/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 150}})
+                    if i < 6
+                    else ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 150})
+                )
                 async with session.post(url + path, json=body) as resp:
                     return resp.status, await resp.json(), resp.headers.get("Retry-After")
 
@@ -296,8 +303,14 @@ def test_stalled_stream_times_out_with_an_openai_error(loop):
     async def stall(request):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "tiny", "choices": [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": None}]}
-        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: {\"half\": ")  # then half an event, then silence
+        chunk = {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 0,
+            "model": "tiny",
+            "choices": [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": None}],
+        }
+        await response.write(b"data: " + json.dumps(chunk).encode() + b'\n\ndata: {"half": ')  # then half an event, then silence
         await asyncio.sleep(30)
         return response
 
@@ -320,7 +333,13 @@ def test_metrics_exposition(agents, loop):
     status, body, headers = http("GET", url + "/metrics")
     text = body.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    for name in ("collm_router_requests_total", "collm_router_retries_total", "collm_router_shed_requests_total", "collm_router_upstream_seconds_bucket", "collm_router_upstream_first_byte_seconds_bucket"):
+    for name in (
+        "collm_router_requests_total",
+        "collm_router_retries_total",
+        "collm_router_shed_requests_total",
+        "collm_router_upstream_seconds_bucket",
+        "collm_router_upstream_first_byte_seconds_bucket",
+    ):
         assert name in text
     assert 'collm_router_outstanding_requests{replica="a"} 0.0' in text and 'collm_router_replica_weight{replica="a"} 1.0' in text
 
@@ -328,7 +347,11 @@ def test_metrics_exposition(agents, loop):
 def test_command_line_rejects_bad_replicas(capsys):
     assert parse_replica("x=http://h:1", 0) == ReplicaEndpoint("x", "http://h:1")
     assert parse_replica("http://h:1", 2).name == "replica-2"
-    for argv, words in ([], "at least one replica"), (["--replica", "a=ftp://h"], "http:// or https://"), (["--replica", "a=http://h:1", "--replica", "a=http://h:2"], "given twice"):
+    for argv, words in (
+        ([], "at least one replica"),
+        (["--replica", "a=ftp://h"], "http:// or https://"),
+        (["--replica", "a=http://h:1", "--replica", "a=http://h:2"], "given twice"),
+    ):
         with pytest.raises(SystemExit):
             main(argv)
         assert words in capsys.readouterr().err
@@ -337,7 +360,17 @@ def test_command_line_rejects_bad_replicas(capsys):
 def test_collm_router_serves(agents, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from replica_agent.router.app import main; import sys; sys.exit(main())", "--replica", f"a={agents['urls']['a']}", "--port", str(port), "--host", "127.0.0.1"],
+        [
+            sys.executable,
+            "-c",
+            "from replica_agent.router.app import main; import sys; sys.exit(main())",
+            "--replica",
+            f"a={agents['urls']['a']}",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,

@@ -396,7 +396,14 @@ def test_framer_holds_back_only_a_possible_last_token():
     assert framer.token(tok(2, "c")) == []  # index 2 may be the last: held back
     (last,) = framer.final(final("abcd", 3))  # "d": a tail the detokenizer released at the end
     assert last["token"]["text"] == "cd" and last["generated_text"] == "abcd" and last["index"] == 2
-    assert last["details"] == {"finish_reason": "length", "generated_tokens": 3, "seed": None, "input_length": 3, "adapter_version": "7.3", "adapter_sha256": "ab" * 32}
+    assert last["details"] == {
+        "finish_reason": "length",
+        "generated_tokens": 3,
+        "seed": None,
+        "input_length": 3,
+        "adapter_version": "7.3",
+        "adapter_sha256": "ab" * 32,
+    }
     assert last["adapter_version"] == "7.3" and last["adapter_sha256"] == "ab" * 32
 
 

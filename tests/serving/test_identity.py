@@ -23,8 +23,10 @@ PROMPT = "def identity("
 
 @pytest.fixture(scope="module")
 def agent(json_data, tiny_base):
-    agent = Agent(AgentConfig(model="tiny", data=str(json_data), port=0, max_total_tokens=256, eval_batches=1, revision_every_seconds=0, train_cap_tokens=0),
-                  base=tiny_base)
+    agent = Agent(
+        AgentConfig(model="tiny", data=str(json_data), port=0, max_total_tokens=256, eval_batches=1, revision_every_seconds=0, train_cap_tokens=0),
+        base=tiny_base,
+    )
     agent.start()
     yield agent
     agent.stop()
@@ -41,8 +43,11 @@ def everywhere(server, agent, grpc_address) -> dict[str, tuple[str, str]]:
     status, _, headers = post_json(server.url + "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
     assert status == 200
     seen = {"header": (headers[ADAPTER_HEADER], headers[ADAPTER_SHA_HEADER])}
-    request = urllib.request.Request(server.url + "/generate_stream", data=json.dumps({"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server.url + "/generate_stream",
+        data=json.dumps({"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as reply:
         final = [json.loads(line[5:]) for line in reply.read().decode().splitlines() if line.startswith("data:")][-1]
     seen["stream"] = (final["adapter_version"], final["adapter_sha256"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import openai
 import pytest
 
@@ -12,10 +11,10 @@ from replica_agent.engine.requests import FinalEvent, FinishReason, TokenEvent, 
 from replica_agent.serving.http_api import ADAPTER_HEADER
 from replica_agent.serving.openai_schemas import OpenAIError, ResponseBuilder, cut_at_stop, parse_openai_request, sampling_params
 
+from ..helpers import post_json
+
 PROMPT = "The Python language reference describes"
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is a list?"}]
-
-from ..helpers import post_json
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +176,11 @@ def test_chat_errors(client):
         ("/v1/chat/completions", b'{"model": "tiny", "messages": []}', "at least one message"),
         ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "only text"),
         ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user"}]}', "must be a string"),
-        ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}', "response_format"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
+            "response_format",
+        ),
     ],
 )
 def test_malformed_requests_get_openai_errors(server, path, body, words):
