@@ -2,7 +2,7 @@
 
 A pure, fast simulation (numbers only, about a second per policy): it replays the trace's
 arrival times against a cluster of replicas, runs the load predictor and `allocate()` every
-`slow_interval_s`, and scores each policy by DESIGN.md's goodput (F x Q integrated).
+`slow_interval_s`, and scores each policy by docs/design.md's goodput (F x Q integrated).
 
 Replica model (one fluid FIFO queue per replica). At training cap c a replica serves requests
 at C(c) req/s (its CapacityProfile); a request waits for the work queued ahead of it to drain at
@@ -13,31 +13,41 @@ weights. Under `coexec` the batch mixer (fast timescale) is modelled too: when m
 plan's cap over `mixer_ramp_s` (additive increase). The baselines have no mixer: `static`
 trains a fixed batch, `separated` replicas either train or serve, `inferenceOnly` never trains.
 
-Quality: the served adapter's eval loss falls with the training tokens published by federated
-rounds (every `round_interval_s`): loss = floor + (initial - floor) * exp(-tokens / T), Q = 1 / loss,
-T = the tokens the whole cluster trains at its highest cap in `loss_time_constant_s`. Each
-request that meets the SLO adds the Q of the adapter it was admitted with: goodput = sum F x Q dt.
+Quality: the served adapter's eval loss falls with the training tokens it holds:
+loss = floor + (initial - floor) * exp(-tokens / T), Q = 1 / loss, T = the tokens the whole cluster
+trains at its highest cap in `loss_time_constant_s`. Federated rounds (every `round_interval_s`)
+publish what was trained; with real-time reuse (`revision_interval_s` > 0: the agent's local
+revisions, under every co-located policy) what the replicas train since the last round is served
+too, every `revision_interval_s`. `separated` has no reuse: its serving replicas train nothing.
+Each request that meets the SLO adds the Q of the adapter it was admitted with: goodput = sum F x Q dt.
+
+Calibration (`--calibrate reports/goodput.json`): the serving capacity per replica, the training
+rate of a replica that only trains, the training share a co-executing replica keeps, and the loss
+curve are taken from a measured `collm bench goodput` run (`calibrate()`), so the simulation can
+show what the measured two replicas imply for 8.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
+
 from collm_operator.allocation import DEFAULT_STATIC_CAP, POLICIES, CapacityProfile, ReplicaState, allocate
 from collm_operator.predictor import EmaPredictor, LoadPredictor, replay
 from replica_agent.traces import CODE_TRACE, load_arrivals
 
-
 # (cap tokens/iteration, share of the inference-alone rate, share of the training-alone rate).
 # Anchored on reports/coexec.json at cap 128 (0.90, 0.81 on CPU, CEE 1.71) but with more
-# interference at high caps, for a CEE near DESIGN.md's median 1.45 at the top cap.
+# interference at high caps, for a CEE near the CEE measured by `collm bench coexec` (median about 1.45) at the top cap.
 PROFILE_SHAPE = ((0, 1.0, 0.0), (64, 0.93, 0.40), (128, 0.85, 0.62), (256, 0.72, 0.80), (512, 0.60, 0.85))
-ABLATIONS = {  # name -> (policy, predictor, mixer)
-    "coexec, EMA predictor": ("coexec", "ema", True),
-    "coexec, slow timescale only": ("coexec", "burst", False),
-    "coexec, fast timescale only": ("coexec", "none", True),
+ABLATIONS = {  # name -> (policy, predictor, mixer, real-time reuse)
+    "coexec, EMA predictor": ("coexec", "ema", True, True),
+    "coexec, slow timescale only": ("coexec", "burst", False, True),
+    "coexec, fast timescale only": ("coexec", "none", True, True),
+    "coexec, no real-time reuse (rounds only)": ("coexec", "burst", True, False),
 }
 
 
@@ -60,6 +70,10 @@ class SimConfig:
     data_tokens: int = 100_000_000
     pressure_s: float = 0.1
     mixer_ramp_s: float = 0.4
+    revision_interval_s: float = 0.0  # real-time reuse of local progress (0: rounds only, the earlier model)
+    training_share: float | None = None  # the training share at the top cap (calibrate(): measured); None: PROFILE_SHAPE's
+    offered_rps: float | None = None  # time-scale the trace to this mean rate (None: its own times)
+    calibrated_from: str = ""
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -70,6 +84,81 @@ class SimConfig:
             raise ValueError("step_s must be > 0 and at most slow_interval_s")
         if not self.loss_initial > self.loss_floor > 0:
             raise ValueError("loss_initial must exceed loss_floor, which must be > 0")
+        if self.revision_interval_s < 0:
+            raise ValueError("revision_interval_s must be >= 0")
+        if self.training_share is not None and not 0 < self.training_share <= 1:
+            raise ValueError("training_share must be in (0, 1]")
+        if self.offered_rps is not None and self.offered_rps <= 0:
+            raise ValueError("offered_rps must be > 0")
+
+
+def fit_loss_curve(points: list[tuple[float, float]], loss_initial: float) -> tuple[float, float]:
+    """(floor, tokens constant) of loss = floor + (initial - floor) * exp(-tokens / T) that fits
+    measured (tokens, loss) points best (least squares over a log grid of T and a grid of floors)."""
+    if not points:
+        raise ValueError("no measured (tokens, loss) point to fit")
+    most = max(t for t, _ in points) or 1.0
+    best = (math.inf, loss_initial * 0.5, most)
+    for i in range(1, 200):
+        floor = loss_initial * i / 200
+        for k in range(-30, 31):
+            scale = most * 10 ** (k / 10)
+            error = sum((floor + (loss_initial - floor) * math.exp(-t / scale) - loss) ** 2 for t, loss in points)
+            if error < best[0]:
+                best = (error, floor, scale)
+    return best[1], best[2]
+
+
+def calibrate(goodput_json: str, *, replicas: int, load: float | None = None, **overrides) -> SimConfig:
+    """A SimConfig whose cost and quality models come from a measured `collm bench goodput` run.
+
+    - inference_alone_rps: the measured serving capacity (training off, at the run's SLO
+      attainment threshold) per replica;
+    - training_alone_tokens_per_s: `separated`'s training replica (it only trains);
+    - training_share: coexec's training rate per replica over that (what co-execution keeps);
+    - loss_initial, loss_floor, loss_time_constant_s: fitted to coexec's per-window served quality
+      against the tokens each replica had trained by then (`windows` in the JSON);
+    - offered_rps: `load` (default: the run's first load) x the capacity per replica x `replicas`.
+    """
+    with open(goodput_json) as f:
+        measured = json.load(f)
+    entry = measured["loads"][0]
+    runs = {r["policy"]: r for r in entry["policies"]}
+    for needed in ("coexec", "separated"):
+        if needed not in runs:
+            raise ValueError(f"{goodput_json} has no {needed} run; calibrating needs coexec and separated")
+    n_measured = measured["replicas"]
+    per_replica_rps = measured["capacity"]["rate"] / n_measured
+    separated, coexec = runs["separated"], runs["coexec"]
+    alone = max(separated["training_tokens_per_replica"].values()) / separated["duration_s"]
+    share = coexec["training_tokens"] / n_measured / coexec["duration_s"] / alone
+    loss_initial = 1 / coexec["mean_quality_initial_adapter"]
+    points, tokens = [], 0.0
+    for w in coexec["windows"]:
+        # tokens per replica trained by the end of the window (older JSON lacks them: a steady rate)
+        tokens = (
+            tokens + w["training_tokens"] / n_measured if "training_tokens" in w else coexec["training_tokens"] / n_measured * w["t"] / coexec["duration_s"]
+        )
+        if w.get("mean_quality"):
+            points.append((tokens, 1 / w["mean_quality"]))
+    floor, scale = fit_loss_curve(points, loss_initial)
+    revision = measured.get("replica_settings", {}).get("revision_every_seconds") or 5.0
+    settings = dict(
+        replicas=replicas,
+        inference_alone_rps=per_replica_rps,
+        training_alone_tokens_per_s=alone,
+        training_share=share,
+        loss_initial=loss_initial,
+        loss_floor=floor,
+        loss_time_constant_s=scale / (alone * share),  # T = tokens one replica trains at co-execution's rate in this time
+        round_interval_s=measured["controller"]["round_interval_s"],
+        slow_interval_s=measured["controller"]["slow_interval_s"],
+        revision_interval_s=float(revision),
+        ttft_slack_s=measured["slo"]["ttft_ms"] / 1000,
+        offered_rps=(load if load is not None else entry["load"]) * per_replica_rps * replicas,
+        calibrated_from=goodput_json,
+    )
+    return SimConfig(**{**settings, **overrides})
 
 
 def p99_rate(arrivals, window_s: float = 10.0) -> float:
@@ -114,14 +203,25 @@ class _Replica:
         self.enqueued += 1
 
 
-def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burst", mixer: bool | None = None) -> dict:
-    """Replay `arrivals` (seconds, sorted) under one policy; returns its figures."""
+def at_rate(arrivals, rate: float | None) -> list[float]:
+    """The same bursts and gaps, squeezed or stretched to a mean rate of `rate` req/s (None: unchanged)."""
+    span = arrivals[-1] - arrivals[0] if arrivals else 0.0
+    if rate is None or span <= 0:
+        return list(arrivals)
+    return [(t - arrivals[0]) * len(arrivals) / rate / span for t in arrivals]
+
+
+def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burst", mixer: bool | None = None, reuse: bool | None = None) -> dict:
+    """Replay `arrivals` (seconds, sorted; at `config.offered_rps` if set) under one policy; returns its figures."""
     c = config
+    arrivals = at_rate(arrivals, c.offered_rps)
     arrivals = [t for t in arrivals if c.duration_s is None or t < c.duration_s]
     end = c.duration_s if c.duration_s is not None else arrivals[-1]
     mixer = policy == "coexec" if mixer is None else mixer
     inference_alone = c.inference_alone_rps or p99_rate(arrivals) / (c.replicas * c.peak_utilization)
-    profile = CapacityProfile(tuple((cap, inference_alone * a, c.training_alone_tokens_per_s * b) for cap, a, b in PROFILE_SHAPE))
+    train_scale = c.training_share / PROFILE_SHAPE[-1][2] if c.training_share is not None else 1.0
+    profile = CapacityProfile(tuple((cap, inference_alone * a, c.training_alone_tokens_per_s * b * train_scale) for cap, a, b in PROFILE_SHAPE))
+    reuse = (c.revision_interval_s > 0 if reuse is None else reuse) and c.revision_interval_s > 0 and policy not in ("separated", "inferenceOnly")
     names = [f"replica-{i}" for i in range(c.replicas)]
     replicas = {n: _Replica(profile) for n in names}
     scale_tokens = c.replicas * profile.training_rate_at(profile.max_cap) * c.loss_time_constant_s
@@ -137,14 +237,19 @@ def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burs
     overloaded_intervals = intervals = 0
     next_arrival = seen_at_tick = 0
     next_tick, next_round = 0.0, c.round_interval_s
+    next_revision = c.revision_interval_s if reuse else math.inf
     steps = int(math.ceil(end / c.step_s))
     for k in range(steps + 1):
         t = k * c.step_s
         if t >= next_round - 1e-9:
             published += round_tokens
             round_tokens = 0.0
-            loss = c.loss_floor + (c.loss_initial - c.loss_floor) * math.exp(-published / scale_tokens)
+            if not reuse:
+                loss = c.loss_floor + (c.loss_initial - c.loss_floor) * math.exp(-published / scale_tokens)
             next_round += c.round_interval_s
+        if t >= next_revision - 1e-9:  # local revisions: everything trained so far is served (rebased, never lost)
+            loss = c.loss_floor + (c.loss_initial - c.loss_floor) * math.exp(-trained / scale_tokens)
+            next_revision += c.revision_interval_s
         if t >= next_tick - 1e-9:
             load = 0.0
             if forecaster is not None:
@@ -172,9 +277,10 @@ def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burs
             else:
                 r.cap = min(r.plan_cap, r.cap + r.plan_cap * c.step_s / c.mixer_ramp_s)
             r.rate = profile.capacity_at(r.cap)
+            tokens = profile.training_rate_at(r.cap) * c.step_s
             if n in participants:
-                tokens = profile.training_rate_at(r.cap) * c.step_s
                 round_tokens += tokens
+            if n in participants or (reuse and tokens > 0):
                 trained += tokens
             cap_time += r.cap * c.step_s
         quality_time += c.step_s / loss
@@ -221,18 +327,36 @@ def _pick(weights: dict[str, float], current: dict[str, float]) -> str:
     return best
 
 
-def run(*, replicas: int = 4, duration_s: float | None = None, slow_interval_s: float = 10.0, static_cap: int = DEFAULT_STATIC_CAP, trace: str | None = None, ablations: bool = True, json_path: str | None = None) -> dict:
-    """Simulate every policy (and the ablations) on the code trace; print a table, write JSON."""
-    config = SimConfig(replicas=replicas, duration_s=duration_s, slow_interval_s=slow_interval_s, static_cap=static_cap)
+def run(
+    *,
+    replicas: int = 4,
+    duration_s: float | None = None,
+    slow_interval_s: float = 10.0,
+    static_cap: int = DEFAULT_STATIC_CAP,
+    trace: str | None = None,
+    ablations: bool = True,
+    calibrate_from: str | None = None,
+    load: float | None = None,
+    json_path: str | None = None,
+) -> dict:
+    """Simulate every policy (and the ablations) on the code trace; print a table, write JSON.
+    With `calibrate_from` (a `collm bench goodput` JSON) the cost and quality models are the measured
+    ones (calibrate()) and the trace is offered at `load` of the cluster's calibrated capacity."""
+    if calibrate_from:
+        config = calibrate(calibrate_from, replicas=replicas, load=load, duration_s=duration_s)
+    else:
+        config = SimConfig(replicas=replicas, duration_s=duration_s, slow_interval_s=slow_interval_s, static_cap=static_cap)
     arrivals = load_arrivals(trace or CODE_TRACE)
     rows = {p: simulate(arrivals, config, p) for p in POLICIES}
     if ablations:
-        for name, (policy, predictor, mixer) in ABLATIONS.items():
-            rows[name] = {**simulate(arrivals, config, policy, predictor=predictor, mixer=mixer), "policy": name}
+        for name, (policy, predictor, mixer, reuse) in ABLATIONS.items():
+            if not reuse and not config.revision_interval_s:
+                continue  # the configuration has no real-time reuse to take away
+            rows[name] = {**simulate(arrivals, config, policy, predictor=predictor, mixer=mixer, reuse=reuse), "policy": name}
     reference = rows["coexec"]["goodput"]
     for row in rows.values():
         row["goodput_ratio"] = row["goodput"] / reference if reference else 0.0
-    in_window = [t for t in arrivals if duration_s is None or t < duration_s]
+    in_window = [t for t in at_rate(arrivals, config.offered_rps) if duration_s is None or t < duration_s]
     scores = {
         "burst (LoadPredictor)": replay(LoadPredictor(), in_window, slow_interval_s, headroom=config.headroom).as_dict(),
         "EMA 60 s": replay(EmaPredictor(60.0), in_window, slow_interval_s, headroom=config.headroom).as_dict(),
@@ -260,11 +384,14 @@ def _report(result: dict, json_path: str | None) -> None:
         for r in [*result["policies"].values(), *result["ablations"].values()]
     ]
     c = result["config"]
-    print_table(f"Goodput on the Azure code trace: {c['replicas']} replicas, slow interval {c['slow_interval_s']:g} s", columns, rows)
+    source = f", calibrated from {c['calibrated_from']}" if c["calibrated_from"] else ""
+    print_table(f"Goodput on the Azure code trace: {c['replicas']} replicas, slow interval {c['slow_interval_s']:g} s{source}", columns, rows)
     print_table(
         f"Load predictor, one prediction per {c['slow_interval_s']:g} s",
         ["predictor", "burst under-prediction", "requests over prediction", "idle prediction req/s", "reserved / actual"],
-        [[n, s["burst_under_prediction_rate"], s["under_predicted_share"], s["long_idle_prediction"], s["reserved_over_actual"]] for n, s in result["predictor"].items()],
+        [
+            [n, s["burst_under_prediction_rate"], s["under_predicted_share"], s["long_idle_prediction"], s["reserved_over_actual"]]
+            for n, s in result["predictor"].items()
+        ],
     )
     write_json(result, json_path)
-

@@ -52,12 +52,14 @@ def collm_main(argv: list[str] | None = None) -> int:
     export.add_argument("--sha256", help="the adapter to export (default: the agent's current one)")
     export.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
 
-    dev = sub.add_parser("dev-cluster", help="an emulated Kubernetes cluster on this machine (API emulator, kubelet stand-in, kubeconfig for kubectl)", add_help=False)
+    dev = sub.add_parser(
+        "dev-cluster", help="an emulated Kubernetes cluster on this machine (API emulator, kubelet stand-in, kubeconfig for kubectl)", add_help=False
+    )
     dev.add_argument("dev_args", nargs=argparse.REMAINDER, help="e.g. `up --kubeconfig PATH --no-operator` (see `collm dev-cluster up --help`)")
 
     bench = sub.add_parser("bench", help="benchmarks that print figures (JSON and a table)")
     kinds = bench.add_subparsers(dest="bench", required=True)
-    coexec = kinds.add_parser("coexec", help="co-execution efficiency of one replica (DESIGN.md's CEE)")
+    coexec = kinds.add_parser("coexec", help="co-execution efficiency of one replica (docs/design.md's CEE)")
     coexec.add_argument("--model", default="tiny")
     coexec.add_argument("--json", help="write the figures to this file")
     coexec.add_argument("--ttft-ms", type=int, default=500)
@@ -87,13 +89,19 @@ def collm_main(argv: list[str] | None = None) -> int:
     sim.add_argument("--json", help="write the figures to this file")
     sim.add_argument("--replicas", type=int, default=4)
     sim.add_argument("--slow-interval", type=float, default=10.0)
-    goodput = kinds.add_parser("goodput", help="cluster goodput (F x Q) of each scheduling policy: replica processes on cores of their own, the same requests, per-request quality")
+    sim.add_argument("--calibrate", metavar="GOODPUT_JSON", help="take the cost and quality models from a measured `collm bench goodput` JSON")
+    sim.add_argument("--load", type=float, help="with --calibrate: offered load as a fraction of the calibrated capacity (default: the run's)")
+    sim.add_argument("--duration", type=float, help="simulate this many seconds of the (time-scaled) trace (default: all of it)")
+    goodput = kinds.add_parser(
+        "goodput", help="cluster goodput (F x Q) of each scheduling policy: replica processes on cores of their own, the same requests, per-request quality"
+    )
     goodput.add_argument("--policies", default="coexec,static,separated,inferenceOnly,peft", help="comma-separated policies, run one after another")
     goodput.add_argument("--trace", default="code", choices=["conv", "code"])
     goodput.add_argument("--replicas", type=int, default=2, help="replica processes, each pinned to a core of its own (default 2: this machine's cores)")
     goodput.add_argument("--loads", default="0.7", help="offered loads as fractions of the measured capacity, e.g. 0.3,0.6,0.9 (default 0.7)")
     goodput.add_argument("--duration", type=float, default=240.0, help="seconds a run lasts at the highest load (default 240: long enough for quality to move)")
     goodput.add_argument("--capacity", type=float, help="skip the capacity search: the cluster's capacity in req/s")
+    goodput.add_argument("--attainment", type=float, default=0.9, help="SLO attainment that defines the capacity (default 0.9, DistServe's goodput)")
     goodput.add_argument("--round-interval", type=float, default=60.0, help="seconds between federated rounds (default 60)")
     goodput.add_argument("--ttft-ms", type=int, default=500)
     goodput.add_argument("--tpot-ms", type=int, default=50)
@@ -119,11 +127,31 @@ def collm_main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(model=args.model, duration_s=args.duration, replicas=args.replicas, trace=args.trace, policy=args.policy, rate=args.rate, out_dir=args.out, json_path=args.json, live=not args.no_live)
+        run_demo(
+            model=args.model,
+            duration_s=args.duration,
+            replicas=args.replicas,
+            trace=args.trace,
+            policy=args.policy,
+            rate=args.rate,
+            out_dir=args.out,
+            json_path=args.json,
+            live=not args.no_live,
+        )
     elif args.bench == "coexec":
         from collm_bench import coexec as bench_coexec
 
-        bench_coexec.run(args.model, data=args.data, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, trial_s=args.trial_seconds, start_rate=args.start_rate, refinements=args.refinements, train_cap_tokens=args.train_cap_tokens, json_path=args.json)
+        bench_coexec.run(
+            args.model,
+            data=args.data,
+            ttft_ms=args.ttft_ms,
+            tpot_ms=args.tpot_ms,
+            trial_s=args.trial_seconds,
+            start_rate=args.start_rate,
+            refinements=args.refinements,
+            train_cap_tokens=args.train_cap_tokens,
+            json_path=args.json,
+        )
     elif args.bench == "round":
         from collm_bench import rounds as bench_rounds
 
@@ -135,13 +163,31 @@ def collm_main(argv: list[str] | None = None) -> int:
     elif args.bench == "simulate":
         from collm_bench import simulate
 
-        simulate.run(replicas=args.replicas, slow_interval_s=args.slow_interval, json_path=args.json)
+        simulate.run(
+            replicas=args.replicas,
+            slow_interval_s=args.slow_interval,
+            calibrate_from=args.calibrate,
+            load=args.load,
+            duration_s=args.duration,
+            json_path=args.json,
+        )
     elif args.bench == "goodput":
         from collm_bench import goodput as bench_goodput
 
         loads = tuple(float(x) for x in args.loads.split(",") if x.strip())
-        bench_goodput.run([p.strip() for p in args.policies.split(",") if p.strip()], trace=args.trace, replicas=args.replicas, loads=loads, duration_s=args.duration,
-                          capacity_rps=args.capacity, round_interval_s=args.round_interval, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, json_path=args.json)
+        bench_goodput.run(
+            [p.strip() for p in args.policies.split(",") if p.strip()],
+            trace=args.trace,
+            replicas=args.replicas,
+            loads=loads,
+            duration_s=args.duration,
+            capacity_rps=args.capacity,
+            attainment=args.attainment,
+            round_interval_s=args.round_interval,
+            ttft_ms=args.ttft_ms,
+            tpot_ms=args.tpot_ms,
+            json_path=args.json,
+        )
     elif args.bench == "freshness":
         from collm_bench import freshness as bench_freshness
 
@@ -153,7 +199,9 @@ def collm_main(argv: list[str] | None = None) -> int:
     elif args.bench == "overhead":
         from collm_bench import overhead as bench_overhead
 
-        bench_overhead.run(args.model, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads, rank=args.rank, json_path=args.json)
+        bench_overhead.run(
+            args.model, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads, rank=args.rank, json_path=args.json
+        )
     return 0
 
 
@@ -163,12 +211,13 @@ def _export_adapter(source: str, sha256: str | None, out: str) -> int:
     from .engine.lora import LoraSpec
     from .federated.client import AgentClient
     from .federated.export import export_peft
+    from .federated.update import fetch_adapter
 
     with AgentClient(source) as peer:
         stats = peer.stats()
         info = json.loads(stats.json)
         sha = sha256 or stats.adapter.sha256
-        tensors = peer.fetch(sha)
+        tensors = fetch_adapter(peer, sha)
     spec = LoraSpec(rank=info["lora"]["rank"], alpha=info["lora"]["alpha"], target_modules=tuple(info["lora"]["target_modules"]))
     path = export_peft(tensors, spec, out, base_model=stats.model, metadata={"sha256": sha})
     print(f"wrote adapter {sha[:12]} of {stats.replica_id} to {path}")

@@ -89,6 +89,30 @@ def _decode(path: Path) -> str | None:
     return None if "\x00" in text else text
 
 
+PROSE = "prose"
+
+
+def stdlib_domain(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Offline non-IID data for one replica: a standard-library package (Python code, e.g. "json")
+    or "prose", the English of Python's reference documentation (`pydoc_data.topics`, one topic
+    per line of a .jsonl file written once under `cache_dir`, default ~/.cache/collm). Code and
+    prose share little, so what one replica learns helps the other's requests much less than two
+    code packages would."""
+    if name != PROSE:
+        return stdlib_package_dir(name)
+    from pydoc_data.topics import topics
+
+    folder = Path(cache_dir or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "collm" / "domains"
+    lines = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for _, text in sorted(topics.items()))
+    path = folder / f"prose-{hashlib.sha256(lines.encode()).hexdigest()[:12]}.jsonl"  # named by content: a Python upgrade writes a new file
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(lines, encoding="utf-8")
+        os.replace(partial, path)  # atomic: replicas starting together never read half a file
+    return path
+
+
 def _read_file(path: Path) -> list[Example]:
     text = _decode(path)
     if text is None:
@@ -240,9 +264,7 @@ class LocalDataset:
         self._eval_ids, self._eval_labels = all_ids[in_eval], all_labels[in_eval]
 
     @classmethod
-    def from_path(
-        cls, path: str | Path, tokenizer: PreTrainedTokenizerBase, *, include: Sequence[str] = DEFAULT_INCLUDE, **kw
-    ) -> LocalDataset:
+    def from_path(cls, path: str | Path, tokenizer: PreTrainedTokenizerBase, *, include: Sequence[str] = DEFAULT_INCLUDE, **kw) -> LocalDataset:
         return cls(read_examples(path, include), tokenizer, **kw)
 
     @property

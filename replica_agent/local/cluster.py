@@ -21,15 +21,15 @@ import shutil
 import tempfile
 import threading
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from aiohttp import web
 
 from ..agent import Agent
 from ..config import AgentConfig
-from ..engine.data import stdlib_package_dir
+from ..engine.data import stdlib_domain
 from ..engine.model_host import BaseModel, load_base_model
 from ..federated.local_cluster import LocalCluster
 from ..router.app import ReplicaEndpoint, create_router_app
@@ -37,15 +37,16 @@ from ..serving.background import BackgroundServer
 from .controller import Controller, ControllerSettings
 from .processes import AgentProcess, ManagedProcess, core_sets, start_agent, start_router, wait_healthy
 
-# One standard-library package per replica: each replica's private data is a different domain (non-IID).
-PACKAGES = ("json", "http", "email", "logging", "urllib", "xml", "unittest", "importlib")
+# One domain per replica, each its private data (non-IID): Python code of one standard-library
+# package, or English prose (Python's reference documentation); replica 0 is code, replica 1 prose.
+DOMAINS = ("json", "prose", "http", "email", "logging", "urllib", "xml", "unittest")
 
 
 def replica_configs(n: int, *, model: str = "tiny", ttft_ms: int = 1000, tpot_ms: int = 100, **overrides) -> list[AgentConfig]:
-    if not 1 <= n <= len(PACKAGES):
-        raise ValueError(f"replicas must be between 1 and {len(PACKAGES)} (one standard-library package each)")
+    if not 1 <= n <= len(DOMAINS):
+        raise ValueError(f"replicas must be between 1 and {len(DOMAINS)} (one data domain each)")
     base = dict(model=model, port=0, grpc_port=0, ttft_ms=ttft_ms, tpot_ms=tpot_ms, max_total_tokens=512, eval_batches=2, revision_every_seconds=5.0)
-    return [AgentConfig(**{**base, **overrides, "replica_id": f"replica-{i}", "data": str(stdlib_package_dir(PACKAGES[i]))}) for i in range(n)]
+    return [AgentConfig(**{**base, **overrides, "replica_id": f"replica-{i}", "data": str(stdlib_domain(DOMAINS[i]))}) for i in range(n)]
 
 
 def put_weights(router_url: str, weights: dict[str, float], affinity: bool = True) -> None:
@@ -105,8 +106,17 @@ class LocalDeployment:
     arrivals: Callable[[], int] = lambda: 0  # requests sent so far: the controller's load signal (the traffic sets it)
 
     @classmethod
-    def start(cls, configs: list[AgentConfig], settings: ControllerSettings | None, *, base: BaseModel | None = None, processes: bool = False,
-              cores_per_replica: int = 1, workdir: str | Path | None = None, controller: bool = True) -> "LocalDeployment":
+    def start(
+        cls,
+        configs: list[AgentConfig],
+        settings: ControllerSettings | None,
+        *,
+        base: BaseModel | None = None,
+        processes: bool = False,
+        cores_per_replica: int = 1,
+        workdir: str | Path | None = None,
+        controller: bool = True,
+    ) -> LocalDeployment:
         """Start the replicas, the router and (with `settings`) the controller; `workdir` gets the
         adapter archives and the processes' logs (default: a new temporary folder)."""
         work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="collm-local-"))
@@ -120,7 +130,9 @@ class LocalDeployment:
                 deployment._start_in_process(configs, base)
             if settings is not None and controller:
                 addresses = {n: r.grpc_address for n, r in deployment.replicas.items()}
-                deployment.controller = Controller(addresses, set_weights=deployment.set_weights, arrivals=lambda: deployment.arrivals(), settings=settings).start()
+                deployment.controller = Controller(
+                    addresses, set_weights=deployment.set_weights, arrivals=lambda: deployment.arrivals(), settings=settings
+                ).start()
             return deployment
         except BaseException:
             deployment.stop()

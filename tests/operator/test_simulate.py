@@ -10,11 +10,9 @@ import pytest
 from collm_bench import allocation_bench, simulate
 from collm_operator.allocation import POLICIES
 
-needs_trace = pytest.mark.skipif(not simulate.CODE_TRACE.exists(), reason=f"the Azure code trace is not at {simulate.CODE_TRACE}")
 FIGURES = ("requests", "slo_met", "slo_attainment", "training_tokens", "published_tokens", "final_loss", "mean_quality", "goodput", "goodput_ratio")
 
 
-@needs_trace
 def test_a_short_simulation_gives_finite_figures_and_coexec_ahead(tmp_path):
     out = tmp_path / "simulate.json"
     result = simulate.run(duration_s=900, ablations=False, json_path=str(out))
@@ -34,7 +32,6 @@ def test_a_short_simulation_gives_finite_figures_and_coexec_ahead(tmp_path):
         assert 0 <= saved["predictor"][name]["burst_under_prediction_rate"] <= 1
 
 
-@needs_trace
 def test_the_simulation_is_deterministic():
     arrivals = simulate.load_arrivals()
     config = simulate.SimConfig(duration_s=300)
@@ -63,3 +60,58 @@ def test_the_allocation_benchmark_times_1000_replicas_under_target(tmp_path):
     for row in saved["policies"].values():
         assert len(row["runs_ms"]) == 3 and all(math.isfinite(t) and t > 0 for t in row["runs_ms"])
     assert saved["replicas"] == 1000 and saved["median_ms"] < saved["target_ms"] == 100.0 and saved["meets_target"]
+
+
+def test_the_loss_curve_fit_recovers_a_known_curve():
+    floor, scale, initial = 1.2, 400_000.0, 2.3
+    points = [(t, floor + (initial - floor) * math.exp(-t / scale)) for t in range(0, 1_500_000, 50_000)]
+    got_floor, got_scale = simulate.fit_loss_curve(points, initial)
+    assert got_floor == pytest.approx(floor, rel=0.03) and got_scale == pytest.approx(scale, rel=0.15)
+
+
+def measured_run(tmp_path, *, capacity=6.0, alone=4000.0, share=0.9, duration=300.0):
+    """A goodput JSON shaped like `collm bench goodput`'s, with a loss curve of known shape."""
+    windows, tokens = [], 0.0
+    for i in range(1, 61):
+        step = alone * share * 2 * 5.0  # two replicas, 5-s windows
+        tokens += step
+        loss = 1.3 + (2.2 - 1.3) * math.exp(-tokens / 2 / 300_000)
+        windows.append({"t": i * 5.0, "training_tokens": step, "mean_quality": 1 / loss})
+    runs = [
+        {"policy": "coexec", "duration_s": duration, "training_tokens": alone * share * 2 * duration, "mean_quality_initial_adapter": 1 / 2.2, "windows": windows},
+        {"policy": "separated", "duration_s": duration, "training_tokens_per_replica": {"replica-0": alone * duration, "replica-1": 0}},
+    ]
+    data = {
+        "replicas": 2,
+        "capacity": {"rate": capacity},
+        "controller": {"round_interval_s": 60.0, "slow_interval_s": 5.0},
+        "slo": {"ttft_ms": 500},
+        "replica_settings": {"revision_every_seconds": 5.0},
+        "loads": [{"load": 0.7, "policies": runs}],
+    }
+    path = tmp_path / "goodput.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_calibration_takes_capacity_training_rate_share_and_loss_curve_from_a_measured_run(tmp_path):
+    config = simulate.calibrate(str(measured_run(tmp_path)), replicas=8)
+    assert config.replicas == 8 and config.inference_alone_rps == pytest.approx(3.0)
+    assert config.training_alone_tokens_per_s == pytest.approx(4000.0) and config.training_share == pytest.approx(0.9)
+    assert config.loss_initial == pytest.approx(2.2) and config.loss_floor == pytest.approx(1.3, rel=0.03)
+    assert config.loss_time_constant_s == pytest.approx(300_000 / (4000 * 0.9), rel=0.15)
+    assert config.offered_rps == pytest.approx(0.7 * 3.0 * 8) and config.revision_interval_s == 5.0
+    with pytest.raises(ValueError, match="no separated run"):
+        data = json.loads(measured_run(tmp_path).read_text())
+        data["loads"][0]["policies"] = data["loads"][0]["policies"][:1]
+        (tmp_path / "half.json").write_text(json.dumps(data))
+        simulate.calibrate(str(tmp_path / "half.json"), replicas=8)
+
+
+def test_real_time_reuse_serves_training_before_the_round_publishes_it():
+    arrivals = simulate.load_arrivals()
+    config = simulate.SimConfig(replicas=2, duration_s=600, revision_interval_s=5.0)
+    reused = simulate.simulate(arrivals, config, "coexec")
+    rounds_only = simulate.simulate(arrivals, config, "coexec", reuse=False)
+    assert reused["slo_met"] == rounds_only["slo_met"]  # the same serving
+    assert reused["mean_quality"] > rounds_only["mean_quality"] and reused["goodput"] > rounds_only["goodput"]
