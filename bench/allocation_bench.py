@@ -11,7 +11,7 @@ import random
 import statistics
 import time
 
-from collm_operator.allocation import POLICIES, CapacityProfile, ReplicaState, allocate
+from collm_control.allocation import POLICIES, CapacityProfile, ReplicaState, allocate
 
 TARGET_MS = 100.0
 CAPS = (0, 64, 128, 256, 512)

@@ -25,7 +25,7 @@ from replica_agent.engine.requests import SamplingParams
 from replica_agent.engine.trainer import Trainer, TrainerSettings
 from replica_agent.federated import rounds as R
 from replica_agent.federated.driver import RoundDriver, StrategyConfig
-from replica_agent.federated.local_cluster import LocalCluster
+from replica_agent.local.in_process import LocalCluster
 from replica_agent.report import machine, print_table, write_json
 
 PACKAGES = ("json", "http", "email", "logging", "urllib", "xml", "unittest", "importlib")

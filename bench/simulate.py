@@ -35,8 +35,8 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from collm_operator.allocation import DEFAULT_STATIC_CAP, POLICIES, CapacityProfile, ReplicaState, allocate
-from collm_operator.predictor import EmaPredictor, LoadPredictor, replay
+from collm_control.allocation import DEFAULT_STATIC_CAP, POLICIES, CapacityProfile, ReplicaState, allocate
+from collm_control.predictor import EmaPredictor, LoadPredictor, replay
 from replica_agent.traces import CODE_TRACE, load_arrivals
 
 # (cap tokens/iteration, share of the inference-alone rate, share of the training-alone rate).

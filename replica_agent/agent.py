@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AgentConfig
@@ -19,22 +18,12 @@ from .engine.data import EmptyDataError, LocalDataset
 from .engine.engine import Engine, EngineSettings
 from .engine.llama import LlamaRuntime
 from .engine.lora import LoraSpec, init_adapter
-from .engine.mixer import BatchMixer, MixerSettings
+from .engine.mixer import BatchMixer, MixerSettings, Plan
 from .engine.model_host import BaseModel, load_base_model
 from .engine.revisions import RevisionSettings
 from .engine.trainer import Trainer, TrainerSettings, held_out_loss
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the operator's slow timescale allows this replica (the agent's side of a plan)."""
-
-    train_cap_tokens: int
-    ttft_ms: int
-    tpot_ms: int
-    adaptive: bool = True  # False for the `static` policy: a fixed training batch, no fast-timescale mixing
 
 
 class Agent:

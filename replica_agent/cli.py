@@ -52,11 +52,6 @@ def collm_main(argv: list[str] | None = None) -> int:
     export.add_argument("--sha256", help="the adapter to export (default: the agent's current one)")
     export.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
 
-    dev = sub.add_parser(
-        "dev-cluster", help="an emulated Kubernetes cluster on this machine (API emulator, kubelet stand-in, kubeconfig for kubectl)", add_help=False
-    )
-    dev.add_argument("dev_args", nargs=argparse.REMAINDER, help="e.g. `up --kubeconfig PATH --no-operator` (see `collm dev-cluster up --help`)")
-
     bench = sub.add_parser("bench", help="benchmarks that print figures (JSON and a table)")
     kinds = bench.add_subparsers(dest="bench", required=True)
     coexec = kinds.add_parser("coexec", help="co-execution efficiency of one replica (docs/design.md's CEE)")
@@ -118,10 +113,6 @@ def collm_main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "dev-cluster":
-        from .devcluster.cluster import main as dev_cluster_main
-
-        return dev_cluster_main(args.dev_args)
     if args.command == "adapter":
         return _export_adapter(args.source, args.sha256, args.out)
     if args.command == "demo":

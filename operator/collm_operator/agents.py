@@ -3,16 +3,12 @@ DNS name when a pod has none yet), reused across control steps while the address
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-
-import grpc
 
 from collm_operator import api, objects
 from collm_operator.reconcile import Pod
-from replica_agent.federated.client import AgentClient
+from replica_agent.federated.client import AgentClient, read_stats
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +41,7 @@ class AgentPool:
 
     def stats(self, addresses: Mapping[str, str]) -> dict[str, dict | None]:
         """Every agent's stats (GetStats' JSON), None for one that did not answer; in parallel."""
-
-        def one(item):
-            name, address = item
-            try:
-                return name, json.loads(self.client(name, address).stats().json)
-            except grpc.RpcError as exc:
-                log.debug("GetStats from %s at %s failed: %s", name, address, exc.code().name)
-                return name, None
-
-        if not addresses:
-            return {}
-        with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
-            return dict(pool.map(one, addresses.items()))
+        return read_stats({name: self.client(name, address) for name, address in addresses.items()}, log.debug)
 
     def forget(self, keep: Iterable[str]) -> None:
         keep = set(keep)

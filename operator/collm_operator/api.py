@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from collm_operator.allocation import POLICIES
+from collm_control.allocation import POLICIES
 
 GROUP = "collm.io"
 VERSION = "v1alpha1"

@@ -1,9 +1,10 @@
 """The slow timescale of one CollmCluster, level-based: every `slowIntervalSeconds` the daemon calls
-`ClusterController.step(body)`, which
+`ClusterController.step(body)`, a thin adapter around the control core's one decision
+(collm_control.decide, which the local mode runs too). It
 
 1. observes the StatefulSet, its pods and the router, and reads every agent's stats over gRPC;
-2. plans (collm_operator.planning: load prediction + allocation) and pushes the plans (ApplyPlan:
-   training cap and SLO) to the agents and the routing weights to the router pods;
+2. decides (load prediction, allocation, laggards, the round to start) and pushes the plans
+   (ApplyPlan: training cap and SLO) to the agents and the routing weights to the router pods;
 3. re-publishes the cluster's current adapter to any agent that serves an older one (a restarted or
    new pod gets it back without anyone acting); the current adapter is the newest one a round of
    this cluster published, or, before any round, the one every agent agrees on;
@@ -24,17 +25,17 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
+from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, served_adapter
+from collm_control.planning import Planner, PlanningSettings
 from collm_operator import api, objects
 from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.conditions import TRUE, get_condition
 from collm_operator.kube import Kube
-from collm_operator.planning import Decision, Planner, PlanningSettings
 from collm_operator.reconcile import Health, cluster_conditions, observe_workloads
 from collm_operator.round_control import finished
 from replica_agent.federated import rounds as R
@@ -46,22 +47,8 @@ SLO_WINDOW_S = 60.0
 Event = Callable[[str, str, str], None]  # (type, reason, message)
 
 
-@dataclass(frozen=True)
-class Adapter:
-    version: int
-    sha256: str
-    round: str = ""
-    eval_loss: str | None = None
-
-    def as_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"version": self.version, "sha256": self.sha256, "round": self.round}
-        if self.eval_loss is not None:
-            out["evalLoss"] = self.eval_loss
-        return out
-
-
-def current_adapter(status: Mapping[str, Any], rounds: list[dict], stats: Mapping[str, dict | None]) -> Adapter | None:
-    """The newest of: the status' adapter, the succeeded rounds' results; else what every agent serves."""
+def published_adapter(status: Mapping[str, Any], rounds: list[dict]) -> Adapter | None:
+    """The newest adapter this cluster's rounds published: the status' adapter or a succeeded round's result."""
     best = None
     a = status.get("adapter") or {}
     if a.get("sha256"):
@@ -71,37 +58,7 @@ def current_adapter(status: Mapping[str, Any], rounds: list[dict], stats: Mappin
         summary = get_condition(s.get("conditions"), "Succeeded")
         if summary and summary.get("status") == TRUE and s.get("sha256") and int(s.get("version") or 0) > (best.version if best else -1):
             best = Adapter(int(s["version"]), s["sha256"], r["metadata"]["name"], s.get("evalLossAfter"))
-    if best is not None:
-        return best
-    rests_on = {global_adapter(st).get("sha256") for st in stats.values() if st}
-    if len(rests_on) == 1 and None not in rests_on and all(st is not None for st in stats.values()) and stats:
-        return Adapter(0, rests_on.pop())
-    return None
-
-
-def global_adapter(stats: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    """The global adapter an agent rests on (it may serve a local revision on top of it)."""
-    return (stats or {}).get("global_adapter") or {}
-
-
-def served_adapter(stats: Mapping[str, Any]) -> dict[str, str]:
-    """The adapter an agent serves, as status shows it: `<cluster version>.<local revision>` and sha256."""
-    served = stats.get("adapter") or {}
-    return {"adapter": str(served["version"]), "adapterSha256": served.get("sha256", "")} if served.get("version") is not None else {}
-
-
-def laggards(adapter: Adapter | None, stats: Mapping[str, dict | None]) -> list[str]:
-    """Agents resting on a global adapter older than the current one (never a newer one: a round may be
-    publishing). A local revision on top of the current global is not lagging: it is that global plus
-    what the replica learnt since."""
-    if adapter is None:
-        return []
-    out = []
-    for name, st in stats.items():
-        rests_on = global_adapter(st)
-        if st is not None and rests_on.get("sha256") != adapter.sha256 and int(rests_on.get("cluster_version") or 0) < max(adapter.version, 1):
-            out.append(name)
-    return sorted(out)
+    return best
 
 
 class ClusterController:
@@ -136,39 +93,50 @@ class ClusterController:
         running = [r for r in rounds if not finished(r.get("status"))]
         in_round = tuple(p for r in running for p in (((r.get("status") or {}).get("state") or {}).get("spec") or {}).get("participants") or ())
 
-        planner = self._planner(cluster, now)
+        f = cluster.spec.federation
+        since = status.get("lastRoundTime") or body["metadata"].get("creationTimestamp")
+        observation = Observation(
+            now=now,
+            arrivals=arrivals,
+            stats=stats,
+            published=published_adapter(status, rounds),
+            round_participants=in_round,
+            round_running=bool(running),
+            round_publishing=any(_stage(r) is R.Condition.PUBLISHED for r in running),
+            last_round_at=_parse_time(since) if since else None,
+            rounds_started=int(status.get("roundsCreated") or 0),
+        )
+        settings = ControlSettings(
+            policy=cluster.spec.scheduling.policy,
+            federation=f.enabled,
+            round_interval_s=float(f.round_interval_seconds),
+            min_participants=f.min_participants,
+            secure_aggregation=f.secure_aggregation,
+        )
+        actions = decide(self._planner(cluster, now), observation, settings)
         reachable = {n: st for n, st in stats.items() if st is not None}
-        decision = planner.plan(now, arrivals, reachable, round_participants=in_round) if reachable else None
-        if decision is not None:
-            self._push_plans(cluster, decision, addresses, reachable)
-            self._push_weights(cluster, decision)
-
-        adapter = current_adapter(status, rounds, stats)
-        holders = [n for n, st in stats.items() if st and global_adapter(st).get("sha256") == (adapter.sha256 if adapter else None)]
-        lost = adapter is not None and adapter.version > 0 and bool(reachable) and not holders
-        # While a round publishes, the agents switch to its version one by one: a re-publish of the
-        # previous version racing that would roll one back, so it waits for the round to end.
-        publishing = any(_stage(r) is R.Condition.PUBLISHED for r in running)
-        behind = [] if lost or publishing else laggards(adapter, stats)
-        if behind:
-            self._republish(adapter, behind, holders, addresses)
+        if actions.plan is not None:
+            self._push_plans(cluster, actions, addresses, reachable)
+            self._push_weights(cluster, actions)
+        adapter = actions.adapter
+        if actions.republish and adapter is not None and actions.republish_source is not None:
+            self._republish(adapter, actions.republish, actions.republish_source, addresses)
 
         patch: dict[str, Any] = {}
-        created = self._schedule_round(cluster, body, status, running, decision, reachable, now)
-        if created is not None:
-            patch.update(created)
+        if actions.round is not None:
+            patch.update(self._create_round(cluster, actions, now))
         self._prune(cluster, rounds)
 
         slo_attainment = met_n / finished_n if finished_n else None
         health = Health(
             reachable=frozenset(reachable),
-            laggards=tuple(behind),
+            laggards=actions.republish,
             slo_attainment=slo_attainment,
             slo_requests=finished_n,
             adapter_lost=f"no serving replica holds adapter version {adapter.version} ({adapter.sha256[:12]}) any more; the next round publishes a new one"
-            if lost
+            if adapter is not None and actions.adapter_lost
             else "",
-            training=tuple(sorted(n for n in reachable if decision and decision.cap(n) > 0 and reachable[n].get("eval_loss") is not None)),
+            training=actions.training,
             with_data=sum(1 for st in reachable.values() if st.get("eval_loss") is not None),
         )
         judgement = cluster_conditions(status.get("conditions"), cluster, workloads, health, datetime.fromtimestamp(now, UTC))
@@ -183,9 +151,9 @@ class ClusterController:
         )
         if adapter is not None:
             patch["adapter"] = adapter.as_status()
-        if decision is not None:
-            a = decision.allocation
-            allocation = {n: {"trainCapTokens": decision.cap(n), "weight": f"{a.weights.get(n, 0.0):.3f}", **served_adapter(reachable[n])} for n in reachable}
+        if actions.plan is not None:
+            a = actions.plan.allocation
+            allocation = {n: {"trainCapTokens": actions.cap(n), "weight": f"{a.weights.get(n, 0.0):.3f}", **served_adapter(reachable[n])} for n in reachable}
             gone = {n: None for n in status.get("allocation") or {} if n not in allocation}  # scaled away or unreachable
             patch["allocation"] = {**allocation, **gone} if status.get("allocation") != allocation else allocation
         self._announce(status, patch)
@@ -235,19 +203,20 @@ class ClusterController:
         seconds = max(1e-9, self._window[-1][0] - self._window[0][0])
         return f"{met_n / seconds / (sum(losses) / len(losses)):.3g}"
 
-    def _push_plans(self, cluster: api.Cluster, decision: Decision, addresses: Mapping[str, str], reachable: Mapping[str, dict]) -> None:
+    def _push_plans(self, cluster: api.Cluster, actions: Actions, addresses: Mapping[str, str], reachable: Mapping[str, dict]) -> None:
         s = cluster.spec
         for name in reachable:
             try:
                 self.pool.client(name, addresses[name]).apply_plan(
-                    decision.cap(name), s.serving.ttft_milliseconds, s.serving.tpot_milliseconds, fixed_training=s.scheduling.policy == "static"
+                    actions.cap(name), s.serving.ttft_milliseconds, s.serving.tpot_milliseconds, fixed_training=actions.fixed_training
                 )
             except grpc.RpcError as exc:
                 log.info("ApplyPlan to %s failed: %s", name, exc.code().name)
 
-    def _push_weights(self, cluster: api.Cluster, decision: Decision) -> None:
+    def _push_weights(self, cluster: api.Cluster, actions: Actions) -> None:
+        assert actions.plan is not None
         selector = ",".join(f"{k}={v}" for k, v in objects.selector(cluster, objects.ROUTER).items())
-        body = json.dumps({"weights": dict(decision.allocation.weights), "affinity": decision.affinity}).encode()
+        body = json.dumps({"weights": dict(actions.plan.allocation.weights), "affinity": actions.plan.affinity}).encode()
         for pod in self.kube.list("v1", "Pod", cluster.namespace, selector):
             ip = (pod.get("status") or {}).get("podIP")
             if not ip:
@@ -260,13 +229,13 @@ class ClusterController:
             except (urllib.error.URLError, OSError) as exc:
                 log.info("routing weights not pushed to %s: %s", pod["metadata"]["name"], exc)
 
-    def _republish(self, adapter: Adapter, behind: list[str], sources: list[str], addresses: Mapping[str, str]) -> None:
+    def _republish(self, adapter: Adapter, behind: tuple[str, ...], source: str, addresses: Mapping[str, str]) -> None:
         loss = float(adapter.eval_loss) if adapter.eval_loss else None
         for name in behind:
             request = pb.PublishRequest(
                 round_id=f"republish-{adapter.sha256[:12]}",
                 sha256=adapter.sha256,
-                source=addresses[sources[0]],
+                source=addresses[source],
                 cluster_version=adapter.version,
                 eval_loss=loss or 0.0,
                 has_eval_loss=loss is not None,
@@ -277,41 +246,16 @@ class ClusterController:
             except grpc.RpcError as exc:
                 log.info("re-publishing %s to %s failed: %s", adapter.sha256[:12], name, exc.code().name)
 
-    def _schedule_round(
-        self,
-        cluster: api.Cluster,
-        body: Mapping[str, Any],
-        status: Mapping[str, Any],
-        running: list[dict],
-        decision: Decision | None,
-        reachable: Mapping[str, dict],
-        now: float,
-    ) -> dict[str, Any] | None:
-        f = cluster.spec.federation
-        if not f.enabled or cluster.spec.scheduling.policy == "inferenceOnly" or decision is None or running:
-            return None
-        since = status.get("lastRoundTime") or body["metadata"].get("creationTimestamp")
-        if since and now - _parse_time(since) < f.round_interval_seconds:
-            return None
-        a = decision.allocation
-        participants = [p for p in a.participants if decision.cap(p) > 0 and reachable.get(p, {}).get("eval_loss") is not None]
-        if len(participants) < f.min_participants:
-            return None
-        aggregator = a.aggregator if a.aggregator in participants else participants[0]
-        if f.secure_aggregation:  # the aggregator must not hold the round secret: it does not train
-            outside = [n for n in sorted(reachable) if n not in participants]
-            if not outside and len(participants) > f.min_participants:
-                outside = [participants.pop()]
-            if not outside:
-                return None  # TrainingActive and the allocation say why; a round could only fail
-            aggregator = outside[0]
-        number = int(status.get("roundsCreated") or 0) + 1
-        obj = objects.build_round(cluster, number, participants, aggregator)
+    def _create_round(self, cluster: api.Cluster, actions: Actions, now: float) -> dict[str, Any]:
+        """The AdapterRound the decision chose; the status keys that remember it."""
+        choice = actions.round
+        assert choice is not None
+        obj = objects.build_round(cluster, choice.number, list(choice.participants), choice.aggregator)
         created = self.kube.create(obj)
         name = obj["metadata"]["name"]
         if created is not None:
-            self.event("Normal", "RoundCreated", f"{name}: {len(participants)} participants")
-        return {"roundsCreated": number, "lastRound": name, "lastRoundTime": _format_time(now)}
+            self.event("Normal", "RoundCreated", f"{name}: {len(choice.participants)} participants")
+        return {"roundsCreated": choice.number, "lastRound": name, "lastRoundTime": _format_time(now)}
 
     def _prune(self, cluster: api.Cluster, rounds: list[dict]) -> None:
         """Delete finished scheduled rounds beyond roundHistoryLimit (oldest first); hand-made ones stay."""

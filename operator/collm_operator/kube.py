@@ -20,13 +20,24 @@ from typing import Any
 from kubernetes import client, config, dynamic
 from kubernetes.dynamic.exceptions import ApiException, ConflictError, NotFoundError, ResourceNotFoundError
 
-from replica_agent.devcluster.patching import merge_patch  # RFC 7386, the same code the dev cluster's API applies
-
 MERGE_PATCH = "application/merge-patch+json"
 LAST_APPLIED = "collm.io/last-applied"
 TIMEOUT = (10, 60)  # connect, read (seconds)
 
 __all__ = ["Kube", "ApiException", "NotFoundError", "ResourceNotFoundError", "three_way_patch", "merge_patch"]
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
 def three_way_patch(last: Any, desired: Any) -> Any:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from collm_control.decide import NoTrainers, assign_roles
 from collm_operator import api, objects
 from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.conditions import FALSE, TRUE, Reason, get_condition, set_condition
@@ -57,7 +58,6 @@ def choose_roles(cluster: api.Cluster, spec: api.RoundSpec, serving: list[str], 
     own list wins; else every serving replica with data. Secure aggregation needs an aggregator
     that is not a participant (it must not hold the round secret).
     """
-    secure = cluster.spec.federation.secure_aggregation
     aggregator = spec.aggregator
     if aggregator is not None and aggregator not in serving:
         raise ValueError(f"spec.aggregator {aggregator!r} does not serve now (serving: {serving or 'none'})")
@@ -65,30 +65,16 @@ def choose_roles(cluster: api.Cluster, spec: api.RoundSpec, serving: list[str], 
         absent = [p for p in spec.participants if p not in serving]
         if absent:
             raise ValueError(f"spec.participants {absent} do not serve now (serving: {serving or 'none'}): list serving replicas of {cluster.name}")
-        participants = list(spec.participants)
-    else:
-        # With secure aggregation a named aggregator holds no round secret: it does not train.
-        participants = [p for p in serving if p in with_data and not (secure and p == aggregator)]
-    if aggregator is None:
-        if secure:
-            others = [r for r in serving if r not in participants]
-            if not others and spec.participants is None and len(participants) > 1:
-                others = [participants.pop()]  # the last one aggregates instead of training
-            aggregator = others[0] if others else None
-            if aggregator is None and participants:
-                raise ValueError(
-                    f"secure aggregation needs an aggregator that is not a participant, and every serving replica "
-                    f"({', '.join(serving)}) is one: list fewer spec.participants or add replicas"
-                )
-        else:
-            aggregator = participants[0] if participants else None
-    if secure and aggregator in participants:
-        raise ValueError(f"secure aggregation needs an aggregator that is not a participant; {aggregator} is both")
-    if aggregator is None or not participants:
+    trainers = list(spec.participants) if spec.participants is not None else [p for p in serving if p in with_data]
+    try:
+        participants, aggregator = assign_roles(
+            serving, trainers, aggregator=aggregator, secure=cluster.spec.federation.secure_aggregation, fixed=spec.participants is not None
+        )
+    except NoTrainers:
         raise ValueError(
             f"no replica of {cluster.name} can train now: {len(serving)} serve, {len(with_data)} have data under {cluster.spec.training.data_path}"
-        )
-    return Roles(tuple(participants), aggregator, tuple(serving))
+        ) from None
+    return Roles(participants, aggregator, tuple(serving))
 
 
 def strategy(cluster: api.Cluster) -> StrategyConfig:

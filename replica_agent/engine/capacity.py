@@ -2,7 +2,7 @@
 
 Pure code (no torch): the agent feeds every engine iteration and every finished request; the
 operator's allocation reads `profile()` as (training cap tokens/iteration, requests/s within the
-SLO, training tokens/s) points (collm_operator.allocation.CapacityProfile).
+SLO, training tokens/s) points (collm_control.allocation.CapacityProfile).
 
 Model: at a given training level the iteration time grows linearly with the running batch,
 `t(rows) = a + b * rows` (a: fixed cost plus training interference, b: per-row cost). The largest

@@ -25,6 +25,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+
+@dataclass(frozen=True)
+class Plan:
+    """What the operator's slow timescale allows this replica (the agent's side of a plan)."""
+
+    train_cap_tokens: int
+    ttft_ms: int
+    tpot_ms: int
+    adaptive: bool = True  # False for the `static` policy: a fixed training batch, no fast-timescale mixing
+
+
 REASONS = ("Idle", "Headroom", "Pressure", "Overload", "Capped", "Disabled", "Fixed")
 
 

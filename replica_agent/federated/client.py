@@ -6,7 +6,9 @@ verifies them). This module needs no torch: the operator imports it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -88,3 +90,22 @@ def chunks(blob: bytes, size: int = 1 << 20) -> Iterator[bytes]:
     view = memoryview(blob)
     for start in range(0, len(blob), size):
         yield bytes(view[start : start + size])
+
+
+def read_stats(clients: Mapping[str, AgentClient], on_error: Callable[[str], None] | None = None) -> dict[str, dict | None]:
+    """Every agent's stats (GetStats' JSON) in parallel; None for one that did not answer, whose
+    failure goes to `on_error` (the operator, the local controller and the local reports read them so)."""
+
+    def one(item: tuple[str, AgentClient]) -> tuple[str, dict | None]:
+        name, client = item
+        try:
+            return name, json.loads(client.stats().json)
+        except grpc.RpcError as exc:
+            if on_error is not None:
+                on_error(f"{name}: GetStats from {client.address} failed: {exc.code().name}")
+            return name, None
+
+    if not clients:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(clients))) as pool:
+        return dict(pool.map(one, clients.items()))

@@ -1,7 +1,7 @@
 """A whole CoLLM cluster on this machine: replica agents, the router, the controller.
 
 Two ways to run the replicas:
-- in one process (`processes=False`, the demo and tests): the federated LocalCluster's agents
+- in one process (`processes=False`, the demo and tests): the in-process LocalCluster's agents (in_process.py)
   share one base model; each serves HTTP on its own loopback port. Cheap to start, but the
   replicas share the machine's cores, so they are not independent devices.
 - one OS process per replica (`processes=True`, the goodput benchmark): each agent process owns
@@ -31,10 +31,10 @@ from ..agent import Agent
 from ..config import AgentConfig
 from ..engine.data import stdlib_domain
 from ..engine.model_host import BaseModel, load_base_model
-from ..federated.local_cluster import LocalCluster
 from ..router.app import ReplicaEndpoint, create_router_app
 from ..serving.background import BackgroundServer
 from .controller import Controller, ControllerSettings
+from .in_process import LocalCluster
 from .processes import AgentProcess, ManagedProcess, core_sets, start_agent, start_router, wait_healthy
 
 # One domain per replica, each its private data (non-IID): Python code of one standard-library

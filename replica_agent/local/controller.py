@@ -1,25 +1,22 @@
-"""The local mode's slow timescale: the operator's allocation and round code, run against agents over gRPC.
+"""The local mode's slow timescale: a thin adapter around the control core's one decision
+(collm_control.decide), as the operator's control loop is, run against agents over gRPC.
 
-Every `slow_interval_s` the controller reads each agent's stats (GetStats), feeds the arrivals
-counted since the last tick into a `LoadPredictor`, runs `allocate()` with the cluster's policy,
-pushes the plans (ApplyPlan; `static` sends a fixed training batch) and the routing weights (the
-router's PUT /admin/weights). Every `round_interval_s` it starts a federated round with the
-allocation's participants and aggregator (RoundDriver), on a thread of its own so that planning
-goes on while the round trains. The operator's reconcile loop does the same with the same pure
-code (collm_operator.planning, replica_agent.federated).
+Every `slow_interval_s` the controller observes (each agent's stats over GetStats, the arrivals
+counted since the last tick, its rounds), calls `decide()`, and acts: pushes the plans (ApplyPlan;
+`static` sends a fixed training batch) and the routing weights (the router's PUT /admin/weights),
+re-publishes the cluster's adapter to replicas behind it, and starts the round the decision
+names (RoundDriver) on a thread of its own so that planning goes on while the round trains.
 
 Policies: `coexec` (water-filled caps, weights by capacity), `static` (a fixed training batch on
 every replica, equal weights), `separated` (the allocation's training half gets weight 0 and
 publishes at round end), `inferenceOnly` (cap 0, no rounds).
 
-Each decision is `collm_operator.planning.Planner.plan()` (shared with the operator's timer).
 Arrivals are counted where requests enter the cluster: `arrivals()` returns the cumulative count
 (the router's, in local mode).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -28,12 +25,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from collm_operator.allocation import POLICIES, Allocation
-from collm_operator.planning import Planner, PlanningSettings
+from collm_control.allocation import POLICIES, Allocation
+from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide
+from collm_control.planning import Planner, PlanningSettings
 
 from ..federated import rounds as R
-from ..federated.client import AgentClient
+from ..federated.client import AgentClient, read_stats
 from ..federated.driver import RoundDriver, StrategyConfig
+from ..proto import collm_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,10 @@ class ControllerSettings:
         names = PlanningSettings.__dataclass_fields__
         return PlanningSettings(**{k: v for k, v in self.__dict__.items() if k in names})
 
+    def control(self) -> ControlSettings:
+        """The decision's settings (rounds every round_interval_s, never under inferenceOnly)."""
+        return ControlSettings(policy=self.policy, round_interval_s=self.round_interval_s, min_participants=self.min_participants)
+
 
 @dataclass
 class Tick:
@@ -90,6 +93,7 @@ class Tick:
     forecast: float = 0.0  # the predictor's raw forecast
     capacity: float = 0.0  # the plan's SLO-sustainable req/s at its caps, by the profiles
     profiles: dict[str, list] = field(default_factory=dict)  # the (smoothed) profile each replica was planned with
+    republished: list[str] = field(default_factory=list)  # replicas the cluster's adapter was re-published to
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "participants": list(self.participants)}
@@ -157,39 +161,52 @@ class Controller:
         self.run_until: float | None = None  # when the traffic ends, if known (plan_run): rounds should finish before it
         self.run_s: float = 0.0
         self._last_round_at = clock()
+        self.published: Adapter | None = None  # the newest adapter a round of this controller published
+        self.actions: Actions | None = None  # the last decision
+        self._driver: RoundDriver | None = None
         self._round_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- one slow-timescale step --------------------------------------------------------------
     def read_stats(self) -> dict[str, dict | None]:
-        out = {}
-        for name, client in self.clients.items():
-            try:
-                out[name] = json.loads(client.stats().json)
-            except grpc.RpcError as exc:
-                self.history.errors.append(f"{name}: GetStats failed: {exc.code().name}")
-                out[name] = None
-        return out
+        return read_stats(self.clients, self.history.errors.append)
 
     def tick(self) -> Tick:
+        """Observe, decide, act (everything but starting the round: step() does that)."""
         now = self.clock()
         total = self.arrivals()
         arrivals, self._arrivals_seen = max(0, total - self._arrivals_seen), total
         self.stats = {k: v for k, v in self.read_stats().items()}
         s = self.settings
-        running = self.history.rounds[-1].participants if self.round_running and self.history.rounds else ()
-        decision = self.planner.plan(now, arrivals, self.stats, round_participants=running)
+        running = self.round_running
+        driver = self._driver
+        observation = Observation(
+            now=now,
+            arrivals=arrivals,
+            stats=self.stats,
+            published=self.published,
+            round_participants=self.history.rounds[-1].participants if running and self.history.rounds else (),
+            round_running=running,
+            round_publishing=running and driver is not None and driver.state.stage is R.Condition.PUBLISHED,
+            last_round_at=self._last_round_at,
+            rounds_started=len(self.history.rounds),
+        )
+        actions = self.actions = decide(self.planner, observation, s.control())
+        decision = actions.plan
+        if decision is None:  # no agent could be read: nothing to plan with
+            raise RuntimeError("no agent answered GetStats")
         allocation = self.allocation = decision.allocation
         for name, client in self.clients.items():
             try:
-                client.apply_plan(decision.cap(name), s.ttft_ms, s.tpot_ms, fixed_training=s.policy == "static")
+                client.apply_plan(actions.cap(name), s.ttft_ms, s.tpot_ms, fixed_training=actions.fixed_training)
             except grpc.RpcError as exc:
                 self.history.errors.append(f"{name}: ApplyPlan failed: {exc.code().name}")
         try:
             self.set_weights(dict(allocation.weights), decision.affinity)
         except Exception as exc:  # a router restart must not stop planning; the next tick retries
             self.history.errors.append(f"routing weights not applied: {exc}")
+        self._republish(actions)
         states = decision.states
         tick = Tick(
             now,
@@ -204,9 +221,30 @@ class Controller:
             decision.forecast,
             allocation.capacity,
             {r.name: [list(p) for p in r.profile.points] for r in states},
+            list(actions.republish),
         )
         self.history.ticks.append(tick)
         return tick
+
+    def _republish(self, actions: Actions) -> None:
+        """Replicas behind the cluster's adapter (a restarted one, one a round could not reach) get it back."""
+        adapter, source = actions.adapter, actions.republish_source
+        if adapter is None or source is None:
+            return
+        loss = float(adapter.eval_loss) if adapter.eval_loss else None
+        for name in actions.republish:
+            request = pb.PublishRequest(
+                round_id=f"republish-{adapter.sha256[:12]}",
+                sha256=adapter.sha256,
+                source=self.addresses[source],
+                cluster_version=adapter.version,
+                eval_loss=loss or 0.0,
+                has_eval_loss=loss is not None,
+            )
+            try:
+                self.clients[name].publish(request)
+            except grpc.RpcError as exc:
+                self.history.errors.append(f"{name}: re-publishing {adapter.sha256[:12]} failed: {exc.code().name}")
 
     def plan_run(self, started_at: float, duration_s: float) -> None:
         """The traffic runs from `started_at` for `duration_s`: round deadlines are fitted into it."""
@@ -217,18 +255,9 @@ class Controller:
     def round_running(self) -> bool:
         return self._round_thread is not None and self._round_thread.is_alive()
 
-    def start_round(self) -> RoundRecord | None:
-        """Start a round with the last allocation's participants and aggregator (None if it has none)."""
-        a, s = self.allocation, self.settings
-        if s.policy == "inferenceOnly" or a is None or not a.participants or a.aggregator is None or self.round_running:
-            return None
-        # A participant whose plan allows no training would only run into the deadline: a round
-        # waits until the allocation gives some participant a cap again.
-        participants = tuple(p for p in a.participants if a.caps.get(p, 0) > 0)
-        if not participants:
-            return None
-        aggregator = a.aggregator if a.aggregator in participants else participants[0]
-        number = len(self.history.rounds) + 1
+    def start_round(self, choice) -> RoundRecord | None:
+        """Start the round the decision chose (None when the run is about to end)."""
+        s = self.settings
         replicas = tuple(sorted(n for n, healthy in self.history.ticks[-1].healthy.items() if healthy))
         deadline = s.round_deadline_s
         if self.run_until is not None:
@@ -239,23 +268,28 @@ class Controller:
             if remaining < self.run_s / 4:
                 return None
             deadline = min(deadline, max(s.min_round_deadline_s, remaining / 3))
+        number = choice.number
         spec = R.RoundSpec(
             round_id=f"local-{int(self.clock())}-{number}",
             replicas=replicas,
-            participants=participants,
-            aggregator=aggregator,
+            participants=choice.participants,
+            aggregator=choice.aggregator,
             local_steps=s.local_steps,
             deadline_s=deadline,
-            min_participants=max(1, min(s.min_participants, len(participants))),
+            min_participants=max(1, min(s.min_participants, len(choice.participants))),
             eval_tolerance=s.eval_tolerance,
         )
         record = RoundRecord(number, spec.round_id, spec.participants, spec.aggregator, self.clock())
         self.history.rounds.append(record)
+        driver = self._driver = RoundDriver(spec, self.addresses, strategy=s.strategy, round_number=number, rpc_timeout_s=max(30.0, s.rpc_timeout_s))
 
         def run() -> None:
             try:
-                driver = RoundDriver(spec, self.addresses, strategy=s.strategy, round_number=number, rpc_timeout_s=max(30.0, s.rpc_timeout_s))
-                record.state = driver.run(timeout_s=deadline + 120).to_dict()
+                state = driver.run(timeout_s=deadline + 120)
+                record.state = state.to_dict()
+                if state.result is R.Result.SUCCEEDED and state.version_sha256:
+                    after = state.eval_loss_after
+                    self.published = Adapter(number, state.version_sha256, spec.round_id, f"{after:.4f}" if after is not None else None)
             except Exception as exc:  # reported in the history; the next round starts afresh
                 record.error = f"{type(exc).__name__}: {exc}"
                 log.warning("round %s: %s", spec.round_id, record.error)
@@ -268,8 +302,8 @@ class Controller:
     # -- loop ---------------------------------------------------------------------------------
     def step(self) -> None:
         self.tick()
-        if self.clock() - self._last_round_at >= self.settings.round_interval_s and not self.round_running:
-            self.start_round()
+        if self.actions is not None and self.actions.round is not None:
+            self.start_round(self.actions.round)
 
     def start(self) -> Controller:
         self.tick()  # plans and weights before traffic starts

@@ -15,18 +15,15 @@ end turns the measured requests and archived adapters into docs/design.md's figu
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
-
 from ..config import AgentConfig
 from ..engine.lora import LoraSpec
 from ..engine.model_host import BaseModel, load_base_model
-from ..federated.client import AgentClient
+from ..federated.client import AgentClient, read_stats
 from .cluster import LocalDeployment
 from .controller import ControllerSettings
 from .quality import RequestScorer, ScoreItem, quality, quality_cdf
@@ -40,16 +37,6 @@ QUALITY_LEVELS = [round(0.30 + 0.02 * i, 2) for i in range(26)]  # 0.30 .. 0.80 
 class Sample:
     t: float  # seconds from the start of the traffic
     replicas: dict[str, dict]  # per replica: queue, running, training_share, cap, weight, version, sha256, eval_loss, training_tokens, revisions
-
-
-def read_stats(clients: dict[str, AgentClient]) -> dict[str, dict | None]:
-    out = {}
-    for name, client in clients.items():
-        try:
-            out[name] = json.loads(client.stats().json)
-        except grpc.RpcError:
-            out[name] = None
-    return out
 
 
 def run_policy(

@@ -12,8 +12,8 @@ from concurrent import futures
 
 import grpc
 
-from ..agent import Plan
 from ..engine.adapter_store import AdapterVersion
+from ..engine.mixer import Plan
 from ..federated.aggregator import Aggregator, AggregatorError
 from ..federated.client import CHANNEL_OPTIONS, chunks
 from ..federated.participant import Participant, SecureRound

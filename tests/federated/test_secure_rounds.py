@@ -11,9 +11,9 @@ from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.federated import rounds as R
 from replica_agent.federated.aggregation import FedAvg
 from replica_agent.federated.driver import RoundDriver, StrategyConfig
-from replica_agent.federated.local_cluster import LocalCluster
 from replica_agent.federated.secure import MaskedUpdate
 from replica_agent.federated.update import apply_delta
+from replica_agent.local.in_process import LocalCluster
 
 PARTICIPANTS = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}
 

@@ -12,8 +12,8 @@ import math
 import pytest
 
 from collm_bench import freshness, goodput
-from collm_operator.allocation import CapacityProfile
-from collm_operator.planning import within_spread as _within_spread
+from collm_control.allocation import CapacityProfile
+from collm_control.planning import within_spread as _within_spread
 from replica_agent.demo import run_demo
 from replica_agent.local.traffic import at_rate, trace_segment, trace_slice
 

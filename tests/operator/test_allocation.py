@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collm_operator.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
+from collm_control.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
 
 TOL = 1e-9
 

@@ -327,7 +327,7 @@ def test_defaulting_fills_nested_defaults_under_a_defaulted_object():
 
 
 def test_defaulting_agrees_with_the_dev_cluster_emulator():
-    from replica_agent.devcluster.emulator import apply_defaults as emulator_defaults
+    from e2e.devcluster.emulator import apply_defaults as emulator_defaults
 
     for path in EXAMPLES:
         for doc in yaml.safe_load_all(path.read_text()):

@@ -12,8 +12,10 @@ from datetime import UTC, datetime, timedelta
 import jsonschema
 import pytest
 
-from collm_operator import api, control, objects, planning, round_control
-from collm_operator.control import Adapter, current_adapter, laggards
+from collm_control import planning
+from collm_control.decide import Adapter, ControlSettings, Observation, current_adapter, decide, laggards
+from collm_operator import api, control, objects, round_control
+from collm_operator.control import published_adapter
 from collm_operator.reconcile import Health, Pod, Workloads, cluster_conditions
 from collm_operator.round_control import choose_roles, failed_status, finished, round_id, round_status
 from replica_agent.federated import rounds as R
@@ -210,15 +212,17 @@ def test_secure_aggregation_aggregates_outside_the_participants():
 
 
 def test_a_scheduled_secure_round_with_every_replica_holding_data_can_start():
-    class Kube:  # control._schedule_round only creates the round
+    class Kube:  # control._create_round only creates the round
         def create(self, obj):
             self.created = obj
             return obj
 
     c, kube, stats = cluster({"federation": SECURE}), Kube(), {n: agent() for n in NAMES}
     ctl = control.ClusterController(kube)
-    decision = ctl._planner(c, 0.0).plan(5.0, 50, stats)  # participationPercent 100: all three train
-    assert ctl._schedule_round(c, {"metadata": {}}, {}, [], decision, stats, 1000.0)["lastRound"] == "demo-round-1"
+    settings = ControlSettings(min_participants=c.spec.federation.min_participants, secure_aggregation=True)
+    actions = decide(ctl._planner(c, 0.0), Observation(now=5.0, arrivals=50, stats=stats), settings)  # participationPercent 100: all three train
+    assert actions.round is not None and actions.round.aggregator not in actions.round.participants
+    assert ctl._create_round(c, actions, 1000.0)["lastRound"] == "demo-round-1"
     spec = api.parse_round(kube.created).spec.resolved(c.spec.federation)
     r = choose_roles(c, spec, list(NAMES), list(NAMES))  # what drive() does: raises "no replica of demo can train now"
     assert r.aggregator not in r.participants and len(r.participants) >= c.spec.federation.min_participants
@@ -378,11 +382,16 @@ def serving(sha: str | None, cluster_version: int = 0, revision: int = 0) -> dic
     }
 
 
+def current(status, rounds, stats):
+    """What the operator's step computes: the newest adapter its rounds published, else the agents' agreement."""
+    return current_adapter(published_adapter(status, rounds), stats)
+
+
 STATUS = {"adapter": {"version": 2, "sha256": "s2", "round": "demo-round-2", "evalLoss": "1.2000"}}
 
 
 def test_the_status_adapter_unless_a_newer_round_succeeded():
-    assert current_adapter(STATUS, [], {"demo-0": serving("other")}) == Adapter(2, "s2", "demo-round-2", "1.2000")
+    assert current(STATUS, [], {"demo-0": serving("other")}) == Adapter(2, "s2", "demo-round-2", "1.2000")
     assert Adapter(2, "s2", "r").as_status() == {"version": 2, "sha256": "s2", "round": "r"}
     rounds = [
         adapter_round("demo-round-1", "True", 1, "s1"),
@@ -390,9 +399,9 @@ def test_the_status_adapter_unless_a_newer_round_succeeded():
         adapter_round("demo-round-4", "False", 4, "s4"),
         adapter_round("demo-round-5", None, 5, "s5"),
     ]
-    assert current_adapter(STATUS, rounds, {}) == Adapter(3, "s3", "demo-round-3", "1.1000")
-    assert current_adapter({}, rounds[:1], {}) == Adapter(1, "s1", "demo-round-1", None)
-    assert current_adapter(STATUS, rounds[:1] + rounds[2:], {}) == Adapter(2, "s2", "demo-round-2", "1.2000")
+    assert current(STATUS, rounds, {}) == Adapter(3, "s3", "demo-round-3", "1.1000")
+    assert current({}, rounds[:1], {}) == Adapter(1, "s1", "demo-round-1", None)
+    assert current(STATUS, rounds[:1] + rounds[2:], {}) == Adapter(2, "s2", "demo-round-2", "1.2000")
 
 
 @pytest.mark.parametrize(
@@ -407,7 +416,7 @@ def test_the_status_adapter_unless_a_newer_round_succeeded():
     ids=["agree", "disagree", "one-silent", "none-serves-an-adapter", "no-agents"],
 )
 def test_before_any_round_the_adapter_every_agent_agrees_on(stats, expected):
-    assert current_adapter({}, [], stats) == expected
+    assert current({}, [], stats) == expected
 
 
 def test_laggards_are_agents_on_an_older_adapter_only():

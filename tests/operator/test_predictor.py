@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from collm_operator.predictor import EmaPredictor, LoadPredictor, PredictorSettings, replay
+from collm_control.predictor import EmaPredictor, LoadPredictor, PredictorSettings, replay
 from replica_agent.traces import load_arrivals
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from collm_bench import allocation_bench, simulate
-from collm_operator.allocation import POLICIES
+from collm_control.allocation import POLICIES
 
 FIGURES = ("requests", "slo_met", "slo_attainment", "training_tokens", "published_tokens", "final_loss", "mean_quality", "goodput", "goodput_ratio")
 
@@ -78,7 +78,13 @@ def measured_run(tmp_path, *, capacity=6.0, alone=4000.0, share=0.9, duration=30
         loss = 1.3 + (2.2 - 1.3) * math.exp(-tokens / 2 / 300_000)
         windows.append({"t": i * 5.0, "training_tokens": step, "mean_quality": 1 / loss})
     runs = [
-        {"policy": "coexec", "duration_s": duration, "training_tokens": alone * share * 2 * duration, "mean_quality_initial_adapter": 1 / 2.2, "windows": windows},
+        {
+            "policy": "coexec",
+            "duration_s": duration,
+            "training_tokens": alone * share * 2 * duration,
+            "mean_quality_initial_adapter": 1 / 2.2,
+            "windows": windows,
+        },
         {"policy": "separated", "duration_s": duration, "training_tokens_per_replica": {"replica-0": alone * duration, "replica-1": 0}},
     ]
     data = {

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from collm_operator.control import served_adapter
+from collm_control.decide import served_adapter
 from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
 from replica_agent.federated.client import AgentClient

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from collm_operator.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
-from collm_operator.predictor import LoadPredictor
+from collm_control.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
+from collm_control.predictor import LoadPredictor
 
 
 @dataclass(frozen=True)

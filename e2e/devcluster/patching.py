@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from collm_operator.kube import merge_patch  # RFC 7386: the operator's own, so the emulator applies what the operator computes
+
 from .errors import ApiError
 
 __all__ = ["MERGE_KEYS", "merge_patch", "strategic_merge_patch", "json_patch", "apply_defaults"]
@@ -32,19 +34,6 @@ MERGE_KEYS: dict[str, tuple[str, ...]] = {
     "tolerations": ("key",),
     "imagePullSecrets": ("name",),
 }
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 def strategic_merge_patch(target: Any, patch: Any, field: str | None = None) -> Any:

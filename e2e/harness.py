@@ -92,7 +92,7 @@ class DevHarness(Harness):
     """The emulated cluster: API emulator, kubelet stand-in running agents as processes, real kopf."""
 
     def __init__(self, workdir: Path, data_dir: Path) -> None:
-        from replica_agent.devcluster.cluster import DevCluster
+        from .devcluster.cluster import DevCluster
 
         self._saved_port = os.environ.get("COLLM_OPERATOR_METRICS_PORT")
         self.metrics_port = _free_port()

@@ -6,5 +6,5 @@
 - ``kubelet.Kubelet``: StatefulSet/Deployment controllers and a kubelet that runs pods as local processes.
   ``dns_hook.py`` is the cluster DNS hook it copies into pods as ``sitecustomize.py`` (never imported).
 - ``cluster.DevCluster``: all of it together (+ CRDs, kubeconfig, the kopf operator); ``cluster.main`` is
-  the ``collm dev-cluster up`` entry point.
+  the ``python -m e2e.devcluster up`` entry point.
 """

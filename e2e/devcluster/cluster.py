@@ -5,7 +5,7 @@
 
 The API and the kubelet run on one asyncio loop in a background thread; the operator runs as a
 ``kopf run --standalone --all-namespaces -m MODULE`` subprocess with KUBECONFIG pointing at the
-emulator (it is stopped before the emulator). ``main(argv)`` is ``collm dev-cluster up``.
+emulator (it is stopped before the emulator). ``main(argv)`` is ``python -m e2e.devcluster up``.
 """
 
 from __future__ import annotations
@@ -258,8 +258,8 @@ class DevCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``collm dev-cluster up [--kubeconfig PATH] [--port N] [--no-operator] [--no-kubelet] [--crds DIR]``."""
-    parser = argparse.ArgumentParser(prog="collm dev-cluster", description="an emulated Kubernetes cluster")
+    """``python -m e2e.devcluster up [--kubeconfig PATH] [--port N] [--no-operator] [--no-kubelet] [--crds DIR]``."""
+    parser = argparse.ArgumentParser(prog="python -m e2e.devcluster", description="an emulated Kubernetes cluster")
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the cluster and block until Ctrl-C")
     up.add_argument("--kubeconfig", default="collm-dev.kubeconfig", help="where to write the kubeconfig")

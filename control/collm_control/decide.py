@@ -1,0 +1,200 @@
+"""The slow timescale's one decision: observed numbers in, what to do out.
+
+Both the operator (collm_operator/control.py, against Kubernetes) and the local mode
+(replica_agent/local/controller.py, against processes on one machine) are thin adapters around
+`decide()`: each observes (agent stats over gRPC, request arrivals, its rounds), calls it, and acts
+(pushes plans and routing weights, re-publishes the cluster's adapter to laggards, starts the round
+it names, writes status). Nothing here imports Kubernetes, torch or gRPC.
+
+The only memory is the Planner (load predictor and smoothed capacity profiles), passed in and
+kept by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from collm_control.planning import Decision, Planner
+
+Stats = Mapping[str, Any]  # one agent's stats (its GetStats JSON)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A global adapter of the cluster: the cluster version a round published, and its sha256."""
+
+    version: int
+    sha256: str
+    round: str = ""
+    eval_loss: str | None = None
+
+    def as_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "sha256": self.sha256, "round": self.round}
+        if self.eval_loss is not None:
+            out["evalLoss"] = self.eval_loss
+        return out
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    policy: str = "coexec"
+    federation: bool = True  # rounds are scheduled at all
+    round_interval_s: float = 60.0
+    min_participants: int = 1
+    secure_aggregation: bool = False  # the aggregator must not hold the round secret: it does not train
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    arrivals: int  # requests that arrived since the last decision
+    stats: Mapping[str, Stats | None]  # every replica's stats; None when it could not be read
+    published: Adapter | None = None  # the newest adapter a round of this cluster published (None: none yet)
+    round_participants: tuple[str, ...] = ()  # replicas training in a running round
+    round_running: bool = False
+    round_publishing: bool = False  # a running round is switching the replicas to its adapter
+    last_round_at: float | None = None  # when the last round started (or the cluster was created)
+    rounds_started: int = 0
+
+
+@dataclass(frozen=True)
+class RoundChoice:
+    number: int  # rounds_started + 1
+    participants: tuple[str, ...]
+    aggregator: str
+
+
+@dataclass(frozen=True)
+class Actions:
+    plan: Decision | None  # caps, routing weights, home affinity (None: no replica could be read)
+    fixed_training: bool  # the static baseline: a fixed training batch every iteration
+    adapter: Adapter | None  # the cluster's current global adapter
+    republish: tuple[str, ...]  # replicas resting on an older global adapter: publish `adapter` to them
+    republish_source: str | None  # a replica that holds `adapter`
+    adapter_lost: bool  # no reachable replica holds the current adapter any more
+    round: RoundChoice | None  # the round to start now, if any
+    training: tuple[str, ...]  # replicas whose plan lets them train and that have data
+
+    def cap(self, replica: str) -> int:
+        return self.plan.cap(replica) if self.plan is not None else 0
+
+
+def decide(planner: Planner, observation: Observation, settings: ControlSettings) -> Actions:
+    """Plan the next interval, find the replicas behind the current adapter, and pick the round to start."""
+    o = observation
+    reachable = {n: st for n, st in o.stats.items() if st is not None}
+    plan = planner.plan(o.now, o.arrivals, reachable, round_participants=o.round_participants) if reachable else None
+    adapter = current_adapter(o.published, o.stats)
+    holders = sorted(n for n, st in reachable.items() if adapter is not None and global_adapter(st).get("sha256") == adapter.sha256)
+    lost = adapter is not None and adapter.version > 0 and bool(reachable) and not holders
+    # While a round publishes, the replicas switch to its version one by one: re-publishing the
+    # previous version then would roll one back, so it waits for the round to end.
+    behind = () if lost or o.round_publishing or not holders else tuple(laggards(adapter, o.stats))
+    with_data = {n for n, st in reachable.items() if st.get("eval_loss") is not None}
+    training = tuple(sorted(n for n in with_data if plan is not None and plan.cap(n) > 0))
+    return Actions(
+        plan=plan,
+        fixed_training=settings.policy == "static",
+        adapter=adapter,
+        republish=behind,
+        republish_source=holders[0] if behind else None,
+        adapter_lost=lost,
+        round=choose_round(plan, o, settings, with_data),
+        training=training,
+    )
+
+
+def choose_round(plan: Decision | None, o: Observation, settings: ControlSettings, with_data: set[str]) -> RoundChoice | None:
+    """The round to start now: when the interval has passed and none runs, the allocation's
+    participants that may train and have data (at least min_participants), its aggregator if among
+    them; with secure aggregation the aggregator is a replica outside the participants."""
+    if not settings.federation or settings.policy == "inferenceOnly" or plan is None or o.round_running:
+        return None
+    if o.last_round_at is not None and o.now - o.last_round_at < settings.round_interval_s:
+        return None
+    a = plan.allocation
+    trainers = [p for p in a.participants if plan.cap(p) > 0 and p in with_data]
+    if len(trainers) < max(1, settings.min_participants):
+        return None
+    serving = sorted(n for n, st in o.stats.items() if st is not None)
+    hint = a.aggregator if a.aggregator in trainers and not settings.secure_aggregation else None
+    try:
+        participants, aggregator = assign_roles(
+            serving, trainers, aggregator=hint, secure=settings.secure_aggregation, min_participants=settings.min_participants
+        )
+    except ValueError:
+        return None  # every replica would hold the secret; the allocation and TrainingActive say why
+    return RoundChoice(o.rounds_started + 1, participants, aggregator)
+
+
+class NoTrainers(ValueError):
+    """Nobody can train in the round."""
+
+
+def assign_roles(
+    serving: list[str], trainers: list[str], *, aggregator: str | None = None, secure: bool = False, fixed: bool = False, min_participants: int = 1
+) -> tuple[tuple[str, ...], str]:
+    """(participants, aggregator) of a round, for scheduled and hand-made rounds alike.
+
+    `trainers`: who would train (a round's own list when `fixed`, else the candidates, which may
+    give one up to aggregate). Without secure aggregation the aggregator is the one named or the
+    first participant. With it, the aggregator must not hold the round secret, so it does not
+    train: a named one is left out of the candidates, else a serving replica outside them
+    aggregates, else (not `fixed`, more than `min_participants` candidates) the last candidate does.
+    ValueError says what is wrong; NoTrainers when nobody can train."""
+    participants = [p for p in trainers if not (secure and not fixed and p == aggregator)]
+    if aggregator is None:
+        if secure:
+            others = [r for r in serving if r not in participants]
+            if not others and not fixed and len(participants) > max(1, min_participants):
+                others = [participants.pop()]  # the last one aggregates instead of training
+            aggregator = others[0] if others else None
+            if aggregator is None and participants:
+                raise ValueError(
+                    f"secure aggregation needs an aggregator that is not a participant, and every serving replica "
+                    f"({', '.join(serving)}) is one: list fewer spec.participants or add replicas"
+                )
+        else:
+            aggregator = participants[0] if participants else None
+    if secure and aggregator in participants:
+        raise ValueError(f"secure aggregation needs an aggregator that is not a participant; {aggregator} is both")
+    if aggregator is None or not participants:
+        raise NoTrainers("nobody can train")
+    return tuple(participants), aggregator
+
+
+def current_adapter(published: Adapter | None, stats: Mapping[str, Stats | None]) -> Adapter | None:
+    """The newest adapter a round published; before any, the global adapter every replica agrees on."""
+    if published is not None:
+        return published
+    rests_on = {global_adapter(st).get("sha256") for st in stats.values() if st}
+    if stats and len(rests_on) == 1 and None not in rests_on and all(st is not None for st in stats.values()):
+        return Adapter(0, str(rests_on.pop()))
+    return None
+
+
+def global_adapter(stats: Stats | None) -> Mapping[str, Any]:
+    """The global adapter an agent rests on (it may serve a local revision on top of it)."""
+    return (stats or {}).get("global_adapter") or {}
+
+
+def served_adapter(stats: Stats) -> dict[str, str]:
+    """The adapter an agent serves, as status shows it: `<cluster version>.<local revision>` and sha256."""
+    served = stats.get("adapter") or {}
+    return {"adapter": str(served["version"]), "adapterSha256": served.get("sha256", "")} if served.get("version") is not None else {}
+
+
+def laggards(adapter: Adapter | None, stats: Mapping[str, Stats | None]) -> list[str]:
+    """Agents resting on a global adapter older than the current one (never a newer one: a round may be
+    publishing). A local revision on top of the current global is not lagging: it is that global plus
+    what the replica learnt since."""
+    if adapter is None:
+        return []
+    out = []
+    for name, st in stats.items():
+        rests_on = global_adapter(st)
+        if st is not None and rests_on.get("sha256") != adapter.sha256 and int(rests_on.get("cluster_version") or 0) < max(adapter.version, 1):
+            out.append(name)
+    return sorted(out)
