@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,7 +128,9 @@ def build_parser(prog: str = "collm-agent") -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None = None, *, environ: dict[str, str] | None = None, prog: str = "collm-agent") -> tuple[AgentConfig, argparse.Namespace]:
+def load_config(
+    argv: list[str] | None = None, *, environ: Mapping[str, str] | None = None, prog: str = "collm-agent"
+) -> tuple[AgentConfig, argparse.Namespace]:
     """Parse flags, read the YAML file and the environment; raise SystemExit(2) with a clear message on bad input."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)

@@ -29,7 +29,7 @@ import bisect
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 POLICIES = ("coexec", "static", "separated", "inferenceOnly")
 DEFAULT_STATIC_CAP = 128  # the agent's default train_cap_tokens
@@ -46,6 +46,7 @@ class CapacityProfile:
     """
 
     points: tuple[tuple[int, float, float], ...]
+    _caps: list[int] = field(init=False, repr=False, compare=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.points:

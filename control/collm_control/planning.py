@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from collm_control.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
 from collm_control.predictor import LoadPredictor
@@ -71,7 +72,7 @@ class Planner:
         self._recent: list[tuple[float, int]] = []  # (seconds, arrivals) per decision
         self._last_at = now
 
-    def plan(self, now: float, arrivals: int, stats: Mapping[str, dict | None], *, round_participants: tuple[str, ...] = ()) -> Decision:
+    def plan(self, now: float, arrivals: int, stats: Mapping[str, Mapping[str, Any] | None], *, round_participants: tuple[str, ...] = ()) -> Decision:
         """Allocate for the next interval; `round_participants` are training in a running round."""
         s = self.settings
         self.predictor.observe(max(now, self.predictor.time_s), arrivals)
@@ -95,7 +96,7 @@ class Planner:
                 allocation = replace(allocation, caps={**allocation.caps, **floor})
         return Decision(allocation, tuple(states), predicted, forecast)
 
-    def replica_states(self, stats: Mapping[str, dict | None]) -> list[ReplicaState]:
+    def replica_states(self, stats: Mapping[str, Mapping[str, Any] | None]) -> list[ReplicaState]:
         profiles = {}
         for name, st in stats.items():
             points = [(int(cap), rps, train) for cap, rps, train in (st or {}).get("capacity_profile") or []]

@@ -8,6 +8,7 @@ never a crash loop. agent_settings.py maps a cluster onto the agent's settings.
 
 from __future__ import annotations
 
+import builtins
 import math
 import re
 from collections.abc import Mapping
@@ -194,7 +195,7 @@ class _Section:
             raise SpecError(path, f"{path} ({value}) must be <= {hi}")
         return value
 
-    def optional_int(self, key: str, lo: int) -> int | None:
+    def optional_int(self, key: str, lo: builtins.int) -> builtins.int | None:
         return None if self.d.get(key) is None else self.int(key, None, lo)
 
     def bool(self, key: str, default: bool) -> bool:
@@ -203,7 +204,7 @@ class _Section:
             raise SpecError(path, f"{path} must be true or false, got {value!r}")
         return value
 
-    def str(self, key: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
+    def str(self, key: builtins.str, default: builtins.str | None, choices: tuple[builtins.str, ...] | None = None) -> builtins.str | None:
         path, value = f"{self.path}.{key}", self.d.get(key, default)
         if value is None:
             return None
@@ -213,7 +214,7 @@ class _Section:
             raise SpecError(path, f"{path} {value!r} is not supported: use one of {', '.join(choices)}")
         return value
 
-    def number(self, key: str, default: str, example: str, allow_empty: bool = False) -> str:
+    def number(self, key: builtins.str, default: builtins.str, example: builtins.str, allow_empty: builtins.bool = False) -> builtins.str:
         """A positive decimal written as a string (no floats in spec)."""
         path, value = f"{self.path}.{key}", self.d.get(key, default)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -226,7 +227,7 @@ class _Section:
             raise SpecError(path, f'{path} {value!r} must be a positive number written as a string, e.g. "{example}"')
         return value
 
-    def object(self, key: str) -> Mapping[str, Any] | None:
+    def object(self, key: builtins.str) -> Mapping[builtins.str, Any] | None:
         path, value = f"{self.path}.{key}", self.d.get(key)
         if value is not None and not isinstance(value, Mapping):
             raise SpecError(path, f"{path} must be an object, got {value!r}")

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import kopf
 
@@ -25,8 +26,8 @@ from collm_operator.control import ClusterController
 from collm_operator.kube import Kube
 
 PREFIX = "collm.io"
-CLUSTERS = dict(group=api.GROUP, version=api.VERSION, plural=api.CLUSTER_PLURAL)
-ROUNDS = dict(group=api.GROUP, version=api.VERSION, plural=api.ROUND_PLURAL)
+CLUSTERS: dict[str, Any] = dict(group=api.GROUP, version=api.VERSION, plural=api.CLUSTER_PLURAL)
+ROUNDS: dict[str, Any] = dict(group=api.GROUP, version=api.VERSION, plural=api.ROUND_PLURAL)
 
 
 def _events(body):

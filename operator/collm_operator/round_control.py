@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -164,7 +164,7 @@ def _ahead(me: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
     return key(other) < key(me)
 
 
-def next_version(cluster_status: Mapping[str, Any], rounds: list[Mapping[str, Any]], stats: Mapping[str, dict | None]) -> int:
+def next_version(cluster_status: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]], stats: Mapping[str, dict | None]) -> int:
     """1 + the highest version anyone knows: the cluster's adapter, any round of it (a running or
     failed one claimed its number), any global adapter an agent rests on. Versions only grow."""
     known = [int(((cluster_status.get("adapter") or {}).get("version")) or 0)]
@@ -198,19 +198,19 @@ def drive(
     try:
         rnd = api.parse_round(body)
     except api.SpecError as exc:
-        return fail(Reason.INVALID_SPEC, exc.message)
+        fail(Reason.INVALID_SPEC, exc.message)
     cluster_obj = kube.get(api.API_VERSION, api.CLUSTER_KIND, ns, rnd.spec.cluster_name)
     if cluster_obj is None:
-        return fail(Reason.CLUSTER_NOT_FOUND, f"CollmCluster {rnd.spec.cluster_name!r} does not exist in {ns}: fix spec.clusterRef.name")
+        fail(Reason.CLUSTER_NOT_FOUND, f"CollmCluster {rnd.spec.cluster_name!r} does not exist in {ns}: fix spec.clusterRef.name")
     try:
         cluster = api.parse_cluster(cluster_obj)
     except api.SpecError as exc:
-        return fail(Reason.INVALID_SPEC, f"CollmCluster {rnd.spec.cluster_name} has an invalid spec: {exc.message}")
+        fail(Reason.INVALID_SPEC, f"CollmCluster {rnd.spec.cluster_name} has an invalid spec: {exc.message}")
     if (meta.get("labels") or {}).get(objects.CLUSTER_LABEL) != cluster.name:
         # Hand-made rounds get the label too: the cluster's control loop lists its rounds by it.
         kube.patch(api.API_VERSION, api.ROUND_KIND, ns, name, {"metadata": {"labels": {objects.CLUSTER_LABEL: cluster.name}}})
     if not cluster.spec.federation.enabled or cluster.spec.scheduling.policy == "inferenceOnly":
-        return fail(Reason.TRAINING_DISABLED, f"CollmCluster {cluster.name} does not train (federation disabled or policy inferenceOnly)")
+        fail(Reason.TRAINING_DISABLED, f"CollmCluster {cluster.name} does not train (federation disabled or policy inferenceOnly)")
 
     pool = pool or AgentPool()
     saved = status.get("state")
@@ -253,7 +253,7 @@ def drive(
                 publish_deadline_s=PUBLISH_DEADLINE_S,
             )
         except ValueError as exc:
-            return fail(Reason.TOO_FEW_PARTICIPANTS, str(exc))
+            fail(Reason.TOO_FEW_PARTICIPANTS, str(exc))
         state = R.start(spec)
         version = next_version(cluster_obj.get("status") or {}, rounds, stats)
         event("Normal", "RoundStarted", f"participants {', '.join(spec.participants)}, aggregator {spec.aggregator}, {spec.local_steps} local steps")

@@ -87,7 +87,7 @@ class AdapterStore:
         self._global: AdapterVersion | None = None
         self._revisions: dict[int, int] = {}  # cluster version -> last local revision published on it
         self._next = 1
-        self._listeners: list[Callable[[AdapterVersion], None]] = []
+        self._listeners: list[Callable[[AdapterVersion], object]] = []
 
     # -- publishing ---------------------------------------------------------------------------
     def publish(
@@ -145,7 +145,7 @@ class AdapterStore:
             listener(version)
         return version
 
-    def on_change(self, listener: Callable[[AdapterVersion], None]) -> None:
+    def on_change(self, listener: Callable[[AdapterVersion], object]) -> None:
         """Call `listener(version)` after every publish or rollback (from the publishing thread)."""
         with self._lock:
             self._listeners.append(listener)

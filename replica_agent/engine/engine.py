@@ -27,14 +27,14 @@ from .budget import TrainingBudget
 from .detokenize import IncrementalDetokenizer
 from .llama import KVCache, LlamaRuntime, SlabLora
 from .lora import LoraSlab, LoraSpec
-from .mixer import BatchMixer, IterationStats
+from .mixer import BatchMixer, IterationStats, MixDecision
 from .requests import FinalEvent, FinishReason, GenerationRequest, SamplingParams, TokenEvent, TokenInfo
 from .sampling import RowSampler, greedy_rows
 
 log = logging.getLogger(__name__)
 
 Event = TokenEvent | FinalEvent
-Callback = Callable[[Event], None]
+Callback = Callable[[Event], object]  # its return value is ignored
 
 
 class RequestRejected(ValueError):
@@ -117,7 +117,7 @@ class Engine:
         self._tpot_ema_ms: float | None = None
         self.iterations = 0
         self.inference_tokens = 0
-        self.last_decision = None
+        self.last_decision: MixDecision | None = None
         self.observers: list[Callable[[str, object], None]] = []  # ("iteration", stats) and ("finished", FinalEvent)
 
     # -- public API ---------------------------------------------------------------------------
@@ -194,7 +194,9 @@ class Engine:
         if not done.wait(timeout):
             handle.cancel()
             raise TimeoutError(f"request {handle.request.id} did not finish within {timeout} s")
-        return [e for e in events if isinstance(e, TokenEvent)], events[-1]
+        final = events[-1]
+        assert isinstance(final, FinalEvent)  # done is set by the final event
+        return [e for e in events if isinstance(e, TokenEvent)], final
 
     @property
     def queue_depth(self) -> int:
@@ -252,9 +254,9 @@ class Engine:
             tpot_ms=self._tpot_ema_ms if rows else None,
         )
         if self.mixer is not None:
-            self.last_decision = self.mixer.decide(stats)
+            decision = self.last_decision = self.mixer.decide(stats)
             if self.budget is not None:
-                self.budget.credit(self.last_decision.training_tokens)
+                self.budget.credit(decision.training_tokens)
         for observer in self.observers:
             observer("iteration", stats)
 

@@ -16,6 +16,7 @@ or several (the Punica/S-LoRA idea in its simplest dense form).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -184,7 +185,7 @@ class LoraSlab:
     def loaded_versions(self) -> set[int]:
         return {v for v in self._version_of_slot if v is not None}
 
-    def load(self, version: int, tensors: dict[str, torch.Tensor]) -> int | None:
+    def load(self, version: int, tensors: Mapping[str, torch.Tensor]) -> int | None:
         """Copy a version into a free slot; returns the slot, or None when every slot is taken."""
         existing = self.slot_of(version)
         if existing is not None:

@@ -168,7 +168,8 @@ def _load(
     config = _load_config(resolved)
     tokenizer = _load_tokenizer(resolved)
     model = transformers.AutoModelForCausalLM.from_pretrained(resolved.directory, config=config, dtype=torch_dtype, **resolved.hf_kwargs())
-    model.to(torch_device).eval().requires_grad_(False)
+    model = model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub wraps .to() for dtypes only
+    model.eval().requires_grad_(False)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) as %s on %s in %.1f s", resolved.name, source, dtype, torch_device, seconds)
     return resolved, model, tokenizer

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -124,8 +125,9 @@ class Aggregator:
             if invited is not None:
                 result = _unmask(round_id, invited, updates, revealed or {})
             else:
+                plain = cast(list[AdapterUpdate], updates)  # not a secure round: every upload is a plain update
                 result = build_strategy(strategy, clip_norm=clip_norm, noise_multiplier=noise_multiplier, outlier_factor=outlier_factor).aggregate(
-                    updates, base_sha256=base_sha256
+                    plain, base_sha256=base_sha256
                 )
         except AggregationError as exc:
             with self._lock:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -162,7 +163,7 @@ class RoundDriver:
 
     def _start_training(self, action: R.StartTraining) -> list:
         aggregator = self.addresses[action.aggregator]
-        request = dict(
+        request: dict[str, Any] = dict(
             round_id=self.spec.round_id,
             local_steps=action.local_steps,
             deadline_unix=action.deadline_at,

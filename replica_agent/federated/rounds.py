@@ -31,7 +31,9 @@ stay Unknown.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from .round_state import (  # re-exported: callers use rounds.<Name>
     STAGES,
@@ -323,7 +325,7 @@ def _on_publish(s: RoundState, e: PublishAcked | PublishFailed) -> list[Action]:
     return []
 
 
-_HANDLERS = {
+_HANDLERS: dict[type, Callable[[RoundState, Any], list[Action]]] = {
     Started: _on_started,
     UpdateUploaded: _on_uploaded,
     ParticipantFailed: _on_participant_failed,

@@ -108,7 +108,7 @@ def reveal_seeds(me: str, dropped: Sequence[str], pair_seeds: Mapping[str, bytes
     """Survivor side: the seeds `me` shared with the dropped participants, and no others."""
     if me in dropped:
         raise ValueError(f"{me} is named as dropped: it must not reveal seeds for its own update")
-    return {tuple(sorted((me, d))): pair_seeds[d] for d in dropped}
+    return {(min(me, d), max(me, d)): pair_seeds[d] for d in dropped}
 
 
 class SecureAggregator:

@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import AgentConfig
 from ..engine.lora import LoraSpec
@@ -123,7 +124,7 @@ def _tokens(stats: dict | None) -> int:
 
 def _sample(deployment: LocalDeployment, clients: dict[str, AgentClient], started_at: float) -> Sample:
     allocation = deployment.controller.allocation if deployment.controller else None
-    replicas = {}
+    replicas: dict[str, dict[str, Any]] = {}
     for name, st in read_stats(clients).items():
         if st is None:
             replicas[name] = {"up": False}

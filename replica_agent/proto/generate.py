@@ -1,4 +1,5 @@
-"""Regenerate collm_pb2.py and collm_pb2_grpc.py from collm.proto (`python -m replica_agent.proto.generate`).
+"""Regenerate collm_pb2.py, its type stub collm_pb2.pyi (for mypy) and collm_pb2_grpc.py from
+collm.proto (`python -m replica_agent.proto.generate`).
 
 The generated files are committed (no protoc needed at install time); tests/federated/test_proto.py
 regenerates into a temporary folder and fails when the committed files are stale.
@@ -19,11 +20,11 @@ def generate(out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rel = PROTO.relative_to(ROOT)
-    code = protoc.main(["grpc_tools.protoc", f"-I{ROOT}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", str(rel)])
+    code = protoc.main(["grpc_tools.protoc", f"-I{ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", str(rel)])
     if code != 0:
         raise RuntimeError(f"protoc failed with exit code {code}")
     gen = out_dir / rel.parent
-    return [gen / "collm_pb2.py", gen / "collm_pb2_grpc.py"]
+    return [gen / "collm_pb2.py", gen / "collm_pb2.pyi", gen / "collm_pb2_grpc.py"]
 
 
 def main() -> int:

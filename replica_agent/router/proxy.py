@@ -117,8 +117,8 @@ async def forward(router, request: web.Request) -> web.StreamResponse:
     path = request.path
     try:
         body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(path, 413, f"the body is larger than {exc.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(path, 413, f"the body is larger than {request.client_max_size} bytes")
     tried: list[str] = []
     failure: UpstreamFailed | None = None
     home = request.headers.get(AFFINITY_HEADER)

@@ -204,8 +204,8 @@ def feedback_path(config) -> Path:
 async def _read_json(request: web.Request):
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise ApiError(413, f"Input validation error: the body is larger than {exc.max_size} bytes", "validation") from None
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's exception does not keep the limit: the request does
+        raise ApiError(413, f"Input validation error: the body is larger than {request.client_max_size} bytes", "validation") from None
     if not raw.strip():
         raise InvalidRequest('the body is empty; send JSON like {"inputs": "...", "parameters": {"max_new_tokens": 20}}')
     try:

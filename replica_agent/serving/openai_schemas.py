@@ -138,7 +138,7 @@ def parse_openai_request(body: Any, *, chat: bool) -> OpenAIRequest:
         value = getattr(req, name, None)
         if not any(value == o and type(value) is type(o) for o in off):  # typed: logprobs=0 is not "off"
             raise OpenAIError(400, message, param=name)
-    max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = req.max_completion_tokens if isinstance(req, _ChatBody) and req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 1:
         raise OpenAIError(400, f"`max_tokens` must be at least 1. Given: {max_tokens}", param="max_tokens")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -154,8 +154,8 @@ def parse_openai_request(body: Any, *, chat: bool) -> OpenAIRequest:
     options = req.stream_options or {}
     if options and (not req.stream or set(options) - {"include_usage"}):
         raise OpenAIError(400, "`stream_options` is allowed only with stream=true and takes only `include_usage`", param="stream_options")
-    prompt, messages = "", ()
-    if chat:
+    prompt, messages = "", ()  # type: tuple[str, tuple[dict, ...]]
+    if isinstance(req, _ChatBody):
         messages = _chat_messages(req.messages)
     elif isinstance(req.prompt, list):
         if len(req.prompt) != 1:

@@ -434,3 +434,12 @@ def test_request_parsing_helpers():
     assert prompt_ids([5, 6, 7], 2, bos_token_id=None) == [6, 7]
     with pytest.raises(InvalidRequest, match="`watermark`"):
         parse_generate_request({"inputs": "hi", "parameters": {"watermark": True}})
+
+
+@pytest.mark.parametrize("path, key", [("/generate", "error"), ("/v1/completions", "error")])
+def test_a_body_over_the_size_limit_gets_413_naming_the_limit(server, path, key):
+    """aiohttp's 413 exception keeps no limit; the answer names the request's own (1 MiB by default)."""
+    status, payload, _ = post(server, path, b'{"inputs": "' + b"x" * (1100 << 10) + b'"}', raw=True)
+    assert status == 413, payload
+    text = payload[key] if isinstance(payload[key], str) else payload[key]["message"]
+    assert "larger than 1048576 bytes" in text
