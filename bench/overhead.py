@@ -19,7 +19,7 @@ from replica_agent.engine.engine import Engine, EngineSettings
 from replica_agent.engine.llama import LlamaRuntime
 from replica_agent.engine.lora import LoraSpec, init_adapter
 from replica_agent.engine.model_host import load_base_model
-from replica_agent.engine.requests import SamplingParams
+from replica_agent.engine.requests import FinalEvent, SamplingParams
 from replica_agent.report import machine, print_table, write_json
 
 
@@ -48,7 +48,7 @@ def _decode_rate(engine: Engine, batch: int, prompt_len: int, new_tokens: int, s
     finals = []
 
     def callback(ev):
-        if hasattr(ev, "finish_reason"):
+        if isinstance(ev, FinalEvent):
             finals.append(ev)
             done.release()
 

@@ -73,6 +73,7 @@ class SimConfig:
     revision_interval_s: float = 0.0  # real-time reuse of local progress (0: rounds only, the earlier model)
     training_share: float | None = None  # the training share at the top cap (calibrate(): measured); None: PROFILE_SHAPE's
     offered_rps: float | None = None  # time-scale the trace to this mean rate (None: its own times)
+    trace_requests: int | None = None  # replay only the trace's first N requests (None: all)
     calibrated_from: str = ""
 
     def __post_init__(self) -> None:
@@ -90,6 +91,8 @@ class SimConfig:
             raise ValueError("training_share must be in (0, 1]")
         if self.offered_rps is not None and self.offered_rps <= 0:
             raise ValueError("offered_rps must be > 0")
+        if self.trace_requests is not None and self.trace_requests < 2:
+            raise ValueError("trace_requests must be >= 2")
 
 
 def fit_loss_curve(points: list[tuple[float, float]], loss_initial: float) -> tuple[float, float]:
@@ -109,16 +112,39 @@ def fit_loss_curve(points: list[tuple[float, float]], loss_initial: float) -> tu
     return best[1], best[2]
 
 
+def fit_service_rate(arrivals, *, replicas: int, capacity_rps: float, attainment: float, ttft_slack_s: float) -> float:
+    """The per-replica service rate at which `replicas` simulated replicas, offered `arrivals` at
+    `capacity_rps` with training off, meet the SLO for `attainment` of the requests (bisection on a
+    log scale; attainment grows with the rate)."""
+
+    def attained(rate: float) -> float:
+        config = SimConfig(replicas=replicas, inference_alone_rps=rate, offered_rps=capacity_rps, ttft_slack_s=ttft_slack_s, round_interval_s=1e9)
+        return simulate(arrivals, config, "inferenceOnly")["slo_attainment"]
+
+    low, high = capacity_rps / replicas / 10, capacity_rps / replicas * 100
+    if attained(high) < attainment:
+        raise ValueError(f"no service rate up to {high:g} req/s per replica reaches {attainment:.0%} attainment: the measured run cannot be calibrated")
+    for _ in range(40):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if attained(mid) < attainment else (low, mid)
+    return high
+
+
 def calibrate(goodput_json: str, *, replicas: int, load: float | None = None, **overrides) -> SimConfig:
     """A SimConfig whose cost and quality models come from a measured `collm bench goodput` run.
 
-    - inference_alone_rps: the measured serving capacity (training off, at the run's SLO
-      attainment threshold) per replica;
+    - inference_alone_rps: the rate of the simulation's fluid queue at which it reproduces the
+      measured capacity: the measured replicas, offered the measured segment at the capacity,
+      meet the SLO at the measured attainment (a replica batches a burst, so its service rate in
+      a burst is far above the capacity's mean rate; fit_service_rate());
     - training_alone_tokens_per_s: `separated`'s training replica (it only trains);
     - training_share: coexec's training rate per replica over that (what co-execution keeps);
     - loss_initial, loss_floor, loss_time_constant_s: fitted to coexec's per-window served quality
       against the tokens each replica had trained by then (`windows` in the JSON);
-    - offered_rps: `load` (default: the run's first load) x the capacity per replica x `replicas`.
+    - offered_rps: `load` (default: the run's first load) x the capacity per replica x `replicas`;
+    - trace_requests: the measured segment's requests per replica x `replicas` (the first of the
+      trace, as the benchmark replays its first ones), so each replica gets as many requests as it
+      did in the measured run, over the same time.
     """
     with open(goodput_json) as f:
         measured = json.load(f)
@@ -143,9 +169,17 @@ def calibrate(goodput_json: str, *, replicas: int, load: float | None = None, **
             points.append((tokens, 1 / w["mean_quality"]))
     floor, scale = fit_loss_curve(points, loss_initial)
     revision = measured.get("replica_settings", {}).get("revision_every_seconds") or 5.0
+    segment = measured["capacity"]["segment_requests"]
+    service_rps = fit_service_rate(
+        load_arrivals(CODE_TRACE)[:segment],
+        replicas=n_measured,
+        capacity_rps=measured["capacity"]["rate"],
+        attainment=measured["capacity"].get("threshold", 0.9),
+        ttft_slack_s=measured["slo"]["ttft_ms"] / 1000,
+    )
     settings = dict(
         replicas=replicas,
-        inference_alone_rps=per_replica_rps,
+        inference_alone_rps=service_rps,
         training_alone_tokens_per_s=alone,
         training_share=share,
         loss_initial=loss_initial,
@@ -156,6 +190,7 @@ def calibrate(goodput_json: str, *, replicas: int, load: float | None = None, **
         revision_interval_s=float(revision),
         ttft_slack_s=measured["slo"]["ttft_ms"] / 1000,
         offered_rps=(load if load is not None else entry["load"]) * per_replica_rps * replicas,
+        trace_requests=max(2, round(segment * replicas / n_measured)),
         calibrated_from=goodput_json,
     )
     return SimConfig(**{**settings, **overrides})
@@ -214,7 +249,7 @@ def at_rate(arrivals, rate: float | None) -> list[float]:
 def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burst", mixer: bool | None = None, reuse: bool | None = None) -> dict:
     """Replay `arrivals` (seconds, sorted; at `config.offered_rps` if set) under one policy; returns its figures."""
     c = config
-    arrivals = at_rate(arrivals, c.offered_rps)
+    arrivals = at_rate(arrivals[: c.trace_requests], c.offered_rps)
     arrivals = [t for t in arrivals if c.duration_s is None or t < c.duration_s]
     end = c.duration_s if c.duration_s is not None else arrivals[-1]
     mixer = policy == "coexec" if mixer is None else mixer
@@ -356,7 +391,7 @@ def run(
     reference = rows["coexec"]["goodput"]
     for row in rows.values():
         row["goodput_ratio"] = row["goodput"] / reference if reference else 0.0
-    in_window = [t for t in at_rate(arrivals, config.offered_rps) if duration_s is None or t < duration_s]
+    in_window = [t for t in at_rate(arrivals[: config.trace_requests], config.offered_rps) if duration_s is None or t < duration_s]
     scores = {
         "burst (LoadPredictor)": replay(LoadPredictor(), in_window, slow_interval_s, headroom=config.headroom).as_dict(),
         "EMA 60 s": replay(EmaPredictor(60.0), in_window, slow_interval_s, headroom=config.headroom).as_dict(),

@@ -37,7 +37,7 @@ def collm_main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="a local cluster (agents, router, controller) serves an Azure trace while it fine-tunes; live view and a report folder")
     demo.add_argument("--duration", type=float, default=90.0, help="seconds of trace to replay (default 90)")
     demo.add_argument("--model", default="tiny", help="base model (tiny, smollm2, a HF directory or a .gguf file)")
-    demo.add_argument("--replicas", type=int, default=3, help="replica agents, each with its own standard-library package as data (default 3)")
+    demo.add_argument("--replicas", type=int, default=3, help="replica agents, each with its own data domain (code, prose, code, ...; default 3)")
     demo.add_argument("--trace", default="conv", choices=["conv", "code"], help="Azure LLM trace to replay (default conv)")
     demo.add_argument("--policy", default="coexec", choices=["coexec", "static", "separated", "inferenceOnly"], help="scheduling policy (default coexec)")
     demo.add_argument("--rate", type=float, help="offered requests/s (default: 8 for 3 tiny replicas, scaled by replicas; a tenth for other models)")

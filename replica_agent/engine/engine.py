@@ -369,7 +369,7 @@ class Engine:
             text += row.detok.flush()  # text held back mid UTF-8 sequence goes out with the last token
         info = TokenInfo(token, text, logprob, special)
         row.generated.append(info)
-        row.handle.callback(TokenEvent(info, len(row.generated) - 1))
+        row.handle.callback(TokenEvent(info, len(row.generated) - 1, reason))
         if reason is not None:
             self._finish(row, reason)
         return reason is not None

@@ -51,10 +51,12 @@ class TokenInfo:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token; `text` is the new text it completes (may be empty mid UTF-8 sequence)."""
+    """One generated token; `text` is the new text it completes (may be empty mid UTF-8 sequence).
+    The request's last token carries the reason it ended (the FinalEvent follows it at once)."""
 
     token: TokenInfo
     index: int
+    finish_reason: FinishReason | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -34,6 +35,7 @@ from ..engine.engine import QueueFull, RequestRejected
 from ..engine.requests import FinalEvent
 from . import openai_api
 from .metrics import AgentMetrics
+from .pipeline import generation_headers, read_json, stream_events
 from .schemas import (
     MAX_STOP_SEQUENCES,
     GenerateRequest,
@@ -48,8 +50,6 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 
-ADAPTER_HEADER = "x-collm-adapter-version"  # "<cluster version>.<local revision>", e.g. 7.3
-ADAPTER_SHA_HEADER = "x-collm-adapter-sha256"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HEALTH_STALE_S = 5.0  # an engine that has not finished an iteration for this long is unhealthy
 SHUTDOWN_TIMEOUT_S = 30.0  # in-flight requests get this long to finish on SIGTERM
@@ -106,7 +106,7 @@ class HttpApi:
                 raise ApiError(503, f"{exc}; retry on another replica", "unavailable") from None
             prefix = req.inputs if req.params.return_full_text else ""
             if req.stream:
-                framer = StreamFramer(params, len(ids), self.engine.settings.max_total_tokens, details=req.params.details, prefix=prefix)
+                framer = StreamFramer(details=req.params.details, prefix=prefix)
                 return await _stream(request, events, first, framer)
             final = first
             while not isinstance(final, FinalEvent):
@@ -114,7 +114,7 @@ class HttpApi:
         if not final.ok:
             raise ApiError(424, final.error or f"the request ended early ({final.finish_reason.value})", "generation")
         body = generate_body(final, details=req.params.details, prefix=prefix)
-        return web.json_response([body] if as_list else body, headers=_generation_headers(final))
+        return web.json_response([body] if as_list else body, headers=generation_headers(final))
 
     async def _encode(self, req: GenerateRequest) -> list[int]:
         text = req.inputs
@@ -201,51 +201,21 @@ def feedback_path(config) -> Path:
     return (data if data.is_dir() else data.parent) / "feedback.jsonl"
 
 
-async def _read_json(request: web.Request):
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:  # aiohttp's exception does not keep the limit: the request does
-        raise ApiError(413, f"Input validation error: the body is larger than {request.client_max_size} bytes", "validation") from None
-    if not raw.strip():
-        raise InvalidRequest('the body is empty; send JSON like {"inputs": "...", "parameters": {"max_new_tokens": 20}}')
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f'the body is not valid JSON ({exc}); send JSON like {{"inputs": "..."}}') from None
+async def _read_json(request: web.Request) -> Any:
+    return await read_json(request, example='{"inputs": "...", "parameters": {"max_new_tokens": 20}}', error=_body_error)
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+def _body_error(status: int, message: str) -> Exception:
+    if status == 413:
+        return ApiError(413, f"Input validation error: {message}", "validation")
+    return InvalidRequest(message)
 
 
 async def _stream(request: web.Request, events, first, framer: StreamFramer) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    await response.prepare(request)
-    event = first
-    try:
-        while True:
-            frames = framer.final(event) if isinstance(event, FinalEvent) else framer.token(event)
-            if frames:
-                await response.write(b"".join(b"data:" + json.dumps(f).encode() + b"\n\n" for f in frames))
-            if isinstance(event, FinalEvent):
-                break
-            event = await anext(events)
-        await response.write_eof()
-    except ConnectionResetError:  # the client went away; the caller's aclosing cancels the request
-        log.debug("client of %s disconnected mid-stream", request.path)
-    return response
+    def frames(event):
+        return framer.final(event) if isinstance(event, FinalEvent) else framer.token(event)
 
-
-def _generation_headers(final: FinalEvent) -> dict[str, str]:
-    headers = {"x-prompt-tokens": str(final.prompt_tokens), "x-generated-tokens": str(final.generated_tokens)}
-    if final.adapter_version is not None:
-        headers[ADAPTER_HEADER] = final.adapter_version
-        headers[ADAPTER_SHA_HEADER] = final.adapter_sha256 or ""
-    if final.queue_s is not None:
-        headers["x-queue-time"] = str(int(final.queue_s * 1000))
-    if final.tpot_s is not None:
-        headers["x-time-per-token"] = str(int(final.tpot_s * 1000))
-    return headers
+    return await stream_events(request, events, first, frames, lambda f: b"data:" + json.dumps(f).encode() + b"\n\n")
 
 
 def _current_version(agent) -> str | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -31,7 +30,6 @@ from ..engine.requests import FinalEvent
 from .openai_schemas import (
     ENCODE_IN_THREAD_CHARS,
     RETRY_AFTER_S,
-    SSE_HEADERS,
     OpenAIError,
     OpenAIRequest,
     ResponseBuilder,
@@ -42,6 +40,7 @@ from .openai_schemas import (
     sampling_params,
     sse,
 )
+from .pipeline import generation_headers, read_json, stream_events
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,6 @@ class OpenAIRoutes:
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         from ..engine.engine import QueueFull, RequestRejected  # torch lives there; the wire format above stays torch-free
-        from .http_api import _generation_headers
 
         try:
             req = parse_openai_request(await _read_json(request), chat=chat)
@@ -114,7 +112,7 @@ class OpenAIRoutes:
                 final = await anext(events)
         if not final.ok:
             raise OpenAIError(500, final.error or f"the request ended early ({final.finish_reason.value})", type="server_error", code="generation_failed")
-        return web.json_response(builder.body(final), headers=_generation_headers(final))
+        return web.json_response(builder.body(final), headers=generation_headers(final))
 
     async def _encode(self, req: OpenAIRequest) -> list[int]:
         size = sum(len(m["content"]) for m in req.messages) if req.chat else len(req.prompt)
@@ -144,33 +142,14 @@ def _version(store, number: int):
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
-    if not raw.strip():
-        raise OpenAIError(400, 'the body is empty; send JSON like {"model": "...", "prompt": "..."}')
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise OpenAIError(400, f"the body is not valid JSON ({exc})") from None
+    return await read_json(request, example='{"model": "...", "prompt": "..."}', error=lambda status, message: OpenAIError(status, message))
 
 
 async def _stream(request: web.Request, events, first, builder: ResponseBuilder) -> web.StreamResponse:
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
-    chunks, event = builder.start(), first
-    try:
-        while True:
-            chunks += builder.final(event) if isinstance(event, FinalEvent) else builder.token(event)
-            if chunks:
-                await response.write(b"".join(sse(c) for c in chunks))
-                chunks = []
-            if isinstance(event, FinalEvent):
-                break
-            event = await anext(events)
-        await response.write(sse("[DONE]"))
-        await response.write_eof()
-    except ConnectionResetError:  # the client went away; the caller's aclosing cancels the request
-        log.debug("client of %s disconnected mid-stream", request.path)
-    return response
+    def frames(event):
+        return builder.final(event) if isinstance(event, FinalEvent) else builder.token(event)
+
+    return await stream_events(request, events, first, frames, sse, opening=builder.start(), closing=sse("[DONE]"))
 
 
 def add_routes(app: web.Application, api) -> None:

@@ -21,7 +21,6 @@ MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_SEED = 2**64 - 1
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions
 RETRY_AFTER_S = 1
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ENCODE_IN_THREAD_CHARS = 4096
 
 

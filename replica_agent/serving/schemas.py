@@ -204,13 +204,12 @@ class StreamFramer:
     """Engine events -> TGI stream events for one request.
 
     TGI's last token event is also the final one (it carries `generated_text` and `details`), but the
-    engine reports the end after the last token. So a token that may be the last one (length
-    limit, special token, a stop sequence in reach) is held back until the next event says whether
-    it was; every other token goes out at once, so streaming adds no latency in the common case.
+    engine reports the end just after the last token. The engine marks that token (its
+    `finish_reason`), so it alone is held back until the FinalEvent; every other token goes out at
+    once, and streaming adds no latency.
     """
 
-    def __init__(self, params: SamplingParams, prompt_tokens: int, max_total_tokens: int, *, details: bool, prefix: str = "") -> None:
-        self.params, self.prompt_tokens, self.max_total_tokens = params, prompt_tokens, max_total_tokens
+    def __init__(self, *, details: bool, prefix: str = "") -> None:
         self.details, self.prefix = details, prefix
         self._held: TokenEvent | None = None
         self._last: TokenEvent | None = None
@@ -218,7 +217,7 @@ class StreamFramer:
 
     def token(self, event: TokenEvent) -> list[dict]:
         out = self._release()
-        if self._may_be_last(event):
+        if event.finish_reason is not None:
             self._held = event
         else:
             out.append(self._frame(event.index, token_json(event.token)))
@@ -236,7 +235,7 @@ class StreamFramer:
             raise RuntimeError("the engine finished a request without a token")
         token = token_json(last.token)
         if self._held is None:
-            # Unreachable while _may_be_last covers the engine's stop rules; stay well-formed anyway.
+            # Unreachable while the engine marks its last token; stay well-formed anyway.
             log.warning("stream of %d tokens ended on a token that was not held back; sending an empty final token", final.generated_tokens)
             token = {**token, "text": "", "special": True}
         # The final text may hold a tail the detokenizer released only at the end: give it to this token.
@@ -264,14 +263,6 @@ class StreamFramer:
         held, self._held = self._held, None
         self._sent_text += held.token.text
         return [self._frame(held.index, token_json(held.token))]
-
-    def _may_be_last(self, event: TokenEvent) -> bool:
-        """A superset of the engine's finish rules (Engine._finished)."""
-        p, tok, n = self.params, event.token, event.index + 1
-        if tok.special or n >= p.max_new_tokens or self.prompt_tokens + n + 1 >= self.max_total_tokens:
-            return True
-        text = self._sent_text + tok.text
-        return any(s in text[-(len(s) + len(tok.text) + 1) :] for s in p.stop)
 
     @staticmethod
     def _frame(index: int, token: dict, *, generated_text: str | None = None, details: dict | None = None) -> dict:

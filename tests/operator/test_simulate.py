@@ -89,7 +89,7 @@ def measured_run(tmp_path, *, capacity=6.0, alone=4000.0, share=0.9, duration=30
     ]
     data = {
         "replicas": 2,
-        "capacity": {"rate": capacity},
+        "capacity": {"rate": capacity, "segment_requests": 1000},
         "controller": {"round_interval_s": 60.0, "slow_interval_s": 5.0},
         "slo": {"ttft_ms": 500},
         "replica_settings": {"revision_every_seconds": 5.0},
@@ -102,11 +102,16 @@ def measured_run(tmp_path, *, capacity=6.0, alone=4000.0, share=0.9, duration=30
 
 def test_calibration_takes_capacity_training_rate_share_and_loss_curve_from_a_measured_run(tmp_path):
     config = simulate.calibrate(str(measured_run(tmp_path)), replicas=8)
-    assert config.replicas == 8 and config.inference_alone_rps == pytest.approx(3.0)
+    assert config.replicas == 8
+    # the fluid queue's rate is fitted: the measured 2 replicas, offered the segment at the measured
+    # capacity (6 req/s), meet the SLO for 90% of the requests at it
+    check = simulate.SimConfig(replicas=2, inference_alone_rps=config.inference_alone_rps, offered_rps=6.0, ttft_slack_s=0.5, round_interval_s=1e9)
+    assert simulate.simulate(simulate.load_arrivals()[:1000], check, "inferenceOnly")["slo_attainment"] == pytest.approx(0.9, abs=0.01)
     assert config.training_alone_tokens_per_s == pytest.approx(4000.0) and config.training_share == pytest.approx(0.9)
     assert config.loss_initial == pytest.approx(2.2) and config.loss_floor == pytest.approx(1.3, rel=0.03)
     assert config.loss_time_constant_s == pytest.approx(300_000 / (4000 * 0.9), rel=0.15)
     assert config.offered_rps == pytest.approx(0.7 * 3.0 * 8) and config.revision_interval_s == 5.0
+    assert config.trace_requests == 4000  # as many requests per replica as the measured run had
     with pytest.raises(ValueError, match="no separated run"):
         data = json.loads(measured_run(tmp_path).read_text())
         data["loads"][0]["policies"] = data["loads"][0]["policies"][:1]

@@ -20,9 +20,9 @@ from text_generation.errors import GenerationError, OverloadedError, ValidationE
 from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
 from replica_agent.engine.engine import RequestRejected
-from replica_agent.engine.requests import FinalEvent, FinishReason, SamplingParams, TokenEvent, TokenInfo
+from replica_agent.engine.requests import FinalEvent, FinishReason, TokenEvent, TokenInfo
 from replica_agent.serving import http_api
-from replica_agent.serving.http_api import ADAPTER_HEADER, ADAPTER_SHA_HEADER
+from replica_agent.serving.pipeline import ADAPTER_HEADER, ADAPTER_SHA_HEADER
 from replica_agent.serving.schemas import InvalidRequest, StreamFramer, parse_generate_request, prompt_ids, sampling_params
 
 from ..helpers import eventually, post_json
@@ -381,21 +381,21 @@ def test_malformed_burst_does_not_disturb_valid_streams(server):
 
 
 # -- pure conversions ----------------------------------------------------------------------------
-def tok(i: int, text: str, special: bool = False) -> TokenEvent:
-    return TokenEvent(TokenInfo(100 + i, text, -0.5, special), i)
+def tok(i: int, text: str, special: bool = False, finish: FinishReason | None = None) -> TokenEvent:
+    return TokenEvent(TokenInfo(100 + i, text, -0.5, special), i, finish)
 
 
 def final(text: str, n: int, reason=FinishReason.LENGTH) -> FinalEvent:
     return FinalEvent(reason, text, n, None, "7.3", 3, adapter_sha256="ab" * 32)
 
 
-def test_framer_holds_back_only_a_possible_last_token():
-    framer = StreamFramer(SamplingParams(max_new_tokens=3), prompt_tokens=3, max_total_tokens=100, details=True)
+def test_framer_holds_back_only_the_token_the_engine_marks_last():
+    framer = StreamFramer(details=True)
     assert [f["token"]["text"] for f in framer.token(tok(0, "a"))] == ["a"]
-    assert [f["token"]["text"] for f in framer.token(tok(1, "b"))] == ["b"]
-    assert framer.token(tok(2, "c")) == []  # index 2 may be the last: held back
-    (last,) = framer.final(final("abcd", 3))  # "d": a tail the detokenizer released at the end
-    assert last["token"]["text"] == "cd" and last["generated_text"] == "abcd" and last["index"] == 2
+    assert [f["token"]["text"] for f in framer.token(tok(1, "", special=True))] == [""]  # special, but not the end: out at once
+    assert framer.token(tok(2, "c", finish=FinishReason.LENGTH)) == []  # the last one: held for the final frame
+    (last,) = framer.final(final("acd", 3))  # "d": a tail the detokenizer released at the end
+    assert last["token"]["text"] == "cd" and last["generated_text"] == "acd" and last["index"] == 2
     assert last["details"] == {
         "finish_reason": "length",
         "generated_tokens": 3,
@@ -407,22 +407,20 @@ def test_framer_holds_back_only_a_possible_last_token():
     assert last["adapter_version"] == "7.3" and last["adapter_sha256"] == "ab" * 32
 
 
-def test_framer_releases_a_held_token_that_was_not_last():
-    framer = StreamFramer(SamplingParams(max_new_tokens=10, stop=("xy",)), prompt_tokens=3, max_total_tokens=100, details=False, prefix="P:")
+def test_framer_stays_well_formed_when_no_token_was_marked_last():
+    framer = StreamFramer(details=False, prefix="P:")
     assert len(framer.token(tok(0, "x"))) == 1
-    assert framer.token(tok(1, "", special=True)) == []  # a special token may be EOS
-    (released,) = framer.token(tok(2, "y"))  # the special token was not the end; "y" completes the stop sequence
-    assert released["index"] == 1 and released["generated_text"] is None
-    out = framer.final(final("xy", 3, FinishReason.STOP_SEQUENCE))
-    assert out[-1]["generated_text"] == "P:xy" and out[-1]["details"] is None and out[-1]["token"]["text"] == "y"
+    assert len(framer.token(tok(1, "y"))) == 1
+    out = framer.final(final("xy", 2, FinishReason.STOP_SEQUENCE))
+    assert out[-1]["generated_text"] == "P:xy" and out[-1]["details"] is None and out[-1]["token"]["text"] == ""
 
 
 def test_framer_reports_errors_and_drops_cancelled():
-    framer = StreamFramer(SamplingParams(max_new_tokens=5), 3, 100, details=True)
+    framer = StreamFramer(details=True)
     framer.token(tok(0, "a"))
     err = FinalEvent(FinishReason.ERROR, "", 0, None, None, 3, error="boom")
     assert framer.final(err) == [{"error": "boom", "error_type": "generation"}]
-    assert StreamFramer(SamplingParams(), 3, 100, details=True).final(FinalEvent(FinishReason.CANCELLED, "", 0, None, None, 3)) == []
+    assert StreamFramer(details=True).final(FinalEvent(FinishReason.CANCELLED, "", 0, None, None, 3)) == []
 
 
 def test_request_parsing_helpers():

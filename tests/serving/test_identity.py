@@ -14,7 +14,7 @@ from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
 from replica_agent.federated.client import AgentClient
 from replica_agent.serving.grpc_service import serve_grpc
-from replica_agent.serving.http_api import ADAPTER_HEADER, ADAPTER_SHA_HEADER
+from replica_agent.serving.pipeline import ADAPTER_HEADER, ADAPTER_SHA_HEADER
 
 from ..helpers import post_json
 

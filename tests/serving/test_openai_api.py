@@ -8,8 +8,8 @@ import pytest
 from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
 from replica_agent.engine.requests import FinalEvent, FinishReason, TokenEvent, TokenInfo
-from replica_agent.serving.http_api import ADAPTER_HEADER
 from replica_agent.serving.openai_schemas import OpenAIError, ResponseBuilder, cut_at_stop, parse_openai_request, sampling_params
+from replica_agent.serving.pipeline import ADAPTER_HEADER
 
 from ..helpers import post_json
 

@@ -1,0 +1,89 @@
+"""What the agent's two HTTP dialects share: reading a JSON body, the generation headers, and
+writing a stream of events as server-sent events.
+
+TGI (http_api.py) and OpenAI (openai_api.py) differ in their request schemas, their frames and
+their error bodies; each passes its own frames and its own error type here, so neither imports the
+other. The wire formats themselves (schemas.py, openai_schemas.py) are shared with the router.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from ..engine.requests import FinalEvent, TokenEvent
+
+log = logging.getLogger(__name__)
+
+ADAPTER_HEADER = "x-collm-adapter-version"  # "<cluster version>.<local revision>", e.g. 7.3
+ADAPTER_SHA_HEADER = "x-collm-adapter-sha256"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+BodyError = Callable[[int, str], Exception]  # (HTTP status, message) -> the dialect's exception
+
+
+async def read_json(request: web.Request, *, example: str, error: BodyError) -> Any:
+    """The request's JSON body; `error(status, message)` for a body that is too large, empty or not JSON."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's exception does not keep the limit: the request does
+        raise error(413, f"the body is larger than {request.client_max_size} bytes") from None
+    if not raw.strip():
+        raise error(400, f"the body is empty; send JSON like {example}")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(400, f"the body is not valid JSON ({exc}); send JSON like {example}") from None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def generation_headers(final: FinalEvent) -> dict[str, str]:
+    """The headers of a finished generation: token counts, timings, and the adapter that served it."""
+    headers = {"x-prompt-tokens": str(final.prompt_tokens), "x-generated-tokens": str(final.generated_tokens)}
+    if final.adapter_version is not None:
+        headers[ADAPTER_HEADER] = final.adapter_version
+        headers[ADAPTER_SHA_HEADER] = final.adapter_sha256 or ""
+    if final.queue_s is not None:
+        headers["x-queue-time"] = str(int(final.queue_s * 1000))
+    if final.tpot_s is not None:
+        headers["x-time-per-token"] = str(int(final.tpot_s * 1000))
+    return headers
+
+
+async def stream_events(
+    request: web.Request,
+    events: AsyncIterator[TokenEvent | FinalEvent],
+    first: TokenEvent | FinalEvent,
+    frames: Callable[[TokenEvent | FinalEvent], Sequence[Any]],
+    encode: Callable[[Any], bytes],
+    *,
+    opening: Sequence[Any] = (),
+    closing: bytes = b"",
+) -> web.StreamResponse:
+    """Write `opening`, then each event's frames, then `closing`, as server-sent events until the
+    final event. A client that goes away ends the stream quietly (the caller cancels the request)."""
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    pending, event = list(opening), first
+    try:
+        while True:
+            pending += frames(event)
+            if pending:
+                await response.write(b"".join(encode(f) for f in pending))
+                pending = []
+            if isinstance(event, FinalEvent):
+                break
+            event = await anext(events)
+        if closing:
+            await response.write(closing)
+        await response.write_eof()
+    except ConnectionResetError:
+        log.debug("client of %s disconnected mid-stream", request.path)
+    return response
