@@ -239,6 +239,10 @@ def _on_aggregated(s: RoundState, e: Aggregated) -> list[Action]:
         if s.aggregated_at is not None and e.version_sha256 == s.version_sha256:
             return []
         return [_refuse(s, e, "NotAggregating", f"round {s.spec.round_id} is at {s.stage.value}, not aggregating")]
+    if s.trained_at is not None and e.at <= s.trained_at:
+        # Not an answer to this round's Aggregate, which went out at trained_at: a reply comes later.
+        # (Accepting it would also let the same event be refused once and taken when repeated.)
+        return [_refuse(s, e, "NotAggregating", f"an aggregate at {e.at:g} predates the request at {s.trained_at:g}")]
     uploaded = _with(s, Outcome.UPLOADED)
     rejected = dict(e.rejected)
     named = list(e.accepted) + list(rejected)
