@@ -39,7 +39,6 @@ from collm_operator.kube import Kube
 from collm_operator.reconcile import Health, cluster_conditions, observe_workloads
 from collm_operator.round_control import finished
 from replica_agent.federated import rounds as R
-from replica_agent.proto import collm_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +231,8 @@ class ClusterController:
     def _republish(self, adapter: Adapter, behind: tuple[str, ...], source: str, addresses: Mapping[str, str]) -> None:
         loss = float(adapter.eval_loss) if adapter.eval_loss else None
         for name in behind:
-            request = pb.PublishRequest(
-                round_id=f"republish-{adapter.sha256[:12]}",
-                sha256=adapter.sha256,
-                source=addresses[source],
-                cluster_version=adapter.version,
-                eval_loss=loss or 0.0,
-                has_eval_loss=loss is not None,
-            )
             try:
-                self.pool.client(name, addresses[name]).publish(request)
+                self.pool.client(name, addresses[name]).republish(adapter.sha256, source=addresses[source], cluster_version=adapter.version, eval_loss=loss)
                 self.event("Normal", "AdapterRestored", f"{name} serves adapter version {adapter.version} ({adapter.sha256[:12]}) again")
             except grpc.RpcError as exc:
                 log.info("re-publishing %s to %s failed: %s", adapter.sha256[:12], name, exc.code().name)

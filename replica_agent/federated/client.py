@@ -74,6 +74,19 @@ class AgentClient:
     def publish(self, request: pb.PublishRequest) -> pb.PublishReply:
         return self.stub.Publish(request, timeout=self.timeout)
 
+    def republish(self, sha256: str, *, source: str, cluster_version: int, eval_loss: float | None) -> pb.PublishReply:
+        """Give this agent the cluster's global adapter back (fetched from `source`): for a replica
+        that restarted or that a round could not reach. The operator and the local mode both use it."""
+        request = pb.PublishRequest(
+            round_id=f"republish-{sha256[:12]}",
+            sha256=sha256,
+            source=source,
+            cluster_version=cluster_version,
+            eval_loss=eval_loss or 0.0,
+            has_eval_loss=eval_loss is not None,
+        )
+        return self.publish(request)
+
     def rollback(self, sha256: str) -> pb.PublishReply:
         return self.stub.Rollback(pb.RollbackRequest(sha256=sha256), timeout=self.timeout)
 

@@ -32,7 +32,6 @@ from collm_control.planning import Planner, PlanningSettings
 from ..federated import rounds as R
 from ..federated.client import AgentClient, read_stats
 from ..federated.driver import RoundDriver, StrategyConfig
-from ..proto import collm_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -233,16 +232,8 @@ class Controller:
             return
         loss = float(adapter.eval_loss) if adapter.eval_loss else None
         for name in actions.republish:
-            request = pb.PublishRequest(
-                round_id=f"republish-{adapter.sha256[:12]}",
-                sha256=adapter.sha256,
-                source=self.addresses[source],
-                cluster_version=adapter.version,
-                eval_loss=loss or 0.0,
-                has_eval_loss=loss is not None,
-            )
             try:
-                self.clients[name].publish(request)
+                self.clients[name].republish(adapter.sha256, source=self.addresses[source], cluster_version=adapter.version, eval_loss=loss)
             except grpc.RpcError as exc:
                 self.history.errors.append(f"{name}: re-publishing {adapter.sha256[:12]} failed: {exc.code().name}")
 

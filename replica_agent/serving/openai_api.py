@@ -54,8 +54,6 @@ async def _openai_errors(request: web.Request, handler):
         return await handler(request)
     except OpenAIError as exc:
         return web.json_response(exc.body(), status=exc.status, headers={"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None)
-    except web.HTTPRequestEntityTooLarge:  # aiohttp's exception does not keep the limit: the request does
-        return web.json_response(error_body(f"the body is larger than {request.client_max_size} bytes"), status=413)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
