@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from collm_rpc.client import AgentClient
+from collm_rpc.proto import collm_pb2 as pb
 from replica_agent.engine.model_host import load_base_model
-from replica_agent.federated.client import AgentClient
 from replica_agent.local.cluster import LocalDeployment, replica_configs
 from replica_agent.local.controller import ControllerSettings
 from replica_agent.local.traffic import TrafficReplay, trace_slice
 from replica_agent.local.workload import workload_for
-from replica_agent.proto import collm_pb2 as pb
 from replica_agent.report import machine, print_table, write_json
 
 

@@ -17,14 +17,14 @@ import threading
 import time
 from pathlib import Path
 
+from collm_control import rounds as R
+from collm_rpc.driver import RoundDriver, StrategyConfig
 from replica_agent.config import AgentConfig
 from replica_agent.engine.adapter_store import AdapterStore
 from replica_agent.engine.data import LocalDataset, stdlib_package_dir
 from replica_agent.engine.model_host import load_base_model
 from replica_agent.engine.requests import SamplingParams
 from replica_agent.engine.trainer import Trainer, TrainerSettings
-from replica_agent.federated import rounds as R
-from replica_agent.federated.driver import RoundDriver, StrategyConfig
 from replica_agent.local.in_process import LocalCluster
 from replica_agent.report import machine, print_table, write_json
 

@@ -11,6 +11,8 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY replica_agent replica_agent
 COPY operator operator
+COPY control control
+COPY rpc rpc
 COPY bench bench
 RUN python -m venv /opt/collm \
     && /opt/collm/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt torch==2.13.0 \

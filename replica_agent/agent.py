@@ -9,6 +9,8 @@ import logging
 import time
 from pathlib import Path
 
+from collm_control.stats import AgentStats, CapacityPoint
+
 from .config import AgentConfig
 from .engine.adapter_store import AdapterStore, AdapterVersion
 from .engine.archive import AdapterArchive
@@ -193,37 +195,42 @@ class Agent:
                 pass
         return out
 
-    def stats(self) -> dict:
-        current = self.store.current
+    def stats(self) -> AgentStats:
+        """What the slow timescale reads (GetStats); /stats shows it with `extra` (pins, threads)."""
         trainer = self.trainer
-        return {
-            "replica_id": self.config.replica_id,
-            "model": self.base.name,
-            "uptime_s": time.time() - self.started_at,
-            "queue_depth": self.engine.queue_depth,
-            "running": self.engine.running,
-            "iterations": self.engine.iterations,
-            "inference_tokens": self.engine.inference_tokens,
-            "training_tokens": trainer.tokens if trainer else 0,
-            "training_steps": trainer.step if trainer else 0,
-            "train_loss": trainer.last_loss if trainer else None,
-            "eval_loss": trainer.last_eval_loss if trainer else None,
-            "training_share": self.mixer.training_share,
-            "train_cap_tokens": self.mixer.settings.cap_tokens_per_iteration,
-            "trainer_error": trainer.error if trainer else None,
-            "data_error": self.data_error,
-            "adapter": current.summary() if current else None,
-            "global_adapter": self.store.global_version.summary() if self.store.global_version else None,
-            "revisions": {"published": trainer.revisions_published, "rejected": trainer.revisions_rejected, "last_at": trainer.last_revision_at}
-            if trainer
-            else None,
-            "unuploaded_steps": trainer.unuploaded_steps if trainer else 0,
-            "live_versions": sorted(self._labels(self.store.live_versions()).values()),
-            "pins": {self._labels([n]).get(n, str(n)): count for n, count in self.store.pins().items()},
-            "slo": {"ttft_ms": self.mixer.settings.ttft_ms, "tpot_ms": self.mixer.settings.tpot_ms},
-            "requests_finished": self.requests_finished,
-            "requests_met_slo": self.requests_met_slo,
-            "capacity_profile": [[p.cap, p.requests_per_s, p.training_tokens_per_s] for p in self.profiler.profile()],
-            "lora": {"rank": self.spec.rank, "alpha": self.spec.alpha, "target_modules": list(self.spec.target_modules)},
-            "threads": {"engine": self.engine.settings.torch_threads, "trainer": trainer.settings.torch_threads if trainer else None},
-        }
+        return AgentStats(
+            replica_id=self.config.replica_id,
+            model=self.base.name,
+            adapter=self.store.current.ref() if self.store.current else None,
+            global_adapter=self.store.global_version.ref() if self.store.global_version else None,
+            live_versions=tuple(sorted(self._labels(self.store.live_versions()).values())),
+            uptime_s=time.time() - self.started_at,
+            queue_depth=self.engine.queue_depth,
+            running=self.engine.running,
+            iterations=self.engine.iterations,
+            inference_tokens=self.engine.inference_tokens,
+            requests_finished=self.requests_finished,
+            requests_met_slo=self.requests_met_slo,
+            ttft_ms=int(self.mixer.settings.ttft_ms),
+            tpot_ms=int(self.mixer.settings.tpot_ms),
+            capacity_profile=tuple(CapacityPoint(p.cap, p.requests_per_s, p.training_tokens_per_s) for p in self.profiler.profile()),
+            training_tokens=trainer.tokens if trainer else 0,
+            training_steps=trainer.step if trainer else 0,
+            training_share=self.mixer.training_share,
+            train_cap_tokens=self.mixer.settings.cap_tokens_per_iteration,
+            train_loss=trainer.last_loss if trainer else None,
+            eval_loss=trainer.last_eval_loss if trainer else None,
+            trainer_error=(trainer.error if trainer else None) or "",
+            data_error=self.data_error or "",
+            unuploaded_steps=trainer.unuploaded_steps if trainer else 0,
+            revisions_published=trainer.revisions_published if trainer else 0,
+            revisions_rejected=trainer.revisions_rejected if trainer else 0,
+            last_revision_at=trainer.last_revision_at if trainer else None,
+            lora_rank=self.spec.rank,
+            lora_alpha=self.spec.alpha,
+            lora_target_modules=tuple(self.spec.target_modules),
+            extra={
+                "pins": {self._labels([n]).get(n, str(n)): count for n, count in self.store.pins().items()},
+                "threads": {"engine": self.engine.settings.torch_threads, "trainer": trainer.settings.torch_threads if trainer else None},
+            },
+        )

@@ -197,19 +197,18 @@ def collm_main(argv: list[str] | None = None) -> int:
 
 
 def _export_adapter(source: str, sha256: str | None, out: str) -> int:
-    import json
+
+    from collm_rpc.client import AgentClient
 
     from .engine.lora import LoraSpec
-    from .federated.client import AgentClient
     from .federated.export import export_peft
     from .federated.update import fetch_adapter
 
     with AgentClient(source) as peer:
         stats = peer.stats()
-        info = json.loads(stats.json)
-        sha = sha256 or stats.adapter.sha256
+        sha = sha256 or (stats.adapter.sha256 if stats.adapter else "")
         tensors = fetch_adapter(peer, sha)
-    spec = LoraSpec(rank=info["lora"]["rank"], alpha=info["lora"]["alpha"], target_modules=tuple(info["lora"]["target_modules"]))
+    spec = LoraSpec(rank=stats.lora_rank, alpha=stats.lora_alpha, target_modules=stats.lora_target_modules)
     path = export_peft(tensors, spec, out, base_model=stats.model, metadata={"sha256": sha})
     print(f"wrote adapter {sha[:12]} of {stats.replica_id} to {path}")
     return 0

@@ -63,7 +63,7 @@ def test_an_empty_data_folder_serves_without_training_and_says_why(tmp_path, tin
     agent.apply_plan(Plan(train_cap_tokens=64, ttft_ms=200, tpot_ms=20))
     assert agent.mixer.settings.cap_tokens_per_iteration == 0
     stats = agent.stats()
-    assert "empty dataset" in stats["data_error"] and str(tmp_path) in stats["data_error"] and stats["eval_loss"] is None
+    assert "empty dataset" in stats.data_error and str(tmp_path) in stats.data_error and stats.eval_loss is None
     with pytest.raises(Exception, match="does not exist"):  # a wrong path still fails loudly
         Agent(AgentConfig(model="tiny", data=str(tmp_path / "missing")), base=tiny_base)
 
@@ -106,7 +106,7 @@ def test_help_lists_each_setting_with_its_environment_variable(capsys):
 
 
 def test_capacity_profile_is_measured_online_and_plans_arrive_over_grpc(tiny_base):
-    from replica_agent.federated.client import AgentClient
+    from collm_rpc.client import AgentClient
     from replica_agent.serving.grpc_service import serve_grpc
 
     agent = Agent(AgentConfig(model="tiny", max_total_tokens=128, tpot_ms=100), base=tiny_base)
@@ -125,10 +125,8 @@ def test_capacity_profile_is_measured_online_and_plans_arrive_over_grpc(tiny_bas
         for t in threads:
             t.join(60)
         with AgentClient(f"127.0.0.1:{port}") as peer:
-            import json
-
-            profile = json.loads(peer.stats().json)["capacity_profile"]
-            assert profile and profile[0][0] == 0 and profile[0][1] > 0  # no data: level 0, serving only
+            profile = peer.stats().capacity_profile
+            assert profile and profile[0].cap == 0 and profile[0].requests_per_s > 0  # no data: level 0, serving only
             peer.apply_plan(32, 400, 40, fixed_training=True)
         assert (agent.mixer.settings.ttft_ms, agent.mixer.settings.tpot_ms, agent.mixer.settings.adaptive) == (400, 40, False)
         assert agent.profiler.tpot_ms == 40

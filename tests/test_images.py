@@ -54,4 +54,7 @@ def test_the_operator_image_installs_no_tensor_stack():
     requirements = (ROOT / "operator/requirements.txt").read_text().split("\n")
     names = {line.split("#")[0].strip().lower() for line in requirements} - {""}
     assert names and not names & {"torch", "transformers", "peft", "safetensors", "gguf", "numpy"}
-    assert "-r operator/requirements.txt" in (ROOT / "images/operator.Dockerfile").read_text()
+    dockerfile = (ROOT / "images/operator.Dockerfile").read_text()
+    assert "-r operator/requirements.txt" in dockerfile
+    copied = set(re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.M))
+    assert copied == {"constraints.txt", "operator/requirements.txt", "operator/collm_operator", "control/collm_control", "rpc/collm_rpc"}, copied

@@ -9,7 +9,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"replica_agent": ROOT / "replica_agent", "collm_operator": ROOT / "operator/collm_operator", "collm_control": ROOT / "control/collm_control"}
+PACKAGES = {
+    "replica_agent": ROOT / "replica_agent",
+    "collm_operator": ROOT / "operator/collm_operator",
+    "collm_control": ROOT / "control/collm_control",
+    "collm_rpc": ROOT / "rpc/collm_rpc",
+}
 
 
 def module_name(package: str, folder: Path, path: Path) -> str:
@@ -75,6 +80,10 @@ def test_the_control_core_and_the_operator_import_one_way():
     for module, targets in edges.items():
         if module.startswith("collm_control"):
             assert not {t for t in targets if not t.startswith("collm_control")}, f"{module} imports {sorted(targets)}"
+        if module.startswith("collm_rpc"):  # the wire contract rests on the control core only
+            assert not {t for t in targets if not t.startswith(("collm_rpc", "collm_control"))}, f"{module} imports {sorted(targets)}"
+        if module.startswith("collm_operator"):  # the operator: the control core and the wire contract, no agent code
+            assert not {t for t in targets if t.startswith("replica_agent")}, f"{module} imports {sorted(targets)}"
         if module.startswith("replica_agent.engine"):
             upward = ("replica_agent.serving", "replica_agent.federated", "replica_agent.agent", "replica_agent.local")
             assert not {t for t in targets if t.startswith(upward)}, module

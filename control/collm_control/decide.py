@@ -12,13 +12,12 @@ kept by the caller.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from collm_control.planning import Decision, Planner
-
-Stats = Mapping[str, Any]  # one agent's stats (its GetStats JSON)
+from collm_control.stats import AdapterRef, AgentStats
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class ControlSettings:
 class Observation:
     now: float
     arrivals: int  # requests that arrived since the last decision
-    stats: Mapping[str, Stats | None]  # every replica's stats; None when it could not be read
+    stats: Mapping[str, AgentStats | None]  # every replica's stats; None when it could not be read
     published: Adapter | None = None  # the newest adapter a round of this cluster published (None: none yet)
     round_participants: tuple[str, ...] = ()  # replicas training in a running round
     round_running: bool = False
@@ -87,12 +86,12 @@ def decide(planner: Planner, observation: Observation, settings: ControlSettings
     reachable = {n: st for n, st in o.stats.items() if st is not None}
     plan = planner.plan(o.now, o.arrivals, reachable, round_participants=o.round_participants) if reachable else None
     adapter = current_adapter(o.published, o.stats)
-    holders = sorted(n for n, st in reachable.items() if adapter is not None and global_adapter(st).get("sha256") == adapter.sha256)
+    holders = sorted(n for n, st in reachable.items() if adapter is not None and st.global_adapter is not None and st.global_adapter.sha256 == adapter.sha256)
     lost = adapter is not None and adapter.version > 0 and bool(reachable) and not holders
     # While a round publishes, the replicas switch to its version one by one: re-publishing the
     # previous version then would roll one back, so it waits for the round to end.
     behind = () if lost or o.round_publishing or not holders else tuple(laggards(adapter, o.stats))
-    with_data = {n for n, st in reachable.items() if st.get("eval_loss") is not None}
+    with_data = {n for n, st in reachable.items() if st.has_data}
     training = tuple(sorted(n for n in with_data if plan is not None and plan.cap(n) > 0))
     return Actions(
         plan=plan,
@@ -165,28 +164,32 @@ def assign_roles(
     return tuple(participants), aggregator
 
 
-def current_adapter(published: Adapter | None, stats: Mapping[str, Stats | None]) -> Adapter | None:
+def current_adapter(published: Adapter | None, stats: Mapping[str, AgentStats | None]) -> Adapter | None:
     """The newest adapter a round published; before any, the global adapter every replica agrees on."""
     if published is not None:
         return published
-    rests_on = {global_adapter(st).get("sha256") for st in stats.values() if st}
+    rests_on = {st.global_adapter.sha256 if st.global_adapter else None for st in stats.values() if st}
     if stats and len(rests_on) == 1 and None not in rests_on and all(st is not None for st in stats.values()):
         return Adapter(0, str(rests_on.pop()))
     return None
 
 
-def global_adapter(stats: Stats | None) -> Mapping[str, Any]:
-    """The global adapter an agent rests on (it may serve a local revision on top of it)."""
-    return (stats or {}).get("global_adapter") or {}
+def next_version(stats: Mapping[str, AgentStats | None], claimed: Iterable[int] = ()) -> int:
+    """The cluster version a new round publishes as: 1 + the highest version anyone knows, the
+    `claimed` ones (the cluster's adapter, every round that ever started: a failed one claimed its
+    number too) and every global adapter an agent rests on. Versions only grow, so an agent never
+    mistakes a new adapter for one it already holds."""
+    known = [*claimed, *(st.global_adapter.cluster_version for st in stats.values() if st is not None and st.global_adapter is not None)]
+    return max(known, default=0) + 1
 
 
-def served_adapter(stats: Stats) -> dict[str, str]:
+def served_adapter(stats: AgentStats) -> dict[str, str]:
     """The adapter an agent serves, as status shows it: `<cluster version>.<local revision>` and sha256."""
-    served = stats.get("adapter") or {}
-    return {"adapter": str(served["version"]), "adapterSha256": served.get("sha256", "")} if served.get("version") is not None else {}
+    served = stats.adapter
+    return {"adapter": served.version, "adapterSha256": served.sha256} if served is not None else {}
 
 
-def laggards(adapter: Adapter | None, stats: Mapping[str, Stats | None]) -> list[str]:
+def laggards(adapter: Adapter | None, stats: Mapping[str, AgentStats | None]) -> list[str]:
     """Agents resting on a global adapter older than the current one (never a newer one: a round may be
     publishing). A local revision on top of the current global is not lagging: it is that global plus
     what the replica learnt since."""
@@ -194,7 +197,9 @@ def laggards(adapter: Adapter | None, stats: Mapping[str, Stats | None]) -> list
         return []
     out = []
     for name, st in stats.items():
-        rests_on = global_adapter(st)
-        if st is not None and rests_on.get("sha256") != adapter.sha256 and int(rests_on.get("cluster_version") or 0) < max(adapter.version, 1):
+        if st is None:
+            continue
+        rests_on: AdapterRef | None = st.global_adapter
+        if (rests_on is None or rests_on.sha256 != adapter.sha256) and (rests_on.cluster_version if rests_on else 0) < max(adapter.version, 1):
             out.append(name)
     return sorted(out)

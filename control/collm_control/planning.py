@@ -1,7 +1,7 @@
 """One slow-timescale decision from the agents' stats: the operator's timer and the local mode share it.
 
-`Planner.plan()` takes the arrivals counted since the last decision and every agent's stats (the
-JSON of GetStats, None for an agent that did not answer) and returns the `Allocation` to push:
+`Planner.plan()` takes the arrivals counted since the last decision and every agent's stats
+(collm_control.stats.AgentStats, None for an agent that did not answer) and returns the `Allocation` to push:
 training caps (ApplyPlan), routing weights (the router) and the next round's participants. It
 keeps what must persist between decisions (the load predictor, the smoothed capacity profiles,
 the recent arrival rates) and does no I/O.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from collm_control.allocation import POLICIES, Allocation, CapacityProfile, ReplicaState, allocate
 from collm_control.predictor import LoadPredictor
+from collm_control.stats import AgentStats
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Planner:
         self._recent: list[tuple[float, int]] = []  # (seconds, arrivals) per decision
         self._last_at = now
 
-    def plan(self, now: float, arrivals: int, stats: Mapping[str, Mapping[str, Any] | None], *, round_participants: tuple[str, ...] = ()) -> Decision:
+    def plan(self, now: float, arrivals: int, stats: Mapping[str, AgentStats | None], *, round_participants: tuple[str, ...] = ()) -> Decision:
         """Allocate for the next interval; `round_participants` are training in a running round."""
         s = self.settings
         self.predictor.observe(max(now, self.predictor.time_s), arrivals)
@@ -96,10 +96,10 @@ class Planner:
                 allocation = replace(allocation, caps={**allocation.caps, **floor})
         return Decision(allocation, tuple(states), predicted, forecast)
 
-    def replica_states(self, stats: Mapping[str, Mapping[str, Any] | None]) -> list[ReplicaState]:
+    def replica_states(self, stats: Mapping[str, AgentStats | None]) -> list[ReplicaState]:
         profiles = {}
         for name, st in stats.items():
-            points = [(int(cap), rps, train) for cap, rps, train in (st or {}).get("capacity_profile") or []]
+            points = [(p.cap, p.requests_per_s, p.training_tokens_per_s) for p in st.capacity_profile] if st is not None else []
             if st is not None and points:
                 profiles[name] = self._smooth(name, profile_over_range(points, self.settings.max_cap_tokens))
         profiles = within_spread(profiles, self.settings.profile_spread)
@@ -113,7 +113,7 @@ class Planner:
             # (trainer.py) but has nothing to train with. Agents do not report a loss slope yet:
             # every replica with data is worth the same per token, so participants are chosen by
             # name order and the caps by capacity alone.
-            trains = st.get("eval_loss") is not None and not st.get("trainer_error")
+            trains = st.can_train
             states.append(ReplicaState(name, True, profile, 1e-6 if trains else 0.0, 1 if trains else 0))
         return states
 

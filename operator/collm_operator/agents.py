@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
+from collm_control.stats import AgentStats
 from collm_operator import api, objects
 from collm_operator.reconcile import Pod
-from replica_agent.federated.client import AgentClient, read_stats
+from collm_rpc.client import AgentClient, read_stats
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ class AgentPool:
             current = self._clients[name] = AgentClient(address, timeout=self.rpc_timeout_s)
         return current
 
-    def stats(self, addresses: Mapping[str, str]) -> dict[str, dict | None]:
-        """Every agent's stats (GetStats' JSON), None for one that did not answer; in parallel."""
+    def stats(self, addresses: Mapping[str, str]) -> dict[str, AgentStats | None]:
+        """Every agent's stats, None for one that did not answer; in parallel."""
         return read_stats({name: self.client(name, address) for name, address in addresses.items()}, log.debug)
 
     def forget(self, keep: Iterable[str]) -> None:

@@ -30,15 +30,16 @@ from typing import Any
 
 import grpc
 
+from collm_control import rounds as R
 from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, served_adapter
 from collm_control.planning import Planner, PlanningSettings
+from collm_control.stats import AgentStats
 from collm_operator import api, objects
 from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.conditions import TRUE, get_condition
 from collm_operator.kube import Kube
 from collm_operator.reconcile import Health, cluster_conditions, observe_workloads
 from collm_operator.round_control import finished
-from replica_agent.federated import rounds as R
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class ClusterController:
             if adapter is not None and actions.adapter_lost
             else "",
             training=actions.training,
-            with_data=sum(1 for st in reachable.values() if st.get("eval_loss") is not None),
+            with_data=sum(1 for st in reachable.values() if st.has_data),
         )
         judgement = cluster_conditions(status.get("conditions"), cluster, workloads, health, datetime.fromtimestamp(now, UTC))
         patch.update(
@@ -177,13 +178,13 @@ class ClusterController:
             self.planner, self._planning = Planner(settings, now=now), settings
         return self.planner
 
-    def _count_requests(self, now: float, stats: Mapping[str, dict | None]) -> tuple[int, int, int]:
+    def _count_requests(self, now: float, stats: Mapping[str, AgentStats | None]) -> tuple[int, int, int]:
         """Arrivals since the last step, and finished / SLO-met requests over the SLO window."""
         new_finished = new_met = 0
         for name, st in stats.items():
             if st is None:
                 continue
-            f, m = int(st.get("requests_finished") or 0), int(st.get("requests_met_slo") or 0)
+            f, m = st.requests_finished, st.requests_met_slo
             old_f, old_m = self._counters.get(name, (f, m))
             if f < old_f:  # the agent restarted: its counters began again
                 old_f, old_m = 0, 0
@@ -194,15 +195,15 @@ class ClusterController:
             self._window.popleft()
         return new_finished, sum(w[1] for w in self._window), sum(w[2] for w in self._window)
 
-    def _goodput(self, finished_n: int, met_n: int, reachable: Mapping[str, dict]) -> str | None:
+    def _goodput(self, finished_n: int, met_n: int, reachable: Mapping[str, AgentStats]) -> str | None:
         """F x Q over the window: SLO-met requests per second x 1 / mean held-out loss (None without a loss)."""
-        losses = [st["eval_loss"] for st in reachable.values() if st.get("eval_loss")]
+        losses = [st.eval_loss for st in reachable.values() if st.eval_loss]
         if not losses or len(self._window) < 2:
             return None
         seconds = max(1e-9, self._window[-1][0] - self._window[0][0])
         return f"{met_n / seconds / (sum(losses) / len(losses)):.3g}"
 
-    def _push_plans(self, cluster: api.Cluster, actions: Actions, addresses: Mapping[str, str], reachable: Mapping[str, dict]) -> None:
+    def _push_plans(self, cluster: api.Cluster, actions: Actions, addresses: Mapping[str, str], reachable: Mapping[str, AgentStats]) -> None:
         s = cluster.spec
         for name in reachable:
             try:

@@ -1,4 +1,4 @@
-"""AdapterRound: the federated round state machine (replica_agent.federated.rounds), driven over gRPC,
+"""AdapterRound: the federated round state machine (collm_control.rounds), driven over gRPC,
 with its state persisted in the round's status so that a restarted operator resumes it.
 
 `drive()` is the kopf daemon's body. On first run it fixes the round's roles (participants,
@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from collm_control.decide import NoTrainers, assign_roles
+from collm_control import rounds as R
+from collm_control.decide import NoTrainers, assign_roles, next_version
 from collm_operator import api, objects
 from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.conditions import FALSE, TRUE, Reason, get_condition, set_condition
 from collm_operator.kube import Kube
 from collm_operator.reconcile import observe_workloads
-from replica_agent.federated import rounds as R
-from replica_agent.federated.driver import RoundDriver, StrategyConfig
+from collm_rpc.driver import RoundDriver, StrategyConfig
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +164,6 @@ def _ahead(me: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
     return key(other) < key(me)
 
 
-def next_version(cluster_status: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]], stats: Mapping[str, dict | None]) -> int:
-    """1 + the highest version anyone knows: the cluster's adapter, any round of it (a running or
-    failed one claimed its number), any global adapter an agent rests on. Versions only grow."""
-    known = [int(((cluster_status.get("adapter") or {}).get("version")) or 0)]
-    known += [int((r.get("status") or {}).get("version") or 0) for r in rounds]
-    known += [int(((st or {}).get("global_adapter") or {}).get("cluster_version") or 0) for st in stats.values()]
-    return max(known) + 1
-
-
 def drive(
     kube: Kube,
     body: Mapping[str, Any],
@@ -237,7 +228,7 @@ def drive(
         serving = sorted(n for n, p in workloads.pods.items() if p.ready)
         stats = pool.stats(grpc_addresses(cluster, workloads.pods, serving))
         serving = [n for n in serving if stats.get(n) is not None]
-        with_data = [n for n in serving if stats[n].get("eval_loss") is not None]
+        with_data = [n for n in serving if stats[n].has_data]
         resolved = rnd.spec.resolved(cluster.spec.federation)
         try:
             roles = choose_roles(cluster, resolved, serving, with_data)
@@ -255,7 +246,8 @@ def drive(
         except ValueError as exc:
             fail(Reason.TOO_FEW_PARTICIPANTS, str(exc))
         state = R.start(spec)
-        version = next_version(cluster_obj.get("status") or {}, rounds, stats)
+        claimed = [int(((cluster_obj.get("status") or {}).get("adapter") or {}).get("version") or 0)]
+        version = next_version(stats, claimed + [int((r.get("status") or {}).get("version") or 0) for r in rounds])
         event("Normal", "RoundStarted", f"participants {', '.join(spec.participants)}, aggregator {spec.aggregator}, {spec.local_steps} local steps")
 
     written: list[dict] = []

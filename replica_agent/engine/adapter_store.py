@@ -25,6 +25,8 @@ from types import MappingProxyType
 
 import torch
 
+from collm_control.stats import AdapterRef
+
 
 def adapter_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """Content hash over names, dtypes, shapes and bytes, in name order (stable across processes)."""
@@ -59,6 +61,10 @@ class AdapterVersion:
     @property
     def is_global(self) -> bool:
         return self.revision == 0
+
+    def ref(self) -> AdapterRef:
+        """This version as the agent's stats name it."""
+        return AdapterRef(self.label, self.cluster_version, self.sha256, self.revision, self.eval_loss)
 
     def summary(self) -> dict:
         return {

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from collm_rpc.client import AgentClient
+
 from ..engine.adapter_store import AdapterVersion, adapter_sha256
 from ..engine.lora import check_adapter
-from .client import AgentClient
 from .secure import encode_masked, mask_update, pair_seeds, reveal_seeds
 from .update import UpdateError, encode_update, fetch_adapter, make_update
 

@@ -22,7 +22,7 @@ import torch
 from replica_agent.engine.adapter_store import adapter_sha256
 
 if TYPE_CHECKING:
-    from .client import AgentClient
+    from collm_rpc.client import AgentClient
 
 FORMAT = "collm-adapter-update/1"
 

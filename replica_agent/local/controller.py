@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from collm_control import rounds as R
 from collm_control.allocation import POLICIES, Allocation
-from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide
+from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, next_version
 from collm_control.planning import Planner, PlanningSettings
-
-from ..federated import rounds as R
-from ..federated.client import AgentClient, read_stats
-from ..federated.driver import RoundDriver, StrategyConfig
+from collm_control.stats import AgentStats
+from collm_rpc.client import AgentClient, read_stats
+from collm_rpc.driver import RoundDriver, StrategyConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Tick:
 
 @dataclass
 class RoundRecord:
-    number: int
+    number: int  # the cluster version it publishes as (collm_control.decide.next_version)
     round_id: str
     participants: tuple[str, ...]
     aggregator: str
@@ -155,7 +155,7 @@ class Controller:
         self.planner = Planner(settings.planning(), now=clock())
         self.history = ControllerHistory()
         self.allocation: Allocation | None = None
-        self.stats: dict[str, dict] = {}
+        self.stats: dict[str, AgentStats | None] = {}
         self._arrivals_seen = arrivals()
         self.run_until: float | None = None  # when the traffic ends, if known (plan_run): rounds should finish before it
         self.run_s: float = 0.0
@@ -168,7 +168,7 @@ class Controller:
         self._thread: threading.Thread | None = None
 
     # -- one slow-timescale step --------------------------------------------------------------
-    def read_stats(self) -> dict[str, dict | None]:
+    def read_stats(self) -> dict[str, AgentStats | None]:
         return read_stats(self.clients, self.history.errors.append)
 
     def tick(self) -> Tick:
@@ -259,7 +259,8 @@ class Controller:
             if remaining < self.run_s / 4:
                 return None
             deadline = min(deadline, max(s.min_round_deadline_s, remaining / 3))
-        number = choice.number
+        # The version it publishes as, numbered as the operator numbers it (every round claims one).
+        number = next_version(self.stats, [self.published.version if self.published else 0, *(r.number for r in self.history.rounds)])
         spec = R.RoundSpec(
             round_id=f"local-{int(self.clock())}-{number}",
             replicas=replicas,

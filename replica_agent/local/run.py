@@ -21,10 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from collm_control.stats import AgentStats
+from collm_rpc.client import AgentClient, read_stats
+
 from ..config import AgentConfig
 from ..engine.lora import LoraSpec
 from ..engine.model_host import BaseModel, load_base_model
-from ..federated.client import AgentClient, read_stats
 from .cluster import LocalDeployment
 from .controller import ControllerSettings
 from .quality import RequestScorer, ScoreItem, quality, quality_cdf
@@ -84,7 +86,7 @@ def run_policy(
     records = list(traffic.records)
     spec = LoraSpec(rank=configs[0].lora_rank, alpha=configs[0].lora_alpha, target_modules=tuple(configs[0].lora_targets))
     scorer = RequestScorer(base or load_base_model(configs[0].model), spec, deployment.archives())
-    initial_sha = next((st["adapter"]["sha256"] for st in start_stats.values() if st), "")
+    initial_sha = next((st.adapter.sha256 for st in start_stats.values() if st and st.adapter), "")
     try:
         result = figures(
             settings.policy, settings.ttft_ms, settings.tpot_ms, workload, records, traffic.sent, max(elapsed, duration), scorer, initial_sha, window_s
@@ -104,8 +106,8 @@ def run_policy(
         {
             "training_tokens": sum(trained.values()),
             "training_tokens_per_replica": trained,
-            "revisions_per_replica": {n: ((st or {}).get("revisions") or {}).get("published", 0) for n, st in end_stats.items()},
-            "served_at_end": {n: ((st or {}).get("adapter") or {}).get("version", "") for n, st in end_stats.items()},
+            "revisions_per_replica": {n: st.revisions_published if st else 0 for n, st in end_stats.items()},
+            "served_at_end": {n: st.adapter.version if st and st.adapter else "" for n, st in end_stats.items()},
             "rounds_started": len(rounds),
             "rounds_succeeded": sum(1 for r in rounds if r["result"] == "Succeeded"),
             "rounds": rounds,
@@ -118,8 +120,8 @@ def run_policy(
     return result
 
 
-def _tokens(stats: dict | None) -> int:
-    return int((stats or {}).get("training_tokens") or 0)
+def _tokens(stats: AgentStats | None) -> int:
+    return stats.training_tokens if stats else 0
 
 
 def _sample(deployment: LocalDeployment, clients: dict[str, AgentClient], started_at: float) -> Sample:
@@ -129,19 +131,19 @@ def _sample(deployment: LocalDeployment, clients: dict[str, AgentClient], starte
         if st is None:
             replicas[name] = {"up": False}
             continue
-        adapter = st.get("adapter") or {}
+        adapter = st.adapter
         replicas[name] = {
             "up": True,
-            "queue": st["queue_depth"],
-            "running": st["running"],
-            "training_share": float(st["training_share"]),
-            "train_cap_tokens": st["train_cap_tokens"],
+            "queue": st.queue_depth,
+            "running": st.running,
+            "training_share": st.training_share,
+            "train_cap_tokens": st.train_cap_tokens,
             "weight": allocation.weights.get(name, 0.0) if allocation else 0.0,
-            "version": adapter.get("version", ""),
-            "sha256": adapter.get("sha256", ""),
-            "eval_loss": float(adapter.get("eval_loss") or 0.0),  # held-out loss recorded with the served version (0: not measured)
-            "training_tokens": st["training_tokens"],
-            "revisions": (st.get("revisions") or {}).get("published", 0),
+            "version": adapter.version if adapter else "",
+            "sha256": adapter.sha256 if adapter else "",
+            "eval_loss": (adapter.eval_loss if adapter else None) or 0.0,  # held-out loss recorded with the served version (0: not measured)
+            "training_tokens": st.training_tokens,
+            "revisions": st.revisions_published,
         }
     return Sample(time.time() - started_at, replicas)
 

@@ -12,29 +12,18 @@ from concurrent import futures
 
 import grpc
 
-from ..engine.adapter_store import AdapterVersion
+from collm_rpc.client import CHANNEL_OPTIONS, chunks
+from collm_rpc.proto import collm_pb2 as pb
+from collm_rpc.proto import collm_pb2_grpc as pb_grpc
+from collm_rpc.stats import ref_to_proto
+from collm_rpc.stats import to_proto as stats_to_proto
+
 from ..engine.mixer import Plan
 from ..federated.aggregator import Aggregator, AggregatorError
-from ..federated.client import CHANNEL_OPTIONS, chunks
 from ..federated.participant import Participant, SecureRound
 from ..federated.update import UpdateError, encode
-from ..proto import collm_pb2 as pb
-from ..proto import collm_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-
-def adapter_ref(version: AdapterVersion | None) -> pb.AdapterRef:
-    if version is None:
-        return pb.AdapterRef()
-    return pb.AdapterRef(
-        version=version.label,
-        cluster_version=version.cluster_version,
-        revision=version.revision,
-        sha256=version.sha256,
-        eval_loss=version.eval_loss or 0.0,
-        has_eval_loss=version.eval_loss is not None,
-    )
 
 
 class AgentService(pb_grpc.AgentServicer):
@@ -44,24 +33,7 @@ class AgentService(pb_grpc.AgentServicer):
         self.participant = Participant(agent, self.aggregator)
 
     def GetStats(self, request, context):
-        stats = self.agent.stats()
-        eval_loss = stats["eval_loss"]
-        return pb.Stats(
-            replica_id=stats["replica_id"],
-            model=stats["model"],
-            adapter=adapter_ref(self.agent.store.current),
-            global_adapter=adapter_ref(self.agent.store.global_version),
-            queue_depth=stats["queue_depth"],
-            running=stats["running"],
-            inference_tokens=stats["inference_tokens"],
-            training_tokens=stats["training_tokens"],
-            training_steps=stats["training_steps"],
-            training_share=stats["training_share"],
-            train_cap_tokens=stats["train_cap_tokens"],
-            eval_loss=eval_loss or 0.0,
-            has_eval_loss=eval_loss is not None,
-            json=json.dumps(stats, default=str),
-        )
+        return stats_to_proto(self.agent.stats())
 
     def ApplyPlan(self, request, context):
         try:
@@ -176,7 +148,7 @@ class AgentService(pb_grpc.AgentServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except grpc.RpcError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot fetch the adapter from {request.source}: {exc.details()}")
-        return pb.PublishReply(adapter=adapter_ref(version), switched_unix=time.time())
+        return pb.PublishReply(adapter=ref_to_proto(version.ref()), switched_unix=time.time())
 
     def RevealSeeds(self, request, context):
         try:
@@ -193,7 +165,7 @@ class AgentService(pb_grpc.AgentServicer):
             version = self.participant.rollback(request.sha256)
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        return pb.PublishReply(adapter=adapter_ref(version), switched_unix=time.time())
+        return pb.PublishReply(adapter=ref_to_proto(version.ref()), switched_unix=time.time())
 
 
 def serve_grpc(agent, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8) -> tuple[grpc.Server, AgentService, int]:

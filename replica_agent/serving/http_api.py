@@ -167,7 +167,7 @@ class HttpApi:
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def stats(self, _request: web.Request) -> web.Response:
-        stats = self.agent.stats()
+        stats = self.agent.stats().as_dict()
         stats["slo_attainment"] = self.metrics.slo_attainment()
         return web.json_response(stats)
 

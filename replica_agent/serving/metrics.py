@@ -104,35 +104,34 @@ class _StateCollector:
                 family.add_metric([], float(value))
             return family
 
-        yield gauge("collm_queue_depth", "Requests waiting for admission", stats["queue_depth"])
-        yield gauge("collm_running_requests", "Requests in the running batch", stats["running"])
-        yield gauge("collm_training_share", "Training budget as a share of the plan's cap (batch mixer)", stats["training_share"])
-        yield gauge("collm_training_cap_tokens", "Training tokens per iteration the plan allows", stats["train_cap_tokens"])
-        yield gauge("collm_training_tokens_total", "Training tokens processed", stats["training_tokens"])
-        yield gauge("collm_training_steps_total", "Training steps of the shadow adapter", stats["training_steps"])
-        yield gauge("collm_inference_tokens_per_second", "Generated tokens per second since start", stats["inference_tokens"] / elapsed)
-        yield gauge("collm_training_tokens_per_second", "Training tokens per second since start", stats["training_tokens"] / elapsed)
-        yield gauge("collm_train_loss", "Loss of the last training step", stats["train_loss"])
-        yield gauge("collm_eval_loss", "Held-out eval loss of the last evaluated shadow", stats["eval_loss"])
-        adapter = stats["adapter"]
-        yield gauge("collm_adapter_version", "Cluster version of the served adapter (the global it rests on)", adapter["cluster_version"] if adapter else None)
+        yield gauge("collm_queue_depth", "Requests waiting for admission", stats.queue_depth)
+        yield gauge("collm_running_requests", "Requests in the running batch", stats.running)
+        yield gauge("collm_training_share", "Training budget as a share of the plan's cap (batch mixer)", stats.training_share)
+        yield gauge("collm_training_cap_tokens", "Training tokens per iteration the plan allows", stats.train_cap_tokens)
+        yield gauge("collm_training_tokens_total", "Training tokens processed", stats.training_tokens)
+        yield gauge("collm_training_steps_total", "Training steps of the shadow adapter", stats.training_steps)
+        yield gauge("collm_inference_tokens_per_second", "Generated tokens per second since start", stats.inference_tokens / elapsed)
+        yield gauge("collm_training_tokens_per_second", "Training tokens per second since start", stats.training_tokens / elapsed)
+        yield gauge("collm_train_loss", "Loss of the last training step", stats.train_loss)
+        yield gauge("collm_eval_loss", "Held-out eval loss of the last evaluated shadow", stats.eval_loss)
+        adapter = stats.adapter
+        yield gauge("collm_adapter_version", "Cluster version of the served adapter (the global it rests on)", adapter.cluster_version if adapter else None)
         yield gauge(
             "collm_adapter_revision",
             "Local revision of the served adapter on top of its cluster version (0: the global itself)",
-            adapter["revision"] if adapter else None,
+            adapter.revision if adapter else None,
         )
         yield gauge(
             "collm_adapter_info",
             "The served adapter: version label <cluster version>.<local revision> and sha256",
-            [([adapter["version"], adapter["sha256"]], 1.0)] if adapter else [],
+            [([adapter.version, adapter.sha256], 1.0)] if adapter else [],
             labels=["version", "sha256"],
         )
-        revisions = stats.get("revisions") or {}
-        yield gauge("collm_local_revisions_total", "Local revisions published (passed the eval gate)", revisions.get("published"))
-        yield gauge("collm_local_revisions_rejected_total", "Shadow evaluations that did not pass the eval gate", revisions.get("rejected"))
-        yield gauge("collm_adapter_eval_loss", "Eval loss recorded with the current adapter version", adapter["eval_loss"] if adapter else None)
-        pins = stats["pins"]
-        yield gauge("collm_live_adapter_versions", "Adapter versions in use (current or pinned)", len(stats["live_versions"]))
+        yield gauge("collm_local_revisions_total", "Local revisions published (passed the eval gate)", stats.revisions_published)
+        yield gauge("collm_local_revisions_rejected_total", "Shadow evaluations that did not pass the eval gate", stats.revisions_rejected)
+        yield gauge("collm_adapter_eval_loss", "Eval loss recorded with the current adapter version", adapter.eval_loss if adapter else None)
+        pins = stats.extra.get("pins") or {}
+        yield gauge("collm_live_adapter_versions", "Adapter versions in use (current or pinned)", len(stats.live_versions))
         yield gauge(
             "collm_pinned_requests", "Requests holding each adapter version", [([label], float(n)) for label, n in sorted(pins.items())], labels=["version"]
         )

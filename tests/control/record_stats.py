@@ -1,8 +1,8 @@
 """Re-record tests/control/recorded/{local,operator}.json (`python -m tests.control.record_stats`).
 
 Starts two replica processes of the tiny model (the local mode), replays a slice of the Azure code
-trace through the router, and every `interval` seconds reads every agent's GetStats twice: as the
-local controller reads them (replica_agent.federated.client.read_stats) and as the operator's
+trace through the router, and every `interval` seconds reads every agent's GetStats twice (kept as AgentStats.as_dict()): as the
+local controller reads them (collm_rpc.client.read_stats) and as the operator's
 AgentPool does (collm_operator.agents). Each recording is a list of ticks (time, arrivals since the
 last tick, stats per replica) that tests/control/test_decide.py replays through decide().
 """
@@ -13,15 +13,20 @@ import json
 import time
 from pathlib import Path
 
+from collm_control.stats import AgentStats
 from collm_operator.agents import AgentPool
+from collm_rpc.client import AgentClient, read_stats
 from replica_agent.engine.model_host import load_base_model
-from replica_agent.federated.client import AgentClient, read_stats
 from replica_agent.local.cluster import LocalDeployment, replica_configs
 from replica_agent.local.controller import ControllerSettings
 from replica_agent.local.traffic import TrafficReplay, trace_slice
 from replica_agent.local.workload import workload_for
 
 OUT = Path(__file__).parent / "recorded"
+
+
+def as_json(stats: dict[str, AgentStats | None]) -> dict[str, dict | None]:
+    return {name: st.as_dict() if st is not None else None for name, st in stats.items()}
 
 
 def record(duration_s: float = 40.0, interval_s: float = 2.0, rate: float = 4.0) -> None:
@@ -44,8 +49,8 @@ def record(duration_s: float = 40.0, interval_s: float = 2.0, rate: float = 4.0)
             time.sleep(interval_s)
             arrivals, seen = traffic.sent - seen, traffic.sent
             now = time.time()
-            recordings["local"].append({"now": now, "arrivals": arrivals, "stats": read_stats(clients)})
-            recordings["operator"].append({"now": now, "arrivals": arrivals, "stats": pool.stats(addresses)})
+            recordings["local"].append({"now": now, "arrivals": arrivals, "stats": as_json(read_stats(clients))})
+            recordings["operator"].append({"now": now, "arrivals": arrivals, "stats": as_json(pool.stats(addresses))})
         traffic.wait(60)
     finally:
         pool.close()

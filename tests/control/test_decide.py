@@ -18,19 +18,28 @@ import pytest
 
 from collm_control.decide import Adapter, ControlSettings, Observation, assign_roles, decide
 from collm_control.planning import Planner, PlanningSettings
+from collm_control.stats import AdapterRef, AgentStats
 
 RECORDED = Path(__file__).parent / "recorded"
 
 
-def agent(sha="s1", version=1, revision=0, eval_loss=2.0, finished=0):
+def agent(sha="s1", version=1, revision=0, eval_loss=2.0, finished=0, name="r"):
     """Stats as GetStats returns them, reduced to what the decision reads."""
-    return {
-        "adapter": {"version": f"{version}.{revision}", "sha256": f"{sha}.r{revision}" if revision else sha},
-        "global_adapter": {"version": f"{version}.0", "cluster_version": version, "sha256": sha},
-        "eval_loss": eval_loss,
-        "requests_finished": finished,
-        "capacity_profile": [],
-    }
+    return AgentStats(
+        replica_id=name,
+        adapter=AdapterRef(f"{version}.{revision}", version, f"{sha}.r{revision}" if revision else sha, revision),
+        global_adapter=AdapterRef(f"{version}.0", version, sha),
+        eval_loss=eval_loss,
+        requests_finished=finished,
+    )
+
+
+def recorded(source: str) -> dict:
+    """A recording, its stats as AgentStats (recorded as AgentStats.as_dict())."""
+    recording = json.loads((RECORDED / f"{source}.json").read_text())
+    for tick in recording["ticks"]:
+        tick["stats"] = {n: AgentStats.from_dict(st) if st is not None else None for n, st in tick["stats"].items()}
+    return recording
 
 
 def run(observation: Observation, settings: ControlSettings | None = None, planner: Planner | None = None):
@@ -42,7 +51,7 @@ def run(observation: Observation, settings: ControlSettings | None = None, plann
 def test_the_control_core_imports_neither_kubernetes_nor_torch_nor_grpc():
     script = textwrap.dedent("""
         import sys
-        import collm_control.decide, collm_control.allocation, collm_control.planning, collm_control.predictor
+        import collm_control.decide, collm_control.allocation, collm_control.planning, collm_control.predictor, collm_control.rounds, collm_control.stats
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"kubernetes", "kopf", "torch", "grpc", "transformers", "replica_agent", "collm_operator"})
         print(heavy)
     """)
@@ -109,7 +118,7 @@ def test_roles_for_hand_made_and_scheduled_rounds_follow_one_rule():
 def test_recorded_stats_drive_the_decision(source):
     """A recorded run, replayed tick by tick through one planner: every answering replica gets a
     plan, routing weights sum to 1, and a round is chosen once the interval has passed."""
-    recording = json.loads((RECORDED / f"{source}.json").read_text())
+    recording = recorded(source)
     ticks = recording["ticks"]
     assert len(ticks) >= 3, "re-record with tests/control/record_stats.py"
     settings = ControlSettings(policy=recording["policy"], round_interval_s=recording["round_interval_s"], min_participants=1)

@@ -140,7 +140,7 @@ def agent(tiny_base):
 def test_training_continues_without_rounds_serves_revisions_and_stops_at_cap_zero(agent):
     assert eventually(lambda: agent.trainer.step >= 10, timeout=60)
     assert eventually(lambda: agent.store.current.label != "0.0", timeout=60), "a local revision goes live between rounds"
-    assert agent.store.current.cluster_version == 0 and agent.stats()["adapter"]["version"] == agent.store.current.label
+    assert agent.store.current.cluster_version == 0 and agent.stats().adapter.version == agent.store.current.label
     agent.apply_plan(Plan(train_cap_tokens=0, ttft_ms=1000, tpot_ms=100))
     time.sleep(0.5)  # a step that had its budget finishes
     stopped = agent.trainer.step

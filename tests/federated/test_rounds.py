@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replica_agent.federated.rounds import (
+from collm_control.rounds import (
     STAGES,
     Aggregate,
     Aggregated,

@@ -12,11 +12,11 @@ from dataclasses import replace
 
 import pytest
 
+from collm_control import rounds as R
+from collm_rpc.driver import RoundDriver, StrategyConfig
 from replica_agent.config import AgentConfig
 from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.engine.requests import FinishReason, SamplingParams
-from replica_agent.federated import rounds as R
-from replica_agent.federated.driver import RoundDriver, StrategyConfig
 from replica_agent.local.in_process import LocalCluster
 from tests.helpers import eventually
 
@@ -183,7 +183,7 @@ def test_poisoned_and_nan_updates_are_screened_and_the_round_still_publishes(tin
 
 
 def test_rollback_returns_every_replica_to_a_retained_version(cluster):
-    from replica_agent.federated.client import AgentClient
+    from collm_rpc.client import AgentClient
 
     first = cluster["agent-0"].agent.store.get(1).sha256  # the initial global "0.0", the same on every replica
     for address in cluster.addresses.values():

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import replica_agent.federated.participant as participant_module
+from collm_control import rounds as R
+from collm_rpc.driver import RoundDriver, StrategyConfig
 from replica_agent.config import AgentConfig
 from replica_agent.engine.data import stdlib_package_dir
-from replica_agent.federated import rounds as R
 from replica_agent.federated.aggregation import FedAvg
-from replica_agent.federated.driver import RoundDriver, StrategyConfig
 from replica_agent.federated.secure import MaskedUpdate
 from replica_agent.federated.update import apply_delta
 from replica_agent.local.in_process import LocalCluster

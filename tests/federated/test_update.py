@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from collm_rpc.client import chunks
 from replica_agent.engine.adapter_store import adapter_sha256
 from replica_agent.engine.lora import LoraSpec, ModelDims, init_adapter
-from replica_agent.federated.client import chunks
 from replica_agent.federated.update import (
     UpdateError,
     apply_delta,

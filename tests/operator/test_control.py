@@ -13,12 +13,13 @@ import jsonschema
 import pytest
 
 from collm_control import planning
-from collm_control.decide import Adapter, ControlSettings, Observation, current_adapter, decide, laggards
+from collm_control import rounds as R
+from collm_control.decide import Adapter, ControlSettings, Observation, current_adapter, decide, laggards, next_version
+from collm_control.stats import AdapterRef, AgentStats, CapacityPoint
 from collm_operator import api, control, objects, round_control
 from collm_operator.control import published_adapter
 from collm_operator.reconcile import Health, Pod, Workloads, cluster_conditions
 from collm_operator.round_control import choose_roles, failed_status, finished, round_id, round_status
-from replica_agent.federated import rounds as R
 
 from .test_manifests import openapi_schema, to_jsonschema
 
@@ -372,14 +373,15 @@ def adapter_round(name: str, succeeded: str | None, version: int, sha: str, loss
     return {"metadata": {"name": name}, "status": {"conditions": conditions, "version": version, "sha256": sha, "evalLossAfter": loss}}
 
 
-def serving(sha: str | None, cluster_version: int = 0, revision: int = 0) -> dict:
+def serving(sha: str | None, cluster_version: int = 0, revision: int = 0) -> AgentStats:
     """An agent's stats: it rests on global `sha` (cluster version) and serves a local revision on it."""
     if not sha:
-        return {}
-    return {
-        "adapter": {"version": f"{cluster_version}.{revision}", "sha256": f"{sha}.r{revision}" if revision else sha},
-        "global_adapter": {"version": f"{cluster_version}.0", "cluster_version": cluster_version, "sha256": sha},
-    }
+        return AgentStats("r")
+    return AgentStats(
+        "r",
+        adapter=AdapterRef(f"{cluster_version}.{revision}", cluster_version, f"{sha}.r{revision}" if revision else sha, revision),
+        global_adapter=AdapterRef(f"{cluster_version}.0", cluster_version, sha),
+    )
 
 
 def current(status, rounds, stats):
@@ -420,7 +422,7 @@ def test_before_any_round_the_adapter_every_agent_agrees_on(stats, expected):
 
 
 def test_laggards_are_agents_on_an_older_adapter_only():
-    stats = {"demo-3": serving("s2", 2), "demo-0": serving("s3", 3), "demo-1": None, "demo-2": serving("s4", 4), "demo-4": {}}
+    stats = {"demo-3": serving("s2", 2), "demo-0": serving("s3", 3), "demo-1": None, "demo-2": serving("s4", 4), "demo-4": AgentStats("demo-4")}
     assert laggards(Adapter(3, "s3"), stats) == ["demo-3", "demo-4"]
     assert laggards(None, stats) == []
     assert laggards(Adapter(0, "base"), {"demo-0": serving("base"), "demo-1": serving("x", 0)}) == ["demo-1"]
@@ -458,8 +460,8 @@ def test_build_round_is_owned_labelled_and_valid_against_the_crd(aggregator):
 PROFILE = [[0, 40.0, 0.0], [64, 25.0, 400.0], [128, 10.0, 800.0]]
 
 
-def agent(eval_loss: float | None = 2.0, profile=PROFILE, trainer_error=None) -> dict:
-    return {"capacity_profile": profile, "eval_loss": eval_loss, "trainer_error": trainer_error}
+def agent(eval_loss: float | None = 2.0, profile=PROFILE, trainer_error="") -> AgentStats:
+    return AgentStats("r", capacity_profile=tuple(CapacityPoint(*p) for p in profile), eval_loss=eval_loss, trainer_error=trainer_error)
 
 
 def plan(stats, policy="coexec", arrivals=50, **kwargs) -> planning.Decision:
@@ -554,9 +556,10 @@ def test_one_round_of_a_cluster_runs_at_a_time_in_creation_order():
 
 def test_versions_only_grow_past_anything_known():
     rounds = [round_obj("a", "t", succeeded="True", version=3), round_obj("b", "t", succeeded="False", version=5)]
-    assert round_control.next_version({"adapter": {"version": 3}}, rounds, {"demo-0": serving("f" * 64, 4), "demo-1": None}) == 6
-    assert round_control.next_version({}, [], {"demo-0": serving("f" * 64, 7)}) == 8  # an agent saw a newer round
-    assert round_control.next_version({}, [], {}) == 1
+    claimed = [3, *(int(r["status"].get("version") or 0) for r in rounds)]  # the cluster's adapter and every round's
+    assert next_version({"demo-0": serving("f" * 64, 4), "demo-1": None}, claimed) == 6
+    assert next_version({"demo-0": serving("f" * 64, 7)}) == 8  # an agent saw a newer round
+    assert next_version({}) == 1
 
 
 class FakeKube:

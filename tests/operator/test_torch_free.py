@@ -1,4 +1,5 @@
-"""The operator image carries no torch: every operator module imports with the tensor stack absent."""
+"""The operator image carries no torch and no agent code: every operator module imports with the tensor
+stack and the replica agent absent, as in images/operator.Dockerfile."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import textwrap
 
 import collm_operator
 
-ABSENT = ("torch", "transformers", "peft", "safetensors", "gguf")
+ABSENT = ("torch", "transformers", "peft", "safetensors", "gguf", "numpy", "replica_agent", "collm_bench")
 
 
-def test_the_operator_imports_without_torch_installed():
+def test_the_operator_imports_without_torch_or_the_agent_installed():
     modules = sorted(f"collm_operator.{m.name}" for m in pkgutil.iter_modules(collm_operator.__path__))
     assert "collm_operator.main" in modules
     # A fresh interpreter in which the tensor stack cannot be imported, as in the operator image.

@@ -10,9 +10,9 @@ import urllib.request
 import pytest
 
 from collm_control.decide import served_adapter
+from collm_rpc.client import AgentClient
 from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
-from replica_agent.federated.client import AgentClient
 from replica_agent.serving.grpc_service import serve_grpc
 from replica_agent.serving.pipeline import ADAPTER_HEADER, ADAPTER_SHA_HEADER
 
@@ -60,7 +60,7 @@ def everywhere(server, agent, grpc_address) -> dict[str, tuple[str, str]]:
     with AgentClient(grpc_address) as client:
         stats = client.stats()
     seen["grpc"] = (stats.adapter.version, stats.adapter.sha256)
-    status_entry = served_adapter(json.loads(stats.json))  # what the operator writes into status.allocation.<replica>
+    status_entry = served_adapter(stats)  # what the operator writes into status.allocation.<replica>
     seen["CollmCluster status"] = (status_entry["adapter"], status_entry["adapterSha256"])
     return seen
 

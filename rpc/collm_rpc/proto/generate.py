@@ -1,5 +1,5 @@
 """Regenerate collm_pb2.py, its type stub collm_pb2.pyi (for mypy) and collm_pb2_grpc.py from
-collm.proto (`python -m replica_agent.proto.generate`).
+collm.proto (`python -m collm_rpc.proto.generate`).
 
 The generated files are committed (no protoc needed at install time); tests/federated/test_proto.py
 regenerates into a temporary folder and fails when the committed files are stale.
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 PROTO = Path(__file__).with_name("collm.proto")
-ROOT = PROTO.parents[2]  # the repository root: generated imports read `from replica_agent.proto import ...`
+ROOT = PROTO.parents[2]  # the repository root: generated imports read `from collm_rpc.proto import ...`
 
 
 def generate(out_dir: Path) -> list[Path]:

@@ -6,14 +6,16 @@ verifies them). This module needs no torch: the operator imports it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from ..proto import collm_pb2 as pb
-from ..proto import collm_pb2_grpc as pb_grpc
+from collm_control.stats import AgentStats
+
+from .proto import collm_pb2 as pb
+from .proto import collm_pb2_grpc as pb_grpc
+from .stats import from_proto
 
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
@@ -36,8 +38,8 @@ class AgentClient:
         self.close()
 
     # -- control ------------------------------------------------------------------------------
-    def stats(self) -> pb.Stats:
-        return self.stub.GetStats(pb.StatsRequest(), timeout=self.timeout)
+    def stats(self) -> AgentStats:
+        return from_proto(self.stub.GetStats(pb.StatsRequest(), timeout=self.timeout))
 
     def apply_plan(self, train_cap_tokens: int, ttft_ms: int, tpot_ms: int, *, fixed_training: bool = False) -> pb.Ack:
         plan = pb.Plan(train_cap_tokens=train_cap_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms, fixed_training=fixed_training)
@@ -105,14 +107,14 @@ def chunks(blob: bytes, size: int = 1 << 20) -> Iterator[bytes]:
         yield bytes(view[start : start + size])
 
 
-def read_stats(clients: Mapping[str, AgentClient], on_error: Callable[[str], None] | None = None) -> dict[str, dict | None]:
-    """Every agent's stats (GetStats' JSON) in parallel; None for one that did not answer, whose
+def read_stats(clients: Mapping[str, AgentClient], on_error: Callable[[str], None] | None = None) -> dict[str, AgentStats | None]:
+    """Every agent's stats in parallel; None for one that did not answer, whose
     failure goes to `on_error` (the operator, the local controller and the local reports read them so)."""
 
-    def one(item: tuple[str, AgentClient]) -> tuple[str, dict | None]:
+    def one(item: tuple[str, AgentClient]) -> tuple[str, AgentStats | None]:
         name, client = item
         try:
-            return name, json.loads(client.stats().json)
+            return name, client.stats()
         except grpc.RpcError as exc:
             if on_error is not None:
                 on_error(f"{name}: GetStats from {client.address} failed: {exc.code().name}")

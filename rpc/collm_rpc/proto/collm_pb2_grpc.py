@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from replica_agent.proto import collm_pb2 as replica__agent_dot_proto_dot_collm__pb2
+from collm_rpc.proto import collm_pb2 as collm__rpc_dot_proto_dot_collm__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in replica_agent/proto/collm_pb2_grpc.py depends on'
+        + ' but the generated code in collm_rpc/proto/collm_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,58 +36,58 @@ class AgentStub:
         """
         self.GetStats = channel.unary_unary(
                 '/collm.v1.Agent/GetStats',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.StatsRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.Stats.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.StatsRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.Stats.FromString,
                 _registered_method=True)
         self.ApplyPlan = channel.unary_unary(
                 '/collm.v1.Agent/ApplyPlan',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.Plan.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.Ack.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.Plan.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.Ack.FromString,
                 _registered_method=True)
         self.StartRound = channel.unary_unary(
                 '/collm.v1.Agent/StartRound',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.StartRoundRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.RoundStatus.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.StartRoundRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.GetRoundStatus = channel.unary_unary(
                 '/collm.v1.Agent/GetRoundStatus',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.RoundStatusRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.RoundStatus.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatusRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.UploadUpdate = channel.stream_unary(
                 '/collm.v1.Agent/UploadUpdate',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.UpdateChunk.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.UploadReply.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.UpdateChunk.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.UploadReply.FromString,
                 _registered_method=True)
         self.Aggregate = channel.unary_unary(
                 '/collm.v1.Agent/Aggregate',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.AggregateRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.AggregateReply.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.AggregateRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.AggregateReply.FromString,
                 _registered_method=True)
         self.Evaluate = channel.unary_unary(
                 '/collm.v1.Agent/Evaluate',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.EvaluateRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.EvaluateReply.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.EvaluateReply.FromString,
                 _registered_method=True)
         self.FetchAdapter = channel.unary_stream(
                 '/collm.v1.Agent/FetchAdapter',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.FetchRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.AdapterChunk.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.FetchRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.AdapterChunk.FromString,
                 _registered_method=True)
         self.Publish = channel.unary_unary(
                 '/collm.v1.Agent/Publish',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.PublishRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.PublishReply.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.PublishRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.PublishReply.FromString,
                 _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/collm.v1.Agent/Rollback',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.RollbackRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.PublishReply.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.PublishReply.FromString,
                 _registered_method=True)
         self.RevealSeeds = channel.unary_unary(
                 '/collm.v1.Agent/RevealSeeds',
-                request_serializer=replica__agent_dot_proto_dot_collm__pb2.RevealRequest.SerializeToString,
-                response_deserializer=replica__agent_dot_proto_dot_collm__pb2.RevealReply.FromString,
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.RevealRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RevealReply.FromString,
                 _registered_method=True)
 
 
@@ -173,58 +173,58 @@ def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.StatsRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.Stats.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.StatsRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.Stats.SerializeToString,
             ),
             'ApplyPlan': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyPlan,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.Plan.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.Ack.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.Plan.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.Ack.SerializeToString,
             ),
             'StartRound': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRound,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.StartRoundRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.RoundStatus.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.StartRoundRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.SerializeToString,
             ),
             'GetRoundStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoundStatus,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.RoundStatusRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.RoundStatus.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatusRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.SerializeToString,
             ),
             'UploadUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadUpdate,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.UpdateChunk.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.UploadReply.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.UpdateChunk.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.UploadReply.SerializeToString,
             ),
             'Aggregate': grpc.unary_unary_rpc_method_handler(
                     servicer.Aggregate,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.AggregateRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.AggregateReply.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.AggregateRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.AggregateReply.SerializeToString,
             ),
             'Evaluate': grpc.unary_unary_rpc_method_handler(
                     servicer.Evaluate,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.EvaluateRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.EvaluateReply.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.EvaluateRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.EvaluateReply.SerializeToString,
             ),
             'FetchAdapter': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchAdapter,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.FetchRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.AdapterChunk.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.FetchRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.AdapterChunk.SerializeToString,
             ),
             'Publish': grpc.unary_unary_rpc_method_handler(
                     servicer.Publish,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.PublishRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.PublishReply.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.PublishRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.PublishReply.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.RollbackRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.PublishReply.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RollbackRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.PublishReply.SerializeToString,
             ),
             'RevealSeeds': grpc.unary_unary_rpc_method_handler(
                     servicer.RevealSeeds,
-                    request_deserializer=replica__agent_dot_proto_dot_collm__pb2.RevealRequest.FromString,
-                    response_serializer=replica__agent_dot_proto_dot_collm__pb2.RevealReply.SerializeToString,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RevealRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.RevealReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -252,8 +252,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/GetStats',
-            replica__agent_dot_proto_dot_collm__pb2.StatsRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.Stats.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.StatsRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.Stats.FromString,
             options,
             channel_credentials,
             insecure,
@@ -279,8 +279,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/ApplyPlan',
-            replica__agent_dot_proto_dot_collm__pb2.Plan.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.Ack.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.Plan.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -306,8 +306,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/StartRound',
-            replica__agent_dot_proto_dot_collm__pb2.StartRoundRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.RoundStatus.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.StartRoundRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -333,8 +333,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/GetRoundStatus',
-            replica__agent_dot_proto_dot_collm__pb2.RoundStatusRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.RoundStatus.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.RoundStatusRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -360,8 +360,8 @@ class Agent:
             request_iterator,
             target,
             '/collm.v1.Agent/UploadUpdate',
-            replica__agent_dot_proto_dot_collm__pb2.UpdateChunk.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.UploadReply.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.UpdateChunk.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.UploadReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -387,8 +387,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/Aggregate',
-            replica__agent_dot_proto_dot_collm__pb2.AggregateRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.AggregateReply.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.AggregateRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.AggregateReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -414,8 +414,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/Evaluate',
-            replica__agent_dot_proto_dot_collm__pb2.EvaluateRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.EvaluateReply.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.EvaluateRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.EvaluateReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -441,8 +441,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/FetchAdapter',
-            replica__agent_dot_proto_dot_collm__pb2.FetchRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.AdapterChunk.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.FetchRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.AdapterChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -468,8 +468,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/Publish',
-            replica__agent_dot_proto_dot_collm__pb2.PublishRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.PublishReply.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.PublishRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.PublishReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -495,8 +495,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/Rollback',
-            replica__agent_dot_proto_dot_collm__pb2.RollbackRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.PublishReply.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.RollbackRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.PublishReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -522,8 +522,8 @@ class Agent:
             request,
             target,
             '/collm.v1.Agent/RevealSeeds',
-            replica__agent_dot_proto_dot_collm__pb2.RevealRequest.SerializeToString,
-            replica__agent_dot_proto_dot_collm__pb2.RevealReply.FromString,
+            collm__rpc_dot_proto_dot_collm__pb2.RevealRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.RevealReply.FromString,
             options,
             channel_credentials,
             insecure,

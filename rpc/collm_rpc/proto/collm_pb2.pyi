@@ -34,37 +34,83 @@ class AdapterRef(_message.Message):
     revision: int
     def __init__(self, version: _Optional[str] = ..., cluster_version: _Optional[int] = ..., sha256: _Optional[str] = ..., eval_loss: _Optional[float] = ..., has_eval_loss: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
 
+class CapacityPoint(_message.Message):
+    __slots__ = ("cap", "requests_per_s", "training_tokens_per_s")
+    CAP_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    cap: int
+    requests_per_s: float
+    training_tokens_per_s: float
+    def __init__(self, cap: _Optional[int] = ..., requests_per_s: _Optional[float] = ..., training_tokens_per_s: _Optional[float] = ...) -> None: ...
+
 class Stats(_message.Message):
-    __slots__ = ("replica_id", "model", "adapter", "queue_depth", "running", "inference_tokens", "training_tokens", "training_steps", "training_share", "train_cap_tokens", "eval_loss", "has_eval_loss", "json", "global_adapter")
+    __slots__ = ("replica_id", "model", "adapter", "global_adapter", "live_versions", "uptime_s", "queue_depth", "running", "iterations", "inference_tokens", "requests_finished", "requests_met_slo", "ttft_ms", "tpot_ms", "capacity_profile", "training_tokens", "training_steps", "training_share", "train_cap_tokens", "train_loss", "has_train_loss", "eval_loss", "has_eval_loss", "trainer_error", "data_error", "unuploaded_steps", "revisions_published", "revisions_rejected", "last_revision_unix", "lora_rank", "lora_alpha", "lora_target_modules")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LIVE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_MET_SLO_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_PROFILE_FIELD_NUMBER: _ClassVar[int]
     TRAINING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_STEPS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_SHARE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_CAP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    HAS_TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     HAS_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
-    JSON_FIELD_NUMBER: _ClassVar[int]
-    GLOBAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DATA_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UNUPLOADED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_REVISION_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
     adapter: AdapterRef
+    global_adapter: AdapterRef
+    live_versions: _containers.RepeatedScalarFieldContainer[str]
+    uptime_s: float
     queue_depth: int
     running: int
+    iterations: int
     inference_tokens: int
+    requests_finished: int
+    requests_met_slo: int
+    ttft_ms: int
+    tpot_ms: int
+    capacity_profile: _containers.RepeatedCompositeFieldContainer[CapacityPoint]
     training_tokens: int
     training_steps: int
     training_share: float
     train_cap_tokens: int
+    train_loss: float
+    has_train_loss: bool
     eval_loss: float
     has_eval_loss: bool
-    json: str
-    global_adapter: AdapterRef
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., inference_tokens: _Optional[int] = ..., training_tokens: _Optional[int] = ..., training_steps: _Optional[int] = ..., training_share: _Optional[float] = ..., train_cap_tokens: _Optional[int] = ..., eval_loss: _Optional[float] = ..., has_eval_loss: _Optional[bool] = ..., json: _Optional[str] = ..., global_adapter: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
+    trainer_error: str
+    data_error: str
+    unuploaded_steps: int
+    revisions_published: int
+    revisions_rejected: int
+    last_revision_unix: float
+    lora_rank: int
+    lora_alpha: int
+    lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., global_adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., live_versions: _Optional[_Iterable[str]] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., iterations: _Optional[int] = ..., inference_tokens: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_met_slo: _Optional[int] = ..., ttft_ms: _Optional[int] = ..., tpot_ms: _Optional[int] = ..., capacity_profile: _Optional[_Iterable[_Union[CapacityPoint, _Mapping]]] = ..., training_tokens: _Optional[int] = ..., training_steps: _Optional[int] = ..., training_share: _Optional[float] = ..., train_cap_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., has_train_loss: _Optional[bool] = ..., eval_loss: _Optional[float] = ..., has_eval_loss: _Optional[bool] = ..., trainer_error: _Optional[str] = ..., data_error: _Optional[str] = ..., unuploaded_steps: _Optional[int] = ..., revisions_published: _Optional[int] = ..., revisions_rejected: _Optional[int] = ..., last_revision_unix: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("train_cap_tokens", "ttft_ms", "tpot_ms", "fixed_training")

@@ -19,9 +19,10 @@ from typing import Any
 
 import grpc
 
-from ..proto import collm_pb2 as pb
-from . import rounds as R
+from collm_control import rounds as R
+
 from .client import AgentClient
+from .proto import collm_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class RoundDriver:
                     # The round starts from the global adapter the aggregator rests on, not from a local
                     # revision it may serve: every participant's update is relative to that global.
                     base = self.client(self.spec.aggregator).stats().global_adapter
-                    actions = self._feed(R.Started(self.clock(), str(base.cluster_version), base.sha256))
+                    actions = self._feed(R.Started(self.clock(), str(base.cluster_version) if base else "0", base.sha256 if base else ""))
                 except grpc.RpcError as exc:  # ends the round AggregatorLost: nothing started, nothing to undo
                     actions = self._feed(R.AggregatorFailed(self.clock(), f"aggregator {self.spec.aggregator} unreachable at the start: {exc.code().name}"))
             else:
