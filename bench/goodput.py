@@ -24,6 +24,7 @@ Steps, in one invocation:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,7 +40,48 @@ from replica_agent.local.workload import Workload, workload_for
 from replica_agent.report import machine, print_table, write_json
 
 POLICIES = ("coexec", "static", "separated", "inferenceOnly", "peft")
+# Full coexec less one part (docs/scheduling.md): the slow timescale's plan, the agents' per-iteration
+# batch mix, serving local revisions between rounds, the eval gate on what is served.
+ABLATIONS = ("fast-only", "slow-only", "no-reuse", "no-gate")
 TARGETS = {"peft": 3.0, "static": 2.0, "separated": 2.0, "inferenceOnly": 1.3}  # coexec / policy, from the issue
+HETERO_TARGETS = {"fast-only": 1.2, "slow-only": 1.2}  # on the heterogeneous cluster (the two-timescales issue)
+NO_GATE_TOLERANCE = 1e9  # nats: every revision and every round's candidate passes
+
+
+@dataclass(frozen=True)
+class ClusterKind:
+    """How the replicas differ: `throttle` makes a replica a slower device (that share of its core,
+    replica_agent/local/throttle.py); `home_skew` is each replica's share of the home users."""
+
+    name: str
+    description: str
+    throttle: dict[str, float] = field(default_factory=dict)
+    home_skew: dict[str, float] | None = None
+
+
+CLUSTERS = {
+    "identical": ClusterKind("identical", "replicas alike: a full core each, home users split evenly"),
+    "hetero": ClusterKind(
+        "hetero",
+        "replica-1 a device half as fast (50% of its core), with 60% of the home users (prose) against replica-0's 40% (code); "
+        "their private data differ in domain and size",
+        throttle={"replica-1": 0.5},
+        home_skew={"replica-0": 0.4, "replica-1": 0.6},
+    ),
+}
+
+
+def ablation_settings(policy: str, configs: list[AgentConfig], settings: ControllerSettings) -> tuple[list[AgentConfig], ControllerSettings]:
+    """The replicas' and the controller's settings of one ablation of coexec."""
+    if policy == "fast-only":
+        return configs, replace(settings, slow_timescale=False)
+    if policy == "slow-only":
+        return configs, replace(settings, fast_timescale=False)
+    if policy == "no-reuse":
+        return [c.model_copy(update={"revision_every_seconds": 0.0, "revision_every_steps": 0}) for c in configs], settings
+    if policy == "no-gate":
+        return [c.model_copy(update={"revision_tolerance": NO_GATE_TOLERANCE}) for c in configs], replace(settings, eval_tolerance=NO_GATE_TOLERANCE)
+    raise ValueError(f"unknown ablation {policy!r}; use one of {', '.join(ABLATIONS)}")
 
 
 def policy_configs(configs: list[AgentConfig], policy: str) -> list[AgentConfig]:
@@ -76,6 +118,7 @@ def measure_capacity(
     start_rate: float = 4.0,
     threshold: float = 0.9,
     workdir: str | None = None,
+    cluster: ClusterKind = CLUSTERS["identical"],
 ) -> tuple[dict, Workload]:
     """The cluster's serving capacity within the SLO, training off (inferenceOnly), on the requests the runs replay.
 
@@ -93,7 +136,7 @@ def measure_capacity(
     not the work the cluster does.
     Returns the figures and the segment (as a Workload)."""
     settings = ControllerSettings(policy="inferenceOnly", ttft_ms=ttft_ms, tpot_ms=tpot_ms)
-    deployment = LocalDeployment.start(policy_configs(configs, "inferenceOnly"), settings, processes=True, workdir=workdir)
+    deployment = LocalDeployment.start(policy_configs(configs, "inferenceOnly"), settings, processes=True, workdir=workdir, throttle=cluster.throttle)
     trials: list[dict] = []
 
     def trial(workload: Workload, stage: str) -> SimpleNamespace:
@@ -111,7 +154,9 @@ def measure_capacity(
     try:
         # 1. the pilot: short slices, doubling then one bisection (bench/load.py)
         pilot, _, _ = find_max_rate(
-            lambda r: trial(workload_for(configs, trace_slice(trace, rate=r, duration_s=pilot_s), tokenizer, seed=len(trials)), "pilot"),
+            lambda r: trial(
+                workload_for(configs, trace_slice(trace, rate=r, duration_s=pilot_s), tokenizer, seed=len(trials), home_skew=cluster.home_skew), "pilot"
+            ),
             start_rate=start_rate * len(configs),
             target=threshold,
             refinements=1,
@@ -122,7 +167,7 @@ def measure_capacity(
             )
         # 2. the segment the runs replay, and the capacity on it: steps of 1.25x from the pilot's rate
         # (each trial replays the whole segment, so the steps are few and start where the answer is near)
-        segment = workload_for(configs, trace_segment(trace, count=max(1, round(duration_s * load * pilot))), tokenizer)
+        segment = workload_for(configs, trace_segment(trace, count=max(1, round(duration_s * load * pilot))), tokenizer, home_skew=cluster.home_skew)
         capacity = refine_rate(lambda r: trial(segment.at_rate(r), "segment").attainment >= threshold, pilot)
     finally:
         deployment.stop()
@@ -165,19 +210,32 @@ def run(
     attainment: float = 0.9,
     json_path: str | None = None,
     plots_dir: str | None = None,
+    cluster: str = "identical",
 ) -> dict:
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in POLICIES + ABLATIONS]
     if unknown:
-        raise ValueError(f"unknown policies {unknown}; use some of {', '.join(POLICIES)}")
+        raise ValueError(f"unknown policies {unknown}; use some of {', '.join(POLICIES + ABLATIONS)}")
+    if cluster not in CLUSTERS:
+        raise ValueError(f"unknown cluster {cluster!r}; use one of {', '.join(CLUSTERS)}")
+    kind = CLUSTERS[cluster]
     base = load_base_model(model)
     configs = benchmark_configs(replicas, model=model, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
     started = time.time()
     if capacity_rps:
-        segment = workload_for(configs, trace_segment(trace, count=max(1, round(duration_s * max(loads) * capacity_rps))), base.tokenizer)
+        count = max(1, round(duration_s * max(loads) * capacity_rps))
+        segment = workload_for(configs, trace_segment(trace, count=count), base.tokenizer, home_skew=kind.home_skew)
         capacity = {"rate": capacity_rps, "given": True, "segment_requests": len(segment.arrivals)}
     else:
         capacity, segment = measure_capacity(
-            configs, base.tokenizer, trace=trace, ttft_ms=ttft_ms, tpot_ms=tpot_ms, duration_s=duration_s, load=max(loads), threshold=attainment
+            configs,
+            base.tokenizer,
+            trace=trace,
+            ttft_ms=ttft_ms,
+            tpot_ms=tpot_ms,
+            duration_s=duration_s,
+            load=max(loads),
+            threshold=attainment,
+            cluster=kind,
         )
     by_load = []
     for load in loads:
@@ -186,7 +244,7 @@ def run(
         runs = []
         for policy in policies:
             settings = ControllerSettings(
-                policy=policy if policy != "peft" else "separated",
+                policy=policy if policy in POLICIES and policy != "peft" else "separated" if policy == "peft" else "coexec",
                 slow_interval_s=slow_interval_s,
                 round_interval_s=round_interval_s,
                 local_steps=local_steps,
@@ -196,9 +254,13 @@ def run(
             if policy == "peft":
                 from collm_bench.peft_baseline import run_peft
 
-                result = run_peft(configs, settings, workload, base=base)
+                result = run_peft(configs, settings, workload, base=base, throttle=kind.throttle)
+            elif policy in ABLATIONS:
+                ablated, settings = ablation_settings(policy, configs, settings)
+                result = run_policy(ablated, settings, workload, base=base, processes=True, throttle=kind.throttle)
+                result["policy"] = policy
             else:
-                result = run_policy(policy_configs(configs, policy), settings, workload, base=base, processes=True)
+                result = run_policy(policy_configs(configs, policy), settings, workload, base=base, processes=True, throttle=kind.throttle)
             result.pop("samples")  # per-second replica samples: the demo's view, too long for this JSON
             result["cpu_share_harness"] = _harness_share(result)
             runs.append(result)
@@ -213,12 +275,13 @@ def run(
         "model": model,
         "replicas": replicas,
         "cores_per_replica": 1,
+        "cluster": {"name": kind.name, "description": kind.description, "throttle_share_of_core": kind.throttle, "home_skew": kind.home_skew},
         "capacity": capacity,
         "duration_s": duration_s,  # the run length at the highest load; lower loads replay the same requests more slowly
         "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
         "controller": {"slow_interval_s": slow_interval_s, "round_interval_s": round_interval_s, "local_steps": local_steps},
         "replica_settings": {k: v for k, v in configs[0].model_dump().items() if k not in ("replica_id", "data", "port", "grpc_port", "adapter_archive")},
-        "targets_coexec_over": TARGETS,
+        "targets_coexec_over": {**TARGETS, **(HETERO_TARGETS if cluster == "hetero" else {})},
         "loads": by_load,
         "wall_s": time.time() - started,
         "machine": machine(),
@@ -235,7 +298,7 @@ def run(
         runs = entry["policies"]
         print_table(
             f"Goodput at load {entry['load']:g} of the measured capacity ({capacity['rate']:.1f} req/s): "
-            f"{entry['offered_rate']:.1f} req/s of the Azure {trace} trace, {replicas} replica processes x 1 core, "
+            f"{entry['offered_rate']:.1f} req/s of the Azure {trace} trace, {replicas} replica processes x 1 core ({kind.name}: {kind.description}), "
             f"{entry['requests']} requests over {entry['run_s']:.0f} s per policy (SLO TTFT <= {ttft_ms} ms, TPOT <= {tpot_ms} ms)",
             [
                 "policy",
@@ -263,7 +326,7 @@ def run(
                     f"{r['rounds_succeeded']}/{r['rounds_started']}",
                     r["goodput"],
                     r["coexec_ratio"],
-                    f">= {TARGETS[r['policy']]}" if r["policy"] in TARGETS else "-",
+                    f">= {result['targets_coexec_over'][r['policy']]}" if r["policy"] in result["targets_coexec_over"] else "-",
                     f"{r['cpu_share_harness']:.0%}",
                 ]
                 for r in runs

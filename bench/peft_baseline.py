@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from replica_agent.local.cluster import put_weights
 from replica_agent.local.processes import ManagedProcess, core_sets, free_port, spawn, start_router
 from replica_agent.local.quality import RequestScorer
 from replica_agent.local.run import figures
+from replica_agent.local.throttle import Throttle
 from replica_agent.local.traffic import TrafficReplay
 
 
@@ -314,9 +316,18 @@ def _wait(process: _Process, timeout: float = 180.0) -> None:
 
 
 def run_peft(
-    configs: list[AgentConfig], settings, workload, *, base: BaseModel | None = None, workdir: str | None = None, window_s: float = 5.0, drain_s: float = 120.0
+    configs: list[AgentConfig],
+    settings,
+    workload,
+    *,
+    base: BaseModel | None = None,
+    workdir: str | None = None,
+    window_s: float = 5.0,
+    drain_s: float = 120.0,
+    throttle: Mapping[str, float] | None = None,
 ) -> dict:
-    """One measured run of the `peft` baseline; the same figures as replica_agent.local.run.run_policy."""
+    """One measured run of the `peft` baseline; the same figures as replica_agent.local.run.run_policy
+    (`throttle`: replicas made slower devices, as there)."""
     base = base or load_base_model(configs[0].model)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="collm-peft-"))
     logs, archive = work / "logs", work / "archive"
@@ -326,6 +337,7 @@ def run_peft(
     trainers_cfg, servers_cfg = configs[:half], configs[half:] or configs[:1]
     cores = core_sets(len(trainers_cfg) + len(servers_cfg))
     processes: list[ManagedProcess] = []
+    throttles: dict[str, Throttle] = {}
     rounds: list[dict] = []
     try:
         trainers = [_start("train", c, logs, cores[i]) for i, c in enumerate(trainers_cfg)]
@@ -333,6 +345,7 @@ def run_peft(
         processes += trainers + servers
         for p in trainers + servers:
             _wait(p)
+        throttles = {p.name: Throttle(p.pid, (throttle or {})[p.name], name=p.name) for p in trainers + servers if p.name in (throttle or {})}
         router = start_router({s.name: s.url for s in servers}, logs)
         processes.append(router)
         put_weights(router.url, {s.name: 1.0 for s in servers}, affinity=True)
@@ -355,6 +368,8 @@ def run_peft(
         cpu = {p.name: p.cpu_seconds() - cpu_start.get(p.name, 0.0) for p in processes}
         harness_cpu = time.process_time() - harness_start
     finally:
+        for t in throttles.values():
+            t.release()
         for p in reversed(processes):
             p.stop()
     scorer = RequestScorer(base, spec, [archive])
@@ -379,6 +394,7 @@ def run_peft(
             "cpu_seconds": {**cpu, "harness": harness_cpu},
             "samples": [],
             "roles": {"train": [t.name for t in trainers], "serve": [s.name for s in servers]},
+            "throttled": {n: t.as_dict() for n, t in throttles.items()},
         }
     )
     return result

@@ -90,7 +90,18 @@ def collm_main(argv: list[str] | None = None) -> int:
     goodput = kinds.add_parser(
         "goodput", help="cluster goodput (F x Q) of each scheduling policy: replica processes on cores of their own, the same requests, per-request quality"
     )
-    goodput.add_argument("--policies", default="coexec,static,separated,inferenceOnly,peft", help="comma-separated policies, run one after another")
+    goodput.add_argument(
+        "--policies",
+        default="coexec,static,separated,inferenceOnly,peft",
+        help="comma-separated policies, run one after another (also the ablations fast-only, slow-only, no-reuse, no-gate)",
+    )
+    goodput.add_argument("--ablations", action="store_true", help="also run coexec's ablations: fast-only, slow-only, no-reuse, no-gate")
+    goodput.add_argument(
+        "--cluster",
+        default="identical",
+        choices=["identical", "hetero"],
+        help="identical replicas, or hetero: replica-1 half as fast (a CPU quota) with 60%% of the home users",
+    )
     goodput.add_argument("--trace", default="code", choices=["conv", "code"])
     goodput.add_argument("--replicas", type=int, default=2, help="replica processes, each pinned to a core of its own (default 2: this machine's cores)")
     goodput.add_argument("--loads", default="0.7", help="offered loads as fractions of the measured capacity, e.g. 0.3,0.6,0.9 (default 0.7)")
@@ -166,8 +177,12 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import goodput as bench_goodput
 
         loads = tuple(float(x) for x in args.loads.split(",") if x.strip())
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        if args.ablations:
+            policies += [a for a in bench_goodput.ABLATIONS if a not in policies]
         bench_goodput.run(
-            [p.strip() for p in args.policies.split(",") if p.strip()],
+            policies,
+            cluster=args.cluster,
             trace=args.trace,
             replicas=args.replicas,
             loads=loads,

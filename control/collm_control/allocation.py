@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 POLICIES = ("coexec", "static", "separated", "inferenceOnly")
@@ -159,8 +159,14 @@ def allocate(
     min_participants: int = 1,
     participation_fraction: float = 1.0,
     static_cap: int = DEFAULT_STATIC_CAP,
+    home_shares: Mapping[str, float] | None = None,
 ) -> Allocation:
-    """Plan the next slow interval for `replicas` under `policy` (see the module docstring)."""
+    """Plan the next slow interval for `replicas` under `policy` (see the module docstring).
+
+    `home_shares` (coexec): each replica's share of the load that arrives at it (its home users,
+    measured). When every replica can carry its own share, each keeps the highest cap that does,
+    so a replica whose users are idle trains at its full cap while a busy one yields; otherwise
+    the cluster-wide fill below decides (load has to move between replicas anyway)."""
     _validate(predicted_load, replicas, policy, headroom, min_participants, participation_fraction, static_cap)
     healthy = sorted((r for r in replicas if r.healthy), key=lambda r: r.name)
     caps = {r.name: r.profile.min_cap for r in replicas}  # unhealthy replicas: no training, no traffic
@@ -183,7 +189,8 @@ def allocate(
                 caps[r.name] = r.profile.clamp(static_cap)
         elif policy == "coexec":
             values = {name: 1.0 for name in participants}
-            caps.update(_water_fill(predicted_load / headroom, healthy, values))
+            at_home = _home_fill(predicted_load / headroom, healthy, home_shares) if home_shares else None
+            caps.update(at_home if at_home is not None else _water_fill(predicted_load / headroom, healthy, values))
 
     capacities = {r.name: r.profile.capacity_at(caps[r.name]) for r in serving}
     weights = {r.name: 0.0 for r in replicas}
@@ -227,6 +234,21 @@ def _weights(serving: list[ReplicaState], capacities: dict[str, float], proporti
     if not proportional or total <= 0:
         return {r.name: 1.0 / len(serving) for r in serving}
     return {r.name: capacities[r.name] / total for r in serving}
+
+
+def _home_fill(needed: float, replicas: list[ReplicaState], shares: Mapping[str, float]) -> dict[str, int] | None:
+    """Each replica's highest cap that still serves its share of `needed` (None: some replica cannot
+    carry its share even at its lowest cap, or no share is known)."""
+    total = sum(max(0.0, shares.get(r.name, 0.0)) for r in replicas)
+    if total <= 0:
+        return None
+    caps = {}
+    for r in replicas:
+        need = needed * max(0.0, shares.get(r.name, 0.0)) / total
+        if r.profile.capacity_at(r.profile.min_cap) < need:
+            return None
+        caps[r.name] = _highest_cap_with(r.profile, need, r.profile.min_cap, r.profile.max_cap)
+    return caps
 
 
 def _water_fill(needed: float, replicas: list[ReplicaState], values: dict[str, float]) -> dict[str, int]:

@@ -12,8 +12,9 @@ kept by the caller.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from collm_control.planning import Decision, Planner
@@ -43,6 +44,11 @@ class ControlSettings:
     round_interval_s: float = 60.0
     min_participants: int = 1
     secure_aggregation: bool = False  # the aggregator must not hold the round secret: it does not train
+    local_steps: int = 0  # training steps a participant owes a round (0: the straggler rule is off)
+    round_deadline_s: float = 0.0  # how long a round's training may take
+    # Ablations (collm bench goodput --ablations): what remains without one timescale.
+    slow_timescale: bool = True  # False: equal routing weights, every cap at its maximum, no straggler or trough rule
+    fast_timescale: bool = True  # False: the agents train exactly their cap every iteration (no per-iteration mix)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,20 @@ class Observation:
     round_publishing: bool = False  # a running round is switching the replicas to its adapter
     last_round_at: float | None = None  # when the last round started (or the cluster was created)
     rounds_started: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form, for decision logs (COLLM_DECISION_LOG) and the recordings tests replay."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["stats"] = {n: st.as_dict() if st is not None else None for n, st in self.stats.items()}
+        out["published"] = asdict(self.published) if self.published is not None else None
+        out["round_participants"] = list(self.round_participants)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Observation:
+        stats = {n: AgentStats.from_dict(st) if st is not None else None for n, st in d["stats"].items()}
+        published = Adapter(**d["published"]) if d.get("published") else None
+        return cls(**{**d, "stats": stats, "published": published, "round_participants": tuple(d.get("round_participants") or ())})
 
 
 @dataclass(frozen=True)
@@ -80,11 +100,24 @@ class Actions:
         return self.plan.cap(replica) if self.plan is not None else 0
 
 
+def decision_record(planner: Planner, observation: Observation, settings: ControlSettings, source: str) -> dict[str, Any]:
+    """One line of a decision log: what `decide()` was given, enough to replay it (tests/control)."""
+    return {"source": source, "planning": asdict(planner.settings), "settings": asdict(settings), "observation": observation.as_dict()}
+
+
+def log_decision(path: str, planner: Planner, observation: Observation, settings: ControlSettings, source: str) -> None:
+    """Append the decision's inputs to the JSON-lines file `path` (COLLM_DECISION_LOG; both adapters)."""
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(decision_record(planner, observation, settings, source), sort_keys=True) + "\n")
+
+
 def decide(planner: Planner, observation: Observation, settings: ControlSettings) -> Actions:
     """Plan the next interval, find the replicas behind the current adapter, and pick the round to start."""
     o = observation
     reachable = {n: st for n, st in o.stats.items() if st is not None}
     plan = planner.plan(o.now, o.arrivals, reachable, round_participants=o.round_participants) if reachable else None
+    if plan is not None and not settings.slow_timescale:
+        plan = without_slow_timescale(plan, planner.settings.max_cap_tokens)
     adapter = current_adapter(o.published, o.stats)
     holders = sorted(n for n, st in reachable.items() if adapter is not None and st.global_adapter is not None and st.global_adapter.sha256 == adapter.sha256)
     lost = adapter is not None and adapter.version > 0 and bool(reachable) and not holders
@@ -95,26 +128,37 @@ def decide(planner: Planner, observation: Observation, settings: ControlSettings
     training = tuple(sorted(n for n in with_data if plan is not None and plan.cap(n) > 0))
     return Actions(
         plan=plan,
-        fixed_training=settings.policy == "static",
+        fixed_training=settings.policy == "static" or not settings.fast_timescale,
         adapter=adapter,
         republish=behind,
         republish_source=holders[0] if behind else None,
         adapter_lost=lost,
-        round=choose_round(plan, o, settings, with_data),
+        round=choose_round(plan, o, settings, with_data, planner),
         training=training,
     )
 
 
-def choose_round(plan: Decision | None, o: Observation, settings: ControlSettings, with_data: set[str]) -> RoundChoice | None:
+def choose_round(plan: Decision | None, o: Observation, settings: ControlSettings, with_data: set[str], planner: Planner | None = None) -> RoundChoice | None:
     """The round to start now: when the interval has passed and none runs, the allocation's
     participants that may train and have data (at least min_participants), its aggregator if among
-    them; with secure aggregation the aggregator is a replica outside the participants."""
+    them; with secure aggregation the aggregator is a replica outside the participants.
+
+    With the slow timescale on, two more rules (docs/scheduling.md): a replica whose measured
+    training speed cannot give `local_steps` steps within the round's deadline is left out (a
+    straggler holds the round until its deadline and then counts for nothing), and a due round
+    waits, at most one more interval, while the plan says the cluster is overloaded (a round
+    trough: aggregation and the switch cost the serving replicas least when load is low)."""
     if not settings.federation or settings.policy == "inferenceOnly" or plan is None or o.round_running:
         return None
     if o.last_round_at is not None and o.now - o.last_round_at < settings.round_interval_s:
         return None
     a = plan.allocation
+    slow = settings.slow_timescale
+    if slow and a.overloaded and o.last_round_at is not None and o.now - o.last_round_at < 2 * settings.round_interval_s:
+        return None
     trainers = [p for p in a.participants if plan.cap(p) > 0 and p in with_data]
+    if slow and planner is not None:
+        trainers = [p for p in trainers if not straggler(planner.training_steps_per_s(p), settings)]
     if len(trainers) < max(1, settings.min_participants):
         return None
     serving = sorted(n for n, st in o.stats.items() if st is not None)
@@ -126,6 +170,23 @@ def choose_round(plan: Decision | None, o: Observation, settings: ControlSetting
     except ValueError:
         return None  # every replica would hold the secret; the allocation and TrainingActive say why
     return RoundChoice(o.rounds_started + 1, participants, aggregator)
+
+
+def straggler(steps_per_s: float | None, settings: ControlSettings) -> bool:
+    """Would a replica training at `steps_per_s` miss the round's deadline? Unknown speed: no."""
+    if settings.local_steps <= 0 or settings.round_deadline_s <= 0 or steps_per_s is None:
+        return False
+    return steps_per_s * settings.round_deadline_s < settings.local_steps
+
+
+def without_slow_timescale(plan: Decision, max_cap: int) -> Decision:
+    """The ablation "fast timescale only": what the replicas do with no slow-timescale plan, equal
+    routing weights over the serving replicas and every cap at the maximum (each agent's batch mixer
+    alone keeps the SLO)."""
+    a = plan.allocation
+    serving = [n for n, w in a.weights.items() if w > 0]
+    weights = {n: (1.0 / len(serving) if n in serving else 0.0) for n in a.weights}
+    return replace(plan, allocation=replace(a, caps={n: max_cap for n in a.caps}, weights=weights))
 
 
 class NoTrainers(ValueError):

@@ -35,6 +35,7 @@ class PlanningSettings:
     load_window_s: float = 15.0  # the load fed to allocate() is at most the mean arrival rate over this window
     overload_keeps_caps: bool = True  # an infeasible plan leaves the caps at their maximum for the mixer to cut
     round_min_cap: int = 16  # while a round runs, its participants' caps stay at least this (else it waits out its deadline)
+    home_caps: bool = True  # coexec: each replica's cap from the load of its own users (allocation._home_fill)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -64,6 +65,22 @@ class Decision:
         return self.allocation.policy != "static"
 
 
+@dataclass(frozen=True)
+class Rate:
+    """A counter an agent reports (requests finished, training steps) and its smoothed rate per second."""
+
+    at: float
+    count: int
+    rate: float | None = None  # None before two readings
+
+    @staticmethod
+    def next(old: Rate | None, now: float, count: int, smoothing: float) -> Rate:
+        if old is None or count < old.count or now <= old.at:  # a first reading, or the agent restarted
+            return Rate(now, count)
+        rate = (count - old.count) / (now - old.at)
+        return Rate(now, count, rate if old.rate is None else old.rate + smoothing * (rate - old.rate))
+
+
 class Planner:
     def __init__(self, settings: PlanningSettings, *, now: float) -> None:
         self.settings = settings
@@ -71,12 +88,15 @@ class Planner:
         self._smoothed: dict[str, dict[int, tuple[float, float]]] = {}
         self._recent: list[tuple[float, int]] = []  # (seconds, arrivals) per decision
         self._last_at = now
+        self._served: dict[str, Rate] = {}  # replica -> requests finished, and their smoothed rate
+        self._steps: dict[str, Rate] = {}  # replica -> training steps, and their smoothed rate
 
     def plan(self, now: float, arrivals: int, stats: Mapping[str, AgentStats | None], *, round_participants: tuple[str, ...] = ()) -> Decision:
         """Allocate for the next interval; `round_participants` are training in a running round."""
         s = self.settings
         self.predictor.observe(max(now, self.predictor.time_s), arrivals)
         states = self.replica_states(stats)
+        self._observe_rates(now, stats)
         forecast = self.predictor.predict(s.slow_interval_s)
         predicted = self._planned_load(now, arrivals, forecast)
         allocation = allocate(
@@ -87,6 +107,7 @@ class Planner:
             min_participants=s.min_participants,
             participation_fraction=s.participation_fraction,
             static_cap=s.max_cap_tokens,
+            home_shares=self.home_shares() if s.home_caps else None,
         )
         if s.policy == "coexec" and allocation.overloaded and s.overload_keeps_caps:
             allocation = keep_caps(allocation, states, s.max_cap_tokens)
@@ -118,8 +139,28 @@ class Planner:
         return states
 
     def forget(self, replica: str) -> None:
-        """Drop a replica's smoothed profile (it was scaled away or replaced by a new pod)."""
+        """Drop what was learnt of a replica (it was scaled away or replaced by a new pod)."""
         self._smoothed.pop(replica, None)
+        self._served.pop(replica, None)
+        self._steps.pop(replica, None)
+
+    def home_shares(self) -> dict[str, float]:
+        """Each replica's share of the requests served lately (smoothed): with home affinity, where its
+        users are. Empty before any replica has been read twice."""
+        rates = {n: r.rate or 0.0 for n, r in self._served.items()}
+        total = sum(rates.values())
+        return {n: v / total for n, v in rates.items()} if total > 0 else {}
+
+    def training_steps_per_s(self, replica: str) -> float | None:
+        """The replica's recent training speed (smoothed steps/s); None before two readings."""
+        entry = self._steps.get(replica)
+        return entry.rate if entry else None
+
+    def _observe_rates(self, now: float, stats: Mapping[str, AgentStats | None]) -> None:
+        for name, st in stats.items():
+            if st is not None:
+                for memory, count in ((self._served, st.requests_finished), (self._steps, st.training_steps)):
+                    memory[name] = Rate.next(memory.get(name), now, count, self.settings.profile_smoothing)
 
     def _smooth(self, name: str, profile: CapacityProfile) -> CapacityProfile:
         """EMA of each profile point over decisions: one noisy reading must not swing the routing weights."""

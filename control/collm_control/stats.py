@@ -61,6 +61,7 @@ class AgentStats:
     eval_loss: float | None = None  # None: the replica has no private data (no held-out split)
     trainer_error: str = ""
     data_error: str = ""
+    data_tokens: int = 0  # training tokens of its private data (0: none)
     unuploaded_steps: int = 0
     revisions_published: int = 0
     revisions_rejected: int = 0

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from collm_control import rounds as R
-from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, served_adapter
+from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, log_decision, served_adapter
 from collm_control.planning import Planner, PlanningSettings
 from collm_control.stats import AgentStats
 from collm_operator import api, objects
@@ -62,8 +62,17 @@ def published_adapter(status: Mapping[str, Any], rounds: list[dict]) -> Adapter 
 
 
 class ClusterController:
-    def __init__(self, kube: Kube, *, event: Event | None = None, pool: AgentPool | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        event: Event | None = None,
+        pool: AgentPool | None = None,
+        clock: Callable[[], float] = time.time,
+        decision_log: str | None = None,
+    ) -> None:
         self.kube, self.clock = kube, clock
+        self.decision_log = decision_log  # a file each step appends what decide() was given to (JSON lines)
         self.event = event or (lambda *_: None)
         self.pool = pool or AgentPool()
         self.planner: Planner | None = None
@@ -112,8 +121,13 @@ class ClusterController:
             round_interval_s=float(f.round_interval_seconds),
             min_participants=f.min_participants,
             secure_aggregation=f.secure_aggregation,
+            local_steps=f.local_steps,
+            round_deadline_s=float(f.deadline_seconds),
         )
-        actions = decide(self._planner(cluster, now), observation, settings)
+        planner = self._planner(cluster, now)
+        if self.decision_log:
+            log_decision(self.decision_log, planner, observation, settings, f"operator:{cluster.namespace}/{cluster.name}")
+        actions = decide(planner, observation, settings)
         reachable = {n: st for n, st in stats.items() if st is not None}
         if actions.plan is not None:
             self._push_plans(cluster, actions, addresses, reachable)

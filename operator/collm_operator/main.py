@@ -78,7 +78,7 @@ def reconcile_cluster(body, old, patch, memo: kopf.Memo, **_) -> None:
 
 @kopf.daemon(**CLUSTERS, cancellation_timeout=30, initial_delay=1)
 def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **_) -> None:
-    controller = ClusterController(memo.kube, event=_events(body))
+    controller = ClusterController(memo.kube, event=_events(body), decision_log=os.environ.get("COLLM_DECISION_LOG") or None)
     memo.controllers[meta["uid"]] = controller
     try:
         while not stopped:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from ..serving.background import BackgroundServer
 from .controller import Controller, ControllerSettings
 from .in_process import LocalCluster
 from .processes import AgentProcess, ManagedProcess, core_sets, start_agent, start_router, wait_healthy
+from .throttle import Throttle
 
 # One domain per replica, each its private data (non-IID): Python code of one standard-library
 # package, or English prose (Python's reference documentation); replica 0 is code, replica 1 prose.
@@ -104,6 +105,7 @@ class LocalDeployment:
     _stoppers: list[Callable[[], None]] = field(default_factory=list)
     _managed: list[ManagedProcess] = field(default_factory=list)
     arrivals: Callable[[], int] = lambda: 0  # requests sent so far: the controller's load signal (the traffic sets it)
+    throttles: dict[str, Throttle] = field(default_factory=dict)  # replicas made slower devices (throttle.py)
 
     @classmethod
     def start(
@@ -116,9 +118,13 @@ class LocalDeployment:
         cores_per_replica: int = 1,
         workdir: str | Path | None = None,
         controller: bool = True,
+        throttle: Mapping[str, float] | None = None,
     ) -> LocalDeployment:
         """Start the replicas, the router and (with `settings`) the controller; `workdir` gets the
-        adapter archives and the processes' logs (default: a new temporary folder)."""
+        adapter archives and the processes' logs (default: a new temporary folder). `throttle`
+        makes the named replicas slower devices: each may use that share of its core (processes only)."""
+        if throttle and not processes:
+            raise ValueError("throttling a replica needs replica processes (processes=True)")
         work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="collm-local-"))
         (work / "archive").mkdir(parents=True, exist_ok=True)
         configs = [c.model_copy(update={"adapter_archive": str(work / "archive" / c.replica_id)}) for c in configs]
@@ -126,6 +132,10 @@ class LocalDeployment:
         try:
             if processes:
                 deployment._start_processes(configs, cores_per_replica)
+                for name, share in (throttle or {}).items():
+                    process = deployment.replicas[name].process
+                    assert process is not None
+                    deployment.throttles[name] = Throttle(process.pid, share, name=name)
             else:
                 deployment._start_in_process(configs, base)
             if settings is not None and controller:
@@ -187,6 +197,8 @@ class LocalDeployment:
     def stop(self) -> None:
         if self.controller is not None:
             self.controller.stop()
+        for t in self.throttles.values():
+            t.release()
         for stop in reversed(self._stoppers):
             stop()
         self._stoppers.clear()

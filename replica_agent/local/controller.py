@@ -18,6 +18,7 @@ Arrivals are counted where requests enter the cluster: `arrivals()` returns the 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ import grpc
 
 from collm_control import rounds as R
 from collm_control.allocation import POLICIES, Allocation
-from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, next_version
+from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, log_decision, next_version
 from collm_control.planning import Planner, PlanningSettings
 from collm_control.stats import AgentStats
 from collm_rpc.client import AgentClient, read_stats
@@ -59,6 +60,9 @@ class ControllerSettings:
     overload_keeps_caps: bool = True  # an infeasible plan leaves the caps at their maximum for the mixer to cut
     round_min_cap: int = 16  # while a round runs, its participants' caps stay at least this (else it waits out its deadline)
     min_round_deadline_s: float = 10.0  # a deadline shortened to fit the run is never shorter than this
+    slow_timescale: bool = True  # ablations (ControlSettings): without the slow timescale's plan ...
+    fast_timescale: bool = True  # ... or without the agents' per-iteration batch mix
+    home_caps: bool = True  # coexec: each replica's cap from its own users' load
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -73,7 +77,15 @@ class ControllerSettings:
 
     def control(self) -> ControlSettings:
         """The decision's settings (rounds every round_interval_s, never under inferenceOnly)."""
-        return ControlSettings(policy=self.policy, round_interval_s=self.round_interval_s, min_participants=self.min_participants)
+        return ControlSettings(
+            policy=self.policy,
+            round_interval_s=self.round_interval_s,
+            min_participants=self.min_participants,
+            local_steps=self.local_steps,
+            round_deadline_s=self.round_deadline_s,
+            slow_timescale=self.slow_timescale,
+            fast_timescale=self.fast_timescale,
+        )
 
 
 @dataclass
@@ -166,6 +178,7 @@ class Controller:
         self._round_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.decision_log = os.environ.get("COLLM_DECISION_LOG") or None  # as the operator's: decide()'s inputs, JSON lines
 
     # -- one slow-timescale step --------------------------------------------------------------
     def read_stats(self) -> dict[str, AgentStats | None]:
@@ -191,6 +204,8 @@ class Controller:
             last_round_at=self._last_round_at,
             rounds_started=len(self.history.rounds),
         )
+        if self.decision_log:
+            log_decision(self.decision_log, self.planner, observation, s.control(), f"local:{s.policy}")
         actions = self.actions = decide(self.planner, observation, s.control())
         decision = actions.plan
         if decision is None:  # no agent could be read: nothing to plan with

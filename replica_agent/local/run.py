@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +54,12 @@ def run_policy(
     on_sample: Callable[[Sample, TrafficReplay, LocalDeployment], None] | None = None,
     drain_s: float = 120.0,
     workdir: str | None = None,
+    throttle: Mapping[str, float] | None = None,
 ) -> dict:
     base = base or (None if processes else load_base_model(configs[0].model))
-    deployment = LocalDeployment.start(configs, settings, base=base, processes=processes, cores_per_replica=cores_per_replica, workdir=workdir)
+    deployment = LocalDeployment.start(
+        configs, settings, base=base, processes=processes, cores_per_replica=cores_per_replica, workdir=workdir, throttle=throttle
+    )
     clients = {n: AgentClient(r.grpc_address, timeout=10) for n, r in deployment.replicas.items()}
     samples: list[Sample] = []
     try:
@@ -108,6 +111,8 @@ def run_policy(
             "training_tokens_per_replica": trained,
             "revisions_per_replica": {n: st.revisions_published if st else 0 for n, st in end_stats.items()},
             "served_at_end": {n: st.adapter.version if st and st.adapter else "" for n, st in end_stats.items()},
+            "throttled": {n: t.as_dict() for n, t in deployment.throttles.items()},
+            "data_tokens_per_replica": {n: st.data_tokens if st else 0 for n, st in start_stats.items()},
             "rounds_started": len(rounds),
             "rounds_succeeded": sum(1 for r in rounds if r["result"] == "Succeeded"),
             "rounds": rounds,

@@ -14,6 +14,7 @@ revision is chosen on the text it is later scored on.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..engine.data import LocalDataset
@@ -70,12 +71,23 @@ def held_out_windows(dataset: LocalDataset, tokenizer, *, gate_chunks: int, min_
 
 
 def build_workload(
-    arrivals: list[Arrival], domains: dict[str, LocalDataset], tokenizer, *, gate_chunks: int, reference_tokens: int = 32, min_prompt: int = 16, seed: int = 0
+    arrivals: list[Arrival],
+    domains: dict[str, LocalDataset],
+    tokenizer,
+    *,
+    gate_chunks: int,
+    reference_tokens: int = 32,
+    min_prompt: int = 16,
+    seed: int = 0,
+    home_skew: Mapping[str, float] | None = None,
 ) -> Workload:
-    """One request per arrival: a domain drawn uniformly, a held-out window of it, the prompt length
-    from the trace (cut to fit the window), the next `reference_tokens` tokens as the reference."""
+    """One request per arrival: a domain drawn uniformly (or in proportion to `home_skew`: each
+    replica's share of the home users), a held-out window of it, the prompt length from the trace
+    (cut to fit the window), the next `reference_tokens` tokens as the reference."""
     if not domains:
         raise ValueError("a workload needs at least one domain (a replica with data)")
+    if home_skew is not None and (set(home_skew) != set(domains) or any(w < 0 for w in home_skew.values()) or sum(home_skew.values()) <= 0):
+        raise ValueError(f"home_skew needs a share >= 0 for each of {sorted(domains)} (not all 0), got {dict(home_skew)}")
     pools = {name: held_out_windows(ds, tokenizer, gate_chunks=gate_chunks, min_tokens=min_prompt + reference_tokens) for name, ds in domains.items()}
     empty = [name for name, pool in pools.items() if not pool]
     if empty:
@@ -87,7 +99,7 @@ def build_workload(
     names = sorted(pools)
     requests = []
     for arrival in arrivals:
-        domain = rng.choice(names)
+        domain = rng.choices(names, weights=[home_skew[n] for n in names])[0] if home_skew else rng.choice(names)
         window_index = rng.randrange(len(pools[domain]))
         window = pools[domain][window_index]
         cut = max(min_prompt, min(arrival.shape.prompt_tokens, len(window) - reference_tokens))
@@ -96,7 +108,9 @@ def build_workload(
     return Workload(list(arrivals), requests)
 
 
-def workload_for(configs, arrivals: list[Arrival], tokenizer, *, reference_tokens: int = 32, seed: int = 0) -> Workload:
+def workload_for(
+    configs, arrivals: list[Arrival], tokenizer, *, reference_tokens: int = 32, seed: int = 0, home_skew: Mapping[str, float] | None = None
+) -> Workload:
     """The workload for replicas started with `configs`: their data split exactly as the agents split
     it (same tokenizer, sequence length, eval fraction and seed), requests after each gate's chunks."""
     first = configs[0]
@@ -110,4 +124,4 @@ def workload_for(configs, arrivals: list[Arrival], tokenizer, *, reference_token
         c.replica_id: LocalDataset.from_path(c.data, tokenizer, seq_len=c.seq_len, eval_fraction=c.eval_fraction, seed=c.seed) for c in configs if c.data
     }
     gate = first.eval_batches * first.micro_batch if first.eval_batches else 10**9
-    return build_workload(arrivals, domains, tokenizer, gate_chunks=gate, reference_tokens=reference_tokens, seed=seed)
+    return build_workload(arrivals, domains, tokenizer, gate_chunks=gate, reference_tokens=reference_tokens, seed=seed, home_skew=home_skew)

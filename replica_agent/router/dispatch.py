@@ -13,8 +13,10 @@ replica), already failed this request, or holds `max_outstanding` requests (satu
 Home affinity: a request may name its home replica (the one whose users it comes from, whose
 private data is its domain, so whose local revisions serve it best). The home replica takes it
 while it has room: routable, not saturated, and holding at most `AFFINITY_FACTOR` times the
-outstanding requests of the replica two choices would pick instead, plus `AFFINITY_SLACK`. Past
-that the request spills to the other one: quality is worth little to a request that misses its SLO.
+outstanding requests of the replica two choices would pick instead, plus `AFFINITY_SLACK`, both
+counted relative to their weights (a replica planned for a third of the traffic has room for a
+third of the queue: a slower device spills sooner). Past that the request spills to the other one:
+quality is worth little to a request that misses its SLO.
 """
 
 from __future__ import annotations
@@ -56,10 +58,17 @@ def choose(replicas: Sequence[ReplicaLoad], rng: random.Random, exclude: Collect
     if mine is not None:
         others = [r for r in candidates if r is not mine]
         alternative = _two_choices(others, rng) if others else None
-        if alternative is None or mine.outstanding <= AFFINITY_FACTOR * alternative.outstanding + AFFINITY_SLACK:
+        if alternative is None or relative_queue(mine, candidates) <= AFFINITY_FACTOR * relative_queue(alternative, candidates) + AFFINITY_SLACK:
             return mine
         return alternative
     return _two_choices(candidates, rng)
+
+
+def relative_queue(replica: ReplicaLoad, candidates: Sequence[ReplicaLoad]) -> float:
+    """Outstanding requests over the replica's share of the weight, times the number of candidates:
+    the plain count when the weights are equal."""
+    total = sum(r.weight for r in candidates)
+    return replica.outstanding * total / (replica.weight * len(candidates)) if total > 0 else float(replica.outstanding)
 
 
 def _two_choices(candidates: Sequence[ReplicaLoad], rng: random.Random) -> ReplicaLoad | None:

@@ -1,69 +1,78 @@
-"""Re-record tests/control/recorded/{local,operator}.json (`python -m tests.control.record_stats`).
+"""Re-record tests/control/recorded/*.json (`python -m tests.control.record_stats [local|operator|hetero]`).
 
-Starts two replica processes of the tiny model (the local mode), replays a slice of the Azure code
-trace through the router, and every `interval` seconds reads every agent's GetStats twice (kept as AgentStats.as_dict()): as the
-local controller reads them (collm_rpc.client.read_stats) and as the operator's
-AgentPool does (collm_operator.agents). Each recording is a list of ticks (time, arrivals since the
-last tick, stats per replica) that tests/control/test_decide.py replays through decide().
+Both recordings come from the decision logs the two adapters write when COLLM_DECISION_LOG names a
+file (collm_control.decide.log_decision): every slow-timescale step appends what `decide()` was
+given, the agents' typed stats included.
+
+- local: the goodput benchmark's path: `run_policy` with two replica processes of the tiny model
+  (the local mode's controller), a slice of the Azure code trace replayed through the router.
+- hetero: the same on the heterogeneous cluster of `collm bench goodput --cluster hetero`
+  (replica-1 throttled to a share of its core, a larger data set on replica-0, skewed home load).
+- operator: the operator's e2e scenarios on the emulated cluster (`e2e/`): the real operator
+  (kopf) against the Kubernetes API emulator and real agent processes, while rounds publish.
+
+Each recording keeps the first `KEEP` steps, which test_decide.py replays through decide().
 """
 
 from __future__ import annotations
 
 import json
-import time
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-from collm_control.stats import AgentStats
-from collm_operator.agents import AgentPool
-from collm_rpc.client import AgentClient, read_stats
-from replica_agent.engine.model_host import load_base_model
-from replica_agent.local.cluster import LocalDeployment, replica_configs
-from replica_agent.local.controller import ControllerSettings
-from replica_agent.local.traffic import TrafficReplay, trace_slice
-from replica_agent.local.workload import workload_for
-
 OUT = Path(__file__).parent / "recorded"
+ROOT = Path(__file__).resolve().parents[2]
+KEEP = 24
 
 
-def as_json(stats: dict[str, AgentStats | None]) -> dict[str, dict | None]:
-    return {name: st.as_dict() if st is not None else None for name, st in stats.items()}
+def read_log(path: Path, source_prefix: str) -> list[dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in lines if r["source"].startswith(source_prefix)][:KEEP]
 
 
-def record(duration_s: float = 40.0, interval_s: float = 2.0, rate: float = 4.0) -> None:
-    configs = replica_configs(2, ttft_ms=1000, tpot_ms=100, seq_len=128, eval_batches=2)
+def record_local(log: Path, cluster: str = "identical", duration_s: float = 60.0) -> None:
+    from collm_bench.goodput import CLUSTERS, benchmark_configs
+    from replica_agent.engine.model_host import load_base_model
+    from replica_agent.local.controller import ControllerSettings
+    from replica_agent.local.run import run_policy
+    from replica_agent.local.traffic import trace_slice
+    from replica_agent.local.workload import workload_for
+
+    os.environ["COLLM_DECISION_LOG"] = str(log)
     base = load_base_model("tiny")
-    workload = workload_for(configs, trace_slice("code", rate=rate, duration_s=duration_s), base.tokenizer)
-    settings = ControllerSettings(policy="coexec", slow_interval_s=interval_s, round_interval_s=1e9)  # the recording runs no round
-    deployment = LocalDeployment.start(configs, settings, processes=True)
-    pool = AgentPool()
-    clients = {name: AgentClient(r.grpc_address, timeout=10) for name, r in deployment.replicas.items()}
-    addresses = {name: r.grpc_address for name, r in deployment.replicas.items()}
-    recordings: dict[str, list] = {"local": [], "operator": []}
-    try:
-        traffic = TrafficReplay(deployment.router_url, workload, 1000, 100)
-        deployment.arrivals = lambda: traffic.sent
-        traffic.start()
-        seen = 0
-        end = time.time() + duration_s
-        while time.time() < end:
-            time.sleep(interval_s)
-            arrivals, seen = traffic.sent - seen, traffic.sent
-            now = time.time()
-            recordings["local"].append({"now": now, "arrivals": arrivals, "stats": as_json(read_stats(clients))})
-            recordings["operator"].append({"now": now, "arrivals": arrivals, "stats": as_json(pool.stats(addresses))})
-        traffic.wait(60)
-    finally:
-        pool.close()
-        for client in clients.values():
-            client.close()
-        deployment.stop()
-        deployment.cleanup()
+    kind = CLUSTERS[cluster]
+    configs = benchmark_configs(2, model="tiny", ttft_ms=500, tpot_ms=50)
+    arrivals = trace_slice("code", rate=3.0, duration_s=duration_s)
+    workload = workload_for(configs, arrivals, base.tokenizer, home_skew=kind.home_skew)
+    settings = ControllerSettings(policy="coexec", slow_interval_s=2.5, round_interval_s=15.0, local_steps=4, ttft_ms=500, tpot_ms=50)
+    run_policy(configs, settings, workload, base=base, processes=True, drain_s=30.0, throttle=kind.throttle)
+
+
+def record_operator(log: Path) -> None:
+    env = dict(os.environ, COLLM_DECISION_LOG=str(log))
+    test = "e2e/test_operator_e2e.py::test_rounds_publish_and_history_is_pruned"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", test], cwd=ROOT, env=env, check=True, timeout=900)
+
+
+def main(which: list[str]) -> None:
     OUT.mkdir(exist_ok=True)
-    for source, ticks in recordings.items():
-        data = {"source": source, "policy": "coexec", "slow_interval_s": interval_s, "round_interval_s": 10.0, "ticks": ticks}
-        (OUT / f"{source}.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {OUT / f'{source}.json'}: {len(ticks)} ticks")
+    for name in which:
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "decisions.jsonl"
+            if name == "operator":
+                record_operator(log)
+                steps = read_log(log, "operator:")
+            else:
+                record_local(log, "hetero" if name == "hetero" else "identical")
+                steps = read_log(log, "local:")
+        if len(steps) < 3:
+            raise SystemExit(f"{name}: only {len(steps)} decisions were logged")
+        (OUT / f"{name}.json").write_text(json.dumps({"recorded_from": name, "steps": steps}, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {OUT / f'{name}.json'}: {len(steps)} steps")
 
 
 if __name__ == "__main__":
-    record()
+    main(sys.argv[1:] or ["local", "hetero", "operator"])
