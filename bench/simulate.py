@@ -43,12 +43,13 @@ from replica_agent.traces import CODE_TRACE, load_arrivals
 # Anchored on reports/coexec.json at cap 128 (0.90, 0.81 on CPU, CEE 1.71) but with more
 # interference at high caps, for a CEE near the CEE measured by `collm bench coexec` (median about 1.45) at the top cap.
 PROFILE_SHAPE = ((0, 1.0, 0.0), (64, 0.93, 0.40), (128, 0.85, 0.62), (256, 0.72, 0.80), (512, 0.60, 0.85))
-ABLATIONS = {  # name -> (policy, predictor, mixer, real-time reuse)
-    "coexec, EMA predictor": ("coexec", "ema", True, True),
-    "coexec, slow timescale only": ("coexec", "burst", False, True),
-    "coexec, fast timescale only": ("coexec", "none", True, True),
-    "coexec, no real-time reuse (rounds only)": ("coexec", "burst", True, False),
+ABLATIONS = {  # name -> (policy, predictor, mixer, real-time reuse, slow-timescale plan)
+    "coexec, EMA predictor": ("coexec", "ema", True, True, True),
+    "coexec, slow timescale only": ("coexec", "burst", False, True, True),
+    "coexec, fast timescale only": ("coexec", "none", True, True, False),
+    "coexec, no real-time reuse (rounds only)": ("coexec", "burst", True, False, True),
 }
+HETERO_SPEEDS = (1.0, 0.5)  # `--cluster hetero`: every other replica a device half as fast
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class SimConfig:
     offered_rps: float | None = None  # time-scale the trace to this mean rate (None: its own times)
     trace_requests: int | None = None  # replay only the trace's first N requests (None: all)
     calibrated_from: str = ""
+    speeds: tuple[float, ...] = ()  # each replica's speed relative to the profile (cycled; empty: all 1)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -246,8 +248,11 @@ def at_rate(arrivals, rate: float | None) -> list[float]:
     return [(t - arrivals[0]) * len(arrivals) / rate / span for t in arrivals]
 
 
-def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burst", mixer: bool | None = None, reuse: bool | None = None) -> dict:
-    """Replay `arrivals` (seconds, sorted; at `config.offered_rps` if set) under one policy; returns its figures."""
+def simulate(
+    arrivals, config: SimConfig, policy: str, *, predictor: str = "burst", mixer: bool | None = None, reuse: bool | None = None, slow: bool = True
+) -> dict:
+    """Replay `arrivals` (seconds, sorted; at `config.offered_rps` if set) under one policy; returns its figures.
+    `slow=False` is the ablation "fast timescale only": equal weights and every cap at its maximum."""
     c = config
     arrivals = at_rate(arrivals[: c.trace_requests], c.offered_rps)
     arrivals = [t for t in arrivals if c.duration_s is None or t < c.duration_s]
@@ -258,8 +263,9 @@ def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burs
     profile = CapacityProfile(tuple((cap, inference_alone * a, c.training_alone_tokens_per_s * b * train_scale) for cap, a, b in PROFILE_SHAPE))
     reuse = (c.revision_interval_s > 0 if reuse is None else reuse) and c.revision_interval_s > 0 and policy not in ("separated", "inferenceOnly")
     names = [f"replica-{i}" for i in range(c.replicas)]
-    replicas = {n: _Replica(profile) for n in names}
-    scale_tokens = c.replicas * profile.training_rate_at(profile.max_cap) * c.loss_time_constant_s
+    speeds = {n: (c.speeds[i % len(c.speeds)] if c.speeds else 1.0) for i, n in enumerate(names)}
+    replicas = {n: _Replica(scaled(profile, speeds[n])) for n in names}
+    scale_tokens = sum(r.profile.training_rate_at(r.profile.max_cap) for r in replicas.values()) * c.loss_time_constant_s
     forecaster = {"burst": LoadPredictor(), "ema": EmaPredictor(60.0), "none": None}[predictor]
 
     published = round_tokens = trained = 0.0
@@ -292,11 +298,13 @@ def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burs
                 load = forecaster.predict(c.slow_interval_s)
             seen_at_tick = next_arrival
             slope = (c.loss_initial - c.loss_floor) / scale_tokens * math.exp(-published / scale_tokens)
-            states = [ReplicaState(n, True, profile, slope, c.data_tokens) for n in names]
+            states = [ReplicaState(n, True, replicas[n].profile, slope, c.data_tokens) for n in names]
             plan = allocate(load, states, policy=policy, headroom=c.headroom, static_cap=c.static_cap)
             weights, participants = plan.weights, set(plan.participants)
             for n in names:
-                replicas[n].plan_cap = plan.caps[n]
+                replicas[n].plan_cap = plan.caps[n] if slow else replicas[n].profile.max_cap
+            if not slow:
+                weights = {n: 1.0 / len(names) for n in names}
             overloaded_intervals += plan.overloaded
             intervals += 1
             next_tick += c.slow_interval_s
@@ -311,8 +319,8 @@ def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burs
                 r.cap = 0.0
             else:
                 r.cap = min(r.plan_cap, r.cap + r.plan_cap * c.step_s / c.mixer_ramp_s)
-            r.rate = profile.capacity_at(r.cap)
-            tokens = profile.training_rate_at(r.cap) * c.step_s
+            r.rate = r.profile.capacity_at(r.cap)
+            tokens = r.profile.training_rate_at(r.cap) * c.step_s
             if n in participants:
                 round_tokens += tokens
             if n in participants or (reuse and tokens > 0):
@@ -347,6 +355,11 @@ def simulate(arrivals, config: SimConfig, policy: str, *, predictor: str = "burs
     }
 
 
+def scaled(profile: CapacityProfile, speed: float) -> CapacityProfile:
+    """The same device `speed` times as fast: it serves and trains `speed` times as much at every cap."""
+    return CapacityProfile(tuple((cap, rps * speed, tps * speed) for cap, rps, tps in profile.points))
+
+
 def _pick(weights: dict[str, float], current: dict[str, float]) -> str:
     """Smooth weighted round-robin (nginx): deterministic, and equal weights give plain round-robin."""
     total = 0.0
@@ -373,21 +386,26 @@ def run(
     calibrate_from: str | None = None,
     load: float | None = None,
     json_path: str | None = None,
+    cluster: str = "identical",
 ) -> dict:
     """Simulate every policy (and the ablations) on the code trace; print a table, write JSON.
+    `cluster="hetero"`: every other replica a device half as fast (HETERO_SPEEDS).
     With `calibrate_from` (a `collm bench goodput` JSON) the cost and quality models are the measured
     ones (calibrate()) and the trace is offered at `load` of the cluster's calibrated capacity."""
+    if cluster not in ("identical", "hetero"):
+        raise ValueError(f"unknown cluster {cluster!r}; use identical or hetero")
+    speeds = HETERO_SPEEDS if cluster == "hetero" else ()
     if calibrate_from:
-        config = calibrate(calibrate_from, replicas=replicas, load=load, duration_s=duration_s)
+        config = calibrate(calibrate_from, replicas=replicas, load=load, duration_s=duration_s, speeds=speeds)
     else:
-        config = SimConfig(replicas=replicas, duration_s=duration_s, slow_interval_s=slow_interval_s, static_cap=static_cap)
+        config = SimConfig(replicas=replicas, duration_s=duration_s, slow_interval_s=slow_interval_s, static_cap=static_cap, speeds=speeds)
     arrivals = load_arrivals(trace or CODE_TRACE)
     rows = {p: simulate(arrivals, config, p) for p in POLICIES}
     if ablations:
-        for name, (policy, predictor, mixer, reuse) in ABLATIONS.items():
+        for name, (policy, predictor, mixer, reuse, slow) in ABLATIONS.items():
             if not reuse and not config.revision_interval_s:
                 continue  # the configuration has no real-time reuse to take away
-            rows[name] = {**simulate(arrivals, config, policy, predictor=predictor, mixer=mixer, reuse=reuse), "policy": name}
+            rows[name] = {**simulate(arrivals, config, policy, predictor=predictor, mixer=mixer, reuse=reuse, slow=slow), "policy": name}
     reference = rows["coexec"]["goodput"]
     for row in rows.values():
         row["goodput_ratio"] = row["goodput"] / reference if reference else 0.0
@@ -420,7 +438,8 @@ def _report(result: dict, json_path: str | None) -> None:
     ]
     c = result["config"]
     source = f", calibrated from {c['calibrated_from']}" if c["calibrated_from"] else ""
-    print_table(f"Goodput on the Azure code trace: {c['replicas']} replicas, slow interval {c['slow_interval_s']:g} s{source}", columns, rows)
+    speeds = f", replica speeds {'/'.join(f'{x:g}' for x in c['speeds'])} (cycled)" if c["speeds"] else ""
+    print_table(f"Goodput on the Azure code trace: {c['replicas']} replicas{speeds}, slow interval {c['slow_interval_s']:g} s{source}", columns, rows)
     print_table(
         f"Load predictor, one prediction per {c['slow_interval_s']:g} s",
         ["predictor", "burst under-prediction", "requests over prediction", "idle prediction req/s", "reserved / actual"],

@@ -87,6 +87,7 @@ def collm_main(argv: list[str] | None = None) -> int:
     sim.add_argument("--calibrate", metavar="GOODPUT_JSON", help="take the cost and quality models from a measured `collm bench goodput` JSON")
     sim.add_argument("--load", type=float, help="with --calibrate: offered load as a fraction of the calibrated capacity (default: the run's)")
     sim.add_argument("--duration", type=float, help="simulate this many seconds of the (time-scaled) trace (default: all of it)")
+    sim.add_argument("--cluster", default="identical", choices=["identical", "hetero"], help="hetero: every other replica a device half as fast")
     goodput = kinds.add_parser(
         "goodput", help="cluster goodput (F x Q) of each scheduling policy: replica processes on cores of their own, the same requests, per-request quality"
     )
@@ -172,6 +173,7 @@ def collm_main(argv: list[str] | None = None) -> int:
             load=args.load,
             duration_s=args.duration,
             json_path=args.json,
+            cluster=args.cluster,
         )
     elif args.bench == "goodput":
         from collm_bench import goodput as bench_goodput

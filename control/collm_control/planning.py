@@ -132,10 +132,10 @@ class Planner:
                 continue
             # Only an agent with data has a held-out split; one whose trainer failed still serves
             # (trainer.py) but has nothing to train with. Agents do not report a loss slope yet:
-            # every replica with data is worth the same per token, so participants are chosen by
-            # name order and the caps by capacity alone.
+            # every replica with data is worth the same per token, so participants are ranked by
+            # the size of their data (expected gain = slope x data tokens) and the caps by capacity.
             trains = st.can_train
-            states.append(ReplicaState(name, True, profile, 1e-6 if trains else 0.0, 1 if trains else 0))
+            states.append(ReplicaState(name, True, profile, 1e-6 if trains else 0.0, max(1, st.data_tokens) if trains else 0))
         return states
 
     def forget(self, replica: str) -> None:

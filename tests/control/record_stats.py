@@ -11,7 +11,8 @@ given, the agents' typed stats included.
 - operator: the operator's e2e scenarios on the emulated cluster (`e2e/`): the real operator
   (kopf) against the Kubernetes API emulator and real agent processes, while rounds publish.
 
-Each recording keeps the first `KEEP` steps, which test_decide.py replays through decide().
+Each recording keeps `KEEP` steps (the operator's first, the local runs' last, once the agents'
+capacity profiles have settled), which test_decide.py replays through decide().
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 KEEP = 24
 
 
-def read_log(path: Path, source_prefix: str) -> list[dict]:
+def read_log(path: Path, source_prefix: str, *, last: bool = False) -> list[dict]:
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in lines if r["source"].startswith(source_prefix)][:KEEP]
+    steps = [r for r in lines if r["source"].startswith(source_prefix)]
+    return steps[-KEEP:] if last else steps[:KEEP]
 
 
-def record_local(log: Path, cluster: str = "identical", duration_s: float = 60.0) -> None:
+def record_local(log: Path, cluster: str = "identical", duration_s: float = 90.0, rate: float = 5.0) -> None:
     from collm_bench.goodput import CLUSTERS, benchmark_configs
     from replica_agent.engine.model_host import load_base_model
     from replica_agent.local.controller import ControllerSettings
@@ -45,7 +47,7 @@ def record_local(log: Path, cluster: str = "identical", duration_s: float = 60.0
     base = load_base_model("tiny")
     kind = CLUSTERS[cluster]
     configs = benchmark_configs(2, model="tiny", ttft_ms=500, tpot_ms=50)
-    arrivals = trace_slice("code", rate=3.0, duration_s=duration_s)
+    arrivals = trace_slice("code", rate=rate, duration_s=duration_s)
     workload = workload_for(configs, arrivals, base.tokenizer, home_skew=kind.home_skew)
     settings = ControllerSettings(policy="coexec", slow_interval_s=2.5, round_interval_s=15.0, local_steps=4, ttft_ms=500, tpot_ms=50)
     run_policy(configs, settings, workload, base=base, processes=True, drain_s=30.0, throttle=kind.throttle)
@@ -53,8 +55,8 @@ def record_local(log: Path, cluster: str = "identical", duration_s: float = 60.0
 
 def record_operator(log: Path) -> None:
     env = dict(os.environ, COLLM_DECISION_LOG=str(log))
-    test = "e2e/test_operator_e2e.py::test_rounds_publish_and_history_is_pruned"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", test], cwd=ROOT, env=env, check=True, timeout=900)
+    tests = [f"e2e/test_operator_e2e.py::{t}" for t in ("test_apply_the_example_reaches_ready_with_an_adapter", "test_rounds_publish_and_history_is_pruned")]
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *tests], cwd=ROOT, env=env, check=True, timeout=900)
 
 
 def main(which: list[str]) -> None:
@@ -67,7 +69,7 @@ def main(which: list[str]) -> None:
                 steps = read_log(log, "operator:")
             else:
                 record_local(log, "hetero" if name == "hetero" else "identical")
-                steps = read_log(log, "local:")
+                steps = read_log(log, "local:", last=True)  # the agents' capacity profiles have settled by then
         if len(steps) < 3:
             raise SystemExit(f"{name}: only {len(steps)} decisions were logged")
         (OUT / f"{name}.json").write_text(json.dumps({"recorded_from": name, "steps": steps}, indent=1, sort_keys=True) + "\n")

@@ -72,3 +72,16 @@ def test_requests_come_from_held_out_windows_after_the_gate(tiny_base):
         assert request.domain == "replica-0" and len(request.reference) == 32 and request.max_new_tokens == 5
         assert list(request.reference) == window[cut : cut + 32], "the reference is the true continuation of the prompt"
         assert cut == min(arrival.shape.prompt_tokens, len(window) - 32)
+
+
+def test_home_users_can_be_skewed_between_replicas(tiny_base):
+    """`--cluster hetero`: 60% of the requests come from replica-1's users."""
+    tokenizer = tiny_base.tokenizer
+    dataset = LocalDataset.from_path(stdlib_package_dir("json"), tokenizer, seq_len=128)
+    domains = {"replica-0": dataset, "replica-1": dataset}
+    arrivals = [Arrival(0.01 * i, RequestShape(prompt_tokens=20, output_tokens=5)) for i in range(1000)]
+    skewed = build_workload(arrivals, domains, tokenizer, gate_chunks=4, home_skew={"replica-0": 0.4, "replica-1": 0.6})
+    share = sum(r.domain == "replica-1" for r in skewed.requests) / len(arrivals)
+    assert share == pytest.approx(0.6, abs=0.04)
+    with pytest.raises(ValueError, match="home_skew needs a share"):
+        build_workload(arrivals, domains, tokenizer, gate_chunks=4, home_skew={"replica-0": 1.0})

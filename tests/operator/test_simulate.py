@@ -126,3 +126,18 @@ def test_real_time_reuse_serves_training_before_the_round_publishes_it():
     rounds_only = simulate.simulate(arrivals, config, "coexec", reuse=False)
     assert reused["slo_met"] == rounds_only["slo_met"]  # the same serving
     assert reused["mean_quality"] > rounds_only["mean_quality"] and reused["goodput"] > rounds_only["goodput"]
+
+
+def test_on_a_heterogeneous_cluster_the_slow_timescale_earns_its_keep():
+    """Every other replica half as fast: equal weights (fast timescale only) overload the slow ones,
+    the plan's capacity-proportional weights do not; on identical replicas the two come close."""
+    arrivals = simulate.load_arrivals()
+    hetero = simulate.SimConfig(duration_s=900, speeds=simulate.HETERO_SPEEDS)
+    full = simulate.simulate(arrivals, hetero, "coexec")
+    fast_only = simulate.simulate(arrivals, hetero, "coexec", predictor="none", slow=False)
+    assert full["goodput"] > fast_only["goodput"] and full["slo_attainment"] > fast_only["slo_attainment"]
+    identical = simulate.SimConfig(duration_s=900)
+    gap = (
+        simulate.simulate(arrivals, identical, "coexec")["goodput"] / simulate.simulate(arrivals, identical, "coexec", predictor="none", slow=False)["goodput"]
+    )
+    assert full["goodput"] / fast_only["goodput"] > gap

@@ -86,3 +86,15 @@ def test_a_request_goes_home_while_home_has_room():
     assert choose([load("a", weight=0), load("b")], rng, home="a").name == "b"
     assert choose([load("a"), load("b")], rng, exclude=["a"], home="a").name == "b"
     assert choose([load("a")], rng, home="nobody").name == "a"  # an unknown home is no preference
+
+
+def test_home_room_is_counted_relative_to_the_planned_weights():
+    """A replica planned for a third of the traffic (a slower device) has room for a third of the
+    queue: with 3 requests outstanding against 1 elsewhere it spills, where an equal one would not."""
+    rng = random.Random(0)
+    equal = [load("a", 1, outstanding=3), load("b", 1, outstanding=1)]
+    assert {choose(equal, rng, home="a").name for _ in range(20)} == {"a"}  # 3 <= 2 x 1 + 4
+    slow = [load("a", 1, outstanding=5), load("b", 2, outstanding=1)]  # a: 5 x 3 / 2 = 7.5 > 2 x 0.75 + 4
+    assert {choose(slow, rng, home="a").name for _ in range(20)} == {"b"}
+    fast = [load("a", 2, outstanding=7), load("b", 1, outstanding=1)]  # a: 7 x 3 / 4 = 5.25 <= 2 x 1.5 + 4
+    assert {choose(fast, rng, home="a").name for _ in range(20)} == {"a"}
