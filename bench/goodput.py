@@ -71,6 +71,12 @@ CLUSTERS = {
 }
 
 
+def controller_policy(policy: str) -> str:
+    """The controller's policy for a benchmark row: peft's trainers and servers are separated's
+    split, and every ablation is coexec with one part taken away."""
+    return "separated" if policy == "peft" else "coexec" if policy in ABLATIONS else policy
+
+
 def ablation_settings(policy: str, configs: list[AgentConfig], settings: ControllerSettings) -> tuple[list[AgentConfig], ControllerSettings]:
     """The replicas' and the controller's settings of one ablation of coexec."""
     if policy == "fast-only":
@@ -244,7 +250,7 @@ def run(
         runs = []
         for policy in policies:
             settings = ControllerSettings(
-                policy=policy if policy in POLICIES and policy != "peft" else "separated" if policy == "peft" else "coexec",
+                policy=controller_policy(policy),
                 slow_interval_s=slow_interval_s,
                 round_interval_s=round_interval_s,
                 local_steps=local_steps,

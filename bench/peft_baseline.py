@@ -45,7 +45,7 @@ from replica_agent.local.cluster import put_weights
 from replica_agent.local.processes import ManagedProcess, core_sets, free_port, spawn, start_router
 from replica_agent.local.quality import RequestScorer
 from replica_agent.local.run import figures
-from replica_agent.local.throttle import Throttle
+from replica_agent.local.throttle import Throttle, throttle_all
 from replica_agent.local.traffic import TrafficReplay
 
 
@@ -345,7 +345,7 @@ def run_peft(
         processes += trainers + servers
         for p in trainers + servers:
             _wait(p)
-        throttles = {p.name: Throttle(p.pid, (throttle or {})[p.name], name=p.name) for p in trainers + servers if p.name in (throttle or {})}
+        throttles = throttle_all({p.name: p.pid for p in trainers + servers}, throttle)
         router = start_router({s.name: s.url for s in servers}, logs)
         processes.append(router)
         put_weights(router.url, {s.name: 1.0 for s in servers}, affinity=True)

@@ -138,7 +138,7 @@ def decide(planner: Planner, observation: Observation, settings: ControlSettings
     )
 
 
-def choose_round(plan: Decision | None, o: Observation, settings: ControlSettings, with_data: set[str], planner: Planner | None = None) -> RoundChoice | None:
+def choose_round(plan: Decision | None, o: Observation, settings: ControlSettings, with_data: set[str], planner: Planner) -> RoundChoice | None:
     """The round to start now: when the interval has passed and none runs, the allocation's
     participants that may train and have data (at least min_participants), its aggregator if among
     them; with secure aggregation the aggregator is a replica outside the participants.
@@ -157,7 +157,7 @@ def choose_round(plan: Decision | None, o: Observation, settings: ControlSetting
     if slow and a.overloaded and o.last_round_at is not None and o.now - o.last_round_at < 2 * settings.round_interval_s:
         return None
     trainers = [p for p in a.participants if plan.cap(p) > 0 and p in with_data]
-    if slow and planner is not None:
+    if slow:
         trainers = [p for p in trainers if not straggler(planner.training_steps_per_s(p), settings)]
     if len(trainers) < max(1, settings.min_participants):
         return None

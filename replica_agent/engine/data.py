@@ -16,6 +16,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -275,8 +276,9 @@ class LocalDataset:
     def eval_chunks(self) -> int:
         return len(self._eval_ids)
 
-    @property
+    @cached_property
     def train_tokens(self) -> int:
+        """Counted once: the chunks are fixed when the dataset is built (the agent reports it in every GetStats)."""
         return int((self._train_labels != IGNORE_INDEX).sum())
 
     def train_batches(self, micro_batch: int, *, seed: int | None = None) -> Iterator[Batch]:

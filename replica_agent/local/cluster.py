@@ -36,7 +36,7 @@ from ..serving.background import BackgroundServer
 from .controller import Controller, ControllerSettings
 from .in_process import LocalCluster
 from .processes import AgentProcess, ManagedProcess, core_sets, start_agent, start_router, wait_healthy
-from .throttle import Throttle
+from .throttle import Throttle, throttle_all
 
 # One domain per replica, each its private data (non-IID): Python code of one standard-library
 # package, or English prose (Python's reference documentation); replica 0 is code, replica 1 prose.
@@ -132,10 +132,7 @@ class LocalDeployment:
         try:
             if processes:
                 deployment._start_processes(configs, cores_per_replica)
-                for name, share in (throttle or {}).items():
-                    process = deployment.replicas[name].process
-                    assert process is not None
-                    deployment.throttles[name] = Throttle(process.pid, share, name=name)
+                deployment.throttles = throttle_all({p.name: p.pid for p in deployment._managed}, throttle)
             else:
                 deployment._start_in_process(configs, base)
             if settings is not None and controller:

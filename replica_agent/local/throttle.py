@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -100,3 +101,8 @@ class Throttle:
 
     def as_dict(self) -> dict:
         return {"share_of_core": self.share, "period_us": self.period_us, "method": self.method}
+
+
+def throttle_all(pids: dict[str, int], shares: Mapping[str, float] | None) -> dict[str, Throttle]:
+    """Throttle each named process (name -> pid) to its share of a core; names without a share run free."""
+    return {name: Throttle(pids[name], share, name=name) for name, share in (shares or {}).items()}
