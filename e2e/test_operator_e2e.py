@@ -271,3 +271,20 @@ def test_delete_removes_every_child_and_the_finalizer(h):
     # Scheduled rounds were the cluster's; a hand-made round is the user's and stays (as a record).
     assert [r["metadata"]["name"] for r in h.get("adapterround", selector=f"collm.io/cluster={NAME}")] == ["restart-me"]
     h.kubectl("delete", "adapterround", "restart-me")
+
+
+def test_a_qwen3_cluster_serves_and_trains(h):
+    """Another model family through the operator: a Qwen3 layout (q/k norms, explicit head_dim)."""
+    obj = cluster(h)
+    obj["metadata"]["name"] = "qwen"
+    obj["spec"].update(model={"source": "random:qwen3"}, replicas=1)
+    obj["spec"]["federation"]["minParticipants"] = 1
+    h.apply(obj)
+    try:
+        h.kubectl("wait", "--for=condition=Ready", "collmcluster/qwen", "--timeout=180s", timeout=200)
+        answer = h.agent_generate("qwen-0", "def parse(")
+        assert 1 <= answer["details"]["generated_tokens"] <= 8 and isinstance(answer["generated_text"], str)
+        stats = h.wait_for(lambda: (st := h.agent_stats("qwen-0"))["training_steps"] > 0 and st, 60, "the Qwen3 replica training")
+        assert stats["model"] == "random-qwen3" and stats["requests_finished"] >= 1
+    finally:
+        h.kubectl("delete", "collmcluster", "qwen", "--timeout=120s", timeout=150)

@@ -52,7 +52,7 @@ class Agent:
         step_tokens = c.micro_batch * c.seq_len
         self.budget = TrainingBudget(max_balance=step_tokens) if training else None
         # Two busy threads on a small CPU: one intra-op thread each (measured best, see docs/benchmarks.md).
-        engine_threads = c.engine_threads or (1 if training else None)
+        engine_threads = c.engine_threads or 1
         self.engine = Engine(
             self.runtime,
             self.tokenizer,

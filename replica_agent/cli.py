@@ -73,6 +73,20 @@ def collm_main(argv: list[str] | None = None) -> int:
     overhead.add_argument("--threads", type=int, default=1, help="intra-op threads of the engine")
     overhead.add_argument("--rank", type=int, default=8)
 
+    eng = kinds.add_parser(
+        "engine", help="this engine beside transformers (no adapter, peft with one and two adapters) and llama.cpp: decode tokens/s, TTFT, memory"
+    )
+    eng.add_argument("--json", help="write the figures to this file")
+    eng.add_argument("--models", default="tiny,smollm2", help="comma-separated model sources (llama.cpp runs on smollm2 only)")
+    eng.add_argument("--stacks", default="collm,hf,hf-peft,hf-peft-2,llama.cpp")
+    eng.add_argument("--batches", default="1,8,16")
+    eng.add_argument("--device", default="auto", help="auto: a GPU when torch sees one (bfloat16), else the CPU (float32)")
+    eng.add_argument("--dtype", default="auto")
+    eng.add_argument("--threads", type=int, default=1, help="intra-op threads of every stack")
+    eng.add_argument("--new-tokens", type=int, default=64)
+    eng.add_argument("--repeats", type=int, default=3)
+    eng.add_argument("--rank", type=int, default=16)
+
     rnd = kinds.add_parser("round", help="federated round on loopback: wall time, bytes, freshness for LoRA ranks 8/16/64, FedAvg and FFA")
     rnd.add_argument("--json", help="write the figures to this file")
     rnd.add_argument("--no-big", action="store_true", help="skip the 8-participant ~10 MB case")
@@ -204,6 +218,21 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import allocation_bench
 
         allocation_bench.run(replicas=args.replicas, json_path=args.json)
+    elif args.bench == "engine":
+        from collm_bench import engine as bench_engine
+
+        bench_engine.run(
+            tuple(m for m in args.models.split(",") if m),
+            stacks=tuple(s for s in args.stacks.split(",") if s),
+            batches=tuple(int(b) for b in args.batches.split(",") if b),
+            device=args.device,
+            dtype=args.dtype,
+            threads=args.threads,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            rank=args.rank,
+            json_path=args.json,
+        )
     elif args.bench == "overhead":
         from collm_bench import overhead as bench_overhead
 

@@ -22,9 +22,14 @@ class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # model host
-    model: str = Field("tiny", description="base model: 'tiny', 'smollm2', a Hugging Face model directory or a .gguf file")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the base weights and adapters")
-    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'")
+    model: str = Field(
+        "tiny",
+        description="base model: 'tiny', 'smollm2', a Hugging Face model directory or a .gguf file (Llama, Mistral, Qwen2, Qwen3), or random:<family>[-<size>]",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the base weights and adapters (auto: bfloat16 on a GPU, float32 on a CPU)"
+    )
+    device: str = Field("auto", description="'auto' (a GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'")
     replica_id: str = Field("agent-0", description="name of this replica in stats, metrics and federated rounds")
     # adapter
     # Defaults measured on the tiny model, one core, 60 s of training on the `json` package: r=16 on
@@ -43,7 +48,7 @@ class AgentConfig(BaseModel):
     max_total_tokens: int = Field(1024, ge=16, description="prompt + generated tokens of one request")
     max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per iteration")
     max_queue: int = Field(1024, ge=1, description="waiting requests before new ones get HTTP 429")
-    engine_threads: int | None = Field(None, ge=1, description="intra-op threads of the serving thread (default: 1 when training, else torch's default)")
+    engine_threads: int | None = Field(None, ge=1, description="intra-op threads of the serving thread (default 1: see docs/engine.md, 'Threads')")
     # SLO and fast timescale
     ttft_ms: int = Field(1000, ge=1, description="SLO: time to first token in milliseconds")
     tpot_ms: int = Field(100, ge=1, description="SLO: mean time per output token in milliseconds")

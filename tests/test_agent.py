@@ -10,6 +10,7 @@ import pytest
 from replica_agent.agent import Agent, Plan
 from replica_agent.config import AgentConfig, load_config
 from replica_agent.engine.data import stdlib_package_dir
+from replica_agent.engine.families import FAMILIES
 from replica_agent.engine.requests import FinishReason, SamplingParams
 
 
@@ -45,6 +46,25 @@ def test_training_under_load_lowers_the_eval_loss_of_published_versions():
     assert losses[2] < losses[1] < losses[0] and losses[0] - losses[2] > 0.1, losses
     assert finals and all(f.finish_reason is FinishReason.LENGTH for f in finals)
     assert {f.adapter_version for f in finals} >= {"0.0"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_serves_and_trains_in_the_agent(family):
+    agent = Agent(AgentConfig(model=f"random:{family}", data=str(stdlib_package_dir("json")), eval_batches=2, max_total_tokens=256, learning_rate=5e-3))
+    first = agent.start()
+    try:
+        _, before = agent.engine.generate(agent.engine.encode("import json\n"), SamplingParams(max_new_tokens=8, ignore_eos=True))
+        assert before.finish_reason is FinishReason.LENGTH and before.adapter_version == "0.0"
+        deadline = time.monotonic() + 60
+        while agent.trainer.step < 15 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        trained = agent.publish()
+        _, after = agent.engine.generate(agent.engine.encode("import json\n"), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    finally:
+        agent.stop()
+    assert agent.stats().model == f"random-{family}"
+    assert trained.eval_loss < first.eval_loss, (first.eval_loss, trained.eval_loss)
+    assert after.adapter_version == trained.label
 
 
 def test_plan_updates_the_mixer_cap_and_slo():

@@ -23,7 +23,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 CLUSTER_KIND, CLUSTER_PLURAL = "CollmCluster", "collmclusters"
 ROUND_KIND, ROUND_PLURAL = "AdapterRound", "adapterrounds"
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU, float32 on a CPU
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AGGREGATIONS = {"fedavg": "fedavg", "ffa": "ffa", "median": "median", "trimmedMean": "trimmed_mean"}
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")

@@ -98,12 +98,13 @@ class Engine:
         self.runtime, self.tokenizer = runtime, tokenizer
         self.settings = s = settings or EngineSettings()
         self.eos_token_ids = set(eos_token_ids)
+        # A property that rebuilds its list on every call in transformers: read it once.
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         self.bos_token_id = bos_token_id
         self.store = store
         self.mixer, self.budget = mixer, budget
-        max_ctx = runtime.config.max_position_embeddings
-        if s.max_total_tokens > max_ctx:
-            raise ValueError(f"max_total_tokens {s.max_total_tokens} exceeds the model's context of {max_ctx} tokens")
+        if s.max_total_tokens > runtime.max_context:
+            raise ValueError(f"max_total_tokens {s.max_total_tokens} exceeds the model's context of {runtime.max_context} tokens")
         self.cache = KVCache(runtime.dims, s.max_batch, s.max_total_tokens, dtype=runtime.dtype, device=runtime.device)
         self.slab = (
             LoraSlab(lora_spec, runtime.dims, s.lora_slots, dtype=runtime.dtype, device=runtime.device) if store is not None and lora_spec is not None else None
@@ -315,7 +316,7 @@ class Engine:
     def _lora(self, slots: list[int]) -> SlabLora | None:
         if self.slab is None or all(s < 0 for s in slots):
             return None
-        return SlabLora(self.slab, torch.tensor(slots, device=self.runtime.device))
+        return SlabLora(self.slab, slots, self.runtime.device)
 
     def _prefill(self, handle: RequestHandle, version: AdapterVersion | None, slot: int) -> _Row:
         req = handle.request
@@ -361,7 +362,7 @@ class Engine:
     def _advance(self, row: _Row, token: int, logprob: float) -> bool:
         """Record one generated token, stream it, and finish the row if it is done; True when finished."""
         row.last_token = token
-        special = token in self.eos_token_ids or token in getattr(self.tokenizer, "all_special_ids", ())
+        special = token in self.eos_token_ids or token in self.special_ids
         text = "" if special else row.detok.add(token)
         self.inference_tokens += 1
         reason = self._finish_reason(row, token, text)

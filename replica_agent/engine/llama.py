@@ -1,4 +1,5 @@
-"""Our own forward pass of a Llama-family model, over weights loaded by transformers.
+"""Our own forward pass of a Llama-layout model (Llama, Mistral, Qwen2, Qwen3: see families.py),
+over weights loaded by transformers.
 
 Why not call the transformers module: continuous batching needs a KV cache where every row has
 its own length and rows join and leave between iterations, and multi-version LoRA needs a grouped
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .families import family_of, max_context
 from .lora import SITES, LoraSlab, LoraSpec, ModelDims, lora_keys
 
 
@@ -51,17 +53,32 @@ class KVCache:
 
 
 class SlabLora:
-    """Serving-side LoRA: every row uses the slab slot its request is pinned to."""
+    """Serving-side LoRA: every row uses the slab slot its request is pinned to.
 
-    def __init__(self, slab: LoraSlab, slots_per_row: torch.Tensor) -> None:
+    Only the slots between the lowest and the highest one in use take part in the matmuls; when all
+    rows use one slot (one live version, the common case) no mask is needed at all.
+    """
+
+    def __init__(self, slab: LoraSlab, slots_per_row: list[int] | torch.Tensor, device: torch.device | str | None = None) -> None:
+        """`slots_per_row`: each row's slab slot, -1 for a row without an adapter."""
+        if isinstance(slots_per_row, torch.Tensor):
+            device, slots_per_row = slots_per_row.device, slots_per_row.tolist()
         self.slab = slab
-        self.masks = slab.row_masks(slots_per_row)
+        used = [s for s in slots_per_row if s >= 0]
+        self.first, self.end = min(used), max(used) + 1
+        uniform = self.end - self.first == 1 and len(used) == len(slots_per_row)
+        rows = torch.tensor(slots_per_row, device=device)
+        self.masks = None if uniform else slab.row_masks(rows, (self.first, self.end))
 
     def apply(self, site: str, layer: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if site not in self.slab.sites:
             return y
-        xa = (h @ self.slab.a[site][layer]).mul_(self.masks[site])
-        return torch.addmm(y, xa, self.slab.b[site][layer])
+        width = self.slab.site_rank[site]
+        cols = slice(self.first * width, self.end * width)
+        xa = h @ self.slab.a[site][layer][:, cols]
+        if self.masks is not None:
+            xa.mul_(self.masks[site])
+        return torch.addmm(y, xa, self.slab.b[site][layer][cols])
 
 
 class TensorLora:
@@ -90,15 +107,15 @@ class _Layer:
     post_norm: torch.Tensor
     w: dict[str, torch.Tensor]
     bias: dict[str, torch.Tensor | None]
+    q_norm: torch.Tensor | None  # per-head RMSNorm weights (Qwen3)
+    k_norm: torch.Tensor | None
 
 
 class LlamaRuntime:
     def __init__(self, config, state_dict: dict[str, torch.Tensor]) -> None:
-        if getattr(config, "model_type", "llama") != "llama":
-            raise ValueError(f"model_type {config.model_type!r} is not supported; CoLLM serves Llama-architecture models")
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (Llama uses silu)")
+        self.family = family_of(config)
         self.config = config
+        self.max_context = max_context(config)
         self.dims = dims = model_dims(config)
         sd = state_dict
         self.embed = sd["model.embed_tokens.weight"]
@@ -115,7 +132,9 @@ class LlamaRuntime:
                 w[site] = torch.cat([sd[f"{p}{group}.{m}.weight"] for m in modules]).contiguous()
                 biases = [sd.get(f"{p}{group}.{m}.bias") for m in modules]
                 bias[site] = torch.cat(biases).contiguous() if all(b is not None for b in biases) else None
-            self.layers.append(_Layer(sd[f"{p}input_layernorm.weight"], sd[f"{p}post_attention_layernorm.weight"], w, bias))
+            q_norm, k_norm = (sd[f"{p}self_attn.{n}.weight"] for n in ("q_norm", "k_norm")) if self.family.qk_norm else (None, None)
+            norms = sd[f"{p}input_layernorm.weight"], sd[f"{p}post_attention_layernorm.weight"]
+            self.layers.append(_Layer(*norms, w, bias, q_norm, k_norm))
         for t in [self.embed, self.lm_head, self.final_norm, *(t for layer in self.layers for t in layer.w.values())]:
             t.requires_grad_(False)
         self._init_rotary()
@@ -127,7 +146,7 @@ class LlamaRuntime:
         if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"rope scaling {rope_type!r} is not supported")
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, torch.device("cpu"))
-        positions = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
+        positions = torch.arange(self.max_context, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq.float())
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = (emb.cos() * attention_scaling).to(self.dtype).to(self.device)
@@ -151,8 +170,12 @@ class LlamaRuntime:
             h = F.rms_norm(x, (d.hidden,), layer.input_norm, self.eps).reshape(b * t, d.hidden)
             qkv = self._project(i, "qkv", h, lora)
             q, k, v = qkv.split([q_w, kv_w, kv_w], dim=-1)
-            q = self._rotate(q.view(b, t, d.heads, d.head_dim).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(b, t, d.kv_heads, d.head_dim).transpose(1, 2), cos, sin)
+            q, k = q.view(b, t, d.heads, d.head_dim), k.view(b, t, d.kv_heads, d.head_dim)
+            if layer.q_norm is not None:
+                q = F.rms_norm(q, (d.head_dim,), layer.q_norm, self.eps)
+                k = F.rms_norm(k, (d.head_dim,), layer.k_norm, self.eps)
+            q = self._rotate(q.transpose(1, 2), cos, sin)
+            k = self._rotate(k.transpose(1, 2), cos, sin)
             v = v.view(b, t, d.kv_heads, d.head_dim).transpose(1, 2)
             attn = attend(i, q, k, v).transpose(1, 2).reshape(b * t, q_w)
             x = x + self._project(i, "o", attn, lora).view(b, t, d.hidden)
@@ -205,6 +228,7 @@ class LlamaRuntime:
     # -- training ---------------------------------------------------------------------------
     def forward_train(self, input_ids: torch.Tensor, lora: TensorLora | None) -> torch.Tensor:
         """Logits [B, T, V] of whole sequences (causal), differentiable in the LoRA tensors."""
+        input_ids = input_ids.to(self.device)  # batches come from the CPU-side dataset
         b, t = input_ids.shape
         positions = torch.arange(t, device=self.device).expand(b, t)
 
@@ -216,4 +240,5 @@ class LlamaRuntime:
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, lora: TensorLora | None) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled positions (HF convention: labels aligned with inputs)."""
         logits = self.forward_train(input_ids, lora)
+        labels = labels.to(logits.device)
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)

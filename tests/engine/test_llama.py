@@ -110,3 +110,25 @@ def test_check_adapter_names_the_bad_tensor(random_runtime):
         check_adapter(bad, spec, random_runtime.dims)
     with pytest.raises(ValueError, match="shape"):
         check_adapter(dict(tensors, **{key: tensors[key][:, :3]}), spec, random_runtime.dims)
+
+
+def test_rows_without_an_adapter_beside_rows_with_one_and_a_single_slot_batch(random_runtime):
+    rt = random_runtime
+    spec = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
+    slab = LoraSlab(spec, rt.dims, 4, dtype=torch.float32, device="cpu")
+    adapter = random_adapter(spec, rt, 21)
+    assert slab.load(7, adapter) == 0 and slab.load(8, random_adapter(spec, rt, 22)) == 1
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        adapted = rt.forward_train(ids, TensorLora(adapter, spec, rt.dims))
+        plain = rt.forward_train(ids, None)
+    for slots in ([0, -1], [0, 0]):  # a row with no version beside one with; one slot for all rows (no mask)
+        cache = KVCache(rt.dims, 2, 16, dtype=torch.float32, device="cpu")
+        for row in range(2):
+            rt.prefill(ids[row, :7].tolist(), cache, row, SlabLora(slab, [slots[row]]) if slots[row] >= 0 else None)
+        lora = SlabLora(slab, slots)
+        assert (lora.masks is None) == (slots == [0, 0])
+        logits = rt.decode(ids[:, 7], torch.full((2,), 7), cache, lora)
+        assert (logits[0] - adapted[0, 7]).abs().max() < TOL
+        expected = plain[1, 7] if slots[1] < 0 else adapted[1, 7]
+        assert (logits[1] - expected).abs().max() < TOL

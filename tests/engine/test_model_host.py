@@ -210,10 +210,12 @@ def test_unknown_source_lists_accepted_sources(tmp_path):
         load_base_model(str(tmp_path))
 
 
-def test_non_llama_model_is_rejected(tmp_path):
+def test_an_unsupported_architecture_is_rejected_naming_the_supported_ones(tmp_path):
     transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; CoLLM serves Llama-architecture"):
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; CoLLM serves Llama \('llama'\), Mistral .*Qwen2 .*Qwen3"):
         load_base_model(str(tmp_path))
+    with pytest.raises(ValueError, match="random:<family>"):
+        load_base_model("random:gpt2")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "fp32", "int8"])

@@ -103,6 +103,13 @@ def test_demo_writes_a_complete_report_with_plots(tmp_path, tiny_model_dir):
         assert path.exists() and path.stat().st_size > 1000, name
 
 
+def test_local_mode_serves_trains_and_federates_a_qwen3_model(tmp_path):
+    """Another family in the local mode: random Qwen3 weights (q/k norms, explicit head_dim)."""
+    result = run_demo(model="random:qwen3", duration_s=6, replicas=2, rate=4, out_dir=str(tmp_path / "qwen"), live=False, **QUICK)
+    assert result["model"] == "random:qwen3" and result["requests_failed"] == 0 and result["requests_answered"] > 0
+    assert result["training_tokens"] > 0 and result["rounds_succeeded"] >= 1
+
+
 def test_goodput_benchmark_compares_policies_on_the_same_requests(tmp_path, tiny_model_dir):
     """Replica processes on cores of their own, the paper's peft baseline beside coexec and separated."""
     out = tmp_path / "goodput.json"
