@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint test-slow image bench-coexec bench-overhead clean
+.PHONY: demo test lint test-slow image bench-coexec bench-overhead bench-engine clean
 
 # Images (make image): where they are tagged; push them to your own registry with e.g.
 #   make image REGISTRY=registry.example.com/ml && docker push registry.example.com/ml/collm:0.1.0
@@ -51,6 +51,9 @@ bench-coexec: $(VENV)/.installed
 
 bench-overhead: $(VENV)/.installed
 	$(VENV)/bin/collm bench overhead --json reports/overhead.json
+
+bench-engine: $(VENV)/.installed
+	$(VENV)/bin/collm bench engine --json reports/engine.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

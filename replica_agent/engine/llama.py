@@ -113,6 +113,8 @@ class _Layer:
 
 class LlamaRuntime:
     def __init__(self, config, state_dict: dict[str, torch.Tensor]) -> None:
+        """`state_dict` by Hugging Face names; the q/k/v and gate/up entries are replaced by views of
+        the fused tensors (same values), so that the unfused copies can be freed."""
         self.family = family_of(config)
         self.config = config
         self.max_context = max_context(config)
@@ -129,7 +131,11 @@ class LlamaRuntime:
             w, bias = {}, {}
             for site, modules in SITES.items():
                 group = "self_attn" if site in ("qkv", "o") else "mlp"
-                w[site] = torch.cat([sd[f"{p}{group}.{m}.weight"] for m in modules]).contiguous()
+                keys = [f"{p}{group}.{m}.weight" for m in modules]
+                w[site] = torch.cat([sd[k] for k in keys]).contiguous()
+                if len(keys) > 1:  # the names now view the fused tensor: one copy of the weights, not two
+                    for k, part in zip(keys, w[site].split([sd[k].shape[0] for k in keys])):
+                        sd[k] = part
                 biases = [sd.get(f"{p}{group}.{m}.bias") for m in modules]
                 bias[site] = torch.cat(biases).contiguous() if all(b is not None for b in biases) else None
             q_norm, k_norm = (sd[f"{p}self_attn.{n}.weight"] for n in ("q_norm", "k_norm")) if self.family.qk_norm else (None, None)

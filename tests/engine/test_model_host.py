@@ -220,7 +220,7 @@ def test_an_unsupported_architecture_is_rejected_naming_the_supported_ones(tmp_p
 
 @pytest.mark.parametrize("dtype", ["float64", "fp32", "int8"])
 def test_bad_dtype_fails_before_any_build(tmp_path, dtype):
-    with pytest.raises(ValueError, match="use one of float32, bfloat16, float16"):
+    with pytest.raises(ValueError, match="use 'auto' or one of float32, bfloat16, float16"):
         load_base_model("tiny", dtype=dtype, cache_dir=tmp_path)
     assert not (tmp_path / "models").exists()
 
