@@ -195,8 +195,8 @@ class _Section:
             raise SpecError(path, f"{path} ({value}) must be <= {hi}")
         return value
 
-    def optional_int(self, key: str, lo: builtins.int) -> builtins.int | None:
-        return None if self.d.get(key) is None else self.int(key, None, lo)
+    def optional_int(self, key: str, lo: builtins.int, hi: builtins.int | None = None) -> builtins.int | None:
+        return None if self.d.get(key) is None else self.int(key, None, lo, hi)
 
     def bool(self, key: str, default: bool) -> bool:
         path, value = f"{self.path}.{key}", self.d.get(key, default)
@@ -255,14 +255,14 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
             raise SpecError("spec.adapter.targetModules", f"spec.adapter.targetModules has {t!r}: use Llama projections ({', '.join(TARGET_MODULES)})")
     if len(set(targets)) != len(targets):
         raise SpecError("spec.adapter.targetModules", "spec.adapter.targetModules lists a module twice: list each once")
-    adapter = Adapter(a.int("rank", Adapter.rank, 1, 256), a.int("alpha", Adapter.alpha, 1), tuple(targets))
+    adapter = Adapter(a.int("rank", Adapter.rank, 1, 256), a.int("alpha", Adapter.alpha, 1, 4096), tuple(targets))
 
     s = root.section("serving")
     serving = Serving(
-        s.int("ttftMilliseconds", Serving.ttft_milliseconds, 1),
-        s.int("tpotMilliseconds", Serving.tpot_milliseconds, 1),
+        s.int("ttftMilliseconds", Serving.ttft_milliseconds, 1, 600_000),
+        s.int("tpotMilliseconds", Serving.tpot_milliseconds, 1, 60_000),
         s.int("maxBatch", Serving.max_batch, 1, 1024),
-        s.int("maxTotalTokens", Serving.max_total_tokens, 16),
+        s.int("maxTotalTokens", Serving.max_total_tokens, 16, 131_072),
     )
 
     t = root.section("training")
@@ -279,9 +279,9 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
     training = Training(
         data_volume,
         data_path,
-        t.int("microBatch", Training.micro_batch, 1),
+        t.int("microBatch", Training.micro_batch, 1, 1024),
         t.number("learningRate", Training.learning_rate, "2e-3"),
-        t.int("trainCapTokens", Training.train_cap_tokens, 0),
+        t.int("trainCapTokens", Training.train_cap_tokens, 0, 1_048_576),
         t.int("revisionEverySteps", Training.revision_every_steps, 0, 1_000_000),
         t.int("revisionEverySeconds", Training.revision_every_seconds, 0, 86_400),
     )
@@ -289,22 +289,22 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
     f, F = root.section("federation"), Federation  # F: the defaults
     federation = Federation(
         enabled=f.bool("enabled", F.enabled),
-        round_interval_seconds=f.int("roundIntervalSeconds", F.round_interval_seconds, 1),
-        local_steps=f.int("localSteps", F.local_steps, 1),
-        min_participants=f.int("minParticipants", F.min_participants, 1),
+        round_interval_seconds=f.int("roundIntervalSeconds", F.round_interval_seconds, 1, 604_800),
+        local_steps=f.int("localSteps", F.local_steps, 1, 1_000_000),
+        min_participants=f.int("minParticipants", F.min_participants, 1, 10_000),
         participation_percent=f.int("participationPercent", F.participation_percent, 1, 100),
-        deadline_seconds=f.int("deadlineSeconds", F.deadline_seconds, 1),
+        deadline_seconds=f.int("deadlineSeconds", F.deadline_seconds, 1, 86_400),
         aggregation=f.str("aggregation", F.aggregation, tuple(AGGREGATIONS)),
         clip_norm=f.number("clipNorm", F.clip_norm, "1.0", allow_empty=True),
         noise_multiplier=f.number("noiseMultiplier", F.noise_multiplier, "0.5", allow_empty=True),
         secure_aggregation=f.bool("secureAggregation", F.secure_aggregation),
         secure_aggregation_secret_ref=f.str("secureAggregationSecretRef", None) or None,
-        eval_gate_tolerance_milli_nats=f.section("evalGate").int("toleranceMilliNats", F.eval_gate_tolerance_milli_nats, 0),
-        round_history_limit=f.int("roundHistoryLimit", F.round_history_limit, 0),
+        eval_gate_tolerance_milli_nats=f.section("evalGate").int("toleranceMilliNats", F.eval_gate_tolerance_milli_nats, 0, 100_000),
+        round_history_limit=f.int("roundHistoryLimit", F.round_history_limit, 0, 1000),
     )
 
     sc = root.section("scheduling")
-    scheduling = Scheduling(sc.str("policy", Scheduling.policy, POLICIES), sc.int("slowIntervalSeconds", Scheduling.slow_interval_seconds, 1))
+    scheduling = Scheduling(sc.str("policy", Scheduling.policy, POLICIES), sc.int("slowIntervalSeconds", Scheduling.slow_interval_seconds, 1, 3600))
 
     tolerations = root.d.get("tolerations") or []
     if not isinstance(tolerations, list) or not all(isinstance(x, Mapping) for x in tolerations):
@@ -414,9 +414,9 @@ def parse_round_spec(spec: Mapping[str, Any] | None) -> RoundSpec:
         participants = tuple(participants)
     result = RoundSpec(
         name,
-        root.optional_int("localSteps", 1),
-        root.optional_int("deadlineSeconds", 1),
-        root.optional_int("minParticipants", 1),
+        root.optional_int("localSteps", 1, 1_000_000),
+        root.optional_int("deadlineSeconds", 1, 86_400),
+        root.optional_int("minParticipants", 1, 10_000),
         participants,
         root.str("aggregator", None),
     )

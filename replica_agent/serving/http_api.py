@@ -35,7 +35,7 @@ from ..engine.engine import QueueFull, RequestRejected
 from ..engine.requests import FinalEvent
 from . import openai_api
 from .metrics import AgentMetrics
-from .pipeline import generation_headers, read_json, stream_events
+from .pipeline import RETRY_AFTER_S, generation_headers, read_json, stream_events
 from .schemas import (
     MAX_STOP_SEQUENCES,
     GenerateRequest,
@@ -130,8 +130,8 @@ class HttpApi:
                 # TGI's Info keys (required ones always present; optional ones null when unknown)
                 "model_id": agent.base.name,
                 "model_sha": None,
-                "model_dtype": agent.config.dtype,
-                "model_device_type": agent.config.device.split(":")[0],
+                "model_dtype": str(agent.runtime.dtype).removeprefix("torch."),
+                "model_device_type": agent.runtime.device.type,
                 "model_pipeline_tag": "text-generation",
                 "max_concurrent_requests": s.max_queue + s.max_batch,
                 "max_best_of": 1,
@@ -234,7 +234,8 @@ async def _errors(request: web.Request, handler):
     except ApiError as exc:
         if exc.error_type in ("validation", "overloaded", "unavailable"):
             api.metrics.reject(exc.error_type)
-        return web.json_response(error_body(exc.message, exc.error_type), status=exc.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+        return web.json_response(error_body(exc.message, exc.error_type), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -29,7 +29,6 @@ from aiohttp import web
 from ..engine.requests import FinalEvent
 from .openai_schemas import (
     ENCODE_IN_THREAD_CHARS,
-    RETRY_AFTER_S,
     OpenAIError,
     OpenAIRequest,
     ResponseBuilder,
@@ -40,7 +39,7 @@ from .openai_schemas import (
     sampling_params,
     sse,
 )
-from .pipeline import generation_headers, read_json, stream_events
+from .pipeline import RETRY_AFTER_S, generation_headers, read_json, stream_events
 
 log = logging.getLogger(__name__)
 

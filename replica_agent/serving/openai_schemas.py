@@ -20,7 +20,6 @@ from ..engine.requests import FinalEvent, FinishReason, SamplingParams, TokenEve
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_SEED = 2**64 - 1
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions
-RETRY_AFTER_S = 1
 ENCODE_IN_THREAD_CHARS = 4096
 
 

@@ -19,6 +19,8 @@ from ..engine.requests import FinalEvent, TokenEvent
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 1  # what a 429 (queue full) tells the client to wait, in both dialects
+
 ADAPTER_HEADER = "x-collm-adapter-version"  # "<cluster version>.<local revision>", e.g. 7.3
 ADAPTER_SHA_HEADER = "x-collm-adapter-sha256"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -35,9 +37,16 @@ async def read_json(request: web.Request, *, example: str, error: BodyError) -> 
     if not raw.strip():
         raise error(400, f"the body is empty; send JSON like {example}")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise error(400, f"the body is not valid JSON ({exc}); send JSON like {example}") from None
+    except RecursionError:
+        raise error(400, f"the body nests JSON deeper than this server reads; send JSON like {example}") from None
+    try:  # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no tokenizer can encode
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(400, "the body has a lone surrogate escape (such as \\ud800) in a string: send valid Unicode text") from None
+    return body
 
 
 def _reject_constant(name: str):

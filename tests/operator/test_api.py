@@ -270,3 +270,57 @@ def test_parsing_does_not_modify_the_body():
     snapshot = copy.deepcopy(original)
     agent_settings(parse_cluster(original))
     assert original == snapshot
+
+
+def _bounded_integers(crd_file: str) -> list[tuple[tuple[str, ...], int, int]]:
+    """(path under spec, minimum, maximum) of every integer in a CRD's spec schema."""
+    import yaml
+
+    from .cel_rules import CRDS
+
+    schema = yaml.safe_load((CRDS / crd_file).read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    found = []
+
+    def walk(node: dict, path: tuple[str, ...]) -> None:
+        if node.get("type") == "integer":
+            assert "maximum" in node, f"spec.{'.'.join(path)} has no maximum in {crd_file}"
+            found.append((path, node.get("minimum", 0), node["maximum"]))
+        for key, child in (node.get("properties") or {}).items():
+            walk(child, (*path, key))
+
+    walk(schema, ())
+    return found
+
+
+def _with(spec: dict, path: tuple[str, ...], value: int) -> dict:
+    spec = copy.deepcopy(spec)
+    node = spec
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("crd_file", "parse", "base"),
+    [
+        ("collm.io_collmclusters.yaml", api.parse_cluster_spec, {"model": {"source": "tiny"}}),
+        ("collm.io_adapterrounds.yaml", api.parse_round_spec, {"clusterRef": {"name": "c"}}),
+    ],
+)
+def test_every_integer_in_the_crds_is_bounded_and_the_operator_holds_the_same_bounds(crd_file, parse, base):
+    """localSteps of 2**32 once passed and crash-looped the round daemon: the API server's schema and
+    the operator's own parsing (which also guards the emulator and old API servers) now agree."""
+    bounded = _bounded_integers(crd_file)
+    assert any(path[-1] == "localSteps" for path, _, _ in bounded)
+    for path, lo, hi in bounded:
+        field = "spec." + ".".join(path)
+        with pytest.raises(SpecError, match=f"must be <= {hi}") as raised:
+            parse(_with(base, path, hi + 1))
+        assert raised.value.field == field
+        with pytest.raises(SpecError, match=f"must be >= {lo}"):
+            parse(_with(base, path, lo - 1))
+        try:  # the maximum itself is within the bound (other rules may still relate it to other fields)
+            parse(_with(base, path, hi))
+        except SpecError as error:
+            assert f"must be <= {hi}" not in error.message, error.message

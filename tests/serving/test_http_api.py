@@ -213,7 +213,8 @@ def test_overload_and_engine_failures_map_to_tgi_errors(client, server, agent, m
         m.setattr(agent.engine.settings, "max_queue", 0)
         with pytest.raises(OverloadedError, match="queue is full"):
             client.generate(PROMPT, max_new_tokens=2)
-        assert post(server, "/generate", {"inputs": PROMPT})[0] == 429
+        status, _, headers = post(server, "/generate", {"inputs": PROMPT})
+        assert status == 429 and headers["Retry-After"] == "1"  # TGI's dialect says when to retry, as OpenAI's does
 
     async def failing(ids, params, **_):
         yield FinalEvent(FinishReason.ERROR, "", 0, None, None, len(ids), error="engine error: boom")
@@ -441,3 +442,17 @@ def test_a_body_over_the_size_limit_gets_413_naming_the_limit(server, path, key)
     assert status == 413, payload
     text = payload[key] if isinstance(payload[key], str) else payload[key]["message"]
     assert "larger than 1048576 bytes" in text
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nests JSON deeper"),  # once a RecursionError: 500
+        (b'{"inputs": "\\ud800", "prompt": "\\ud800", "text": "\\ud800"}', "lone surrogate"),  # once a tokenizer error: 500
+    ],
+)
+def test_malformed_json_is_a_client_error_never_a_500(server, path, raw, words):
+    status, payload, _ = post(server, path, raw, raw=True)
+    assert 400 <= status < 500, (status, payload)
+    assert words in json.dumps(payload)
