@@ -12,16 +12,27 @@ def agent_main(argv: list[str] | None = None) -> int:
 
     config, args = load_config(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from collm_rpc import tls
+
     from .agent import Agent
     from .serving.grpc_service import serve_grpc
     from .serving.http_api import run_server
 
+    credentials = None
+    if config.tls_dir:
+        try:
+            credentials = tls.Credentials.read(config.tls_dir, config.replica_id)
+            if credentials.identity.name != config.replica_id:
+                raise ValueError(f"the certificate in {config.tls_dir} is {credentials.identity}'s, not replica {config.replica_id}'s")
+        except ValueError as exc:
+            print(f"collm-agent: {exc}", file=sys.stderr)
+            return 2
     try:
         agent = Agent(config)
     except ValueError as exc:  # bad model source, data, LoRA targets...: say what to fix, no traceback
         print(f"collm-agent: {exc}", file=sys.stderr)
         return 2
-    grpc_server, _, _ = serve_grpc(agent, config.host, config.grpc_port)
+    grpc_server, _, _ = serve_grpc(agent, config.host, config.grpc_port, credentials=credentials)
     try:
         run_server(agent)  # starts the agent, serves HTTP until SIGTERM
     finally:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from collm_rpc import tls
 from collm_rpc.client import AgentClient
 
 from ..engine.adapter_store import AdapterVersion, adapter_sha256
@@ -56,6 +57,7 @@ class Participant:
         self._fetched: dict[str, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self.local_address = ""  # set by the gRPC server once it listens, so self-uploads skip the network
+        self.credentials: tls.Credentials | None = None  # this replica's mTLS credentials for calls to peers (set by the gRPC server)
 
     # -- adapters by content hash -------------------------------------------------------------
     def adapter(self, sha256: str) -> dict[str, torch.Tensor] | None:
@@ -75,7 +77,7 @@ class Participant:
             return tensors
         if not source:
             raise UpdateError(f"adapter {sha256[:12]} is not held here and no source was given")
-        with AgentClient(source) as peer:
+        with AgentClient(source, credentials=self.credentials) as peer:
             tensors = fetch_adapter(peer, sha256)
         check_adapter(tensors, self.agent.spec, self.agent.runtime.dims)
         with self._lock:
@@ -168,7 +170,7 @@ class Participant:
                 outcome = self.aggregator.receive(rnd.round_id, update.participant, blob, sha, masked=masked)
                 accepted, reason, message = outcome.accepted, outcome.reason, outcome.message
             else:
-                with AgentClient(aggregator_address) as peer:
+                with AgentClient(aggregator_address, credentials=self.credentials) as peer:
                     reply = peer.upload(rnd.round_id, update.participant, blob, sha, masked=masked)
                 accepted, reason, message = reply.accepted, reply.reason, reply.message
             rnd.state = "Uploaded" if accepted else "Failed"

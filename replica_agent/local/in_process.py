@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from collm_rpc import tls
+
 from ..agent import Agent
 from ..config import AgentConfig
 from ..engine.model_host import BaseModel, load_base_model
@@ -32,14 +34,25 @@ class LocalReplica:
 
 
 class LocalCluster:
-    def __init__(self, configs: list[AgentConfig], *, base: BaseModel | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        configs: list[AgentConfig],
+        *,
+        base: BaseModel | None = None,
+        host: str = "127.0.0.1",
+        ca: tls.CertificateAuthority | None = None,
+        namespace: str = "local",
+        cluster: str = "local",
+    ) -> None:
+        """`ca`: serve every replica with mutual TLS, each with a certificate of its own from that CA."""
         self.base = base or load_base_model(configs[0].model, dtype=configs[0].dtype, device=configs[0].device)
         self.replicas: dict[str, LocalReplica] = {}
         try:
             for config in configs:
                 agent = Agent(config, base=self.base)
                 agent.start()
-                server, service, port = serve_grpc(agent, host, 0)
+                creds = ca.issue(tls.Identity.replica(namespace, cluster, config.replica_id)) if ca is not None else None
+                server, service, port = serve_grpc(agent, host, 0, credentials=creds)
                 self.replicas[config.replica_id] = LocalReplica(config.replica_id, agent, server, service, f"{host}:{port}")
         except Exception:
             self.stop()

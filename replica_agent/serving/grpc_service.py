@@ -5,6 +5,7 @@ Thin on purpose: decisions live in federated/participant.py and federated/aggreg
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ from concurrent import futures
 
 import grpc
 
+from collm_rpc import tls
 from collm_rpc.client import CHANNEL_OPTIONS, chunks
 from collm_rpc.proto import collm_pb2 as pb
 from collm_rpc.proto import collm_pb2_grpc as pb_grpc
@@ -26,15 +28,33 @@ from ..federated.update import UpdateError, encode
 log = logging.getLogger(__name__)
 
 
+def _guarded(method):
+    """Refuse the call unless tls.authorize lets the caller's verified identity make it."""
+
+    @functools.wraps(method)
+    def handler(self, request, context):
+        if self.me is not None:
+            reason = tls.authorize(method.__name__, tls.peer_identity(context), self.me)
+            if reason is not None:
+                log.warning("refused %s: %s", method.__name__, reason)
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+        return method(self, request, context)
+
+    return handler
+
+
 class AgentService(pb_grpc.AgentServicer):
-    def __init__(self, agent) -> None:
-        self.agent = agent
+    def __init__(self, agent, me: tls.Identity | None = None) -> None:
+        """`me`: this replica's identity when it serves with mutual TLS (None: plaintext, no checks)."""
+        self.agent, self.me = agent, me
         self.aggregator = Aggregator(agent.store)
         self.participant = Participant(agent, self.aggregator)
 
+    @_guarded
     def GetStats(self, request, context):
         return stats_to_proto(self.agent.stats())
 
+    @_guarded
     def ApplyPlan(self, request, context):
         try:
             self.agent.apply_plan(Plan(request.train_cap_tokens, request.ttft_ms, request.tpot_ms, adaptive=not request.fixed_training))
@@ -42,6 +62,7 @@ class AgentService(pb_grpc.AgentServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.Ack(ok=True)
 
+    @_guarded
     def StartRound(self, request, context):
         if request.local_steps < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "local_steps must be >= 1")
@@ -57,6 +78,7 @@ class AgentService(pb_grpc.AgentServicer):
         )
         return pb.RoundStatus(round_id=rnd.round_id, state=rnd.state, message=rnd.message, steps_done=rnd.steps_done)
 
+    @_guarded
     def GetRoundStatus(self, request, context):
         status = pb.RoundStatus(round_id=request.round_id, state="Unknown")
         mine = self.participant.status(request.round_id)
@@ -72,6 +94,7 @@ class AgentService(pb_grpc.AgentServicer):
                 status.state = "Aggregated" if hosted.result is not None else ("Closed" if hosted.closed else "Collecting")
         return status
 
+    @_guarded
     def UploadUpdate(self, request_iterator, context):
         header, parts = None, []
         for chunk in request_iterator:
@@ -79,12 +102,17 @@ class AgentService(pb_grpc.AgentServicer):
             parts.append(chunk.data)
         if header is None:
             return pb.UploadReply(accepted=False, reason="Corrupt", message="empty upload")
+        caller = tls.peer_identity(context) if self.me is not None else None
+        if caller is not None and caller.name != header.participant:
+            reason = f"{caller} may upload its own update only, not {header.participant!r}'s"
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
         blob = b"".join(parts)
         if header.total_bytes and len(blob) != header.total_bytes:
             return pb.UploadReply(accepted=False, reason="Corrupt", message=f"received {len(blob)} of {header.total_bytes} bytes")
         outcome = self.aggregator.receive(header.round_id, header.participant, blob, header.sha256, masked=header.masked)
         return pb.UploadReply(accepted=outcome.accepted, reason=outcome.reason, message=outcome.message)
 
+    @_guarded
     def Aggregate(self, request, context):
         try:
             rnd = self.aggregator.aggregate(
@@ -117,6 +145,7 @@ class AgentService(pb_grpc.AgentServicer):
             reply.rejected.add(participant=rejection.participant, reason=rejection.reason, detail=rejection.detail)
         return reply
 
+    @_guarded
     def Evaluate(self, request, context):
         try:
             candidate, current, tokens = self.participant.evaluate(request.candidate_sha256, request.source)
@@ -126,6 +155,7 @@ class AgentService(pb_grpc.AgentServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot fetch the candidate from {request.source}: {exc.details()}")
         return pb.EvaluateReply(candidate_loss=candidate, current_loss=current, tokens=tokens)
 
+    @_guarded
     def FetchAdapter(self, request, context):
         tensors = self.participant.adapter(request.sha256)
         if tensors is None:
@@ -134,6 +164,7 @@ class AgentService(pb_grpc.AgentServicer):
         for part in chunks(blob):
             yield pb.AdapterChunk(sha256=request.sha256, total_bytes=len(blob), data=part)
 
+    @_guarded
     def Publish(self, request, context):
         try:
             version = self.participant.publish(
@@ -150,6 +181,7 @@ class AgentService(pb_grpc.AgentServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot fetch the adapter from {request.source}: {exc.details()}")
         return pb.PublishReply(adapter=ref_to_proto(version.ref()), switched_unix=time.time())
 
+    @_guarded
     def RevealSeeds(self, request, context):
         try:
             shares = self.participant.reveal(request.round_id, list(request.dropped))
@@ -160,6 +192,7 @@ class AgentService(pb_grpc.AgentServicer):
             reply.shares.add(a=a, b=b, seed=seed)
         return reply
 
+    @_guarded
     def Rollback(self, request, context):
         try:
             version = self.participant.rollback(request.sha256)
@@ -168,15 +201,22 @@ class AgentService(pb_grpc.AgentServicer):
         return pb.PublishReply(adapter=ref_to_proto(version.ref()), switched_unix=time.time())
 
 
-def serve_grpc(agent, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8) -> tuple[grpc.Server, AgentService, int]:
-    """Start the gRPC server; returns (server, service, bound port)."""
+def serve_grpc(
+    agent, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8, credentials: tls.Credentials | None = None
+) -> tuple[grpc.Server, AgentService, int]:
+    """Start the gRPC server, with mutual TLS when `credentials` are given; returns (server, service, bound port)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collm-grpc"), options=CHANNEL_OPTIONS)
-    service = AgentService(agent)
+    service = AgentService(agent, credentials.identity if credentials is not None else None)
     pb_grpc.add_AgentServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if credentials is None:
+        log.warning("gRPC WITHOUT TLS on %s:%d: anyone who reaches it controls this replica (development only)", host, port)
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials(credentials))
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}")
     server.start()
     service.participant.local_address = f"{host}:{bound}"
+    service.participant.credentials = credentials
     log.info("gRPC on %s:%d", host, bound)
     return server, service, bound

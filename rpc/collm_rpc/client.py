@@ -13,6 +13,7 @@ import grpc
 
 from collm_control.stats import AgentStats
 
+from . import tls
 from .proto import collm_pb2 as pb
 from .proto import collm_pb2_grpc as pb_grpc
 from .stats import from_proto
@@ -22,10 +23,16 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_rec
 
 
 class AgentClient:
-    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 30.0, credentials: tls.Credentials | None = None) -> None:
+        """`credentials`: what to present; default the process's (tls.use), plaintext when it has none."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        creds = credentials or tls.process_credentials()
+        if creds is None:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", tls.TARGET_NAME)]
+            self._channel = grpc.secure_channel(address, tls.channel_credentials(creds), options=options)
         self.stub = pb_grpc.AgentStub(self._channel)
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ import grpc
 
 from collm_control import rounds as R
 
+from . import tls
 from .client import AgentClient
 from .proto import collm_pb2 as pb
 
@@ -53,7 +54,9 @@ class RoundDriver:
         clock: Callable[[], float] = time.time,
         poll_s: float = 0.2,
         rpc_timeout_s: float = 30.0,
+        credentials: tls.Credentials | None = None,
     ) -> None:
+        """`credentials`: the operator's, for mutual TLS (default: the process's, see tls.use)."""
         missing = [r for r in spec.replicas if r not in addresses]
         if missing:
             raise ValueError(f"no gRPC address for replicas {missing}")
@@ -62,6 +65,7 @@ class RoundDriver:
         if strategy.secure and strategy.name != "fedavg":
             raise ValueError("secure aggregation sums masked updates: only the fedavg strategy applies")
         self.spec, self.addresses, self.strategy = spec, dict(addresses), strategy
+        self.credentials = credentials
         self.round_number = round_number
         self.state = state or R.start(spec)
         self.persist = persist or (lambda _: None)
@@ -73,7 +77,7 @@ class RoundDriver:
 
     def client(self, replica: str) -> AgentClient:
         if replica not in self._clients:
-            self._clients[replica] = AgentClient(self.addresses[replica], timeout=self.rpc_timeout_s)
+            self._clients[replica] = AgentClient(self.addresses[replica], timeout=self.rpc_timeout_s, credentials=self.credentials)
         return self._clients[replica]
 
     def close(self) -> None:
