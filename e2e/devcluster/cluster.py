@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C stops it even when it was started with SIGINT ignored (a shell's background job is).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     reported = False
     try:
         while not stop.wait(0.5):
