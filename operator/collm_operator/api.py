@@ -369,6 +369,12 @@ def _check_cross_fields(spec: ClusterSpec) -> None:
             "spec.federation.noiseMultiplier",
             f"spec.federation.noiseMultiplier needs aggregation fedavg or ffa, not {f.aggregation}: DP noise is calibrated for the mean",
         )
+    if f.secure_aggregation and f.noise_multiplier:
+        raise SpecError(
+            "spec.federation.noiseMultiplier",
+            "spec.federation.noiseMultiplier cannot be combined with secureAggregation: the aggregator sees only the masked sum, "
+            "so DP noise would have to be added in shares by the participants (distributed DP, not built); use one of the two",
+        )
     if f.deadline_seconds > f.round_interval_seconds:
         raise SpecError(
             "spec.federation.deadlineSeconds",

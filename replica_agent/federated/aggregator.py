@@ -110,6 +110,9 @@ class Aggregator:
         With `invited` (a secure round) the uploads are masked: only their sum is unmasked, with the
         `revealed` pair seeds of participants that dropped out (see secure.py).
         """
+        if invited is not None and noise_multiplier:
+            # The unmasked sum gets no noise here: promising DP for it would be false (distributed DP is not built).
+            raise AggregatorError(f"round {round_id}: secure aggregation with a noise multiplier is not supported; use one of the two")
         with self._lock:
             rnd = self._rounds.setdefault(round_id, AggregatorRound(round_id))
             if rnd.result is not None or rnd.failure is not None:

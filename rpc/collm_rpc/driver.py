@@ -64,6 +64,8 @@ class RoundDriver:
             raise ValueError(f"secure aggregation needs an aggregator that is not a participant (it must not hold the round secret); {spec.aggregator} is both")
         if strategy.secure and strategy.name != "fedavg":
             raise ValueError("secure aggregation sums masked updates: only the fedavg strategy applies")
+        if strategy.secure and strategy.noise_multiplier:
+            raise ValueError("secure aggregation with DP noise is not supported: the aggregator sees only the masked sum (distributed DP is not built)")
         self.spec, self.addresses, self.strategy = spec, dict(addresses), strategy
         self.credentials = credentials
         self.round_number = round_number

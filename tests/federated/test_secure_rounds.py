@@ -106,3 +106,14 @@ def test_secure_rounds_refuse_an_aggregator_that_participates(secure_cluster):
     )
     with pytest.raises(ValueError, match="not a participant"):
         RoundDriver(bad, secure_cluster.addresses, strategy=StrategyConfig("fedavg", secure=True))
+
+
+def test_secure_aggregation_refuses_dp_noise_it_would_not_add(secure_cluster):
+    """The unmask path skips clipping and noise: a noise multiplier with secure aggregation once passed silently."""
+    with pytest.raises(ValueError, match="not supported"):
+        RoundDriver(spec("secure-dp"), secure_cluster.addresses, strategy=StrategyConfig("fedavg", secure=True, clip_norm=1.0, noise_multiplier=0.5))
+    from replica_agent.federated.aggregator import AggregatorError
+
+    aggregator = secure_cluster.replicas["aggregator"].service.aggregator
+    with pytest.raises(AggregatorError, match="noise multiplier is not supported"):
+        aggregator.aggregate("secure-dp", ["agent-0"], strategy="fedavg", base_sha256="0" * 64, noise_multiplier=0.5, invited=["agent-0", "agent-1"])

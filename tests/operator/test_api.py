@@ -118,6 +118,11 @@ INVALID = [
     ({"federation": {"noiseMultiplier": "0.5"}}, "spec.federation.noiseMultiplier", "needs clipNorm"),
     ({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": "median"}}, "spec.federation.noiseMultiplier", "fedavg or ffa"),
     ({"federation": {"deadlineSeconds": 400}}, "spec.federation.deadlineSeconds", "(400) must be <= roundIntervalSeconds (300)"),
+    (  # once accepted, and the unmask path skipped clip and noise: a DP promise that did not hold
+        {"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "noiseMultiplier": "0.5", "clipNorm": "1"}},
+        "spec.federation.noiseMultiplier",
+        "cannot be combined with secureAggregation",
+    ),
 ]
 
 

@@ -147,6 +147,16 @@ CASES = [
         valid=({"federation": {"deadlineSeconds": 300}}, {"federation": {"roundIntervalSeconds": 60, "deadlineSeconds": 60}}),
     ),
     Case(
+        "CollmCluster.spec.federation#5",
+        "!self.secureAggregation || self.noiseMultiplier == ''",
+        "spec.federation.noiseMultiplier",
+        invalid=({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "noiseMultiplier": "0.5", "clipNorm": "1"}},),
+        valid=(
+            {"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "clipNorm": "1"}},
+            {"federation": {"noiseMultiplier": "0.5", "clipNorm": "1"}},
+        ),
+    ),
+    Case(
         "AdapterRound.spec#0",
         "!has(self.participants) || !has(self.minParticipants) || self.minParticipants <= size(self.participants)",
         "spec.minParticipants",
