@@ -54,12 +54,30 @@ class AggregatorError(RuntimeError):
     """A round cannot be aggregated as asked; the message says why."""
 
 
+ROUNDS_KEPT = 8  # rounds (and their candidates) an aggregator remembers; older ones are dropped
+
+
 class Aggregator:
-    def __init__(self, store: AdapterStore) -> None:
+    def __init__(self, store: AdapterStore, *, max_upload_bytes: int | None = None) -> None:
+        """`max_upload_bytes`: the largest upload accepted (an update of this replica's LoRA shape
+        fits with room to spare); the gRPC handler stops reading a stream that passes it."""
         self.store = store
+        self.max_upload_bytes = max_upload_bytes
         self._rounds: dict[str, AggregatorRound] = {}
         self._candidates: dict[str, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
+
+    def _round_locked(self, round_id: str) -> AggregatorRound:
+        """The round's state, made on first sight; the oldest rounds beyond ROUNDS_KEPT are forgotten
+        with their candidates, so junk round ids cannot grow memory without bound."""
+        rnd = self._rounds.get(round_id)
+        if rnd is None:
+            rnd = self._rounds[round_id] = AggregatorRound(round_id)
+            while len(self._rounds) > ROUNDS_KEPT:
+                oldest = self._rounds.pop(next(iter(self._rounds)))
+                if oldest.candidate_sha256 is not None:
+                    self._candidates.pop(oldest.candidate_sha256, None)
+        return rnd
 
     def round(self, round_id: str) -> AggregatorRound | None:
         with self._lock:
@@ -71,7 +89,7 @@ class Aggregator:
 
     def receive(self, round_id: str, participant: str, blob: bytes, sha256: str, *, masked: bool = False) -> UploadOutcome:
         with self._lock:
-            rnd = self._rounds.setdefault(round_id, AggregatorRound(round_id))
+            rnd = self._round_locked(round_id)
             if rnd.closed:
                 return UploadOutcome(False, "RoundClosed", f"round {round_id} closed to uploads at {rnd.closed_at:.3f} (unix); this update came too late")
             previous = rnd.uploads.get(participant)
@@ -114,7 +132,7 @@ class Aggregator:
             # The unmasked sum gets no noise here: promising DP for it would be false (distributed DP is not built).
             raise AggregatorError(f"round {round_id}: secure aggregation with a noise multiplier is not supported; use one of the two")
         with self._lock:
-            rnd = self._rounds.setdefault(round_id, AggregatorRound(round_id))
+            rnd = self._round_locked(round_id)
             if rnd.result is not None or rnd.failure is not None:
                 return rnd
             rnd.closed, rnd.closed_at = True, time.time()

@@ -29,6 +29,9 @@ from .update import UpdateError, encode_update, fetch_adapter, make_update
 
 log = logging.getLogger(__name__)
 
+ROUNDS_KEPT = 8  # rounds a participant remembers (status, retried uploads); older ones are dropped
+FETCHED_KEPT = 4  # adapters fetched from peers and kept by content hash
+
 
 @dataclass(frozen=True)
 class SecureRound:
@@ -82,6 +85,8 @@ class Participant:
         check_adapter(tensors, self.agent.spec, self.agent.runtime.dims)
         with self._lock:
             self._fetched[sha256] = tensors
+            while len(self._fetched) > FETCHED_KEPT:  # adapters fetched for evaluation or publishing: the recent ones
+                self._fetched.pop(next(iter(self._fetched)))
         return tensors
 
     # -- training ----------------------------------------------------------------------------
@@ -102,6 +107,8 @@ class Participant:
             if existing is not None:
                 return existing
             rnd = self._rounds[round_id] = ParticipantRound(round_id, started_at=time.time(), secure=secure)
+            while len(self._rounds) > ROUNDS_KEPT:
+                self._rounds.pop(next(iter(self._rounds)))
         trainer = self.agent.trainer
         if trainer is None:
             rnd.state, rnd.message = "Failed", "this replica has no training data (start it with --data)"

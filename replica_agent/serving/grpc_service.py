@@ -47,7 +47,7 @@ class AgentService(pb_grpc.AgentServicer):
     def __init__(self, agent, me: tls.Identity | None = None) -> None:
         """`me`: this replica's identity when it serves with mutual TLS (None: plaintext, no checks)."""
         self.agent, self.me = agent, me
-        self.aggregator = Aggregator(agent.store)
+        self.aggregator = Aggregator(agent.store, max_upload_bytes=upload_limit(agent.spec, agent.runtime.dims))
         self.participant = Participant(agent, self.aggregator)
 
     @_guarded
@@ -96,9 +96,14 @@ class AgentService(pb_grpc.AgentServicer):
 
     @_guarded
     def UploadUpdate(self, request_iterator, context):
-        header, parts = None, []
+        header, parts, size, limit = None, [], 0, self.aggregator.max_upload_bytes
         for chunk in request_iterator:
             header = header or chunk
+            size += len(chunk.data)
+            if limit is not None and (size > limit or header.total_bytes > limit):
+                # Stop reading: a junk stream is dropped as it arrives, not held in memory.
+                message = f"the upload passes {limit} bytes, more than an update of this cluster's LoRA shape can take"
+                return pb.UploadReply(accepted=False, reason="TooLarge", message=message)
             parts.append(chunk.data)
         if header is None:
             return pb.UploadReply(accepted=False, reason="Corrupt", message="empty upload")
@@ -199,6 +204,12 @@ class AgentService(pb_grpc.AgentServicer):
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
         return pb.PublishReply(adapter=ref_to_proto(version.ref()), switched_unix=time.time())
+
+
+def upload_limit(spec, dims) -> int:
+    """Twice the bytes of a masked update (8 bytes per element) of this LoRA shape, plus 1 MiB of headers."""
+    elements = sum(spec.rank * sum(dims.module_shape(m)) for m in spec.target_modules) * dims.layers
+    return 2 * 8 * elements + (1 << 20)
 
 
 def serve_grpc(

@@ -35,10 +35,15 @@ def agent(json_data, tiny_base):
 
 
 @pytest.fixture(scope="module")
-def address(agent, ca):
-    server, _, port = serve_grpc(agent, "127.0.0.1", 0, credentials=ca.issue(tls.Identity.replica(NS, CLUSTER, "tiny-0")))
-    yield f"127.0.0.1:{port}"
+def served(agent, ca):
+    server, service, port = serve_grpc(agent, "127.0.0.1", 0, credentials=ca.issue(tls.Identity.replica(NS, CLUSTER, "tiny-0")))
+    yield f"127.0.0.1:{port}", service
     server.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def address(served):
+    return served[0]
 
 
 def _code(call) -> grpc.StatusCode:
@@ -143,3 +148,18 @@ def test_a_round_runs_end_to_end_over_mutual_tls(tiny_base, ca):
         state = RoundDriver(retry, cluster.addresses, credentials=operator, round_number=1).run(timeout_s=120)
         assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
         assert {r.agent.store.current.sha256 for r in cluster.replicas.values()} == {state.version_sha256}
+
+
+def test_a_junk_upload_is_dropped_as_it_streams_and_made_up_rounds_are_forgotten(served, ca):
+    """A 96 MiB junk upload to a made-up round was once held in memory, and every round id kept forever."""
+    from replica_agent.federated.aggregator import ROUNDS_KEPT
+
+    address, service = served
+    with AgentClient(address, credentials=ca.issue(tls.Identity.replica(NS, CLUSTER, "tiny-1")), timeout=60) as peer:
+        reply = peer.upload("made-up", "tiny-1", b"\0" * (96 << 20), "0" * 64)
+        assert not reply.accepted and reply.reason == "TooLarge" and str(service.aggregator.max_upload_bytes) in reply.message
+        for i in range(3 * ROUNDS_KEPT):
+            assert peer.upload(f"junk-{i}", "tiny-1", b"junk", "0" * 64).reason == "Corrupt"
+    rounds = service.aggregator._rounds
+    assert len(rounds) <= ROUNDS_KEPT and "junk-0" not in rounds and "made-up" not in rounds
+    assert all(not r.uploads for r in rounds.values())
