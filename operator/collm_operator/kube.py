@@ -52,6 +52,27 @@ def three_way_patch(last: Any, desired: Any) -> Any:
     return out
 
 
+class NotOwned(Exception):
+    """An object of the desired name exists and another owner (or nobody) controls it: apply leaves it alone."""
+
+
+def _controller(obj: dict[str, Any]) -> dict[str, Any] | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((ref for ref in refs if ref.get("controller")), None)
+
+
+def foreign_holder(existing: dict[str, Any], desired: dict[str, Any]) -> str | None:
+    """Who holds `existing` when it is not the controller `desired` names ("nobody" for an object no
+    controller owns, such as one made by hand); None when `desired` has no controller or it is the same."""
+    wanted = _controller(desired)
+    if wanted is None:
+        return None
+    holder = _controller(existing)
+    if holder is not None and holder.get("uid") == wanted.get("uid"):
+        return None
+    return f"{holder.get('kind')} {holder.get('name')} (uid {holder.get('uid')})" if holder else "nobody (no controller owner: made by hand?)"
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.dynamic = dynamic.DynamicClient(api_client)
@@ -80,7 +101,8 @@ class Kube:
         return [item.to_dict() for item in found.items]
 
     def apply(self, obj: dict[str, Any]) -> bool:
-        """Bring the object to the desired state (create, or three-way merge patch); True when it changed."""
+        """Bring the object to the desired state (create, or three-way merge patch); True when it changed.
+        Raises NotOwned, changing nothing, when an object of that name has another controller."""
         meta = obj["metadata"]
         res = self.resource(obj["apiVersion"], obj["kind"])
         desired = copy.deepcopy(obj)
@@ -92,6 +114,12 @@ class Kube:
                 return True
             except ConflictError:  # created meanwhile: patch it below
                 existing = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]) or {}
+        holder = foreign_holder(existing, obj)
+        if holder is not None:
+            wanted = _controller(obj) or {}
+            raise NotOwned(
+                f"{obj['kind']} {meta.get('namespace')}/{meta['name']} exists and belongs to {holder}, not to {wanted.get('kind')} {wanted.get('name')}"
+            )
         last_text = ((existing.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
         last = json.loads(last_text) if last_text else {}
         patch = three_way_patch(last, obj)

@@ -17,7 +17,7 @@ from typing import Any
 
 from collm_operator import api, objects
 from collm_operator.conditions import FALSE, TRUE, Reason, invalid_spec, set_condition, summarize_ready
-from collm_operator.kube import ApiException, Kube, ResourceNotFoundError
+from collm_operator.kube import ApiException, Kube, NotOwned, ResourceNotFoundError
 
 SLO_DEGRADED_BELOW = 0.9  # attainment under this (with enough requests) marks the cluster Degraded
 SLO_MIN_REQUESTS = 20  # fewer finished requests in the window say nothing about the SLO
@@ -55,6 +55,8 @@ def apply_children(kube: Kube, cluster: api.Cluster) -> Applied:
                 f"{obj['apiVersion']} (install the Prometheus Operator CRDs or set spec.monitoring.serviceMonitor: false)"
             )
             continue
+        except NotOwned as exc:
+            raise ChildRejected(f"{exc}; delete or rename that object, or give the CollmCluster another name") from exc
         except ApiException as exc:
             if exc.status in (400, 422):
                 raise ChildRejected(

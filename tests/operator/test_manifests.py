@@ -162,6 +162,7 @@ CEL_EQUIVALENTS = {
         "self.noiseMultiplier == '' || self.clipNorm != ''": ".spec.federation",
         "self.noiseMultiplier == '' || self.aggregation in ['fedavg', 'ffa']": ".spec.federation",
         "self.deadlineSeconds <= self.roundIntervalSeconds": ".spec.federation",
+        "!self.secureAggregation || self.noiseMultiplier == ''": ".spec.federation",
     },
     "AdapterRound": {
         "!has(self.participants) || !has(self.minParticipants) || self.minParticipants <= size(self.participants)": ".spec",
