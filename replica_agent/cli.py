@@ -17,8 +17,14 @@ def agent_main(argv: list[str] | None = None) -> int:
     from .agent import Agent
     from .serving.grpc_service import serve_grpc
     from .serving.http_api import run_server
+    from .serving.pipeline import read_token
 
     credentials = None
+    try:
+        read_token(config.admin_token_file)  # a missing or weak token file fails here, before the model loads
+    except ValueError as exc:
+        print(f"collm-agent: {exc}", file=sys.stderr)
+        return 2
     if config.tls_dir:
         try:
             credentials = tls.Credentials.read(config.tls_dir, config.replica_id)

@@ -31,6 +31,9 @@ class AgentConfig(BaseModel):
     )
     device: str = Field("auto", description="'auto' (a GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'")
     replica_id: str = Field("agent-0", description="name of this replica in stats, metrics and federated rounds")
+    admin_token_file: str | None = Field(
+        None, description="file holding the bearer token that POST /publish and /feedback require; unset: no token (development only)"
+    )
     tls_dir: str | None = Field(
         None,
         description="mutual TLS on the gRPC port: a directory with ca.crt and <replica_id>.crt/.key (or tls.crt/tls.key), "

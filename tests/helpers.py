@@ -15,14 +15,14 @@ def eventually(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool
     return predicate()
 
 
-def post_json(url: str, body) -> tuple[int, dict, dict]:
+def post_json(url: str, body, headers: dict | None = None) -> tuple[int, dict, dict]:
     """POST `body` (bytes as they are, anything else as JSON); returns (status, JSON answer, headers) on success or error."""
     import json
     import urllib.error
     import urllib.request
 
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read()), dict(resp.headers)

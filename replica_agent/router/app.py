@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from ..serving.pipeline import admin_warning, bearer_matches, read_token
 from .dispatch import ReplicaLoad, choose, why_none
 from .metrics import RouterMetrics
 from .proxy import error_response, forward
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("collm_router")
+ADMIN_TOKEN_KEY: web.AppKey[str | None] = web.AppKey("collm_router_admin_token")
 ENV_PREFIX = "COLLM_ROUTER_"
 
 
@@ -214,6 +216,15 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[ROUTER_KEY].metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+@web.middleware
+async def _admin_auth(request: web.Request, handler):
+    token = request.app[ADMIN_TOKEN_KEY]
+    if request.path.startswith("/admin/") and token is not None and not bearer_matches(request, token):
+        body = {"error": f"{request.path} is an admin route: send Authorization: Bearer <the cluster's admin token>", "error_type": "unauthorized"}
+        return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
 async def _replicas(request: web.Request) -> web.Response:
     return web.json_response({"replicas": request.app[ROUTER_KEY].describe()})
 
@@ -227,11 +238,17 @@ async def _weights(request: web.Request) -> web.Response:
     return web.json_response({"replicas": router.describe()})
 
 
-def create_router_app(replicas: Sequence[ReplicaEndpoint], *, max_outstanding_per_replica: int = 64, **settings) -> web.Application:
-    """The router's application; `settings` are Router's keyword arguments (timeouts, health interval, rng...)."""
+def create_router_app(
+    replicas: Sequence[ReplicaEndpoint], *, max_outstanding_per_replica: int = 64, admin_token: str | None = None, **settings
+) -> web.Application:
+    """The router's application; `admin_token` guards /admin/* (None: open, development only); `settings`
+    are Router's keyword arguments (timeouts, health interval, rng...)."""
     router = Router(replicas, max_outstanding=max_outstanding_per_replica, **settings)
-    app = web.Application()
+    app = web.Application(middlewares=[_admin_auth])
     app[ROUTER_KEY] = router
+    app[ADMIN_TOKEN_KEY] = admin_token
+    if admin_token is None:
+        admin_warning("router")
     app.cleanup_ctx.append(router.lifespan)
     app.add_routes(
         [
@@ -294,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(env(ENV_PREFIX + "STREAM_IDLE_TIMEOUT", "30")),
         help="seconds a stream may stay silent before the client gets an error event (env COLLM_ROUTER_STREAM_IDLE_TIMEOUT; default 30)",
     )
+    p.add_argument(
+        "--admin-token-file",
+        default=env(ENV_PREFIX + "ADMIN_TOKEN_FILE"),
+        help="file holding the bearer token that /admin/* requires (env COLLM_ROUTER_ADMIN_TOKEN_FILE; unset: no token, development only)",
+    )
     p.add_argument("--log-level", default=env(ENV_PREFIX + "LOG_LEVEL", "INFO"), help="logging level (env COLLM_ROUTER_LOG_LEVEL)")
     return p
 
@@ -312,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             health_interval_s=args.health_interval,
             max_attempts=args.max_attempts,
             stream_idle_timeout_s=args.stream_idle_timeout,
+            admin_token=read_token(args.admin_token_file),
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -35,7 +35,7 @@ from ..engine.engine import QueueFull, RequestRejected
 from ..engine.requests import FinalEvent
 from . import openai_api
 from .metrics import AgentMetrics
-from .pipeline import RETRY_AFTER_S, generation_headers, read_json, stream_events
+from .pipeline import RETRY_AFTER_S, admin_warning, bearer_matches, generation_headers, read_json, read_token, stream_events
 from .schemas import (
     MAX_STOP_SEQUENCES,
     GenerateRequest,
@@ -68,10 +68,17 @@ class ApiError(Exception):
 class HttpApi:
     def __init__(self, agent, metrics: AgentMetrics) -> None:
         self.agent, self.metrics = agent, metrics
+        self.admin_token = read_token(agent.config.admin_token_file)
+        if self.admin_token is None:
+            admin_warning(f"agent {agent.config.replica_id}")
         self.engine = agent.engine
         self.draining = False
         self._last_iteration = time.monotonic()
         self.engine.observers.append(self._observe)
+
+    def _check_admin(self, request: web.Request) -> None:
+        if self.admin_token is not None and not bearer_matches(request, self.admin_token):
+            raise ApiError(401, f"{request.path} is an admin route: send Authorization: Bearer <the cluster's admin token>", "unauthorized")
 
     def _observe(self, kind: str, _payload) -> None:
         if kind == "iteration":
@@ -172,13 +179,15 @@ class HttpApi:
         return web.json_response(stats)
 
     # -- control ------------------------------------------------------------------------------
-    async def publish(self, _request: web.Request) -> web.Response:
+    async def publish(self, request: web.Request) -> web.Response:
+        self._check_admin(request)
         if self.agent.trainer is None:
             raise ApiError(409, "this agent has no training data, so there is no shadow adapter to publish; start it with --data", "conflict")
         version = await asyncio.to_thread(self.agent.publish)
         return web.json_response(version.summary())
 
     async def feedback(self, request: web.Request) -> web.Response:
+        self._check_admin(request)
         config = self.agent.config
         if not config.feedback:
             raise ApiError(404, "feedback is disabled on this agent; start it with --feedback (COLLM_FEEDBACK=true)", "not_found")
@@ -234,7 +243,7 @@ async def _errors(request: web.Request, handler):
     except ApiError as exc:
         if exc.error_type in ("validation", "overloaded", "unavailable"):
             api.metrics.reject(exc.error_type)
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return web.json_response(error_body(exc.message, exc.error_type), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:

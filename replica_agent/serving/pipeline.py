@@ -8,9 +8,11 @@ other. The wire formats themselves (schemas.py, openai_schemas.py) are shared wi
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -96,3 +98,31 @@ async def stream_events(
     except ConnectionResetError:
         log.debug("client of %s disconnected mid-stream", request.path)
     return response
+
+
+# -- admin routes ----------------------------------------------------------------------------------
+# Routes that change what a replica serves or where the router sends requests (/publish, /feedback,
+# the router's /admin/*) take a bearer token read from a file (a Secret mounted by the operator).
+
+
+def read_token(path: str | None) -> str | None:
+    """The token in `path` (surrounding whitespace dropped); None when no path is given."""
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the admin token file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise ValueError(f"the admin token in {path} is {len(token)} characters long; use at least 16 random ones")
+    return token
+
+
+def bearer_matches(request: web.Request, token: str) -> bool:
+    """True when the request carries `Authorization: Bearer <token>` (compared in constant time)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def admin_warning(what: str) -> None:
+    log.warning("%s: admin routes need no token (no admin token file given); anyone who reaches the port may use them. Development only.", what)

@@ -390,3 +390,17 @@ def _up(url: str) -> bool:
     with contextlib.suppress(OSError):
         return http("GET", url, timeout=2)[0] == 200
     return False
+
+
+def test_admin_routes_need_the_admin_token(agents, loop):
+    """PUT /admin/weights on the client port once let anyone set every weight to 0 (all requests 503)."""
+    token = "s3cret-admin-token-0123456789"
+    url, router = start_router(loop, {"a": agents["urls"]["a"]}, admin_token=token)
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": token}):
+        status, body, answer = http("PUT", url + "/admin/weights", {"weights": {"a": 0}}, headers=headers)
+        assert status == 401 and answer["WWW-Authenticate"] == "Bearer" and b"admin route" in body
+        assert http("GET", url + "/admin/replicas", headers=headers)[0] == 401
+    assert router.replicas["a"].weight == 1.0  # nothing changed
+    status, _, _ = http("PUT", url + "/admin/weights", {"weights": {"a": 2}}, headers={"Authorization": f"Bearer {token}"})
+    assert status == 200 and router.replicas["a"].weight == 2.0
+    assert http("POST", url + "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}})[0] == 200  # clients need no token

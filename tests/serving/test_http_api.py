@@ -456,3 +456,22 @@ def test_malformed_json_is_a_client_error_never_a_500(server, path, raw, words):
     status, payload, _ = post(server, path, raw, raw=True)
     assert 400 <= status < 500, (status, payload)
     assert words in json.dumps(payload)
+
+
+def test_admin_routes_need_the_admin_token_when_one_is_configured(server, agent, tmp_path, monkeypatch):
+    """POST /publish and /feedback once needed nothing."""
+    from replica_agent.serving.pipeline import read_token
+
+    path = tmp_path / "token"
+    path.write_text("admin-token-0123456789abcdef\n")
+    monkeypatch.setattr(server.api, "admin_token", read_token(str(path)))
+    before = agent.store.current.label
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        status, body, answer = post_json(server.url + "/publish", {}, headers)
+        assert status == 401 and answer["WWW-Authenticate"] == "Bearer" and "admin route" in body["error"]
+    assert agent.store.current.label == before
+    status, _, _ = post_json(server.url + "/publish", {}, {"Authorization": "Bearer admin-token-0123456789abcdef"})
+    assert status == 200
+    with pytest.raises(ValueError, match="at least 16"):
+        path.write_text("short")
+        read_token(str(path))
