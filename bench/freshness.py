@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from collm_rpc.client import AgentClient
 from collm_rpc.proto import collm_pb2 as pb
 from replica_agent.engine.model_host import load_base_model
 from replica_agent.local.cluster import LocalDeployment, replica_configs
@@ -46,7 +45,7 @@ def run(
     try:
         names = list(deployment.replicas)
         source_name, source = names[0], deployment.replicas[names[0]].agent
-        clients = {n: AgentClient(deployment.replicas[n].grpc_address) for n in names[1:]}
+        clients = {n: deployment.client(n) for n in names[1:]}
         traffic = TrafficReplay(
             deployment.router_url, workload_for(configs, trace_slice(trace, rate=rate, duration_s=duration), base.tokenizer), 1000, 100
         ).start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 import tempfile
 import threading
@@ -27,16 +28,30 @@ from pathlib import Path
 
 from aiohttp import web
 
+from collm_rpc import tls
+from collm_rpc.client import AgentClient
+
 from ..agent import Agent
 from ..config import AgentConfig
 from ..engine.data import stdlib_domain
 from ..engine.model_host import BaseModel, load_base_model
 from ..router.app import ReplicaEndpoint, create_router_app
 from ..serving.background import BackgroundServer
+from ..serving.pipeline import read_token
 from .controller import Controller, ControllerSettings
 from .in_process import LocalCluster
 from .processes import AgentProcess, ManagedProcess, core_sets, start_agent, start_router, wait_healthy
 from .throttle import Throttle, throttle_all
+
+LOCAL_NAMESPACE, LOCAL_CLUSTER = "local", "local"  # the identity of the local mode's replicas: ns/local/cluster/local/replica/<id>
+
+
+def _replica_tls_dir(ca: tls.CertificateAuthority, work: Path, replica_id: str) -> Path:
+    """A replica process's TLS directory, laid out as the operator's Secret is mounted."""
+    directory = work / "tls" / replica_id
+    ca.issue(tls.Identity.replica(LOCAL_NAMESPACE, LOCAL_CLUSTER, replica_id)).write(directory, replica_id)
+    return directory
+
 
 # One domain per replica, each its private data (non-IID): Python code of one standard-library
 # package, or English prose (Python's reference documentation); replica 0 is code, replica 1 prose.
@@ -50,9 +65,10 @@ def replica_configs(n: int, *, model: str = "tiny", ttft_ms: int = 1000, tpot_ms
     return [AgentConfig(**{**base, **overrides, "replica_id": f"replica-{i}", "data": str(stdlib_domain(DOMAINS[i]))}) for i in range(n)]
 
 
-def put_weights(router_url: str, weights: dict[str, float], affinity: bool = True) -> None:
+def put_weights(router_url: str, weights: dict[str, float], affinity: bool = True, *, token: str | None = None) -> None:
     body = json.dumps({"weights": weights, "affinity": affinity}).encode()
-    request = urllib.request.Request(router_url + "/admin/weights", data=body, method="PUT", headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(router_url + "/admin/weights", data=body, method="PUT", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as reply:
         reply.read()
 
@@ -105,6 +121,9 @@ class LocalDeployment:
     _stoppers: list[Callable[[], None]] = field(default_factory=list)
     _managed: list[ManagedProcess] = field(default_factory=list)
     arrivals: Callable[[], int] = lambda: 0  # requests sent so far: the controller's load signal (the traffic sets it)
+    # What the harness presents as the operator: mutual TLS to the agents, the admin token to the router.
+    credentials: tls.Credentials | None = None
+    admin_token: str | None = None
     throttles: dict[str, Throttle] = field(default_factory=dict)  # replicas made slower devices (throttle.py)
 
     @classmethod
@@ -127,27 +146,47 @@ class LocalDeployment:
             raise ValueError("throttling a replica needs replica processes (processes=True)")
         work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="collm-local-"))
         (work / "archive").mkdir(parents=True, exist_ok=True)
-        configs = [c.model_copy(update={"adapter_archive": str(work / "archive" / c.replica_id)}) for c in configs]
+        # As the operator does: a CA, a certificate per replica and the operator's own, and an admin token.
+        ca = tls.CertificateAuthority.create("collm-local-ca")
+        token_file = work / "admin-token"
+        token_file.write_text(secrets.token_urlsafe(32))
+        token_file.chmod(0o600)
+        configs = [
+            c.model_copy(
+                update={
+                    "adapter_archive": str(work / "archive" / c.replica_id),
+                    "admin_token_file": str(token_file),
+                    "tls_dir": str(_replica_tls_dir(ca, work, c.replica_id)) if processes else None,
+                }
+            )
+            for c in configs
+        ]
         deployment = cls({}, "", None, work, processes, owns_workdir=workdir is None)
+        deployment.credentials = ca.issue(tls.Identity.operator())
+        deployment.admin_token = read_token(str(token_file))
         try:
             if processes:
                 deployment._start_processes(configs, cores_per_replica)
                 deployment.throttles = throttle_all({p.name: p.pid for p in deployment._managed}, throttle)
             else:
-                deployment._start_in_process(configs, base)
+                deployment._start_in_process(configs, base, ca)
             if settings is not None and controller:
                 addresses = {n: r.grpc_address for n, r in deployment.replicas.items()}
                 deployment.controller = Controller(
-                    addresses, set_weights=deployment.set_weights, arrivals=lambda: deployment.arrivals(), settings=settings
+                    addresses,
+                    set_weights=deployment.set_weights,
+                    arrivals=lambda: deployment.arrivals(),
+                    settings=settings,
+                    credentials=deployment.credentials,
                 ).start()
             return deployment
         except BaseException:
             deployment.stop()
             raise
 
-    def _start_in_process(self, configs: list[AgentConfig], base: BaseModel | None) -> None:
+    def _start_in_process(self, configs: list[AgentConfig], base: BaseModel | None, ca: tls.CertificateAuthority) -> None:
         base = base or load_base_model(configs[0].model)
-        cluster = LocalCluster(configs, base=base)
+        cluster = LocalCluster(configs, base=base, ca=ca, namespace=LOCAL_NAMESPACE, cluster=LOCAL_CLUSTER)
         self._stoppers.append(cluster.stop)
         for name, r in cluster.replicas.items():
             server = BackgroundServer(r.agent, "127.0.0.1", 0)
@@ -155,7 +194,12 @@ class LocalDeployment:
             config = next(c for c in configs if c.replica_id == name)
             self.replicas[name] = Replica(name, server.url, r.address, config, agent=r.agent)
         # Health checks off: the agents live in this process; the controller's weights drain a replica.
-        router = BackgroundRouter([ReplicaEndpoint(n, r.http_url) for n, r in self.replicas.items()], health_interval_s=0, max_outstanding_per_replica=256)
+        router = BackgroundRouter(
+            [ReplicaEndpoint(n, r.http_url) for n, r in self.replicas.items()],
+            health_interval_s=0,
+            max_outstanding_per_replica=256,
+            admin_token=self.admin_token,
+        )
         self._stoppers.append(router.stop)
         self.router_url = router.url
 
@@ -171,13 +215,17 @@ class LocalDeployment:
         for config, process in started:
             wait_healthy(process)
             self.replicas[config.replica_id] = Replica(config.replica_id, process.http_url, process.grpc_address, config, process=process)
-        router = start_router({n: r.http_url for n, r in self.replicas.items()}, logs)
+        router = start_router({n: r.http_url for n, r in self.replicas.items()}, logs, admin_token_file=self.workdir / "admin-token")
         self._managed.append(router)
         self.router_url = router.url
 
     # -- acting -------------------------------------------------------------------------------
     def set_weights(self, weights: dict[str, float], affinity: bool = True) -> None:
-        put_weights(self.router_url, weights, affinity)
+        put_weights(self.router_url, weights, affinity, token=self.admin_token)
+
+    def client(self, name: str, *, timeout: float = 30.0) -> AgentClient:
+        """A gRPC client of one replica, presenting the operator's certificate as the harness does."""
+        return AgentClient(self.replicas[name].grpc_address, timeout=timeout, credentials=self.credentials)
 
     def archives(self) -> list[Path]:
         return [Path(r.config.adapter_archive) for r in self.replicas.values() if r.config.adapter_archive]

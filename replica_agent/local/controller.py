@@ -31,6 +31,7 @@ from collm_control.allocation import POLICIES, Allocation
 from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, log_decision, next_version
 from collm_control.planning import Planner, PlanningSettings
 from collm_control.stats import AgentStats
+from collm_rpc import tls
 from collm_rpc.client import AgentClient, read_stats
 from collm_rpc.driver import RoundDriver, StrategyConfig
 
@@ -158,12 +159,15 @@ class Controller:
         arrivals: Callable[[], int],
         settings: ControllerSettings = ControllerSettings(),
         clock: Callable[[], float] = time.time,
+        credentials: tls.Credentials | None = None,
     ) -> None:
+        """`credentials`: the operator's certificate, for agents that serve with mutual TLS."""
         if not addresses:
             raise ValueError("the controller needs at least one agent (name -> gRPC host:port)")
         self.addresses, self.settings = dict(addresses), settings
         self.set_weights, self.arrivals, self.clock = set_weights, arrivals, clock
-        self.clients = {name: AgentClient(address, timeout=settings.rpc_timeout_s) for name, address in self.addresses.items()}
+        self.credentials = credentials
+        self.clients = {name: AgentClient(address, timeout=settings.rpc_timeout_s, credentials=credentials) for name, address in self.addresses.items()}
         self.planner = Planner(settings.planning(), now=clock())
         self.history = ControllerHistory()
         self.allocation: Allocation | None = None
@@ -288,7 +292,9 @@ class Controller:
         )
         record = RoundRecord(number, spec.round_id, spec.participants, spec.aggregator, self.clock())
         self.history.rounds.append(record)
-        driver = self._driver = RoundDriver(spec, self.addresses, strategy=s.strategy, round_number=number, rpc_timeout_s=max(30.0, s.rpc_timeout_s))
+        driver = self._driver = RoundDriver(
+            spec, self.addresses, strategy=s.strategy, round_number=number, rpc_timeout_s=max(30.0, s.rpc_timeout_s), credentials=self.credentials
+        )
 
         def run() -> None:
             try:

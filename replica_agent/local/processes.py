@@ -138,7 +138,7 @@ class RouterProcess(ManagedProcess):
     replicas: dict[str, str] = field(default_factory=dict)
 
 
-def start_router(replicas: dict[str, str], log_dir: Path, *, max_outstanding: int = 256) -> RouterProcess:
+def start_router(replicas: dict[str, str], log_dir: Path, *, max_outstanding: int = 256, admin_token_file: Path | None = None) -> RouterProcess:
     """`collm-router` in front of `replicas` (name -> http url); health checks off (the harness owns the replicas)."""
     port = free_port()
     argv = [
@@ -158,13 +158,15 @@ def start_router(replicas: dict[str, str], log_dir: Path, *, max_outstanding: in
     ]
     for name, url in replicas.items():
         argv += ["--replica", f"{name}={url}"]
+    if admin_token_file is not None:
+        argv += ["--admin-token-file", str(admin_token_file)]
     managed = spawn("router", argv, log_dir, None, {})
     router = RouterProcess(managed.name, managed.proc, managed.log_path, None, f"http://127.0.0.1:{port}", dict(replicas))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         router.check_alive()
         try:
-            with urllib.request.urlopen(router.url + "/admin/replicas", timeout=2):
+            with urllib.request.urlopen(router.url + "/metrics", timeout=2):  # open to all (/admin/* may need the token)
                 return router
         except OSError:
             time.sleep(0.2)

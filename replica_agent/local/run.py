@@ -60,7 +60,7 @@ def run_policy(
     deployment = LocalDeployment.start(
         configs, settings, base=base, processes=processes, cores_per_replica=cores_per_replica, workdir=workdir, throttle=throttle
     )
-    clients = {n: AgentClient(r.grpc_address, timeout=10) for n, r in deployment.replicas.items()}
+    clients = {n: deployment.client(n, timeout=10) for n in deployment.replicas}
     samples: list[Sample] = []
     try:
         start_stats = read_stats(clients)

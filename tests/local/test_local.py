@@ -139,3 +139,28 @@ def test_freshness_benchmark_switches_every_replica_without_failures(tmp_path, t
     assert saved["all_replicas_switched"] and len(saved["cases"]) == 3
     assert 0 <= saved["freshness_s_p50"] <= saved["freshness_s_max"]
     assert saved["failed_requests"] == 0 and saved["requests_answered"] == saved["requests_sent"] > 0
+
+
+def test_the_local_mode_runs_its_replicas_with_mutual_tls_and_an_admin_token(tiny_base):
+    import urllib.error
+
+    import grpc
+
+    from collm_rpc.client import AgentClient
+    from replica_agent.local.cluster import LocalDeployment, put_weights, replica_configs
+
+    deployment = LocalDeployment.start(replica_configs(1), None, base=tiny_base)
+    try:
+        name = next(iter(deployment.replicas))
+        assert deployment.client(name).stats().replica_id == name  # the harness presents the operator's certificate
+        with AgentClient(deployment.replicas[name].grpc_address, timeout=5) as plain:
+            with pytest.raises(grpc.RpcError) as refused:
+                plain.stats()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(urllib.error.HTTPError) as unauthorized:
+            put_weights(deployment.router_url, {name: 0.0})
+        assert unauthorized.value.code == 401
+        deployment.set_weights({name: 2.0})  # with the token
+    finally:
+        deployment.stop()
+        deployment.cleanup()
