@@ -37,7 +37,7 @@ from replica_agent.engine.adapter_store import AdapterStore
 from replica_agent.engine.engine import Engine, EngineSettings
 from replica_agent.engine.llama import LlamaRuntime, model_dims
 from replica_agent.engine.lora import ALL_MODULES, LoraSpec
-from replica_agent.engine.model_host import load_base_model, load_hf_model, smollm2_gguf_path
+from replica_agent.engine.model_host import dtype_name, load_base_model, load_hf_model, smollm2_gguf_path
 from replica_agent.engine.requests import SamplingParams
 from replica_agent.report import machine, print_table, write_json
 
@@ -52,9 +52,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_memory_mib(device: torch.device | None) -> dict:
+def _peak_memory_mib(device: torch.device) -> dict:
     peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device is not None and device.type == "cuda":
+    if device.type == "cuda":
         peak["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
 
@@ -93,7 +93,7 @@ def _collm(model: str, settings: dict) -> dict:
     return {
         "decode_tokens_per_s": decode,
         "ttft_s": statistics.median(ttfts),
-        "dtype": str(runtime.dtype).removeprefix("torch."),
+        "dtype": dtype_name(runtime.dtype),
         "device": str(runtime.device),
     }
 
@@ -141,7 +141,7 @@ def _hf_peft(model: str, settings: dict, adapters: int) -> dict:
         runs = [batch * (n - 1) / max(generate(prompt, batch, n) - generate(prompt, batch, 1), 1e-9) for _ in range(settings["repeats"])]
         decode[str(batch)] = statistics.median(runs)
     ttft = statistics.median(generate(prompt_ids(settings["ttft_prompt"]), 1, 1) for _ in range(settings["repeats"]))
-    return {"decode_tokens_per_s": decode, "ttft_s": ttft, "dtype": str(dtype).removeprefix("torch."), "device": str(device), "adapters": adapters}
+    return {"decode_tokens_per_s": decode, "ttft_s": ttft, "dtype": dtype_name(dtype), "device": str(device), "adapters": adapters}
 
 
 def _llama_cpp(model: str, settings: dict) -> dict:
@@ -151,7 +151,7 @@ def _llama_cpp(model: str, settings: dict) -> dict:
     threads = settings["threads"]
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=settings["ttft_prompt"] + settings["new_tokens"] + 8, n_threads=threads, n_batch=512, verbose=False)
 
-    def decode_rate() -> float:
+    def rate() -> float:
         llm.reset()  # no prefix reuse from the previous run
         stamps = []
         for _ in llm.generate(prompt_ids(settings["prompt_len"]), top_k=1, temp=0.0):
@@ -166,10 +166,9 @@ def _llama_cpp(model: str, settings: dict) -> dict:
         next(iter(llm.generate(prompt_ids(settings["ttft_prompt"]), top_k=1, temp=0.0)))
         return time.perf_counter() - started
 
-    decode_rate()  # warm-up
-    rate = statistics.median(decode_rate() for _ in range(settings["repeats"]))
+    rate()  # warm-up
     return {
-        "decode_tokens_per_s": {"1": rate},
+        "decode_tokens_per_s": {"1": statistics.median(rate() for _ in range(settings["repeats"]))},
         "ttft_s": statistics.median(ttft() for _ in range(settings["repeats"])),
         "dtype": "Q4_1 (GGUF)",
         "device": "cpu",
@@ -187,8 +186,7 @@ def _worker(stack: str, model: str, settings: dict) -> dict:
         result = _hf_peft(model, settings, adapters=HF_ADAPTERS[stack])
     else:
         result = _llama_cpp(model, settings)
-    device = torch.device(result["device"]) if result["device"] != "cpu" else None
-    return {**result, **_peak_memory_mib(device), "seconds": time.perf_counter() - started}
+    return {**result, **_peak_memory_mib(torch.device(result["device"])), "seconds": time.perf_counter() - started}
 
 
 # -- the harness ----------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ class DevHarness(Harness):
 
     def agent_generate(self, pod: str, prompt: str, max_new_tokens: int = 8) -> dict:
         ip = self.get("pod", pod)["status"]["podIP"]
-        body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}).encode()
+        body = _generate_body(prompt, max_new_tokens).encode()
         request = urllib.request.Request(f"http://{ip}:8080/generate", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as resp:
             return json.loads(resp.read())
@@ -154,7 +154,7 @@ class RealHarness(Harness):  # pragma: no cover - not run in CI (no cluster ther
         return json.loads(raw)
 
     def agent_generate(self, pod: str, prompt: str, max_new_tokens: int = 8) -> dict:
-        body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}})
+        body = _generate_body(prompt, max_new_tokens)
         path = f"/api/v1/namespaces/{self.namespace}/pods/{pod}:8080/proxy/generate"
         return json.loads(self.kubectl("create", "--raw", path, "-f", "-", input=body).stdout)
 
@@ -169,6 +169,10 @@ class RealHarness(Harness):  # pragma: no cover - not run in CI (no cluster ther
 
     def start_operator(self) -> None:
         self._operator("scale", "deployment", "-l", "app.kubernetes.io/name=collm-operator", "--replicas=1")
+
+
+def _generate_body(prompt: str, max_new_tokens: int) -> str:
+    return json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}})
 
 
 def _free_port() -> int:

@@ -20,19 +20,15 @@ def agent_main(argv: list[str] | None = None) -> int:
     from .serving.pipeline import read_token
 
     credentials = None
-    try:
-        read_token(config.admin_token_file)  # a missing or weak token file fails here, before the model loads
-    except ValueError as exc:
-        print(f"collm-agent: {exc}", file=sys.stderr)
-        return 2
-    if config.tls_dir:
-        try:
+    try:  # a missing or weak token file and a wrong certificate fail here, before the model loads
+        read_token(config.admin_token_file)
+        if config.tls_dir:
             credentials = tls.Credentials.read(config.tls_dir, config.replica_id)
             if credentials.identity.name != config.replica_id:
                 raise ValueError(f"the certificate in {config.tls_dir} is {credentials.identity}'s, not replica {config.replica_id}'s")
-        except ValueError as exc:
-            print(f"collm-agent: {exc}", file=sys.stderr)
-            return 2
+    except ValueError as exc:
+        print(f"collm-agent: {exc}", file=sys.stderr)
+        return 2
     try:
         agent = Agent(config)
     except ValueError as exc:  # bad model source, data, LoRA targets...: say what to fix, no traceback

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import transformers
 
+from .tiny import BOS_ID, EOS_ID, NUM_TOKENS, PAD_ID, TinySpec
+
 
 @dataclass(frozen=True)
 class Family:
@@ -102,8 +104,6 @@ def parse_random_source(source: str) -> tuple[Family, str]:
 
 
 def random_config(family: Family, size: str = "small", **overrides) -> transformers.PretrainedConfig:
-    from .tiny import BOS_ID, EOS_ID, NUM_TOKENS, PAD_ID, TinySpec
-
     shape = dict(SIZES[size])
     kwargs: dict = dict(
         vocab_size=-(-NUM_TOKENS // 8) * 8 if size == "small" else 32768,

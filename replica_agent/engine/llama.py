@@ -67,8 +67,7 @@ class SlabLora:
         used = [s for s in slots_per_row if s >= 0]
         self.first, self.end = min(used), max(used) + 1
         uniform = self.end - self.first == 1 and len(used) == len(slots_per_row)
-        rows = torch.tensor(slots_per_row, device=device)
-        self.masks = None if uniform else slab.row_masks(rows, (self.first, self.end))
+        self.masks = None if uniform else slab.row_masks(torch.tensor(slots_per_row, device=device), (self.first, self.end))
 
     def apply(self, site: str, layer: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if site not in self.slab.sites:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from replica_agent.engine.families import RANDOM_SOURCE_PREFIX, build_random_model, family_of, max_context, parse_random_source
+from replica_agent.engine.families import RANDOM_SOURCE_PREFIX, Family, build_random_model, family_of, max_context, parse_random_source
 from replica_agent.engine.tiny import build_tokenizer, ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class _ResolvedSource:
     name: str
     directory: Path | None  # None for random models, built in memory
     gguf_file: str | None  # file name inside `directory`, for GGUF sources
+    random_model: tuple[Family, str] | None = None  # (family, size) of a random:<family>[-<size>] source
 
     def hf_kwargs(self) -> dict:
         # local_files_only: never reach for the hub, even when a path looks like a repo id.
@@ -62,6 +63,11 @@ class _ResolvedSource:
         if self.gguf_file is not None:
             kwargs["gguf_file"] = self.gguf_file
         return kwargs
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: the name users write (the inverse of DTYPES)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
@@ -109,8 +115,7 @@ def smollm2_gguf_path() -> Path:
 
 def _resolve_source(source: str | os.PathLike, cache_dir: Path | None) -> _ResolvedSource:
     if isinstance(source, str) and source.startswith(RANDOM_SOURCE_PREFIX):
-        parse_random_source(source)  # a clear error for an unknown family or size
-        return _ResolvedSource(source.replace(":", "-"), None, None)
+        return _ResolvedSource(source.replace(":", "-"), None, None, parse_random_source(source))
     if source == "tiny":
         return _ResolvedSource("tiny", ensure_tiny_model(cache_dir), None)
     if source == "smollm2":
@@ -173,9 +178,8 @@ def _load(
     torch_dtype = parse_dtype(dtype, torch_device)
     resolved = _resolve_source(source, cache_dir)
     started = time.perf_counter()
-    if resolved.directory is None:  # random weights of a family, with the tiny model's byte tokenizer
-        family, size = parse_random_source(str(source))
-        model = build_random_model(family, size, dtype=torch_dtype, device=torch_device)
+    if resolved.random_model is not None:  # random weights of a family, with the tiny model's byte tokenizer
+        model = build_random_model(*resolved.random_model, dtype=torch_dtype, device=torch_device)
         tokenizer: transformers.PreTrainedTokenizerBase = build_tokenizer()
     else:
         config = _load_config(resolved)

@@ -54,7 +54,12 @@ class AggregatorError(RuntimeError):
     """A round cannot be aggregated as asked; the message says why."""
 
 
-ROUNDS_KEPT = 8  # rounds (and their candidates) an aggregator remembers; older ones are dropped
+ROUNDS_KEPT = 8  # rounds an aggregator or a participant remembers; older ones (and their candidates) are dropped
+
+
+def drop_oldest(entries: dict, keep: int) -> list:
+    """Remove the oldest entries (insertion order) beyond `keep`; returns the removed values."""
+    return [entries.pop(next(iter(entries))) for _ in range(len(entries) - keep)]
 
 
 class Aggregator:
@@ -73,8 +78,7 @@ class Aggregator:
         rnd = self._rounds.get(round_id)
         if rnd is None:
             rnd = self._rounds[round_id] = AggregatorRound(round_id)
-            while len(self._rounds) > ROUNDS_KEPT:
-                oldest = self._rounds.pop(next(iter(self._rounds)))
+            for oldest in drop_oldest(self._rounds, ROUNDS_KEPT):
                 if oldest.candidate_sha256 is not None:
                     self._candidates.pop(oldest.candidate_sha256, None)
         return rnd

@@ -24,12 +24,12 @@ from collm_rpc.client import AgentClient
 
 from ..engine.adapter_store import AdapterVersion, adapter_sha256
 from ..engine.lora import check_adapter
+from .aggregator import ROUNDS_KEPT, drop_oldest
 from .secure import encode_masked, mask_update, pair_seeds, reveal_seeds
 from .update import UpdateError, encode_update, fetch_adapter, make_update
 
 log = logging.getLogger(__name__)
 
-ROUNDS_KEPT = 8  # rounds a participant remembers (status, retried uploads); older ones are dropped
 FETCHED_KEPT = 4  # adapters fetched from peers and kept by content hash
 
 
@@ -85,8 +85,7 @@ class Participant:
         check_adapter(tensors, self.agent.spec, self.agent.runtime.dims)
         with self._lock:
             self._fetched[sha256] = tensors
-            while len(self._fetched) > FETCHED_KEPT:  # adapters fetched for evaluation or publishing: the recent ones
-                self._fetched.pop(next(iter(self._fetched)))
+            drop_oldest(self._fetched, FETCHED_KEPT)  # adapters fetched for evaluation or publishing: the recent ones
         return tensors
 
     # -- training ----------------------------------------------------------------------------
@@ -107,8 +106,7 @@ class Participant:
             if existing is not None:
                 return existing
             rnd = self._rounds[round_id] = ParticipantRound(round_id, started_at=time.time(), secure=secure)
-            while len(self._rounds) > ROUNDS_KEPT:
-                self._rounds.pop(next(iter(self._rounds)))
+            drop_oldest(self._rounds, ROUNDS_KEPT)
         trainer = self.agent.trainer
         if trainer is None:
             rnd.state, rnd.message = "Failed", "this replica has no training data (start it with --data)"

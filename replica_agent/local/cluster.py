@@ -37,13 +37,12 @@ from ..engine.data import stdlib_domain
 from ..engine.model_host import BaseModel, load_base_model
 from ..router.app import ReplicaEndpoint, create_router_app
 from ..serving.background import BackgroundServer
-from ..serving.pipeline import read_token
 from .controller import Controller, ControllerSettings
-from .in_process import LocalCluster
+from .in_process import LOCAL_CLUSTER, LOCAL_NAMESPACE, LocalCluster
 from .processes import AgentProcess, ManagedProcess, core_sets, start_agent, start_router, wait_healthy
 from .throttle import Throttle, throttle_all
 
-LOCAL_NAMESPACE, LOCAL_CLUSTER = "local", "local"  # the identity of the local mode's replicas: ns/local/cluster/local/replica/<id>
+ADMIN_TOKEN_FILE = "admin-token"  # in the work folder: what the agents and the router read the admin token from
 
 
 def _replica_tls_dir(ca: tls.CertificateAuthority, work: Path, replica_id: str) -> Path:
@@ -148,8 +147,8 @@ class LocalDeployment:
         (work / "archive").mkdir(parents=True, exist_ok=True)
         # As the operator does: a CA, a certificate per replica and the operator's own, and an admin token.
         ca = tls.CertificateAuthority.create("collm-local-ca")
-        token_file = work / "admin-token"
-        token_file.write_text(secrets.token_urlsafe(32))
+        token, token_file = secrets.token_urlsafe(32), work / ADMIN_TOKEN_FILE
+        token_file.write_text(token)
         token_file.chmod(0o600)
         configs = [
             c.model_copy(
@@ -163,7 +162,7 @@ class LocalDeployment:
         ]
         deployment = cls({}, "", None, work, processes, owns_workdir=workdir is None)
         deployment.credentials = ca.issue(tls.Identity.operator())
-        deployment.admin_token = read_token(str(token_file))
+        deployment.admin_token = token
         try:
             if processes:
                 deployment._start_processes(configs, cores_per_replica)
@@ -186,7 +185,7 @@ class LocalDeployment:
 
     def _start_in_process(self, configs: list[AgentConfig], base: BaseModel | None, ca: tls.CertificateAuthority) -> None:
         base = base or load_base_model(configs[0].model)
-        cluster = LocalCluster(configs, base=base, ca=ca, namespace=LOCAL_NAMESPACE, cluster=LOCAL_CLUSTER)
+        cluster = LocalCluster(configs, base=base, ca=ca)
         self._stoppers.append(cluster.stop)
         for name, r in cluster.replicas.items():
             server = BackgroundServer(r.agent, "127.0.0.1", 0)
@@ -215,7 +214,7 @@ class LocalDeployment:
         for config, process in started:
             wait_healthy(process)
             self.replicas[config.replica_id] = Replica(config.replica_id, process.http_url, process.grpc_address, config, process=process)
-        router = start_router({n: r.http_url for n, r in self.replicas.items()}, logs, admin_token_file=self.workdir / "admin-token")
+        router = start_router({n: r.http_url for n, r in self.replicas.items()}, logs, admin_token_file=self.workdir / ADMIN_TOKEN_FILE)
         self._managed.append(router)
         self.router_url = router.url
 

@@ -33,6 +33,9 @@ class LocalReplica:
         self.agent.stop()
 
 
+LOCAL_NAMESPACE, LOCAL_CLUSTER = "local", "local"  # in-process replicas' identity: ns/local/cluster/local/replica/<id>
+
+
 class LocalCluster:
     def __init__(
         self,
@@ -41,8 +44,8 @@ class LocalCluster:
         base: BaseModel | None = None,
         host: str = "127.0.0.1",
         ca: tls.CertificateAuthority | None = None,
-        namespace: str = "local",
-        cluster: str = "local",
+        namespace: str = LOCAL_NAMESPACE,
+        cluster: str = LOCAL_CLUSTER,
     ) -> None:
         """`ca`: serve every replica with mutual TLS, each with a certificate of its own from that CA."""
         self.base = base or load_base_model(configs[0].model, dtype=configs[0].dtype, device=configs[0].device)

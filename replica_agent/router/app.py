@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from ..serving.pipeline import admin_warning, bearer_matches, read_token
+from ..serving.pipeline import admin_refusal, admin_warning, bearer_matches, read_token
 from .dispatch import ReplicaLoad, choose, why_none
 from .metrics import RouterMetrics
 from .proxy import error_response, forward
@@ -220,7 +220,7 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _admin_auth(request: web.Request, handler):
     token = request.app[ADMIN_TOKEN_KEY]
     if request.path.startswith("/admin/") and token is not None and not bearer_matches(request, token):
-        body = {"error": f"{request.path} is an admin route: send Authorization: Bearer <the cluster's admin token>", "error_type": "unauthorized"}
+        body = {"error": admin_refusal(request.path), "error_type": "unauthorized"}
         return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 

@@ -32,10 +32,11 @@ from aiohttp import web
 from .. import __version__
 from ..engine.data import DataError, append_feedback
 from ..engine.engine import QueueFull, RequestRejected
+from ..engine.model_host import dtype_name
 from ..engine.requests import FinalEvent
 from . import openai_api
 from .metrics import AgentMetrics
-from .pipeline import RETRY_AFTER_S, admin_warning, bearer_matches, generation_headers, read_json, read_token, stream_events
+from .pipeline import RETRY_AFTER_S, admin_refusal, admin_warning, bearer_matches, generation_headers, read_json, read_token, stream_events
 from .schemas import (
     MAX_STOP_SEQUENCES,
     GenerateRequest,
@@ -78,7 +79,7 @@ class HttpApi:
 
     def _check_admin(self, request: web.Request) -> None:
         if self.admin_token is not None and not bearer_matches(request, self.admin_token):
-            raise ApiError(401, f"{request.path} is an admin route: send Authorization: Bearer <the cluster's admin token>", "unauthorized")
+            raise ApiError(401, admin_refusal(request.path), "unauthorized")
 
     def _observe(self, kind: str, _payload) -> None:
         if kind == "iteration":
@@ -137,7 +138,7 @@ class HttpApi:
                 # TGI's Info keys (required ones always present; optional ones null when unknown)
                 "model_id": agent.base.name,
                 "model_sha": None,
-                "model_dtype": str(agent.runtime.dtype).removeprefix("torch."),
+                "model_dtype": dtype_name(agent.runtime.dtype),
                 "model_device_type": agent.runtime.device.type,
                 "model_pipeline_tag": "text-generation",
                 "max_concurrent_requests": s.max_queue + s.max_batch,

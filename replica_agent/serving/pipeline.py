@@ -124,5 +124,10 @@ def bearer_matches(request: web.Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+def admin_refusal(path: str) -> str:
+    """What a request to an admin route without the token is told (agent and router alike)."""
+    return f"{path} is an admin route: send Authorization: Bearer <the cluster's admin token>"
+
+
 def admin_warning(what: str) -> None:
     log.warning("%s: admin routes need no token (no admin token file given); anyone who reaches the port may use them. Development only.", what)

@@ -24,15 +24,14 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_rec
 
 class AgentClient:
     def __init__(self, address: str, *, timeout: float = 30.0, credentials: tls.Credentials | None = None) -> None:
-        """`credentials`: what to present; default the process's (tls.use), plaintext when it has none."""
+        """`credentials`: the certificate to present (mutual TLS); None: plaintext, for development only."""
         self.address = address
         self.timeout = timeout
-        creds = credentials or tls.process_credentials()
-        if creds is None:
+        if credentials is None:
             self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
             options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", tls.TARGET_NAME)]
-            self._channel = grpc.secure_channel(address, tls.channel_credentials(creds), options=options)
+            self._channel = grpc.secure_channel(address, tls.channel_credentials(credentials), options=options)
         self.stub = pb_grpc.AgentStub(self._channel)
 
     def close(self) -> None:

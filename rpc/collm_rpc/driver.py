@@ -56,7 +56,7 @@ class RoundDriver:
         rpc_timeout_s: float = 30.0,
         credentials: tls.Credentials | None = None,
     ) -> None:
-        """`credentials`: the operator's, for mutual TLS (default: the process's, see tls.use)."""
+        """`credentials`: the operator's certificate, for agents that serve with mutual TLS."""
         missing = [r for r in spec.replicas if r not in addresses]
         if missing:
             raise ValueError(f"no gRPC address for replicas {missing}")

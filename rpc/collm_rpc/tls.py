@@ -15,7 +15,6 @@ them ``<replica>.crt`` / ``<replica>.key``. This module needs no torch: the oper
 from __future__ import annotations
 
 import datetime
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-log = logging.getLogger(__name__)
 
 TARGET_NAME = "collm-agent"
 SCHEME = "spiffe://collm.io/"
@@ -225,21 +222,3 @@ def authorize(method: str, caller: Identity | None, me: Identity) -> str | None:
             return None
         return f"{method} is open to replicas of {me.namespace}/{me.cluster} only; {caller} is not one"
     return f"{method} is not a known method"
-
-
-# The credentials this process presents when it calls an agent (set once at startup by the agent,
-# the operator or the local mode); None: plaintext, for development only.
-_process_credentials: Credentials | None = None
-
-
-def use(creds: Credentials | None) -> None:
-    global _process_credentials
-    _process_credentials = creds
-    if creds is None:
-        log.warning("gRPC WITHOUT TLS: any caller that reaches this process can act as the operator. Development only.")
-    else:
-        log.info("gRPC with mutual TLS as %s", creds.identity)
-
-
-def process_credentials() -> Credentials | None:
-    return _process_credentials
