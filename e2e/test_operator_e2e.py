@@ -10,12 +10,16 @@ delete removes every child and the finalizer.
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import os
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
@@ -24,7 +28,7 @@ from .harness import DevHarness, Harness, RealHarness
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "manifests" / "examples" / "collmcluster-cpu-tiny.yaml"
 NAME = "tiny"
-CHILDREN = ("statefulset", "deployment", "service", "configmap", "poddisruptionbudget", "serviceaccount")
+CHILDREN = ("statefulset", "deployment", "service", "configmap", "poddisruptionbudget", "serviceaccount", "secret")
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -106,6 +110,40 @@ def test_apply_the_example_reaches_ready_with_an_adapter(h):
         assert items and all(i["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"] for i in items), kind
     assert "collm.io/finalizer" in obj["metadata"]["finalizers"]
     assert "Normal" in h.kubectl("describe", "collmcluster", NAME).stdout
+
+
+def _secret(h: Harness, name: str, namespace: str | None = None) -> dict[str, bytes]:
+    args = ["get", "secret", name, "-o", "json"] + (["-n", namespace] if namespace else [])
+    return {k: base64.b64decode(v) for k, v in json.loads(h.kubectl(*args).stdout)["data"].items()}
+
+
+def test_agents_take_control_from_the_operator_only_and_admin_routes_need_the_token(h):
+    """Before mutual TLS anyone who reached a pod could Publish, ApplyPlan or Rollback."""
+    from collm_rpc import tls
+    from collm_rpc.client import AgentClient
+
+    pod = f"{NAME}-0"
+    address = f"{h.get('pod', pod)['status']['podIP']}:9090"
+    issued = _secret(h, f"{NAME}-tls")
+    assert {f"{NAME}-0.crt", f"{NAME}-1.key", "ca.crt"} <= set(issued)
+    sibling = tls.Credentials(issued["ca.crt"], issued[f"{NAME}-1.crt"], issued[f"{NAME}-1.key"])
+    with AgentClient(address, timeout=10) as plaintext, pytest.raises(grpc.RpcError) as refused:
+        plaintext.stats()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # no TLS handshake, nothing served
+    with AgentClient(address, timeout=10, credentials=sibling) as peer:
+        with pytest.raises(grpc.RpcError) as denied:
+            peer.apply_plan(0, 1, 1)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "operator" in (denied.value.details() or "")
+    ca = _secret(h, "collm-ca", os.environ.get("COLLM_E2E_OPERATOR_NAMESPACE", "default"))
+    operator = tls.CertificateAuthority(ca["tls.crt"], ca["tls.key"]).issue(tls.Identity.operator())
+    with AgentClient(address, timeout=10, credentials=operator) as client:
+        assert client.stats().replica_id == pod
+
+    ip = h.get("pod", pod)["status"]["podIP"]
+    request = urllib.request.Request(f"http://{ip}:8080/publish", b"{}", {"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as unauthorized:
+        urllib.request.urlopen(request, timeout=10)
+    assert unauthorized.value.code == 401
 
 
 def test_rounds_publish_and_history_is_pruned(h):

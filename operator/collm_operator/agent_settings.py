@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from collm_operator.api import CACHE_DIR, CONFIG_FILE, GRPC_PORT, HTTP_PORT, RUNTIME_SETTINGS, SECRET_DIR, SECRET_KEY, Cluster
+from collm_operator.api import (
+    ADMIN_DIR,
+    ADMIN_TOKEN_KEY,
+    CACHE_DIR,
+    CONFIG_FILE,
+    GRPC_PORT,
+    HTTP_PORT,
+    RUNTIME_SETTINGS,
+    SECRET_DIR,
+    SECRET_KEY,
+    TLS_DIR,
+    Cluster,
+)
 
 
 def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[str, Any]:
@@ -37,7 +49,10 @@ def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[s
         "port": HTTP_PORT,
         "grpc_port": GRPC_PORT,
         "cache_dir": CACHE_DIR,
+        "admin_token_file": f"{ADMIN_DIR}/{ADMIN_TOKEN_KEY}",
     }
+    if spec.security.mutual_tls:
+        settings["tls_dir"] = TLS_DIR
     if training_on:
         settings["data"] = spec.training.data_path
     if spec.federation.secure_aggregation:

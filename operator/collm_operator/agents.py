@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from collm_control.stats import AgentStats
 from collm_operator import api, objects
 from collm_operator.reconcile import Pod
+from collm_rpc import tls
 from collm_rpc.client import AgentClient, read_stats
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,22 @@ def grpc_addresses(cluster: api.Cluster, pods: Mapping[str, Pod], names: Iterabl
 
 
 class AgentPool:
-    def __init__(self, rpc_timeout_s: float = 5.0) -> None:
+    """`credentials`: the operator's certificate, presented to agents that serve mutual TLS; a
+    cluster with spec.security.mutualTLS false is reached in plaintext (`plaintext`)."""
+
+    def __init__(self, rpc_timeout_s: float = 5.0, credentials: tls.Credentials | None = None) -> None:
         self.rpc_timeout_s = rpc_timeout_s
+        self.credentials = credentials
+        self.plaintext = False
         self._clients: dict[str, AgentClient] = {}
 
     def client(self, name: str, address: str) -> AgentClient:
+        credentials = None if self.plaintext else self.credentials
         current = self._clients.get(name)
-        if current is None or current.address != address:
+        if current is None or current.address != address or current.credentials is not credentials:
             if current is not None:
                 current.close()
-            current = self._clients[name] = AgentClient(address, timeout=self.rpc_timeout_s)
+            current = self._clients[name] = AgentClient(address, timeout=self.rpc_timeout_s, credentials=credentials)
         return current
 
     def stats(self, addresses: Mapping[str, str]) -> dict[str, AgentStats | None]:

@@ -35,6 +35,9 @@ HTTP_PORT, GRPC_PORT = 8080, 9090
 CACHE_DIR = "/var/cache/collm"
 SECRET_DIR = "/etc/collm/secure-aggregation"
 SECRET_KEY = "secret"
+TLS_DIR = "/etc/collm/tls"  # the cluster's TLS Secret: ca.crt and <replica>.crt/.key
+ADMIN_DIR = "/etc/collm/admin"  # the cluster's admin-token Secret
+ADMIN_TOKEN_KEY = "token"
 CONFIG_DIR = "/etc/collm/agent"
 CONFIG_FILE = f"{CONFIG_DIR}/agent.yaml"
 # Settings the operator also sends in every plan (ApplyPlan): a new pod reads them from the
@@ -113,6 +116,13 @@ class Scheduling:
 
 
 @dataclass(frozen=True)
+class Security:
+    mutual_tls: bool = True  # False: plaintext gRPC, development only (a Warning Event says so)
+    client_token_secret_ref: str | None = None  # a Secret whose values are the bearer tokens clients must send
+    network_policy: bool = True
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     model: Model
     adapter: Adapter = Adapter()
@@ -126,6 +136,7 @@ class ClusterSpec:
     training: Training = Training()
     federation: Federation = Federation()
     scheduling: Scheduling = Scheduling()
+    security: Security = Security()
     service_monitor: bool = False
 
     @property
@@ -306,6 +317,7 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
     sc = root.section("scheduling")
     scheduling = Scheduling(sc.str("policy", Scheduling.policy, POLICIES), sc.int("slowIntervalSeconds", Scheduling.slow_interval_seconds, 1, 3600))
 
+    sec = root.section("security")
     tolerations = root.d.get("tolerations") or []
     if not isinstance(tolerations, list) or not all(isinstance(x, Mapping) for x in tolerations):
         raise SpecError("spec.tolerations", "spec.tolerations must be a list of core/v1 Toleration objects")
@@ -329,6 +341,9 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
         training=training,
         federation=federation,
         scheduling=scheduling,
+        security=Security(
+            sec.bool("mutualTLS", Security.mutual_tls), sec.str("clientTokenSecretRef", None) or None, sec.bool("networkPolicy", Security.network_policy)
+        ),
         service_monitor=root.section("monitoring").bool("serviceMonitor", ClusterSpec.service_monitor),
     )
     _check_cross_fields(result)

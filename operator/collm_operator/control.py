@@ -36,6 +36,7 @@ from collm_control.planning import Planner, PlanningSettings
 from collm_control.stats import AgentStats
 from collm_operator import api, objects
 from collm_operator.agents import AgentPool, grpc_addresses
+from collm_operator.certificates import admin_token
 from collm_operator.conditions import TRUE, get_condition
 from collm_operator.kube import Kube
 from collm_operator.reconcile import Health, cluster_conditions, observe_workloads
@@ -92,6 +93,7 @@ class ClusterController:
             return 10.0  # the reconcile handler reports it; nothing runs on an invalid spec
         status = dict(body.get("status") or {})
         now = self.clock()
+        self.pool.plaintext = not cluster.spec.security.mutual_tls
         workloads = observe_workloads(self.kube, cluster)
         names = objects.replica_names(cluster)
         addresses = grpc_addresses(cluster, workloads.pods, [n for n in names if n in workloads.pods])
@@ -231,13 +233,15 @@ class ClusterController:
         assert actions.plan is not None
         selector = ",".join(f"{k}={v}" for k, v in objects.selector(cluster, objects.ROUTER).items())
         body = json.dumps({"weights": dict(actions.plan.allocation.weights), "affinity": actions.plan.affinity}).encode()
+        headers = {"Content-Type": "application/json"}
+        token = admin_token(self.kube, cluster)
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         for pod in self.kube.list("v1", "Pod", cluster.namespace, selector):
             ip = (pod.get("status") or {}).get("podIP")
             if not ip:
                 continue
-            request = urllib.request.Request(
-                f"http://{ip}:{objects.ROUTER_PORT}/admin/weights", data=body, method="PUT", headers={"Content-Type": "application/json"}
-            )
+            request = urllib.request.Request(f"http://{ip}:{objects.ROUTER_PORT}/admin/weights", data=body, method="PUT", headers=headers)
             try:
                 urllib.request.urlopen(request, timeout=3).close()
             except (urllib.error.URLError, OSError) as exc:

@@ -21,9 +21,11 @@ from typing import Any
 
 import kopf
 
-from collm_operator import api, metrics, reconcile, round_control
+from collm_operator import api, certificates, metrics, reconcile, round_control
+from collm_operator.agents import AgentPool
 from collm_operator.control import ClusterController
 from collm_operator.kube import Kube
+from collm_rpc import tls
 
 PREFIX = "collm.io"
 CLUSTERS: dict[str, Any] = dict(group=api.GROUP, version=api.VERSION, plural=api.CLUSTER_PLURAL)
@@ -54,6 +56,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Every cluster and every running round holds a thread (sync daemons): the default pool is cores + 4.
     settings.execution.max_workers = int(os.environ.get("COLLM_OPERATOR_WORKERS", "64"))
     memo.kube = Kube.from_environment()
+    # The installation's CA (created on first start) and the operator's own certificate, in memory only.
+    memo.ca = certificates.load_or_create_ca(memo.kube, certificates.operator_namespace())
+    memo.credentials = memo.ca.issue(tls.Identity.operator())
     memo.controllers = {}  # shared by every object's shallow copy of this memo (the probe reads it)
     metrics.serve(int(os.environ.get("COLLM_OPERATOR_METRICS_PORT", "9108")))
 
@@ -67,7 +72,7 @@ def clusters_controlled(memo: kopf.Memo, **_) -> int:
 @kopf.on.create(**CLUSTERS)
 @kopf.on.update(**CLUSTERS)
 def reconcile_cluster(body, old, patch, memo: kopf.Memo, **_) -> None:
-    result = reconcile.reconcile_cluster(memo.kube, body, (old or {}).get("spec"), datetime.now(UTC))
+    result = reconcile.reconcile_cluster(memo.kube, body, (old or {}).get("spec"), datetime.now(UTC), ca=memo.ca)
     metrics.RECONCILES.labels("invalid" if result.invalid else "applied").inc()
     for key, value in result.status.items():
         patch.status[key] = value
@@ -78,7 +83,8 @@ def reconcile_cluster(body, old, patch, memo: kopf.Memo, **_) -> None:
 
 @kopf.daemon(**CLUSTERS, cancellation_timeout=30, initial_delay=1)
 def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **_) -> None:
-    controller = ClusterController(memo.kube, event=_events(body), decision_log=os.environ.get("COLLM_DECISION_LOG") or None)
+    pool = AgentPool(credentials=memo.credentials)
+    controller = ClusterController(memo.kube, event=_events(body), pool=pool, decision_log=os.environ.get("COLLM_DECISION_LOG") or None)
     memo.controllers[meta["uid"]] = controller
     try:
         while not stopped:
@@ -110,4 +116,10 @@ def drive_round(stopped, body, memo: kopf.Memo, **_) -> None:
     # status, before it records the result on the cluster. A finished round returns at once.
     if round_control.finished(body.get("status")):
         return
-    round_control.drive(memo.kube, body, stop=lambda: bool(stopped), event=_events(body), ended=lambda result: metrics.ROUNDS.labels(result).inc())
+    pool = AgentPool(credentials=memo.credentials)
+    try:
+        round_control.drive(
+            memo.kube, body, stop=lambda: bool(stopped), event=_events(body), pool=pool, ended=lambda result: metrics.ROUNDS.labels(result).inc()
+        )
+    finally:
+        pool.close()

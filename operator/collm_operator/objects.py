@@ -21,6 +21,8 @@ MANAGED_BY = "collm-operator"
 AGENT, ROUTER = "agent", "router"
 ROUTER_PORT = 8080
 _CACHE_VOLUME, _TMP_VOLUME, _DATA_VOLUME, _SECRET_VOLUME, _CONFIG_VOLUME = "model-cache", "tmp", "training-data", "secure-aggregation", "agent-settings"
+_TLS_VOLUME, _ADMIN_VOLUME, _CLIENT_TOKENS_VOLUME = "tls", "admin-token", "client-tokens"
+CLIENT_TOKENS_DIR = "/etc/collm/client-tokens"
 
 
 def labels(cluster: Cluster, component: str) -> dict[str, str]:
@@ -75,6 +77,14 @@ def configmap_name(cluster: Cluster) -> str:
 
 def service_account_name(cluster: Cluster) -> str:
     return f"{cluster.name}-agent"
+
+
+def tls_secret_name(cluster: Cluster) -> str:
+    return f"{cluster.name}-tls"
+
+
+def admin_secret_name(cluster: Cluster) -> str:
+    return f"{cluster.name}-admin"
 
 
 def replica_names(cluster: Cluster) -> list[str]:
@@ -136,6 +146,9 @@ def _agent_container(cluster: Cluster) -> dict[str, Any]:
         mounts.append({"name": _DATA_VOLUME, "mountPath": spec.training.data_path})
     if spec.federation.secure_aggregation:
         mounts.append({"name": _SECRET_VOLUME, "mountPath": api.SECRET_DIR, "readOnly": True})
+    if spec.security.mutual_tls:
+        mounts.append({"name": _TLS_VOLUME, "mountPath": api.TLS_DIR, "readOnly": True})
+    mounts.append({"name": _ADMIN_VOLUME, "mountPath": api.ADMIN_DIR, "readOnly": True})
     container: dict[str, Any] = {
         "name": "agent",
         "image": spec.image,
@@ -180,7 +193,15 @@ def _agent_volumes(cluster: Cluster) -> list[dict[str, Any]]:
                 },
             }
         )
+    if spec.security.mutual_tls:
+        volumes.append({"name": _TLS_VOLUME, "secret": {"secretName": tls_secret_name(cluster), "defaultMode": 0o440}})
+    volumes.append(_admin_volume(cluster))
     return volumes
+
+
+def _admin_volume(cluster: Cluster) -> dict[str, Any]:
+    items = [{"key": api.ADMIN_TOKEN_KEY, "path": api.ADMIN_TOKEN_KEY}]
+    return {"name": _ADMIN_VOLUME, "secret": {"secretName": admin_secret_name(cluster), "items": items, "defaultMode": 0o440}}
 
 
 def build_statefulset(cluster: Cluster) -> dict[str, Any]:
@@ -233,13 +254,20 @@ def build_headless_service(cluster: Cluster) -> dict[str, Any]:
 
 
 def router_args(cluster: Cluster) -> list[str]:
-    args = ["--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
+    args = ["--host", "0.0.0.0", "--port", str(ROUTER_PORT), "--admin-token-file", f"{api.ADMIN_DIR}/{api.ADMIN_TOKEN_KEY}"]
+    if cluster.spec.security.client_token_secret_ref:
+        args += ["--client-tokens-dir", CLIENT_TOKENS_DIR]
     for i, name in enumerate(replica_names(cluster)):
         args += ["--replica", f"{name}={replica_url(cluster, i)}"]
     return args
 
 
 def build_router_deployment(cluster: Cluster) -> dict[str, Any]:
+    mounts = [{"name": _TMP_VOLUME, "mountPath": "/tmp"}, {"name": _ADMIN_VOLUME, "mountPath": api.ADMIN_DIR, "readOnly": True}]
+    volumes = [{"name": _TMP_VOLUME, "emptyDir": {}}, _admin_volume(cluster)]
+    if cluster.spec.security.client_token_secret_ref:
+        mounts.append({"name": _CLIENT_TOKENS_VOLUME, "mountPath": CLIENT_TOKENS_DIR, "readOnly": True})
+        volumes.append({"name": _CLIENT_TOKENS_VOLUME, "secret": {"secretName": cluster.spec.security.client_token_secret_ref, "defaultMode": 0o440}})
     container = {
         "name": "router",
         "image": cluster.spec.image,
@@ -252,7 +280,7 @@ def build_router_deployment(cluster: Cluster) -> dict[str, Any]:
         "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": restricted_security_context(),
-        "volumeMounts": [{"name": _TMP_VOLUME, "mountPath": "/tmp"}],
+        "volumeMounts": mounts,
     }
     return {
         "apiVersion": "apps/v1",
@@ -268,7 +296,7 @@ def build_router_deployment(cluster: Cluster) -> dict[str, Any]:
                     "automountServiceAccountToken": False,
                     "securityContext": pod_security_context(),
                     "containers": [container],
-                    "volumes": [{"name": _TMP_VOLUME, "emptyDir": {}}],
+                    "volumes": volumes,
                 },
             },
         },

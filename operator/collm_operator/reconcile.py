@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from collm_operator import api, objects
+from collm_operator import api, certificates, objects
 from collm_operator.conditions import FALSE, TRUE, Reason, invalid_spec, set_condition, summarize_ready
 from collm_operator.kube import ApiException, Kube, NotOwned, ResourceNotFoundError
+from collm_rpc import tls
 
 SLO_DEGRADED_BELOW = 0.9  # attainment under this (with enough requests) marks the cluster Degraded
 SLO_MIN_REQUESTS = 20  # fewer finished requests in the window say nothing about the SLO
@@ -30,6 +31,11 @@ CHILD_KINDS = (
     ("apps/v1", "StatefulSet"),
     ("v1", "ConfigMap"),
     ("v1", "ServiceAccount"),
+    ("v1", "Secret"),
+)
+PLAINTEXT_WARNING = (
+    "spec.security.mutualTLS is false: the agents' gRPC port takes plaintext calls from anyone who can reach a pod, "
+    "who can then change what the cluster serves. Development only: remove the field for production."
 )
 
 
@@ -220,9 +226,12 @@ class Reconciled:
     invalid: bool = False
 
 
-def reconcile_cluster(kube: Kube, body: dict[str, Any], old_spec: dict[str, Any] | None, now: datetime) -> Reconciled:
-    """Validate the spec and apply the children. An invalid spec leaves the running children as
-    they are and says what to fix in Ready=False/InvalidSpec (no exception: kopf must not retry)."""
+def reconcile_cluster(
+    kube: Kube, body: dict[str, Any], old_spec: dict[str, Any] | None, now: datetime, *, ca: tls.CertificateAuthority | None = None
+) -> Reconciled:
+    """Validate the spec, issue the cluster's certificates and admin token (with `ca`), and apply the
+    children. An invalid spec leaves the running children as they are and says what to fix in
+    Ready=False/InvalidSpec (no exception: kopf must not retry)."""
     meta = body.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
     conditions = (body.get("status") or {}).get("conditions")
@@ -234,12 +243,15 @@ def reconcile_cluster(kube: Kube, body: dict[str, Any], old_spec: dict[str, Any]
         c = invalid_spec(conditions, api.CLUSTER_KIND, exc.message, generation, now)
         return Reconciled({"observedGeneration": generation, "conditions": c}, [("Warning", Reason.INVALID_SPEC, exc.message)], True)
     try:
+        secrets_changed = certificates.ensure_secrets(kube, cluster, ca, now) if ca is not None else False
         applied = apply_children(kube, cluster)
     except ChildRejected as exc:
         c = invalid_spec(conditions, api.CLUSTER_KIND, str(exc), generation, now)
         return Reconciled({"observedGeneration": generation, "conditions": c}, [("Warning", Reason.INVALID_SPEC, str(exc))], True)
     events = [("Warning", "ChildNotCreated", w) for w in applied.warnings]
-    if not applied.changed:  # an operator restart or a label edit: nothing to roll out, no condition flips
+    if not cluster.spec.security.mutual_tls:
+        events.append(("Warning", "PlaintextControlPlane", PLAINTEXT_WARNING))
+    if not (applied.changed or secrets_changed):  # an operator restart or a label edit: nothing to roll out, no condition flips
         return Reconciled({}, events)
     c = set_condition(conditions, "Progressing", TRUE, Reason.ROLLING_OUT, f"applied {len(applied.kinds)} objects for generation {generation}", generation, now)
     c = summarize_ready(c, api.CLUSTER_KIND, generation, now)

@@ -176,7 +176,8 @@ def drive(
     wait_s: float = 2.0,
 ) -> R.RoundState | None:
     """Run (or resume) one AdapterRound until it ends or `stop()`; None when it could not start.
-    `ended(result)` is told how every round that ends here ends (Succeeded, Failed, Rejected)."""
+    `ended(result)` is told how every round that ends here ends (Succeeded, Failed, Rejected).
+    The agents are reached with `pool`'s credentials (the operator's certificate)."""
     meta, status = body["metadata"], dict(body.get("status") or {})
     name, ns, gen = meta["name"], meta.get("namespace", "default"), int(meta.get("generation") or 1)
     now = lambda: datetime.now(UTC)  # noqa: E731
@@ -204,6 +205,7 @@ def drive(
         fail(Reason.TRAINING_DISABLED, f"CollmCluster {cluster.name} does not train (federation disabled or policy inferenceOnly)")
 
     pool = pool or AgentPool()
+    pool.plaintext = not cluster.spec.security.mutual_tls
     saved = status.get("state")
     while not saved:
         rounds = kube.list(api.API_VERSION, api.ROUND_KIND, ns, f"{objects.CLUSTER_LABEL}={cluster.name}")
@@ -263,7 +265,16 @@ def drive(
     persist(state.to_dict())
     addresses = grpc_addresses(cluster, workloads.pods, state.spec.replicas, stable=True)
     driver = RoundDriver(
-        state.spec, addresses, strategy=strategy(cluster), round_number=version, state=state, persist=persist, clock=clock, poll_s=0.5, rpc_timeout_s=30.0
+        state.spec,
+        addresses,
+        strategy=strategy(cluster),
+        round_number=version,
+        state=state,
+        persist=persist,
+        clock=clock,
+        poll_s=0.5,
+        rpc_timeout_s=30.0,
+        credentials=None if pool.plaintext else pool.credentials,
     )
     result = driver.run(stop=stop)
     if not result.finished:

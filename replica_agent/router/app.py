@@ -28,12 +28,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from ..serving.pipeline import admin_refusal, admin_warning, bearer_matches, read_token
+from ..serving.pipeline import admin_refusal, admin_warning, bearer_in, bearer_matches, read_token
 from .dispatch import ReplicaLoad, choose, why_none
 from .metrics import RouterMetrics
 from .proxy import error_response, forward
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("collm_router")
 ADMIN_TOKEN_KEY: web.AppKey[str | None] = web.AppKey("collm_router_admin_token")
+CLIENT_TOKENS_KEY: web.AppKey[ClientTokens | None] = web.AppKey("collm_router_client_tokens")
+OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers: no client token
 ENV_PREFIX = "COLLM_ROUTER_"
 
 
@@ -216,12 +219,41 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[ROUTER_KEY].metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+class ClientTokens:
+    """The bearer tokens clients may send: one per file of a directory (a Secret mounted there, one
+    key per client), read again at most every `reload_s` so a rotated Secret takes effect without a
+    restart. An empty directory refuses every client rather than opening the routes."""
+
+    def __init__(self, directory: str, reload_s: float = 30.0) -> None:
+        self.directory, self.reload_s = Path(directory), reload_s
+        self._tokens: tuple[str, ...] = ()
+        self._read_at = -math.inf
+        if not self.directory.is_dir():
+            raise ValueError(f"client token directory {directory} does not exist: mount the Secret named in spec.security.clientTokenSecretRef there")
+        self.tokens()
+
+    def tokens(self) -> tuple[str, ...]:
+        now = time.monotonic()
+        if now - self._read_at >= self.reload_s:
+            # Secret volumes hold each key as a symlink beside hidden ..data entries: skip dot-files.
+            files = sorted(p for p in self.directory.iterdir() if not p.name.startswith(".") and p.is_file())
+            self._tokens = tuple(t for t in (p.read_text().strip() for p in files) if t)
+            self._read_at = now
+        return self._tokens
+
+
 @web.middleware
-async def _admin_auth(request: web.Request, handler):
-    token = request.app[ADMIN_TOKEN_KEY]
-    if request.path.startswith("/admin/") and token is not None and not bearer_matches(request, token):
-        body = {"error": admin_refusal(request.path), "error_type": "unauthorized"}
-        return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
+async def _auth(request: web.Request, handler):
+    if request.path.startswith("/admin/"):
+        token = request.app[ADMIN_TOKEN_KEY]
+        if token is not None and not bearer_matches(request, token):
+            body = {"error": admin_refusal(request.path), "error_type": "unauthorized"}
+            return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
+    elif request.path not in OPEN_PATHS:
+        clients = request.app[CLIENT_TOKENS_KEY]
+        if clients is not None and not bearer_in(request, clients.tokens()):
+            message = "this endpoint needs an API key: send Authorization: Bearer <one of the cluster's client tokens>"
+            return error_response(request.path, 401, message, headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
@@ -239,14 +271,21 @@ async def _weights(request: web.Request) -> web.Response:
 
 
 def create_router_app(
-    replicas: Sequence[ReplicaEndpoint], *, max_outstanding_per_replica: int = 64, admin_token: str | None = None, **settings
+    replicas: Sequence[ReplicaEndpoint],
+    *,
+    max_outstanding_per_replica: int = 64,
+    admin_token: str | None = None,
+    client_tokens: ClientTokens | None = None,
+    **settings,
 ) -> web.Application:
-    """The router's application; `admin_token` guards /admin/* (None: open, development only); `settings`
-    are Router's keyword arguments (timeouts, health interval, rng...)."""
+    """The router's application; `admin_token` guards /admin/* (None: open, development only);
+    `client_tokens` guard the client routes (None: open); `settings` are Router's keyword arguments
+    (timeouts, health interval, rng...)."""
     router = Router(replicas, max_outstanding=max_outstanding_per_replica, **settings)
-    app = web.Application(middlewares=[_admin_auth])
+    app = web.Application(middlewares=[_auth])
     app[ROUTER_KEY] = router
     app[ADMIN_TOKEN_KEY] = admin_token
+    app[CLIENT_TOKENS_KEY] = client_tokens
     if admin_token is None:
         admin_warning("router")
     app.cleanup_ctx.append(router.lifespan)
@@ -316,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=env(ENV_PREFIX + "ADMIN_TOKEN_FILE"),
         help="file holding the bearer token that /admin/* requires (env COLLM_ROUTER_ADMIN_TOKEN_FILE; unset: no token, development only)",
     )
+    p.add_argument(
+        "--client-tokens-dir",
+        default=env(ENV_PREFIX + "CLIENT_TOKENS_DIR"),
+        help="directory of files, each holding one bearer token a client may send (env COLLM_ROUTER_CLIENT_TOKENS_DIR; unset: client routes are open)",
+    )
     p.add_argument("--log-level", default=env(ENV_PREFIX + "LOG_LEVEL", "INFO"), help="logging level (env COLLM_ROUTER_LOG_LEVEL)")
     return p
 
@@ -335,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             max_attempts=args.max_attempts,
             stream_idle_timeout_s=args.stream_idle_timeout,
             admin_token=read_token(args.admin_token_file),
+            client_tokens=ClientTokens(args.client_tokens_dir) if args.client_tokens_dir else None,
         )
     except ValueError as exc:
         parser.error(str(exc))

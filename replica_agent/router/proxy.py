@@ -40,8 +40,8 @@ _HOP_BY_HOP = {
     "content-encoding",
 }
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
-_TGI_ERROR_TYPES = {413: "validation", 429: "overloaded", 502: "upstream", 503: "unavailable"}
-_OPENAI_ERROR_CODES = {429: "rate_limit_exceeded", 502: "upstream_failed", 503: "unavailable"}
+_TGI_ERROR_TYPES = {401: "unauthorized", 413: "validation", 429: "overloaded", 502: "upstream", 503: "unavailable"}
+_OPENAI_ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 502: "upstream_failed", 503: "unavailable"}
 
 
 class UpstreamFailed(Exception):

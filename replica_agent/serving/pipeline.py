@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +120,16 @@ def read_token(path: str | None) -> str | None:
 
 def bearer_matches(request: web.Request, token: str) -> bool:
     """True when the request carries `Authorization: Bearer <token>` (compared in constant time)."""
+    return bearer_in(request, (token,))
+
+
+def bearer_in(request: web.Request, tokens: Iterable[str]) -> bool:
+    """True when the request's bearer token is one of `tokens` (each compared in constant time, all of them)."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() != "bearer":
+        return False
+    sent = given.strip().encode()
+    return any([hmac.compare_digest(sent, t.encode()) for t in tokens])  # a list: no early exit
 
 
 def admin_refusal(path: str) -> str:

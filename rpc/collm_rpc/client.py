@@ -27,6 +27,7 @@ class AgentClient:
         """`credentials`: the certificate to present (mutual TLS); None: plaintext, for development only."""
         self.address = address
         self.timeout = timeout
+        self.credentials = credentials
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:

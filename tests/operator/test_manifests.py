@@ -284,12 +284,16 @@ def test_chart_renders_valid_objects(values):
         assert "--namespace=team-a" in container["command"] and list(cluster_roles) == ["collm-discovery"]
         role = next(d for d in rendered if d["kind"] == "Role")
         assert role["metadata"]["namespace"] == "team-a"
+        ca_role = next(d for d in rendered if d["kind"] == "Role" and d["metadata"]["name"].endswith("-ca"))  # the CA Secret, in the release namespace
+        assert ca_role["metadata"]["namespace"] != "team-a" and ca_role["rules"][0]["resources"] == ["secrets"]
         resources = {r for rule in role["rules"] for r in rule["resources"]}
         assert {
             "statefulsets",
             "deployments",
             "services",
             "configmaps",
+            "secrets",
+            "networkpolicies",
             "poddisruptionbudgets",
             "events",
             "pods",

@@ -111,13 +111,34 @@ def test_statefulset_runs_one_restricted_agent_per_replica():
 
 def test_statefulset_without_data_has_no_data_volume_and_secret_when_secure():
     plain = objects.build_statefulset(cluster({"training": {}}))
-    assert [v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]] == ["tmp", "model-cache", "agent-settings"]
+    assert [v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]] == ["tmp", "model-cache", "agent-settings", "tls", "admin-token"]
     secure = objects.build_statefulset(cluster({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "round-secret"}}))
     pod = secure["spec"]["template"]["spec"]
-    secret = next(v for v in pod["volumes"] if "secret" in v)
+    secret = next(v for v in pod["volumes"] if v["name"] == "secure-aggregation")
     assert secret["secret"]["secretName"] == "round-secret"
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == secret["name"])
     assert mount["mountPath"] == api.SECRET_DIR and mount["readOnly"] is True
+
+
+def test_agents_and_router_mount_the_operators_secrets_and_plaintext_drops_the_tls_one():
+    c = cluster()
+    pod = objects.build_statefulset(c)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("secret", {}).get("secretName") for v in pod["volumes"]}
+    assert volumes["tls"] == objects.tls_secret_name(c) == "demo-tls" and volumes["admin-token"] == objects.admin_secret_name(c)
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--tls-dir") + 1] == api.TLS_DIR and args[args.index("--admin-token-file") + 1] == f"{api.ADMIN_DIR}/token"
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert (mounts["tls"], mounts["admin-token"]) == (api.TLS_DIR, api.ADMIN_DIR)
+
+    plain = objects.build_statefulset(cluster({"security": {"mutualTLS": False}}))["spec"]["template"]["spec"]
+    assert "tls" not in {v["name"] for v in plain["volumes"]} and "--tls-dir" not in plain["containers"][0]["args"]
+
+    router = objects.build_router_deployment(cluster({"security": {"clientTokenSecretRef": "api-keys"}}))["spec"]["template"]["spec"]
+    rargs = router["containers"][0]["args"]
+    assert rargs[rargs.index("--admin-token-file") + 1] == f"{api.ADMIN_DIR}/token"
+    assert rargs[rargs.index("--client-tokens-dir") + 1] == objects.CLIENT_TOKENS_DIR
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in router["volumes"]}["client-tokens"] == "api-keys"
+    assert "--client-tokens-dir" not in objects.router_args(cluster())
 
 
 def test_settings_change_rolls_the_pods():

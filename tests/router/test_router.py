@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from text_generation import Client
 from text_generation.errors import IncompleteGenerationError, OverloadedError
 
-from replica_agent.router.app import ROUTER_KEY, ReplicaEndpoint, create_router_app, main, parse_replica
+from replica_agent.router.app import ROUTER_KEY, ClientTokens, ReplicaEndpoint, create_router_app, main, parse_replica
 from replica_agent.router.proxy import AFFINITY_HEADER, REPLICA_HEADER
 
 from ..helpers import eventually
@@ -404,3 +404,35 @@ def test_admin_routes_need_the_admin_token(agents, loop):
     status, _, _ = http("PUT", url + "/admin/weights", {"weights": {"a": 2}}, headers={"Authorization": f"Bearer {token}"})
     assert status == 200 and router.replicas["a"].weight == 2.0
     assert http("POST", url + "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}})[0] == 200  # clients need no token
+
+
+def test_client_routes_take_the_clusters_api_keys(agents, loop, tmp_path):
+    """spec.security.clientTokenSecretRef: OpenAI and TGI clients send a key from the mounted Secret; others get 401."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "team-a").write_text("key-a-0123456789abcdef\n")
+    (keys / "..data").mkdir()  # a Secret volume's bookkeeping entry, not a token
+    url, _ = start_router(loop, {"a": agents["urls"]["a"]}, client_tokens=ClientTokens(str(keys), reload_s=0.0))
+
+    ai = openai.OpenAI(base_url=url + "/v1", api_key="key-a-0123456789abcdef", max_retries=0, timeout=30)
+    assert ai.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+    with pytest.raises(openai.AuthenticationError) as refused:
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=30).completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    assert refused.value.code == "invalid_api_key" and "API key" in refused.value.message
+
+    tgi = Client(url, headers={"Authorization": "Bearer key-a-0123456789abcdef"}, timeout=30)
+    assert tgi.generate(PROMPT, max_new_tokens=2).details.generated_tokens == 2
+    status, body, answer = http("POST", url + "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}})
+    assert status == 401 and answer["WWW-Authenticate"] == "Bearer" and json.loads(body)["error_type"] == "unauthorized"
+    assert http("GET", url + "/health")[0] == 200 and http("GET", url + "/metrics")[0] == 200  # probes and scrapers need none
+
+    (keys / "team-a").unlink()  # a rotated Secret: the old key stops working without a restart
+    (keys / "team-b").write_text("key-b-0123456789abcdef")
+    with pytest.raises(openai.AuthenticationError):
+        ai.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    assert openai.OpenAI(base_url=url + "/v1", api_key="key-b-0123456789abcdef", max_retries=0, timeout=30).models.list().data
+
+
+def test_a_missing_client_token_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="clientTokenSecretRef"):
+        ClientTokens(str(tmp_path / "absent"))

@@ -1,0 +1,110 @@
+"""The operator's CA, the clusters' TLS and admin-token Secrets: the pure renewal decision, and the
+Secrets as the emulated API server stores them (created once, kept across operator restarts,
+renewed for a new replica, pruned on scale-down)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+
+import pytest
+from kubernetes import config
+
+from collm_operator import api, certificates, objects
+from collm_operator.kube import Kube
+from collm_rpc import tls
+from e2e.devcluster.cluster import DevCluster
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+def cluster(replicas: int = 2, **security) -> api.Cluster:
+    return api.parse_cluster(
+        {
+            "metadata": {"name": "demo", "namespace": "default", "uid": "uid-demo", "generation": 1},
+            "spec": {"model": {"source": "tiny"}, "replicas": replicas, "security": security, "federation": {"minParticipants": 1}},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def ca() -> tls.CertificateAuthority:
+    return tls.CertificateAuthority.create()
+
+
+def test_each_replica_gets_its_own_identity_and_a_right_secret_is_left_alone(ca):
+    data = certificates.replica_certificates({}, ca, "ns", "demo", ["demo-0", "demo-1"], NOW)
+    assert data is not None and data["ca.crt"] == ca.cert_pem
+    for name in ("demo-0", "demo-1"):
+        creds = tls.Credentials(data["ca.crt"], data[f"{name}.crt"], data[f"{name}.key"])
+        assert creds.identity == tls.Identity.replica("ns", "demo", name)
+    assert certificates.replica_certificates(data, ca, "ns", "demo", ["demo-0", "demo-1"], NOW) is None
+
+
+def test_renewal_new_replicas_scale_down_and_a_new_ca(ca):
+    data = certificates.replica_certificates({}, ca, "ns", "demo", ["demo-0", "demo-1"], NOW)
+    assert data is not None
+    grown = certificates.replica_certificates(data, ca, "ns", "demo", ["demo-0", "demo-1", "demo-2"], NOW)
+    assert grown is not None and grown["demo-0.crt"] == data["demo-0.crt"] and "demo-2.crt" in grown  # kept, added
+    shrunk = certificates.replica_certificates(grown, ca, "ns", "demo", ["demo-0"], NOW)
+    assert shrunk is not None and set(shrunk) == {"ca.crt", "demo-0.crt", "demo-0.key"}
+    late = NOW + datetime.timedelta(days=tls.LEAF_DAYS) - certificates.RENEW_BEFORE + datetime.timedelta(days=1)
+    renewed = certificates.replica_certificates(data, ca, "ns", "demo", ["demo-0", "demo-1"], late)
+    assert renewed is not None and renewed["demo-0.crt"] != data["demo-0.crt"]
+    other = tls.CertificateAuthority.create()
+    reissued = certificates.replica_certificates(data, other, "ns", "demo", ["demo-0", "demo-1"], NOW)
+    assert reissued is not None and reissued["ca.crt"] == other.cert_pem and reissued["demo-1.crt"] != data["demo-1.crt"]
+    # A certificate of another cluster's replica under this name is not taken.
+    foreign = certificates.replica_certificates({}, ca, "ns", "other", ["demo-0"], NOW)
+    assert foreign is not None
+    swapped = {**data, "demo-0.crt": foreign["demo-0.crt"], "demo-0.key": foreign["demo-0.key"]}
+    fixed = certificates.replica_certificates(swapped, ca, "ns", "demo", ["demo-0", "demo-1"], NOW)
+    assert fixed is not None and fixed["demo-0.crt"] != foreign["demo-0.crt"]
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory):
+    dc = DevCluster(workdir=tmp_path_factory.mktemp("devcluster"), crds_dir=None, kubelet=False, operator=False)
+    dc.start()
+    try:
+        yield Kube(config.new_client_from_config(str(dc.kubeconfig)))
+    finally:
+        dc.stop()
+
+
+def _data(kube: Kube, name: str) -> dict[str, bytes]:
+    secret = kube.get("v1", "Secret", "default", name) or {}
+    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+
+def test_the_ca_is_created_once_and_read_back(kube):
+    first = certificates.load_or_create_ca(kube, "default")
+    again = certificates.load_or_create_ca(kube, "default")
+    assert again.cert_pem == first.cert_pem and again.key_pem == first.key_pem
+
+
+def test_secrets_are_issued_kept_and_pruned_without_keys_in_annotations(kube, ca):
+    c = cluster(2)
+    assert certificates.ensure_secrets(kube, c, ca, NOW) is True
+    stored = _data(kube, objects.tls_secret_name(c))
+    assert set(stored) == {"ca.crt", "demo-0.crt", "demo-0.key", "demo-1.crt", "demo-1.key"}
+    token = certificates.admin_token(kube, c)
+    assert token is not None and len(token) >= 32
+    assert certificates.ensure_secrets(kube, c, ca, NOW) is False  # an operator restart changes nothing
+    assert certificates.admin_token(kube, c) == token
+    secret = kube.get("v1", "Secret", "default", objects.tls_secret_name(c)) or {}
+    assert "PRIVATE KEY" not in str(secret["metadata"].get("annotations") or {})
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
+
+    assert certificates.ensure_secrets(kube, cluster(1), ca, NOW) is True
+    assert set(_data(kube, objects.tls_secret_name(c))) == {"ca.crt", "demo-0.crt", "demo-0.key"}
+    assert _data(kube, objects.tls_secret_name(c))["demo-0.crt"] == stored["demo-0.crt"]
+
+
+def test_plaintext_clusters_get_no_tls_secret_but_an_admin_token(kube, ca):
+    c = api.parse_cluster(
+        {"metadata": {"name": "plain", "namespace": "default", "uid": "uid-plain"}, "spec": {"model": {"source": "tiny"}, "security": {"mutualTLS": False}}}
+    )
+    certificates.ensure_secrets(kube, c, ca, NOW)
+    assert kube.get("v1", "Secret", "default", objects.tls_secret_name(c)) is None
+    assert certificates.admin_token(kube, c) is not None
