@@ -98,6 +98,8 @@ class Federation:
     aggregation: str = "fedavg"
     clip_norm: str = ""
     noise_multiplier: str = ""
+    privacy_delta: str = "1e-5"
+    epsilon_budget: str = ""  # "" = no budget
     secure_aggregation: bool = False
     secure_aggregation_secret_ref: str | None = None
     eval_gate_tolerance_milli_nats: int = 0
@@ -238,6 +240,13 @@ class _Section:
             raise SpecError(path, f'{path} {value!r} must be a positive number written as a string, e.g. "{example}"')
         return value
 
+    def fraction(self, key: builtins.str, default: builtins.str, example: builtins.str) -> builtins.str:
+        """A number in (0, 1) written as a string (the CRD's rule on the field)."""
+        value = self.number(key, default, example)
+        if not float(value) < 1:
+            raise SpecError(f"{self.path}.{key}", f'{self.path}.{key} must be in (0, 1), e.g. "{example}", got {value!r}')
+        return value
+
     def object(self, key: builtins.str) -> Mapping[builtins.str, Any] | None:
         path, value = f"{self.path}.{key}", self.d.get(key)
         if value is not None and not isinstance(value, Mapping):
@@ -308,6 +317,8 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
         aggregation=f.str("aggregation", F.aggregation, tuple(AGGREGATIONS)),
         clip_norm=f.number("clipNorm", F.clip_norm, "1.0", allow_empty=True),
         noise_multiplier=f.number("noiseMultiplier", F.noise_multiplier, "0.5", allow_empty=True),
+        privacy_delta=f.fraction("privacyDelta", F.privacy_delta, "1e-5"),
+        epsilon_budget=f.number("epsilonBudget", F.epsilon_budget, "8", allow_empty=True),
         secure_aggregation=f.bool("secureAggregation", F.secure_aggregation),
         secure_aggregation_secret_ref=f.str("secureAggregationSecretRef", None) or None,
         eval_gate_tolerance_milli_nats=f.section("evalGate").int("toleranceMilliNats", F.eval_gate_tolerance_milli_nats, 0, 100_000),
@@ -389,6 +400,12 @@ def _check_cross_fields(spec: ClusterSpec) -> None:
             "spec.federation.noiseMultiplier",
             "spec.federation.noiseMultiplier cannot be combined with secureAggregation: the aggregator sees only the masked sum, "
             "so DP noise would have to be added in shares by the participants (distributed DP, not built); use one of the two",
+        )
+    if f.epsilon_budget and not f.noise_multiplier:
+        raise SpecError(
+            "spec.federation.epsilonBudget",
+            "spec.federation.epsilonBudget needs noiseMultiplier: without DP noise a round's epsilon is unbounded; "
+            'set noiseMultiplier (e.g. "1.0") and clipNorm',
         )
     if f.deadline_seconds > f.round_interval_seconds:
         raise SpecError(

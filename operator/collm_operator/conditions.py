@@ -75,6 +75,7 @@ class Reason:
     AGGREGATION_FAILED = "AggregationFailed"
     PUBLISHED = "Published"
     CLUSTER_NOT_FOUND = "ClusterNotFound"
+    PRIVACY_BUDGET_SPENT = "PrivacyBudgetSpent"
 
 
 def _format_time(now: datetime) -> str:

@@ -34,10 +34,10 @@ from collm_control import rounds as R
 from collm_control.decide import Actions, Adapter, ControlSettings, Observation, decide, log_decision, served_adapter
 from collm_control.planning import Planner, PlanningSettings
 from collm_control.stats import AgentStats
-from collm_operator import api, objects
+from collm_operator import api, objects, privacy_budget
 from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.certificates import admin_token
-from collm_operator.conditions import TRUE, get_condition
+from collm_operator.conditions import TRUE, Reason, get_condition
 from collm_operator.kube import Kube
 from collm_operator.reconcile import Health, cluster_conditions, observe_workloads
 from collm_operator.round_control import finished
@@ -80,6 +80,7 @@ class ClusterController:
         self._planning: PlanningSettings | None = None
         self._counters: dict[str, tuple[int, int]] = {}  # agent -> (finished, met SLO) at the last reading
         self._window: deque[tuple[float, int, int]] = deque()  # (time, finished, met) per step
+        self._over_budget = False  # the privacy budget stopped rounds (warned once per change)
 
     def close(self) -> None:
         self.pool.close()
@@ -117,9 +118,13 @@ class ClusterController:
             last_round_at=_parse_time(since) if since else None,
             rounds_started=int(status.get("roundsCreated") or 0),
         )
+        over_budget = privacy_budget.refusal(cluster, status)
+        if over_budget is not None and not self._over_budget:
+            self.event("Warning", Reason.PRIVACY_BUDGET_SPENT, over_budget)
+        self._over_budget = over_budget is not None
         settings = ControlSettings(
             policy=cluster.spec.scheduling.policy,
-            federation=f.enabled,
+            federation=f.enabled and over_budget is None,
             round_interval_s=float(f.round_interval_seconds),
             min_participants=f.min_participants,
             secure_aggregation=f.secure_aggregation,
@@ -139,6 +144,8 @@ class ClusterController:
             self._republish(adapter, actions.republish, actions.republish_source, addresses)
 
         patch: dict[str, Any] = {}
+        if f.noise_multiplier and "privacy" not in status:  # epsilon 0 and the rounds the budget allows, before any round
+            patch["privacy"] = privacy_budget.figures(cluster, privacy_budget.ledger(status))
         if actions.round is not None:
             patch.update(self._create_round(cluster, actions, now))
         self._prune(cluster, rounds)

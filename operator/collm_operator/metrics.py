@@ -18,7 +18,10 @@ READY_REPLICAS = Gauge("collm_operator_ready_replicas", "Replicas that serve, pe
 GOODPUT = Gauge("collm_operator_goodput", "SLO-met requests/s x 1/held-out loss over the last minute", ["namespace", "cluster"])
 SLO_ATTAINMENT = Gauge("collm_operator_slo_attainment", "Share of the last minute's requests that met the SLO", ["namespace", "cluster"])
 TRAIN_CAP = Gauge("collm_operator_train_cap_tokens", "Training cap of the current plan", ["namespace", "cluster", "replica"])
-_PER_CLUSTER = (READY_REPLICAS, GOODPUT, SLO_ATTAINMENT)
+PRIVACY_EPSILON = Gauge(
+    "collm_operator_privacy_epsilon", "Participant-level epsilon spent by the cluster's DP rounds (at status.privacy.delta)", ["namespace", "cluster"]
+)
+_PER_CLUSTER = (READY_REPLICAS, GOODPUT, SLO_ATTAINMENT, PRIVACY_EPSILON)
 
 
 def serve(port: int) -> None:
@@ -36,6 +39,9 @@ def observe_cluster(namespace: str, cluster: str, status: dict) -> None:
     for gauge, key in ((GOODPUT, "goodput"), (SLO_ATTAINMENT, "sloAttainment")):
         if status.get(key) is not None:
             gauge.labels(namespace, cluster).set(float(status[key]))
+    epsilon = (status.get("privacy") or {}).get("epsilon")
+    if epsilon is not None:
+        PRIVACY_EPSILON.labels(namespace, cluster).set(float(epsilon))
     for replica, plan in (status.get("allocation") or {}).items():
         TRAIN_CAP.labels(namespace, cluster, replica).set(plan.get("trainCapTokens") or 0)
 

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from collm_control import rounds as R
 from collm_control.decide import NoTrainers, assign_roles, next_version
-from collm_operator import api, objects
+from collm_operator import api, objects, privacy_budget
 from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.conditions import FALSE, TRUE, Reason, get_condition, set_condition
 from collm_operator.kube import Kube
@@ -164,6 +164,10 @@ def _ahead(me: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
     return key(other) < key(me)
 
 
+class _NotStarted(Exception):
+    """The round failed before it started; its status and an Event say why."""
+
+
 def drive(
     kube: Kube,
     body: Mapping[str, Any],
@@ -178,14 +182,32 @@ def drive(
     """Run (or resume) one AdapterRound until it ends or `stop()`; None when it could not start.
     `ended(result)` is told how every round that ends here ends (Succeeded, Failed, Rejected).
     The agents are reached with `pool`'s credentials (the operator's certificate)."""
+    try:
+        return _drive(kube, body, stop=stop, event=event, pool=pool or AgentPool(), clock=clock, ended=ended, wait_s=wait_s)
+    except _NotStarted:
+        return None
+
+
+def _drive(
+    kube: Kube,
+    body: Mapping[str, Any],
+    *,
+    stop: Callable[[], bool],
+    event: Event,
+    pool: AgentPool,
+    clock: Callable[[], float],
+    ended: Callable[[str], None],
+    wait_s: float,
+) -> R.RoundState | None:
     meta, status = body["metadata"], dict(body.get("status") or {})
     name, ns, gen = meta["name"], meta.get("namespace", "default"), int(meta.get("generation") or 1)
     now = lambda: datetime.now(UTC)  # noqa: E731
 
-    def fail(reason: str, message: str) -> None:
+    def fail(reason: str, message: str) -> NoReturn:
         kube.patch_status(api.API_VERSION, api.ROUND_KIND, ns, name, failed_status(status, gen, reason, message, now()))
         event("Warning", reason, message)
         ended(R.Result.FAILED.value)
+        raise _NotStarted(message)
 
     try:
         rnd = api.parse_round(body)
@@ -204,7 +226,6 @@ def drive(
     if not cluster.spec.federation.enabled or cluster.spec.scheduling.policy == "inferenceOnly":
         fail(Reason.TRAINING_DISABLED, f"CollmCluster {cluster.name} does not train (federation disabled or policy inferenceOnly)")
 
-    pool = pool or AgentPool()
     pool.plaintext = not cluster.spec.security.mutual_tls
     saved = status.get("state")
     while not saved:
@@ -221,6 +242,11 @@ def drive(
             if stop():
                 return None
             time.sleep(0.1)
+    if not saved:  # the ledger as of now (an earlier round may have been charged while this one waited)
+        latest = kube.get(api.API_VERSION, api.CLUSTER_KIND, ns, cluster.name) or cluster_obj
+        over_budget = privacy_budget.refusal(cluster, latest.get("status"))
+        if over_budget is not None:
+            fail(Reason.PRIVACY_BUDGET_SPENT, over_budget)
     workloads = observe_workloads(kube, cluster)
     if saved:
         state = R.RoundState.from_dict(saved)
@@ -247,6 +273,9 @@ def drive(
             )
         except ValueError as exc:
             fail(Reason.TOO_FEW_PARTICIPANTS, str(exc))
+        spent = privacy_budget.charge(cluster, latest.get("status"))
+        if spent is not None:  # charged before any update is computed: a failed round spent it too
+            kube.patch_status(api.API_VERSION, api.CLUSTER_KIND, ns, cluster.name, {"privacy": spent})
         state = R.start(spec)
         claimed = [int(((cluster_obj.get("status") or {}).get("adapter") or {}).get("version") or 0)]
         version = next_version(stats, claimed + [int((r.get("status") or {}).get("version") or 0) for r in rounds])

@@ -157,6 +157,20 @@ CASES = [
         ),
     ),
     Case(
+        "CollmCluster.spec.federation#6",
+        "self.epsilonBudget == '' || self.noiseMultiplier != ''",
+        "spec.federation.epsilonBudget",
+        invalid=({"federation": {"epsilonBudget": "8"}}, {"federation": {"epsilonBudget": "8", "clipNorm": "1"}}),
+        valid=({"federation": {"epsilonBudget": "8", "noiseMultiplier": "1.0", "clipNorm": "1"}}, {"federation": {"noiseMultiplier": "1.0", "clipNorm": "1"}}),
+    ),
+    Case(
+        "CollmCluster.spec.federation.privacyDelta#0",
+        "double(self) > 0.0 && double(self) < 1.0",
+        "spec.federation.privacyDelta",
+        invalid=tuple({"federation": {"privacyDelta": d}} for d in ("0", "1", "1.5", "2e0")),
+        valid=tuple({"federation": {"privacyDelta": d}} for d in ("1e-5", ".5", "0.999")),
+    ),
+    Case(
         "AdapterRound.spec#0",
         "!has(self.participants) || !has(self.minParticipants) || self.minParticipants <= size(self.participants)",
         "spec.minParticipants",

@@ -163,6 +163,8 @@ CEL_EQUIVALENTS = {
         "self.noiseMultiplier == '' || self.aggregation in ['fedavg', 'ffa']": ".spec.federation",
         "self.deadlineSeconds <= self.roundIntervalSeconds": ".spec.federation",
         "!self.secureAggregation || self.noiseMultiplier == ''": ".spec.federation",
+        "self.epsilonBudget == '' || self.noiseMultiplier != ''": ".spec.federation",
+        "double(self) > 0.0 && double(self) < 1.0": ".spec.federation.privacyDelta",
     },
     "AdapterRound": {
         "!has(self.participants) || !has(self.minParticipants) || self.minParticipants <= size(self.participants)": ".spec",
