@@ -118,6 +118,7 @@ BUILTIN_RESOURCES = [
     ResourceType("", "v1", "nodes", "Node", namespaced=False, short_names=("no",), subresources=("status",)),
     ResourceType("apps", "v1", "statefulsets", "StatefulSet", short_names=("sts",), subresources=("status", "scale"), categories=("all",)),
     ResourceType("apps", "v1", "deployments", "Deployment", short_names=("deploy",), subresources=("status", "scale"), categories=("all",)),
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short_names=("netpol",)),
     ResourceType("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short_names=("pdb",), subresources=("status",)),
     ResourceType("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),

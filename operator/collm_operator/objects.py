@@ -317,6 +317,36 @@ def build_pod_disruption_budget(cluster: Cluster) -> dict[str, Any]:
     }
 
 
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "collm-operator"}  # the chart's and the kustomize base's operator pods
+METRICS_SCRAPER_LABEL = "collm.io/metrics-scraper"
+
+
+def build_network_policy(cluster: Cluster, operator_namespace: str) -> dict[str, Any] | None:
+    """Who may reach the agents: the router (HTTP), the cluster's own agents (HTTP and gRPC: round
+    uploads and adapter fetches), the operator (both), and pods labelled collm.io/metrics-scraper=true
+    in any namespace (HTTP: /metrics). Nothing else, so a pod elsewhere cannot use a replica's ports
+    even before authentication. None unless spec.security.networkPolicy. Egress stays open (models
+    may be fetched from a hub)."""
+    if not cluster.spec.security.network_policy:
+        return None
+    http, grpc = {"protocol": "TCP", "port": "http"}, {"protocol": "TCP", "port": "grpc"}
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(cluster, f"{cluster.name}-agents", AGENT),
+        "spec": {
+            "podSelector": {"matchLabels": selector(cluster, AGENT)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": selector(cluster, ROUTER)}}], "ports": [http]},
+                {"from": [{"podSelector": {"matchLabels": selector(cluster, AGENT)}}, operator], "ports": [http, grpc]},
+                {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {METRICS_SCRAPER_LABEL: "true"}}}], "ports": [http]},
+            ],
+        },
+    }
+
+
 def build_service_monitor(cluster: Cluster) -> dict[str, Any] | None:
     """Prometheus Operator scrape config for agents and router; None unless spec.monitoring.serviceMonitor."""
     if not cluster.spec.service_monitor:
@@ -333,7 +363,7 @@ def build_service_monitor(cluster: Cluster) -> dict[str, Any] | None:
     }
 
 
-def build_all(cluster: Cluster) -> list[dict[str, Any]]:
+def build_all(cluster: Cluster, operator_namespace: str = "default") -> list[dict[str, Any]]:
     """The whole desired state, in apply order (identity and settings before the pods that use them)."""
     objects = [
         build_service_account(cluster),
@@ -344,9 +374,9 @@ def build_all(cluster: Cluster) -> list[dict[str, Any]]:
         build_router_deployment(cluster),
         build_router_service(cluster),
     ]
-    monitor = build_service_monitor(cluster)
-    if monitor is not None:
-        objects.append(monitor)
+    for optional in (build_network_policy(cluster, operator_namespace), build_service_monitor(cluster)):
+        if optional is not None:
+            objects.append(optional)
     return objects
 
 

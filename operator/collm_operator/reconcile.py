@@ -25,6 +25,7 @@ SLO_MIN_REQUESTS = 20  # fewer finished requests in the window say nothing about
 # Every kind a cluster may own, for deletion (the builders' kinds plus the rounds it schedules).
 CHILD_KINDS = (
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("policy/v1", "PodDisruptionBudget"),
@@ -52,7 +53,7 @@ class ChildRejected(Exception):
 
 def apply_children(kube: Kube, cluster: api.Cluster) -> Applied:
     kinds, warnings, changed = [], [], False
-    for obj in objects.build_all(cluster):
+    for obj in objects.build_all(cluster, certificates.operator_namespace()):
         try:
             changed |= kube.apply(obj)
         except ResourceNotFoundError:
@@ -72,6 +73,8 @@ def apply_children(kube: Kube, cluster: api.Cluster) -> Applied:
         kinds.append(obj["kind"])
     if objects.build_service_monitor(cluster) is None:
         changed |= kube.delete("monitoring.coreos.com/v1", "ServiceMonitor", cluster.namespace, cluster.name)
+    if not cluster.spec.security.network_policy:
+        changed |= kube.delete("networking.k8s.io/v1", "NetworkPolicy", cluster.namespace, f"{cluster.name}-agents")
     return Applied(tuple(kinds), changed, tuple(warnings))
 
 

@@ -31,7 +31,7 @@ def test_build_all_lists_each_child_once_with_owner_and_labels():
     c = cluster()
     objs = objects.build_all(c)
     kinds = sorted(o["kind"] for o in objs)
-    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
     assert len(by_kind(objs)) == len(objs)
     for o in objs:
         meta = o["metadata"]
@@ -51,6 +51,19 @@ def test_build_all_lists_each_child_once_with_owner_and_labels():
         assert labels["app.kubernetes.io/instance"] == "demo"
         assert labels["app.kubernetes.io/managed-by"] == "collm-operator"
         assert labels["app.kubernetes.io/component"] in ("agent", "router", "monitoring")
+
+
+def test_network_policy_admits_router_agents_operator_and_scrapers_only():
+    c = cluster()
+    policy = objects.build_network_policy(c, "collm-system")
+    assert policy is not None and policy["spec"]["podSelector"]["matchLabels"] == objects.selector(c, objects.AGENT)
+    rules = [(r["from"], sorted(p["port"] for p in r["ports"])) for r in policy["spec"]["ingress"]]
+    router, peers, scrapers = rules
+    assert router == ([{"podSelector": {"matchLabels": objects.selector(c, objects.ROUTER)}}], ["http"])
+    assert peers[1] == ["grpc", "http"] and peers[0][0] == {"podSelector": {"matchLabels": objects.selector(c, objects.AGENT)}}
+    assert peers[0][1]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "collm-system"}}
+    assert scrapers == ([{"namespaceSelector": {}, "podSelector": {"matchLabels": {"collm.io/metrics-scraper": "true"}}}], ["http"])
+    assert objects.build_network_policy(cluster({"security": {"networkPolicy": False}}), "x") is None
 
 
 def test_service_monitor_only_when_enabled():
