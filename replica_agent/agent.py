@@ -23,6 +23,7 @@ from .engine.lora import LoraSpec, init_adapter
 from .engine.mixer import BatchMixer, MixerSettings, Plan
 from .engine.model_host import BaseModel, load_base_model
 from .engine.revisions import RevisionSettings
+from .engine.state import DurableState, state_identity
 from .engine.trainer import Trainer, TrainerSettings, held_out_loss
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,23 @@ class Agent:
         if c.adapter_archive:
             self.store.on_change(AdapterArchive(c.adapter_archive, c.replica_id).write)
         self.dataset, self.data_error = self._load_data(c)
-        # The initial adapter is global version 0 ("0.0") on every replica: the same seed, the same tensors.
-        initial = init_adapter(self.spec, self.runtime.dims, seed=c.seed, dtype=self.runtime.dtype)
-        initial_loss = (
-            held_out_loss(self.runtime, self.dataset, self.spec, initial, micro_batch=c.micro_batch, max_batches=c.eval_batches)[0] if self.dataset else None
+        self.state = (
+            DurableState(c.state_dir, state_identity(self.base.name, self.runtime.dims, self.runtime.dtype, self.spec), replica=c.replica_id)
+            if c.state_dir
+            else None
         )
-        self.store.publish(initial, cluster_version=0, eval_loss=initial_loss)
+        restored = self.state.load_adapters(self.spec, self.runtime.dims) if self.state is not None else None
+        if restored is not None:
+            self.store.restore(restored)  # what it served before the restart, under the same labels and sha256
+        else:
+            # The initial adapter is global version 0 ("0.0") on every replica: the same seed, the same tensors.
+            initial = init_adapter(self.spec, self.runtime.dims, seed=c.seed, dtype=self.runtime.dtype)
+            initial_loss = (
+                held_out_loss(self.runtime, self.dataset, self.spec, initial, micro_batch=c.micro_batch, max_batches=c.eval_batches)[0]
+                if self.dataset
+                else None
+            )
+            self.store.publish(initial, cluster_version=0, eval_loss=initial_loss)
         # With data the replica trains whenever the plan's cap and the batch mixer allow (cap 0: never).
         self.training = training = c.train and self.dataset is not None
         self.mixer = BatchMixer(MixerSettings(ttft_ms=c.ttft_ms, tpot_ms=c.tpot_ms, cap_tokens_per_iteration=c.train_cap_tokens if training else 0))
@@ -91,8 +103,14 @@ class Agent:
                 # Without training (train: false) the trainer only evaluates: a budget that never fills.
                 budget=self.budget or TrainingBudget(max_balance=step_tokens),
             )
+            if self.state is not None and restored is not None:
+                self.state.restore_shadow(self.trainer, self.store)
             # The held-out loss of what is served at the start: the planner reads "has data" from it.
             self.trainer.last_eval_loss = self.trainer.local_loss(self.store.current)  # measured above: no second evaluation
+        if self.state is not None:
+            state = self.state
+            state.save_adapters(self.store)  # the initial adapter of a fresh state_dir; drops what did not come back
+            self.store.on_change(lambda _version: state.save_adapters(self.store))
 
         self.profiler = CapacityProfiler(tpot_ms=c.tpot_ms, max_batch=c.max_batch)
         self._training_tokens_seen = 0
@@ -133,17 +151,21 @@ class Agent:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> AdapterVersion:
-        """Start serving the initial adapter (global version 0) and, with data, training."""
+        """Start serving the initial adapter (global version 0, or what state_dir restored) and, with data, training."""
         first = self.store.current
         self.engine.start()
         if self.trainer is not None and self.training:
             self.trainer.start()
+            if self.state is not None and self.config.checkpoint_interval_s > 0:
+                self.state.keep_checkpointing(self.trainer, self.config.checkpoint_interval_s)
         log.info("agent %s serving %s with adapter %s", self.config.replica_id, self.base.name, first.label)
         return first
 
     def stop(self) -> None:
         if self.trainer is not None:
             self.trainer.stop()
+        if self.state is not None:
+            self.state.close(self.trainer)  # the last checkpoint of the shadow, after its last step
         self.engine.stop()
 
     # -- control ------------------------------------------------------------------------------

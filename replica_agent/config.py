@@ -82,6 +82,14 @@ class AgentConfig(BaseModel):
     adapter_archive: str | None = Field(
         None, description="folder that receives every published adapter version as <sha256>.safetensors (offline scoring, audits)"
     )
+    state_dir: str | None = Field(
+        None,
+        description="folder (a volume that outlives the pod) that keeps the served adapter versions and the shadow with its optimizer state "
+        "across restarts, restored at start; unset: memory only",
+    )
+    checkpoint_interval_s: float = Field(
+        60.0, ge=0, description="seconds between checkpoints of the shadow and its optimizer state to state_dir (0: only at shutdown)"
+    )
     secure_aggregation_secret_file: str | None = Field(
         None, description="file with the round secret (>= 16 bytes) shared by participants only; needed to take part in secure-aggregation rounds"
     )

@@ -12,6 +12,10 @@ Publishing snapshots tensors into a new version and flips "current" under one lo
 admitted at any moment pins either the old or the new version, never a mix. A pinned version is
 never dropped; an unpinned one that is not current stays only while the retention window keeps it
 (for rollback and for peers that fetch it). The global the replica rests on is always kept.
+
+`snapshot()` and `restore()` carry a store across a restart (state.py writes and reads them): the
+retained versions with their labels, "current", the global, and the last local revision per
+cluster version, so the next revision after a restart gets the next label, not a reused one.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -79,6 +83,22 @@ class AdapterVersion:
 
 class UnknownVersion(KeyError):
     pass
+
+
+def retained_numbers(numbers: Iterable[int], retain: int, *, keep: Iterable[int | None] = ()) -> set[int]:
+    """The versions a store holds on to: the newest `retain` by number, plus `keep` (current, global, pinned)."""
+    return set(sorted(numbers)[-retain:]) | {n for n in keep if n is not None}
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """What a restart needs of a store: the retained versions (oldest first, pins aside), the current
+    one, the global it rests on, and the last local revision published on each cluster version."""
+
+    versions: tuple[AdapterVersion, ...]
+    current: AdapterVersion
+    global_version: AdapterVersion
+    revisions: Mapping[int, int]
 
 
 class AdapterStore:
@@ -151,6 +171,27 @@ class AdapterStore:
             listener(version)
         return version
 
+    def restore(self, snapshot: StoreSnapshot) -> AdapterVersion:
+        """Take over a snapshot (of an earlier process) into this empty store, labels and numbers as
+        they are; listeners are not called (nothing changed). Returns the current version."""
+        versions = {v.number: v for v in snapshot.versions}
+        if len(versions) != len(snapshot.versions) or not versions:
+            raise ValueError("a store snapshot needs versions with distinct numbers")
+        if versions.get(snapshot.current.number) is not snapshot.current or versions.get(snapshot.global_version.number) is not snapshot.global_version:
+            raise ValueError("the current and global versions of a snapshot must be among its versions")
+        if not snapshot.global_version.is_global:
+            raise ValueError(f"the global of a snapshot must be a global version, got {snapshot.global_version.label}")
+        with self._lock:
+            if self._versions:
+                raise RuntimeError("restore needs an empty store")
+            self._versions = versions
+            self._current, self._global = snapshot.current.number, snapshot.global_version
+            self._revisions = dict(snapshot.revisions)
+            for v in versions.values():
+                self._revisions[v.cluster_version] = max(self._revisions.get(v.cluster_version, 0), v.revision)
+            self._next = max(versions) + 1
+            return snapshot.current
+
     def on_change(self, listener: Callable[[AdapterVersion], object]) -> None:
         """Call `listener(version)` after every publish or rollback (from the publishing thread)."""
         with self._lock:
@@ -214,6 +255,17 @@ class AdapterStore:
         with self._lock:
             return sorted(self._versions)
 
+    def snapshot(self) -> StoreSnapshot | None:
+        """The store as a restart should find it (None before the first publish): what retention keeps
+        without counting pins, which only matter to requests of this process."""
+        with self._lock:
+            if self._current is None or self._global is None:
+                return None
+            keep = retained_numbers(self._versions, self.retain, keep=(self._current, self._global.number))
+            return StoreSnapshot(
+                tuple(self._versions[n] for n in sorted(keep)), self._versions[self._current], self._global, MappingProxyType(dict(self._revisions))
+            )
+
     def _get_locked(self, number: int) -> AdapterVersion:
         try:
             return self._versions[number]
@@ -221,10 +273,6 @@ class AdapterStore:
             raise UnknownVersion(f"adapter version {number} is not retained (retained: {sorted(self._versions)})") from None
 
     def _prune_locked(self) -> None:
-        keep = set(sorted(self._versions)[-self.retain :]) | set(self._pins)
-        if self._current is not None:
-            keep.add(self._current)
-        if self._global is not None:
-            keep.add(self._global.number)
+        keep = retained_numbers(self._versions, self.retain, keep=(*self._pins, self._current, self._global.number if self._global else None))
         for number in [n for n in self._versions if n not in keep]:
             del self._versions[number]

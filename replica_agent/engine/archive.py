@@ -2,11 +2,13 @@
 
 The store keeps a few versions in memory; the archive keeps all of them on disk with their identity
 in the safetensors metadata (replica, version label, step, held-out loss). The goodput benchmark
-re-scores every request with exactly the version that served it from here, after the run.
+re-scores every request with exactly the version that served it from here, after the run. The
+agent's durable state (state.py) keeps the versions it may restart with in such a folder too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +19,27 @@ import torch
 from .adapter_store import AdapterVersion, adapter_sha256
 
 
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the new one, never a torn
+    one: a temporary file in the same folder, fsync, rename over `path`, fsync of the folder (the rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 class AdapterArchive:
     def __init__(self, folder: str | Path, replica: str) -> None:
         self.folder = Path(folder)
@@ -24,7 +47,7 @@ class AdapterArchive:
         self.replica = replica
 
     def write(self, version: AdapterVersion) -> Path:
-        """Write one version (a store listener: runs on the publishing thread); atomic by rename."""
+        """Write one version (a store listener: runs on the publishing thread), atomically."""
         path = self.folder / f"{version.sha256}.safetensors"
         if path.exists():
             return path
@@ -36,10 +59,7 @@ class AdapterArchive:
             "eval_loss": "" if version.eval_loss is None else repr(version.eval_loss),
         }
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in version.tensors.items()}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        write_atomically(path, safetensors.torch.save(tensors, metadata=meta))
         return path
 
 

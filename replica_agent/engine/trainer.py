@@ -20,6 +20,7 @@ parameter reuse"):
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -79,6 +80,18 @@ class StepResult:
 
 
 @dataclass(frozen=True)
+class ShadowState:
+    """The shadow at one moment between two steps, as a restart needs it (state.py saves it)."""
+
+    shadow: Mapping[str, torch.Tensor]
+    optimizer: dict  # AdamW's state_dict (moments and step per tensor, in the shadow's key order)
+    global_sha256: str  # the global adapter the shadow rests on
+    step: int
+    tokens: int
+    anchor_step: int  # steps before it are in a global adapter or an accepted upload
+
+
+@dataclass(frozen=True)
 class RoundSnapshot:
     """What a round took from the shadow: the shadow at that moment and the global it rested on."""
 
@@ -110,7 +123,7 @@ class Trainer:
             raise ValueError("the trainer starts from a global adapter: publish one in the store first")
         self.shadow = {k: v.detach().clone().to(runtime.device).requires_grad_(True) for k, v in start.tensors.items()}
         self.global_version: AdapterVersion = start  # the global adapter the shadow rests on
-        self.optimizer = torch.optim.AdamW(self.shadow.values(), lr=s.learning_rate, weight_decay=0.0)
+        self.optimizer = self._new_optimizer(self.shadow)
         self._batches = dataset.train_batches(s.micro_batch, seed=s.seed)
         self._lock = threading.Lock()  # guards the shadow and the global between a step, a snapshot and a rebase
         self._publish_lock = threading.Lock()  # one revision decision at a time
@@ -132,6 +145,9 @@ class Trainer:
         self.revisions_published = 0
         self.revisions_rejected = 0
         self.last_revision_at: float | None = None
+
+    def _new_optimizer(self, shadow: Mapping[str, torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(shadow.values(), lr=self.settings.learning_rate, weight_decay=0.0)
 
     # -- steps --------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -246,6 +262,40 @@ class Trainer:
                     value.copy_(new_global.tensors[key].to(value.dtype) + (value - anchor[key].to(value.dtype)))
             self.global_version = new_global
             self._snapshots.clear()
+
+    # -- restarts -----------------------------------------------------------------------------
+    def checkpoint(self) -> ShadowState:
+        """The shadow, AdamW's state and the counters, taken between two steps (copies: training goes on)."""
+        with self._lock:
+            return ShadowState(
+                {k: v.detach().clone() for k, v in self.shadow.items()},
+                copy.deepcopy(self.optimizer.state_dict()),
+                self.global_version.sha256,
+                self.step,
+                self.tokens,
+                self._anchor_step,
+            )
+
+    def restore(self, state: ShadowState, rests_on: AdapterVersion) -> None:
+        """Continue from a checkpoint whose global is `rests_on` (before start). The learning rate
+        stays this trainer's setting, not the checkpoint's. Raises ValueError, leaving the trainer as
+        it was, when the checkpoint does not fit this trainer's adapter."""
+        if rests_on.sha256 != state.global_sha256:
+            raise ValueError(f"the checkpoint rests on adapter {state.global_sha256[:12]}, not on {rests_on.label} ({rests_on.sha256[:12]})")
+        if set(state.shadow) != set(self.shadow):
+            raise ValueError("the checkpoint's shadow has other tensors than this trainer's adapter")
+        for key, value in state.shadow.items():
+            if value.shape != self.shadow[key].shape:
+                raise ValueError(f"the checkpoint's {key} has shape {tuple(value.shape)}, expected {tuple(self.shadow[key].shape)}")
+        # The checkpoint's key order is the order of AdamW's parameter indices in its state.
+        shadow = {k: v.detach().to(self.runtime.device, self.shadow[k].dtype).clone().requires_grad_(True) for k, v in state.shadow.items()}
+        optimizer = self._new_optimizer(shadow)
+        optimizer.load_state_dict(state.optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = self.settings.learning_rate
+        with self._lock:
+            self.shadow, self.optimizer, self.global_version = shadow, optimizer, rests_on
+            self.step, self.tokens, self._anchor_step = state.step, state.tokens, state.anchor_step
 
     # -- background thread --------------------------------------------------------------------
     def start(self) -> None:

@@ -64,6 +64,26 @@ def test_rollback_to_a_global_makes_it_the_global_and_labels_stay_unique():
     assert store.publish(tensors(4)).label == "1.2"  # never a second "1.1"
 
 
+def test_a_snapshot_restored_into_a_new_store_keeps_labels_and_bounds_versions_without_pins():
+    store = AdapterStore(retain=2)
+    g1 = store.publish(tensors(1), cluster_version=1)
+    for i in (2, 3, 4):
+        store.publish(tensors(i))  # 1.1, 1.2, 1.3
+    pinned = store.pin_current()  # a request of this process holds 1.3
+    store.publish(tensors(5))  # 1.4
+    store.publish(tensors(6))  # 1.5
+    assert pinned.number in store.retained()
+    snap = store.snapshot()
+    # the newest two (1.4, 1.5), the global: 1.3 is held only by a request of this process
+    assert [v.label for v in snap.versions] == ["1.0", "1.4", "1.5"] and snap.current.label == "1.5" and snap.global_version is g1
+    fresh = AdapterStore(retain=2)
+    assert fresh.restore(snap) is snap.current and fresh.current is snap.current and fresh.global_version is g1
+    assert fresh.publish(tensors(7)).label == "1.6"  # the next label, not a reused one
+    with pytest.raises(RuntimeError, match="empty"):
+        fresh.restore(snap)
+    assert AdapterStore().snapshot() is None
+
+
 def test_pins_keep_versions_alive_and_retention_drops_the_rest():
     store = AdapterStore(retain=2)
     store.publish(tensors(0))  # 1: the global, always kept
