@@ -8,6 +8,11 @@ nothing. Every call is idempotent for a round id (a retried StartRound uploads t
 repeated Publish of the global it already rests on changes nothing). Publishing fetches the adapter,
 verifies its sha256 and shapes, serves it at once and rebases the shadow on it; requests in flight
 keep their pins.
+
+In a secure round a participant announces its upload to every other participant (AnnounceUpload)
+and sends its masked update only once all of them acknowledged; it never reveals the seeds of a peer
+that announced to it (see secure.py: an aggregator must not be able to name an update it holds
+"dropped" and unmask it alone).
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from collm_rpc import tls
@@ -25,12 +33,14 @@ from collm_rpc.client import AgentClient
 from ..engine.adapter_store import AdapterVersion, adapter_sha256
 from ..engine.lora import check_adapter
 from .aggregator import ROUNDS_KEPT, drop_oldest
-from .secure import encode_masked, mask_update, pair_seeds, reveal_seeds
+from .secure import announcement_refusal, encode_masked, mask_update, pair_seeds, reveal_refusal, reveal_seeds
 from .update import UpdateError, encode_update, fetch_adapter, make_update
 
 log = logging.getLogger(__name__)
 
 FETCHED_KEPT = 4  # adapters fetched from peers and kept by content hash
+ANNOUNCE_TIMEOUT_S = 5.0  # one AnnounceUpload call
+ANNOUNCE_PATIENCE_S = 10.0  # how long a peer that has no StartRound yet (NOT_FOUND) or is unreachable is asked again
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class SecureRound:
 
     participants: tuple[str, ...]
     clip_norm: float | None = None
+    addresses: Mapping[str, str] = field(default_factory=dict)  # participant -> host:port, to announce the upload to
 
 
 @dataclass
@@ -50,6 +61,17 @@ class ParticipantRound:
     started_at: float = 0.0
     secure: SecureRound | None = None
     seeds: dict | None = None  # pair seeds of a secure round, kept to reveal those of dropped peers
+    deadline_unix: float = 0.0
+    announced: set[str] = field(default_factory=set)  # peers that announced their upload: their seeds are never revealed
+    revealed: set[str] = field(default_factory=set)  # peers whose seeds were revealed: their announcements are refused
+
+
+class RoundNotStarted(KeyError):
+    """An announcement for a round this replica has no StartRound for yet (the announcer asks again)."""
+
+
+class Refused(ValueError):
+    """A reveal or an announcement that would let the aggregator unmask one update alone."""
 
 
 class Participant:
@@ -105,7 +127,7 @@ class Participant:
             existing = self._rounds.get(round_id)
             if existing is not None:
                 return existing
-            rnd = self._rounds[round_id] = ParticipantRound(round_id, started_at=time.time(), secure=secure)
+            rnd = self._rounds[round_id] = ParticipantRound(round_id, started_at=time.time(), secure=secure, deadline_unix=deadline_unix)
             drop_oldest(self._rounds, ROUNDS_KEPT)
         trainer = self.agent.trainer
         if trainer is None:
@@ -126,6 +148,10 @@ class Participant:
             return rnd
         if secure is not None:
             secret_file = self.agent.config.secure_aggregation_secret_file
+            unaddressed = [p for p in secure.participants if p != self.agent.config.replica_id and p not in secure.addresses]
+            if unaddressed:
+                rnd.state, rnd.message = "Failed", f"secure rounds need every participant's address to announce the upload to; none for {unaddressed}"
+                return rnd
             if not secret_file:
                 rnd.state, rnd.message = "Failed", "secure aggregation needs the round secret: start the agent with --secure-aggregation-secret-file"
                 return rnd
@@ -168,9 +194,14 @@ class Participant:
             samples = max(1, snapshot.steps * agent.trainer.settings.micro_batch)
             update = make_update(agent.config.replica_id, rnd.round_id, snapshot.shadow, snapshot.base, samples, only_b=only_b)
             blob, sha, masked = encode_update(update), update.sha256, rnd.secure is not None
-            if masked:  # only the masked form leaves this replica
+            if rnd.secure is not None:  # only the masked form leaves this replica, and only once every peer knows
                 secured = mask_update(update, rnd.secure.participants, rnd.seeds, clip_norm=rnd.secure.clip_norm)
                 blob, sha = encode_masked(secured), adapter_sha256(secured.masked)
+                failed = self._announce(rnd)
+                if failed:
+                    rnd.state, rnd.message = "Failed", f"NotAnnounced: {failed}; the masked update was not sent, so this participant counts as dropped"
+                    log.warning("round %s: %s", rnd.round_id, rnd.message)
+                    return
             if aggregator_address == self.local_address:
                 outcome = self.aggregator.receive(rnd.round_id, update.participant, blob, sha, masked=masked)
                 accepted, reason, message = outcome.accepted, outcome.reason, outcome.message
@@ -184,12 +215,89 @@ class Participant:
             rnd.state, rnd.message = "Failed", f"upload to {aggregator_address} failed: {exc}"
             log.warning("round %s: %s", rnd.round_id, rnd.message)
 
+    def _announce(self, rnd: ParticipantRound) -> str:
+        """Announce this upload to every other participant; '' once all acknowledged, else why not.
+        On failure the announcement is withdrawn where it landed: nothing will be sent, so the peers
+        may reveal this participant's seeds and the round goes on without it."""
+        me, secure = self.agent.config.replica_id, rnd.secure
+        assert secure is not None
+        give_up = time.time() + ANNOUNCE_PATIENCE_S
+        if rnd.deadline_unix:
+            give_up = min(give_up, rnd.deadline_unix)
+
+        def announce(client: AgentClient, peer: str) -> str:
+            while True:
+                try:
+                    acked_by = client.announce_upload(rnd.round_id, me).replica
+                except grpc.RpcError as exc:
+                    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE) and time.time() < give_up:
+                        time.sleep(0.1)  # the peer has no StartRound yet, or is restarting
+                        continue
+                    return f"{peer}: {exc.code().name}: {exc.details()}"
+                return "" if acked_by == peer else f"{peer}: its address {client.address} answered as {acked_by!r}"
+
+        def withdraw(client: AgentClient, peer: str) -> str:
+            client.announce_upload(rnd.round_id, me, withdraw=True)
+            return ""
+
+        failures = [f for f in self._to_peers(secure, announce).values() if f]
+        if failures:
+            self._to_peers(secure, withdraw)  # best effort: a peer it misses refuses to reveal, which fails the round safely
+        return "; ".join(failures)
+
+    def _to_peers(self, secure: SecureRound, call: Callable[[AgentClient, str], str]) -> dict[str, str]:
+        """`call` on every other participant at once; a failure is returned as its text."""
+        me = self.agent.config.replica_id
+        peers = [p for p in secure.participants if p != me]
+
+        def one(peer: str) -> str:
+            address = secure.addresses.get(peer)
+            if not address:
+                return f"{peer}: no address given for it"
+            try:
+                with AgentClient(address, timeout=ANNOUNCE_TIMEOUT_S, credentials=self.credentials) as client:
+                    return call(client, peer)
+            except grpc.RpcError as exc:
+                return f"{peer}: {exc.code().name}: {exc.details()}"
+
+        with ThreadPoolExecutor(max_workers=max(1, len(peers))) as pool:
+            return dict(zip(peers, pool.map(one, peers)))
+
+    def take_announcement(self, round_id: str, announcer: str, *, withdraw: bool = False) -> None:
+        """Record that `announcer` sends its masked update of `round_id` now (or, withdrawn, that it
+        does not after all). RoundNotStarted: no StartRound here yet, the announcer asks again;
+        Refused: this replica already revealed the announcer's seeds, it must not upload."""
+        me = self.agent.config.replica_id
+        with self._lock:
+            rnd = self._rounds.get(round_id)
+            if withdraw:
+                if rnd is not None:
+                    rnd.announced.discard(announcer)
+                return
+            if rnd is None:
+                raise RoundNotStarted(f"{me} has not started round {round_id} yet")
+            if rnd.secure is None:
+                raise Refused(f"round {round_id} is not a secure round on {me}")
+            reason = announcement_refusal(me, announcer, rnd.secure.participants, rnd.revealed)
+            if reason is not None:
+                raise Refused(reason)
+            rnd.announced.add(announcer)
+
     def reveal(self, round_id: str, dropped: list[str]) -> dict[tuple[str, str], bytes]:
-        """The pair seeds this participant shared with `dropped` peers of a secure round, no others."""
-        rnd = self.status(round_id)
-        if rnd is None or rnd.seeds is None:
-            raise KeyError(f"{self.agent.config.replica_id} holds no pair seeds for round {round_id}")
-        return reveal_seeds(self.agent.config.replica_id, dropped, rnd.seeds)
+        """The pair seeds this participant shared with `dropped` peers of a secure round, no others;
+        Refused for a peer that announced its upload. Decided under the lock that announcements take,
+        so a reveal and an acknowledged announcement for one peer never both happen."""
+        me = self.agent.config.replica_id
+        with self._lock:
+            rnd = self._rounds.get(round_id)
+            if rnd is None or rnd.seeds is None:
+                raise KeyError(f"{me} holds no pair seeds for round {round_id}")
+            reason = reveal_refusal(me, dropped, rnd.announced)
+            if reason is not None:
+                raise Refused(reason)
+            shares = reveal_seeds(me, dropped, rnd.seeds)
+            rnd.revealed.update(dropped)
+        return shares
 
     def status(self, round_id: str) -> ParticipantRound | None:
         with self._lock:

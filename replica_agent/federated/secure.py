@@ -20,7 +20,12 @@ Choices, and what they mean for a deployment:
 - Dropout after masking: the aggregator `close()`s the round, names the dropped participants, and
   each survivor `reveal_seeds` only the seeds it shared with them; `unmask` removes the unmatched
   masks. A late upload from a dropped participant is ignored. Masks are single (no self-masks as in
-  Bonawitz et al.), so the aggregator is trusted to name as dropped only those it did not receive.
+  Bonawitz et al.), so an aggregator that received P's update and then named P dropped would unmask
+  it alone with the survivors' seeds. Hence commit before upload: P first announces its upload to
+  every other participant and sends it only once all of them acknowledged; a participant never
+  reveals the seeds of a peer that announced (`reveal_refusal`) and refuses the announcement of a
+  peer whose seeds it revealed (`announcement_refusal`). Privacy over liveness: a participant that
+  announced and then vanished fails the round, since its masks can no longer be removed.
 - Robust checks cannot see through masks: each participant checks (NaN/Inf) and clips its own
   update with `aggregation.clip_update` before masking (`mask_update(..., clip_norm=...)`).
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +107,28 @@ def mask_update(update: AdapterUpdate, participants: Sequence[str], pair_seeds: 
             value = value + mask if peer > me else value - mask  # uint64: wraps modulo 2**64
         masked[key] = torch.from_numpy(value.view(np.int64).reshape(update.delta[key].shape))
     return MaskedUpdate(me, update.round_id, update.base_sha256, update.num_samples, masked)
+
+
+def reveal_refusal(me: str, dropped: Collection[str], announced: Collection[str]) -> str | None:
+    """Why `me` must not reveal its seeds with `dropped`, or None. A peer that announced its upload
+    may have delivered its masked update; its seeds would let the aggregator unmask it alone."""
+    uploading = sorted(set(dropped) & set(announced))
+    if not uploading:
+        return None
+    return (
+        f"{me} refuses to reveal the pair seeds it shares with {uploading}: they announced their upload, so the "
+        "aggregator may hold their masked update, which these seeds would unmask alone"
+    )
+
+
+def announcement_refusal(me: str, announcer: str, participants: Collection[str], revealed: Collection[str]) -> str | None:
+    """Why `me` must not acknowledge `announcer`'s upload, or None. Once `me` revealed the seeds it
+    shares with the announcer, an update sent now could be unmasked alone: the announcer must not send it."""
+    if announcer == me or announcer not in participants:
+        return f"{announcer!r} is not another participant of this round ({sorted(participants)})"
+    if announcer in revealed:
+        return f"{me} already revealed the pair seed it shares with {announcer} (named dropped): {announcer} must not upload in this round"
+    return None
 
 
 def reveal_seeds(me: str, dropped: Sequence[str], pair_seeds: Mapping[str, bytes]) -> dict[tuple[str, str], bytes]:

@@ -1,6 +1,13 @@
 """The agent's gRPC server: translates collm.proto messages to the agent's federated roles.
 
 Thin on purpose: decisions live in federated/participant.py and federated/aggregator.py.
+
+Worker threads are few and a client-streaming upload holds one for as long as its sender takes, so
+uploads have bounds of their own: at most `max_uploads` stream at once (more are refused with
+RESOURCE_EXHAUSTED at once, leaving the other workers to control calls such as GetStats and
+ApplyPlan), and one that has not finished within `upload_time_limit_s` is cut with DEADLINE_EXCEEDED
+and its partial data dropped. `maximum_concurrent_rpcs` bounds every call together, queued ones
+included.
 """
 
 from __future__ import annotations
@@ -8,8 +15,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from typing import TypeVar
 
 import grpc
 
@@ -22,10 +33,14 @@ from collm_rpc.stats import to_proto as stats_to_proto
 
 from ..engine.mixer import Plan
 from ..federated.aggregator import Aggregator, AggregatorError
-from ..federated.participant import Participant, SecureRound
+from ..federated.participant import Participant, Refused, RoundNotStarted, SecureRound
 from ..federated.update import UpdateError, encode
 
 log = logging.getLogger(__name__)
+
+WORKERS = 8
+UPLOAD_TIME_LIMIT_S = 120.0  # above the senders' own 30 s deadline (AgentClient), so an honest upload meets that first
+T = TypeVar("T")
 
 
 def _guarded(method):
@@ -44,11 +59,14 @@ def _guarded(method):
 
 
 class AgentService(pb_grpc.AgentServicer):
-    def __init__(self, agent, me: tls.Identity | None = None) -> None:
+    def __init__(self, agent, me: tls.Identity | None = None, *, max_uploads: int = WORKERS // 2, upload_time_limit_s: float = UPLOAD_TIME_LIMIT_S) -> None:
         """`me`: this replica's identity when it serves with mutual TLS (None: plaintext, no checks)."""
         self.agent, self.me = agent, me
         self.aggregator = Aggregator(agent.store, max_upload_bytes=upload_limit(agent.spec, agent.runtime.dims))
         self.participant = Participant(agent, self.aggregator)
+        self.max_uploads, self.upload_time_limit_s = max_uploads, upload_time_limit_s
+        self.uploads_streaming = 0
+        self._uploads_lock = threading.Lock()
 
     @_guarded
     def GetStats(self, request, context):
@@ -74,7 +92,7 @@ class AgentService(pb_grpc.AgentServicer):
             aggregator_address=request.aggregator_address,
             deadline_unix=request.deadline_unix,
             only_b=request.only_b,
-            secure=SecureRound(tuple(request.participants), request.clip_norm or None) if request.secure else None,
+            secure=SecureRound(tuple(request.participants), request.clip_norm or None, dict(request.peer_addresses)) if request.secure else None,
         )
         return pb.RoundStatus(round_id=rnd.round_id, state=rnd.state, message=rnd.message, steps_done=rnd.steps_done)
 
@@ -96,15 +114,33 @@ class AgentService(pb_grpc.AgentServicer):
 
     @_guarded
     def UploadUpdate(self, request_iterator, context):
+        with self._uploads_lock:
+            full = self.uploads_streaming >= self.max_uploads
+            self.uploads_streaming += not full
+        if full:
+            message = f"{self.max_uploads} uploads are streaming to {self.agent.config.replica_id} already; send again later"
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        try:
+            return self._receive_upload(request_iterator, context)
+        finally:
+            with self._uploads_lock:
+                self.uploads_streaming -= 1
+
+    def _receive_upload(self, request_iterator, context):
         header, parts, size, limit = None, [], 0, self.aggregator.max_upload_bytes
-        for chunk in request_iterator:
-            header = header or chunk
-            size += len(chunk.data)
-            if limit is not None and (size > limit or header.total_bytes > limit):
-                # Stop reading: a junk stream is dropped as it arrives, not held in memory.
-                message = f"the upload passes {limit} bytes, more than an update of this cluster's LoRA shape can take"
-                return pb.UploadReply(accepted=False, reason="TooLarge", message=message)
-            parts.append(chunk.data)
+        try:
+            for chunk in within(request_iterator, time.monotonic() + self.upload_time_limit_s):
+                header = header or chunk
+                size += len(chunk.data)
+                if limit is not None and (size > limit or header.total_bytes > limit):
+                    # Stop reading: a junk stream is dropped as it arrives, not held in memory.
+                    message = f"the upload passes {limit} bytes, more than an update of this cluster's LoRA shape can take"
+                    return pb.UploadReply(accepted=False, reason="TooLarge", message=message)
+                parts.append(chunk.data)
+        except TimeoutError:
+            parts.clear()
+            message = f"the upload did not finish within {self.upload_time_limit_s:g} s; the {size} bytes received are dropped"
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
         if header is None:
             return pb.UploadReply(accepted=False, reason="Corrupt", message="empty upload")
         caller = tls.peer_identity(context) if self.me is not None else None
@@ -198,6 +234,22 @@ class AgentService(pb_grpc.AgentServicer):
         return reply
 
     @_guarded
+    def AnnounceUpload(self, request, context):
+        caller = tls.peer_identity(context) if self.me is not None else None
+        if caller is not None and request.participant and request.participant != caller.name:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller} may announce its own upload only, not {request.participant!r}'s")
+        announcer = caller.name if caller is not None else request.participant  # the request's word on plaintext (development) only
+        if not announcer:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the announcement names no participant")
+        try:
+            self.participant.take_announcement(request.round_id, announcer, withdraw=request.withdraw)
+        except RoundNotStarted as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except Refused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.AnnounceReply(replica=self.agent.config.replica_id)
+
+    @_guarded
     def Rollback(self, request, context):
         try:
             version = self.participant.rollback(request.sha256)
@@ -212,12 +264,55 @@ def upload_limit(spec, dims) -> int:
     return 2 * 8 * elements + (1 << 20)
 
 
+def within(items: Iterator[T], deadline: float) -> Iterator[T]:
+    """`items`, read on a helper thread so that a stalled sender cannot hold the caller past
+    `deadline` (time.monotonic()): TimeoutError then. A gRPC request iterator blocks without a
+    limit, and a sender may set no deadline of its own; once the RPC ends the helper's read ends too."""
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    done = object()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                box.put(item)
+            box.put(done)
+        except BaseException as exc:  # grpc.RpcError when the call is cancelled: re-raised to the reader
+            box.put(exc)
+
+    threading.Thread(target=pump, name="collm-grpc-upload", daemon=True).start()
+    while True:
+        try:
+            item = box.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError from None
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def serve_grpc(
-    agent, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8, credentials: tls.Credentials | None = None
+    agent,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    workers: int = WORKERS,
+    max_uploads: int | None = None,
+    upload_time_limit_s: float = UPLOAD_TIME_LIMIT_S,
+    max_concurrent_rpcs: int | None = None,
+    credentials: tls.Credentials | None = None,
 ) -> tuple[grpc.Server, AgentService, int]:
-    """Start the gRPC server, with mutual TLS when `credentials` are given; returns (server, service, bound port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collm-grpc"), options=CHANNEL_OPTIONS)
-    service = AgentService(agent, credentials.identity if credentials is not None else None)
+    """Start the gRPC server, with mutual TLS when `credentials` are given; returns (server, service, bound port).
+    `max_uploads` (default: half the workers) must leave a worker for control calls; `max_concurrent_rpcs`
+    (default: 4 x workers, queued calls included) is the bound past which any call is refused at once."""
+    max_uploads = workers // 2 if max_uploads is None else max_uploads
+    if not 1 <= max_uploads < workers:
+        raise ValueError(f"max_uploads must be >= 1 and below workers ({workers}) so control calls keep a thread; got {max_uploads}")
+    executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collm-grpc")
+    server = grpc.server(executor, options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * workers)
+    identity = credentials.identity if credentials is not None else None
+    service = AgentService(agent, identity, max_uploads=max_uploads, upload_time_limit_s=upload_time_limit_s)
     pb_grpc.add_AgentServicer_to_server(service, server)
     if credentials is None:
         log.warning("gRPC WITHOUT TLS on %s:%d: anyone who reaches it controls this replica (development only)", host, port)

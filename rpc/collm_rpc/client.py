@@ -80,6 +80,9 @@ class AgentClient:
     def reveal_seeds(self, round_id: str, dropped: list[str]) -> pb.RevealReply:
         return self.stub.RevealSeeds(pb.RevealRequest(round_id=round_id, dropped=dropped), timeout=self.timeout)
 
+    def announce_upload(self, round_id: str, participant: str, *, withdraw: bool = False) -> pb.AnnounceReply:
+        return self.stub.AnnounceUpload(pb.AnnounceRequest(round_id=round_id, participant=participant, withdraw=withdraw), timeout=self.timeout)
+
     def publish(self, request: pb.PublishRequest) -> pb.PublishReply:
         return self.stub.Publish(request, timeout=self.timeout)
 

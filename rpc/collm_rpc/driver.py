@@ -180,7 +180,12 @@ class RoundDriver:
             only_b=self.strategy.only_b,
         )
         if self.strategy.secure:
-            request.update(secure=True, participants=list(self.spec.participants), clip_norm=self.strategy.clip_norm or 0.0)
+            request.update(
+                secure=True,
+                participants=list(self.spec.participants),
+                clip_norm=self.strategy.clip_norm or 0.0,
+                peer_addresses={p: self.addresses[p] for p in self.spec.participants},  # each announces its upload to the others
+            )
         actions = []
         for participant in action.participants:
             try:
@@ -212,7 +217,10 @@ class RoundDriver:
                     try:
                         request.revealed.extend(self.client(survivor).reveal_seeds(self.spec.round_id, dropped).shares)
                     except grpc.RpcError as exc:
-                        return self._feed(R.AggregatorFailed(self.clock(), f"{survivor} could not reveal its seeds for dropped {dropped}: {exc.code().name}"))
+                        # FAILED_PRECONDITION when a "dropped" participant had announced its upload: the
+                        # aggregator may hold its update, and the seeds would unmask it alone.
+                        reason = f"{survivor} did not reveal its seeds for dropped {dropped}: {exc.code().name}: {exc.details()}"
+                        return self._feed(R.AggregatorFailed(self.clock(), reason))
         try:
             reply = self.client(action.aggregator).aggregate(request)
         except grpc.RpcError as exc:

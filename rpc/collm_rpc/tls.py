@@ -205,10 +205,10 @@ def channel_credentials(creds: Credentials) -> grpc.ChannelCredentials:
 
 # -- who may call what -------------------------------------------------------------------------
 # Control of a replica (plans, rounds, publishing, rollback, evaluation on its private held-out data,
-# its stats) belongs to the operator. Uploads go between replicas of one cluster; adapters are
-# fetched by those replicas and by the operator.
+# its stats) belongs to the operator. Uploads, and the announcements of secure rounds that precede
+# them, go between replicas of one cluster; adapters are fetched by those replicas and by the operator.
 OPERATOR_METHODS = frozenset({"GetStats", "ApplyPlan", "StartRound", "GetRoundStatus", "Aggregate", "Evaluate", "Publish", "RevealSeeds", "Rollback"})
-PEER_METHODS = frozenset({"UploadUpdate", "FetchAdapter"})
+PEER_METHODS = frozenset({"UploadUpdate", "FetchAdapter", "AnnounceUpload"})
 
 
 def authorize(method: str, caller: Identity | None, me: Identity) -> str | None:

@@ -10,10 +10,12 @@ from replica_agent.federated.aggregation import AggregationError, FedAvg, clip_u
 from replica_agent.federated.secure import (
     SCALE,
     SecureAggregator,
+    announcement_refusal,
     decode_masked,
     encode_masked,
     mask_update,
     pair_seeds,
+    reveal_refusal,
     reveal_seeds,
 )
 from replica_agent.federated.update import UpdateError
@@ -115,3 +117,22 @@ def test_masked_update_bytes_round_trip():
     back = decode_masked(encode_masked(masked[0]))
     assert (back.participant, back.round_id, back.base_sha256, back.num_samples) == (masked[0].participant, "r1", masked[0].base_sha256, 3)
     assert all(torch.equal(back.masked[k], masked[0].masked[k]) for k in masked[0].masked)
+
+
+def test_the_survivors_seeds_unmask_an_update_alone_so_an_announced_upload_keeps_them():
+    """The finding: the aggregator received p1's update, named p1 dropped, and the survivors' seeds unmasked it alone."""
+    updates, masked = masked_round()
+    revealed = {}
+    for name in ("p0", "p2", "p3"):
+        revealed.update(reveal_seeds(name, ["p1"], pair_seeds(name, NAMES, SECRET, "r1")))
+    alone = SecureAggregator("r1", NAMES, min_survivors=1)
+    alone.add(masked[1])  # p1's masked update, which the aggregator held while it named p1 dropped
+    assert_close(alone.unmask(revealed), updates[1].delta)  # p1's update in the clear: its masks were its only protection
+    # Hence no survivor reveals the seeds of a peer that announced its upload...
+    assert "['p1']" in reveal_refusal("p0", ["p1", "p3"], announced={"p1", "p2"})
+    assert reveal_refusal("p0", ["p3"], announced={"p1", "p2"}) is None
+    # ...and no peer whose seeds were revealed gets its announcement acknowledged (it must not upload then).
+    assert "already revealed" in announcement_refusal("p0", "p1", NAMES, revealed={"p1"})
+    assert announcement_refusal("p0", "p1", NAMES, revealed=set()) is None
+    assert "not another participant" in announcement_refusal("p0", "p0", NAMES, revealed=set())
+    assert "not another participant" in announcement_refusal("p0", "stranger", NAMES, revealed=set())

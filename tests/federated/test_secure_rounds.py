@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import grpc
 import pytest
 import torch
 
 import replica_agent.federated.participant as participant_module
 from collm_control import rounds as R
+from collm_rpc import tls
+from collm_rpc.client import AgentClient
 from collm_rpc.driver import RoundDriver, StrategyConfig
 from replica_agent.config import AgentConfig
 from replica_agent.engine.data import stdlib_package_dir
@@ -18,8 +23,7 @@ from replica_agent.local.in_process import LocalCluster
 PARTICIPANTS = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}
 
 
-@pytest.fixture
-def secure_cluster(tiny_base, tmp_path):
+def secure_configs(tmp_path) -> list[AgentConfig]:
     secret = tmp_path / "round-secret"
     secret.write_bytes(b"0123456789abcdef0123456789abcdef")
     common = dict(
@@ -30,18 +34,23 @@ def secure_cluster(tiny_base, tmp_path):
         for name, pkg in PARTICIPANTS.items()
     ]
     configs.append(AgentConfig(**common, replica_id="aggregator"))  # holds no secret and no data
-    with LocalCluster(configs, base=tiny_base) as cluster:
+    return configs
+
+
+@pytest.fixture
+def secure_cluster(tiny_base, tmp_path):
+    with LocalCluster(secure_configs(tmp_path), base=tiny_base) as cluster:
         yield cluster
 
 
-def spec(round_id, **kw):
+def spec(round_id, deadline_s=60, **kw):
     return R.RoundSpec(
         round_id=round_id,
         replicas=(*PARTICIPANTS, "aggregator"),
         participants=tuple(PARTICIPANTS),
         aggregator="aggregator",
         local_steps=3,
-        deadline_s=60,
+        deadline_s=deadline_s,
         min_participants=2,
         eval_tolerance=0.5,
         **kw,
@@ -98,6 +107,63 @@ def test_a_participant_dropping_after_masking_is_recovered_from_the_survivors_se
     expected = apply_delta(dict(base.tensors), FedAvg().aggregate(survivors).delta)
     published = secure_cluster["agent-0"].agent.store.global_version
     assert max((published.tensors[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+    # The survivors announced to each other before uploading; agent-2 announced nothing, so its seeds were revealed...
+    for survivor, other in (("agent-0", "agent-1"), ("agent-1", "agent-0")):
+        record = secure_cluster[survivor].service.participant.status("secure-drop")
+        assert record.announced == {other} and record.revealed == {"agent-2"}
+    # ...and an upload it tried now would not be acknowledged, so it could not be unmasked alone either.
+    with AgentClient(secure_cluster["agent-0"].address) as survivor, pytest.raises(grpc.RpcError) as refused:
+        survivor.announce_upload("secure-drop", "agent-2")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already revealed" in refused.value.details()
+
+
+def test_an_aggregator_that_names_a_received_update_dropped_gets_no_seed_to_unmask_it(secure_cluster, plain_updates, monkeypatch):
+    """The finding: the aggregator held agent-2's masked update, told the driver it never came, and the
+    survivors revealed the seeds that unmasked that update alone."""
+    aggregator = secure_cluster["aggregator"].service.aggregator
+    honest = aggregator.round
+
+    def without_agent_2(round_id):  # what the lying aggregator's GetRoundStatus reports
+        rnd = honest(round_id)
+        return rnd and replace(rnd, uploads={p: u for p, u in rnd.uploads.items() if p != "agent-2"})
+
+    monkeypatch.setattr(aggregator, "round", without_agent_2)
+    driver = RoundDriver(spec("secure-lie", deadline_s=6), secure_cluster.addresses, strategy=StrategyConfig("fedavg", secure=True), round_number=3, poll_s=0.1)
+    state = driver.run(timeout_s=60)
+    assert isinstance(honest("secure-lie").uploads["agent-2"].update, MaskedUpdate)  # the aggregator does hold it
+    assert state.participants["agent-2"].outcome is not R.Outcome.UPLOADED  # and agent-2 was named dropped
+    assert not state.succeeded and honest("secure-lie").result is None
+    assert "announced their upload" in " ".join(c.message for c in state.conditions.values())
+    for name in ("agent-0", "agent-1"):
+        with AgentClient(secure_cluster[name].address) as survivor, pytest.raises(grpc.RpcError) as refused:
+            survivor.reveal_seeds("secure-lie", ["agent-2"])
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "['agent-2']" in refused.value.details() and "announced their upload" in refused.value.details()
+        assert secure_cluster[name].service.participant.status("secure-lie").revealed == set()
+
+
+def test_a_participant_whose_announcement_fails_does_not_upload_and_the_round_goes_on(secure_cluster, plain_updates, monkeypatch):
+    refuser = secure_cluster["agent-1"].service.participant
+    honest = refuser.take_announcement
+
+    def refuse_agent_2(round_id, announcer, *, withdraw=False):
+        if announcer == "agent-2" and not withdraw:
+            raise participant_module.Refused("simulated: agent-1 does not acknowledge agent-2")
+        honest(round_id, announcer, withdraw=withdraw)
+
+    monkeypatch.setattr(refuser, "take_announcement", refuse_agent_2)
+    base = secure_cluster["aggregator"].agent.store.current
+    state = RoundDriver(spec("secure-unheard"), secure_cluster.addresses, strategy=StrategyConfig("fedavg", secure=True), round_number=4).run(timeout_s=120)
+    assert "agent-2" in plain_updates  # it masked its update...
+    assert "agent-2" not in secure_cluster["aggregator"].service.aggregator.round("secure-unheard").uploads  # ...and never sent it
+    own = secure_cluster["agent-2"].service.participant.status("secure-unheard")
+    assert own.state == "Failed" and own.message.startswith("NotAnnounced: agent-1: FAILED_PRECONDITION: simulated")
+    # agent-0 had acknowledged; agent-2 withdrew that, so agent-0 could reveal its seeds and the round completed.
+    assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
+    assert state.participants["agent-2"].outcome is R.Outcome.DROPPED
+    expected = apply_delta(dict(base.tensors), FedAvg().aggregate([plain_updates[p] for p in ("agent-0", "agent-1")]).delta)
+    published = secure_cluster["agent-1"].agent.store.global_version
+    assert max((published.tensors[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
 
 
 def test_secure_rounds_refuse_an_aggregator_that_participates(secure_cluster):
@@ -117,3 +183,15 @@ def test_secure_aggregation_refuses_dp_noise_it_would_not_add(secure_cluster):
     aggregator = secure_cluster.replicas["aggregator"].service.aggregator
     with pytest.raises(AggregatorError, match="noise multiplier is not supported"):
         aggregator.aggregate("secure-dp", ["agent-0"], strategy="fedavg", base_sha256="0" * 64, noise_multiplier=0.5, invited=["agent-0", "agent-1"])
+
+
+def test_a_secure_round_over_mutual_tls_announces_in_each_participants_own_name(tiny_base, tmp_path):
+    ca = tls.CertificateAuthority.create()
+    with LocalCluster(secure_configs(tmp_path), base=tiny_base, ca=ca) as cluster:
+        operator = ca.issue(tls.Identity.operator())
+        state = RoundDriver(spec("secure-tls"), cluster.addresses, strategy=StrategyConfig("fedavg", secure=True), credentials=operator, round_number=1).run(
+            timeout_s=120
+        )
+        assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
+        for name in PARTICIPANTS:  # each heard the other two, named by their certificates
+            assert cluster[name].service.participant.status("secure-tls").announced == set(PARTICIPANTS) - {name}

@@ -101,6 +101,19 @@ def test_adapters_and_uploads_stay_inside_the_cluster(address, ca, agent):
         assert len(operator.fetch_bytes(sha)) > 0
 
 
+def test_upload_announcements_come_from_a_peer_of_the_cluster_in_its_own_name(address, ca):
+    """An acknowledged announcement stops a secure round's seeds from being revealed: nobody may make one for another."""
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    with AgentClient(address, credentials=ca.issue(tls.Identity.replica(NS, CLUSTER, "tiny-1")), timeout=5) as peer:
+        assert _code(lambda: peer.announce_upload("r", "tiny-2")) == denied
+        assert _code(lambda: peer.announce_upload("r", "tiny-1")) == grpc.StatusCode.NOT_FOUND  # its own name: heard; no such round here
+        assert peer.announce_upload("r", "", withdraw=True).replica == "tiny-0"  # its certificate names it
+    with AgentClient(address, credentials=ca.issue(tls.Identity.replica(NS, "other", "other-0")), timeout=5) as outsider:
+        assert _code(lambda: outsider.announce_upload("r", "other-0")) == denied
+    with AgentClient(address, credentials=ca.issue(tls.Identity.operator()), timeout=5) as operator:
+        assert _code(lambda: operator.announce_upload("r", "tiny-1")) == denied
+
+
 def test_authorize_is_a_pure_decision():
     me = tls.Identity.replica(NS, CLUSTER, "tiny-0")
     assert tls.authorize("Publish", tls.Identity.operator(), me) is None

@@ -127,7 +127,14 @@ class Plan(_message.Message):
     def __init__(self, train_cap_tokens: _Optional[int] = ..., ttft_ms: _Optional[int] = ..., tpot_ms: _Optional[int] = ..., fixed_training: _Optional[bool] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("round_id", "local_steps", "deadline_unix", "base_sha256", "base_source", "aggregator_address", "only_b", "secure", "participants", "clip_norm")
+    __slots__ = ("round_id", "local_steps", "deadline_unix", "base_sha256", "base_source", "aggregator_address", "only_b", "secure", "participants", "clip_norm", "peer_addresses")
+    class PeerAddressesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +145,7 @@ class StartRoundRequest(_message.Message):
     SECURE_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     local_steps: int
     deadline_unix: float
@@ -148,7 +156,8 @@ class StartRoundRequest(_message.Message):
     secure: bool
     participants: _containers.RepeatedScalarFieldContainer[str]
     clip_norm: float
-    def __init__(self, round_id: _Optional[str] = ..., local_steps: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., base_sha256: _Optional[str] = ..., base_source: _Optional[str] = ..., aggregator_address: _Optional[str] = ..., only_b: _Optional[bool] = ..., secure: _Optional[bool] = ..., participants: _Optional[_Iterable[str]] = ..., clip_norm: _Optional[float] = ...) -> None: ...
+    peer_addresses: _containers.ScalarMap[str, str]
+    def __init__(self, round_id: _Optional[str] = ..., local_steps: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., base_sha256: _Optional[str] = ..., base_source: _Optional[str] = ..., aggregator_address: _Optional[str] = ..., only_b: _Optional[bool] = ..., secure: _Optional[bool] = ..., participants: _Optional[_Iterable[str]] = ..., clip_norm: _Optional[float] = ..., peer_addresses: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RoundStatusRequest(_message.Message):
     __slots__ = ("round_id",)
@@ -257,6 +266,22 @@ class RevealReply(_message.Message):
     SHARES_FIELD_NUMBER: _ClassVar[int]
     shares: _containers.RepeatedCompositeFieldContainer[SeedShare]
     def __init__(self, shares: _Optional[_Iterable[_Union[SeedShare, _Mapping]]] = ...) -> None: ...
+
+class AnnounceRequest(_message.Message):
+    __slots__ = ("round_id", "participant", "withdraw")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAW_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    participant: str
+    withdraw: bool
+    def __init__(self, round_id: _Optional[str] = ..., participant: _Optional[str] = ..., withdraw: _Optional[bool] = ...) -> None: ...
+
+class AnnounceReply(_message.Message):
+    __slots__ = ("replica",)
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    def __init__(self, replica: _Optional[str] = ...) -> None: ...
 
 class Rejected(_message.Message):
     __slots__ = ("participant", "reason", "detail")

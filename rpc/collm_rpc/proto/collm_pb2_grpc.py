@@ -89,6 +89,11 @@ class AgentStub:
                 request_serializer=collm__rpc_dot_proto_dot_collm__pb2.RevealRequest.SerializeToString,
                 response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RevealReply.FromString,
                 _registered_method=True)
+        self.AnnounceUpload = channel.unary_unary(
+                '/collm.v1.Agent/AnnounceUpload',
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.AnnounceRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.AnnounceReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -163,6 +168,17 @@ class AgentServicer:
 
     def RevealSeeds(self, request, context):
         """Participant of a secure round: reveal the pair seeds it shared with participants that dropped out.
+        Refused (FAILED_PRECONDITION) for a participant that announced its upload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnnounceUpload(self, request, context):
+        """Participant of a secure round, called by another participant just before it sends its masked
+        update to the aggregator: once acknowledged, this replica never reveals the seeds it shares with
+        the announcer in that round, so an aggregator that received the update cannot name it dropped
+        and unmask it alone. Refused once those seeds were revealed; NOT_FOUND before StartRound came.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,6 +241,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.RevealSeeds,
                     request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RevealRequest.FromString,
                     response_serializer=collm__rpc_dot_proto_dot_collm__pb2.RevealReply.SerializeToString,
+            ),
+            'AnnounceUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnnounceUpload,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.AnnounceRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.AnnounceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +545,33 @@ class Agent:
             '/collm.v1.Agent/RevealSeeds',
             collm__rpc_dot_proto_dot_collm__pb2.RevealRequest.SerializeToString,
             collm__rpc_dot_proto_dot_collm__pb2.RevealReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnnounceUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collm.v1.Agent/AnnounceUpload',
+            collm__rpc_dot_proto_dot_collm__pb2.AnnounceRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.AnnounceReply.FromString,
             options,
             channel_credentials,
             insecure,
