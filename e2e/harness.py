@@ -82,6 +82,10 @@ class Harness:
     def kill_agent(self, pod: str) -> None:
         raise NotImplementedError
 
+    def wipe_state(self, pod: str) -> None:
+        """Empty the agent's state volume (as a lost disk would), keeping the pod."""
+        raise NotImplementedError
+
     def stop_operator(self) -> None:
         raise NotImplementedError
 
@@ -123,6 +127,11 @@ class DevHarness(Harness):
         assert proc is not None, f"{pod} runs no agent process"
         os.killpg(proc.pid, signal.SIGKILL)
 
+    def wipe_state(self, pod: str) -> None:
+        claim = self.dc.kubelet.workdir / "claims" / f"{self.namespace}_state-{pod}"
+        for entry in claim.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
     def stop_operator(self) -> None:
         self.dc.stop_operator()
 
@@ -160,6 +169,9 @@ class RealHarness(Harness):  # pragma: no cover - not run in CI (no cluster ther
 
     def kill_agent(self, pod: str) -> None:
         self.kubectl("exec", pod, "-c", "agent", "--", "kill", "-9", "1", check=False)
+
+    def wipe_state(self, pod: str) -> None:
+        self.kubectl("exec", pod, "-c", "agent", "--", "sh", "-c", "rm -rf /var/lib/collm/state/*")
 
     def _operator(self, *args: str) -> None:
         subprocess.run([KUBECTL, "--kubeconfig", self.kubeconfig, "-n", self.operator_namespace, *args], check=True, capture_output=True, timeout=300)

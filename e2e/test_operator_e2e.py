@@ -5,7 +5,8 @@ The scenarios share one cluster and run in file order (each one starts from wher
 left the cluster): apply the example -> Ready with an adapter; rounds publish; an SLO change
 reaches the agents without a restart; scale 2 -> 3; a killed agent comes back with the adapter;
 an operator restart mid-round finishes the round once; invalid resources get a clear condition;
-delete removes every child and the finalizer.
+every pod killed at once with the operator stopped comes back serving the same adapter; delete
+removes every child and the finalizer.
 """
 
 from __future__ import annotations
@@ -187,9 +188,23 @@ def test_scale_to_three_and_the_new_replica_serves_the_current_adapter(h):
     assert f"{NAME}-2" in h.get("deployment", f"{NAME}-router")["spec"]["template"]["spec"]["containers"][0]["args"][-1]
 
 
-def test_a_killed_agent_comes_back_with_its_adapter(h):
+def test_a_killed_agent_that_lost_its_state_gets_the_adapter_back_from_the_operator(h):
+    # No scheduled rounds from here on: only the operator's re-publishing can bring the adapter back.
+    h.kubectl("patch", "collmcluster", NAME, "--type", "merge", "-p", '{"spec": {"federation": {"roundIntervalSeconds": 3600, "deadlineSeconds": 120}}}')
+    h.wait_for(
+        lambda: (
+            not [
+                r
+                for r in h.get("adapterround", selector=f"collm.io/cluster={NAME}")
+                if not condition(r, "Succeeded") or condition(r, "Succeeded")["status"] == "Unknown"
+            ]
+        ),
+        120,
+        "no round running",
+    )
     victim = f"{NAME}-1"
     restarts = sum(c["restartCount"] for c in h.get("pod", victim)["status"]["containerStatuses"])
+    h.wipe_state(victim)  # its volume lost: it starts on the initial adapter and the operator re-publishes
     h.kill_agent(victim)
     h.wait_for(
         lambda: (
@@ -206,19 +221,7 @@ def test_a_killed_agent_comes_back_with_its_adapter(h):
 
 
 def test_an_operator_restart_during_a_round_finishes_it_once(h):
-    # No scheduled rounds from here on: one hand-made round, long enough to restart the operator in.
-    h.kubectl("patch", "collmcluster", NAME, "--type", "merge", "-p", '{"spec": {"federation": {"roundIntervalSeconds": 3600, "deadlineSeconds": 120}}}')
-    h.wait_for(
-        lambda: (
-            not [
-                r
-                for r in h.get("adapterround", selector=f"collm.io/cluster={NAME}")
-                if not condition(r, "Succeeded") or condition(r, "Succeeded")["status"] == "Unknown"
-            ]
-        ),
-        120,
-        "no round running",
-    )
+    # One hand-made round, long enough to restart the operator in (no scheduled ones since the last test).
     participants = [f"{NAME}-0", f"{NAME}-1"]
     # Agents train all the time and a round uploads what they learnt since the last global adapter
     # as soon as it holds localSteps steps: ask for about 15 s more than they have now, so the round
@@ -300,6 +303,50 @@ def test_the_operator_serves_its_metrics(h):
     ready = f'collm_operator_ready_replicas{{cluster="{NAME}",namespace="{h.namespace}"}} 3.0'
     text = h.wait_for(lambda: ready in (t := scrape()) and t, 30, "the ready-replicas gauge at 3")
     assert 'collm_operator_rounds_total{result="Succeeded"}' in text and "collm_operator_control_step_seconds_count" in text
+
+
+def _serves(h: Harness, pod: str) -> dict | None:
+    try:
+        return h.agent_stats(pod)["adapter"]
+    except (OSError, KeyError, TypeError, AssertionError):  # no pod IP yet, agent loading
+        return None
+
+
+def test_every_pod_killed_with_the_operator_stopped_comes_back_serving_the_same_adapter(h):
+    """Adapters lived in memory only: with every pod gone and no operator to re-publish, the
+    federated adapter was lost (AdapterLost until the next round). Each replica's claim keeps it."""
+    replicas = [f"{NAME}-{i}" for i in range(3)]
+    # No local revisions from here on (a revision between the reading and the kill would move the target).
+    h.kubectl("patch", "collmcluster", NAME, "--type", "merge", "-p", '{"spec": {"training": {"revisionEverySeconds": 0, "revisionEverySteps": 0}}}')
+    h.wait_for(
+        lambda: condition(current(h), "Ready").get("status") == "True" and current(h)["status"]["observedGeneration"] == current(h)["metadata"]["generation"],
+        240,
+        "the pods rolled onto the new settings",
+    )
+    h.wait_for(lambda: all_serve_current(h, 3), 120, "every replica on the cluster's adapter")
+    claims = {c["metadata"]["name"] for c in h.get("persistentvolumeclaim", selector=f"app.kubernetes.io/instance={NAME}")}
+    assert claims == {f"state-{r}" for r in replicas}
+    h.stop_operator()
+    before = {r: h.agent_stats(r)["adapter"] for r in replicas}
+    assert all(a["cluster_version"] >= 1 for a in before.values()), before
+    uids = {r: h.get("pod", r)["metadata"]["uid"] for r in replicas}
+    h.kubectl("delete", "pod", "-l", f"app.kubernetes.io/instance={NAME},app.kubernetes.io/component=agent", "--grace-period=0", "--force", "--wait=false")
+    h.wait_for(lambda: all((h.get("pod", r) or {}).get("metadata", {}).get("uid") not in (None, uids[r]) for r in replicas), 60, "new pods")
+
+    def all_serving() -> dict | None:
+        found = {r: _serves(h, r) for r in replicas}
+        return found if all(found.values()) else None
+
+    after = h.wait_for(all_serving, 180, "every new agent serving")
+    for r in replicas:
+        assert (after[r]["sha256"], after[r]["cluster_version"], after[r]["revision"]) == (
+            before[r]["sha256"],
+            before[r]["cluster_version"],
+            before[r]["revision"],
+        ), r
+    h.start_operator()
+    h.wait_for(lambda: condition(current(h), "Ready").get("status") == "True", 120, "Ready with the operator back")
+    assert condition(current(h), "Degraded").get("reason") != "AdapterLost"
 
 
 def test_delete_removes_every_child_and_the_finalizer(h):

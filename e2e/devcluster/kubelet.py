@@ -282,12 +282,17 @@ class Kubelet:
         self._reapers = [r for r in self._reapers if r.is_alive()] + [t]
 
     def _volumes(self, pod: Obj, state: _Pod) -> dict[str, Path]:
-        """Volume name -> a local directory (emptyDir, configMap, secret; others: an empty dir)."""
+        """Volume name -> a local directory (emptyDir, configMap, secret, a claim's own directory; others: an empty dir)."""
         out: dict[str, Path] = {}
         ns = pod["metadata"]["namespace"]
         for vol in (pod.get("spec") or {}).get("volumes") or []:
             if "hostPath" in vol:
                 out[vol["name"]] = Path(vol["hostPath"].get("path", "/"))
+                continue
+            if "persistentVolumeClaim" in vol:  # outlives the pod: one directory per claim
+                claim = self.workdir / "claims" / f"{ns}_{vol['persistentVolumeClaim']['claimName']}"
+                claim.mkdir(parents=True, exist_ok=True)
+                out[vol["name"]] = claim
                 continue
             path = state.root / "volumes" / vol["name"]
             path.mkdir(parents=True, exist_ok=True)

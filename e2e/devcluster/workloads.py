@@ -20,6 +20,7 @@ Obj = dict[str, Any]
 POD_RT = ("", "v1", "pods")
 STS_RT = ("apps", "v1", "statefulsets")
 DEPLOY_RT = ("apps", "v1", "deployments")
+PVC_RT = ("", "v1", "persistentvolumeclaims")
 
 
 def reconcile_workloads(emu: ApiEmulator) -> None:
@@ -48,6 +49,7 @@ def reconcile_workloads(emu: ApiEmulator) -> None:
                     labels["apps.kubernetes.io/pod-index"] = str(i)
                 pod_spec = copy.deepcopy(template.get("spec") or {})
                 if rt_key == STS_RT:
+                    _claim_volumes(emu, ns, pod_name, spec.get("volumeClaimTemplates") or [], pod_spec)
                     pod_spec.setdefault("hostname", pod_name)
                     if spec.get("serviceName"):
                         pod_spec.setdefault("subdomain", spec["serviceName"])
@@ -105,6 +107,29 @@ def reconcile_workloads(emu: ApiEmulator) -> None:
                     emu.replace_object(rt, ns, name, {**wl, "status": status}, subresource="status")
                 except ApiError:
                     pass
+
+
+def _claim_volumes(emu: ApiEmulator, ns: str, pod_name: str, templates: list, pod_spec: dict) -> None:
+    """As the StatefulSet controller: a PVC `<template>-<pod>` per volumeClaimTemplate (created once,
+    kept when the pod or the StatefulSet goes, as Kubernetes' default retention does), and the
+    pod's volume of that name bound to it."""
+    pvc_rt = emu.types[PVC_RT]
+    for t in templates:
+        template_name = (t.get("metadata") or {}).get("name")
+        claim = f"{template_name}-{pod_name}"
+        try:
+            emu.get_object(pvc_rt, ns, claim)
+        except ApiError:
+            body = {
+                "metadata": {"name": claim, "namespace": ns, "labels": dict((t.get("metadata") or {}).get("labels") or {})},
+                "spec": copy.deepcopy(t.get("spec") or {}),
+            }
+            try:
+                emu.create_object(pvc_rt, body, ns)
+            except ApiError:
+                pass
+        volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != template_name]
+        pod_spec["volumes"] = [*volumes, {"name": template_name, "persistentVolumeClaim": {"claimName": claim}}]
 
 
 def pod_ready(pod: Obj) -> bool:

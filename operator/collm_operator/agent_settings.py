@@ -15,6 +15,7 @@ from collm_operator.api import (
     RUNTIME_SETTINGS,
     SECRET_DIR,
     SECRET_KEY,
+    STATE_DIR,
     TLS_DIR,
     Cluster,
 )
@@ -50,6 +51,8 @@ def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[s
         "grpc_port": GRPC_PORT,
         "cache_dir": CACHE_DIR,
         "admin_token_file": f"{ADMIN_DIR}/{ADMIN_TOKEN_KEY}",
+        "state_dir": STATE_DIR,
+        "checkpoint_interval_s": spec.state.checkpoint_interval_seconds,
     }
     if spec.security.mutual_tls:
         settings["tls_dir"] = TLS_DIR

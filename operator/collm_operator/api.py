@@ -27,6 +27,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU, 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AGGREGATIONS = {"fedavg": "fedavg", "ffa": "ffa", "median": "median", "trimmedMean": "trimmed_mean"}
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+STATE_VOLUMES = ("PersistentVolumeClaim", "EmptyDir")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")  # the CRD's pattern for spec.state.size
 DEFAULT_IMAGE = "ghcr.io/collm/collm:0.1.0"
 _NUMBER = re.compile(r"^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,2})?$")  # the CRD's pattern (maxLength 32)
 
@@ -35,6 +37,7 @@ HTTP_PORT, GRPC_PORT = 8080, 9090
 CACHE_DIR = "/var/cache/collm"
 SECRET_DIR = "/etc/collm/secure-aggregation"
 SECRET_KEY = "secret"
+STATE_DIR = "/var/lib/collm/state"  # the replica's claim (or emptyDir): adapter versions, shadow, optimizer state
 TLS_DIR = "/etc/collm/tls"  # the cluster's TLS Secret: ca.crt and <replica>.crt/.key
 ADMIN_DIR = "/etc/collm/admin"  # the cluster's admin-token Secret
 ADMIN_TOKEN_KEY = "token"
@@ -118,6 +121,17 @@ class Scheduling:
 
 
 @dataclass(frozen=True)
+class State:
+    volume: str = "PersistentVolumeClaim"  # or "EmptyDir"
+    size: str = "1Gi"
+    storage_class_name: str | None = None
+    checkpoint_interval_seconds: int = 60
+
+
+STATE_DEFAULTS = {"volume": State.volume, "size": State.size, "checkpointIntervalSeconds": State.checkpoint_interval_seconds}  # as the CRD defaults them
+
+
+@dataclass(frozen=True)
 class Security:
     mutual_tls: bool = True  # False: plaintext gRPC, development only (a Warning Event says so)
     client_token_secret_ref: str | None = None  # a Secret whose values are the bearer tokens clients must send
@@ -139,6 +153,7 @@ class ClusterSpec:
     federation: Federation = Federation()
     scheduling: Scheduling = Scheduling()
     security: Security = Security()
+    state: State = State()
     service_monitor: bool = False
 
     @property
@@ -240,6 +255,13 @@ class _Section:
             raise SpecError(path, f'{path} {value!r} must be a positive number written as a string, e.g. "{example}"')
         return value
 
+    def quantity(self, key: builtins.str, default: builtins.str) -> builtins.str:
+        """A storage size such as "1Gi" (the CRD's pattern)."""
+        path, value = f"{self.path}.{key}", self.d.get(key, default)
+        if not isinstance(value, str) or len(value) > 32 or not _QUANTITY.match(value):
+            raise SpecError(path, f'{path} must be a storage size such as "1Gi" or "500Mi", got {value!r}')
+        return value
+
     def fraction(self, key: builtins.str, default: builtins.str, example: builtins.str) -> builtins.str:
         """A number in (0, 1) written as a string (the CRD's rule on the field)."""
         value = self.number(key, default, example)
@@ -328,7 +350,7 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
     sc = root.section("scheduling")
     scheduling = Scheduling(sc.str("policy", Scheduling.policy, POLICIES), sc.int("slowIntervalSeconds", Scheduling.slow_interval_seconds, 1, 3600))
 
-    sec = root.section("security")
+    sec, st = root.section("security"), root.section("state")
     tolerations = root.d.get("tolerations") or []
     if not isinstance(tolerations, list) or not all(isinstance(x, Mapping) for x in tolerations):
         raise SpecError("spec.tolerations", "spec.tolerations must be a list of core/v1 Toleration objects")
@@ -354,6 +376,12 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
         scheduling=scheduling,
         security=Security(
             sec.bool("mutualTLS", Security.mutual_tls), sec.str("clientTokenSecretRef", None) or None, sec.bool("networkPolicy", Security.network_policy)
+        ),
+        state=State(
+            st.str("volume", State.volume, STATE_VOLUMES) or State.volume,
+            st.quantity("size", State.size),
+            st.str("storageClassName", None) or None,
+            st.int("checkpointIntervalSeconds", State.checkpoint_interval_seconds, 0, 86_400),
         ),
         service_monitor=root.section("monitoring").bool("serviceMonitor", ClusterSpec.service_monitor),
     )
@@ -416,11 +444,15 @@ def _check_cross_fields(spec: ClusterSpec) -> None:
 
 
 def check_cluster_update(old_spec: Mapping[str, Any] | None, new_spec: Mapping[str, Any] | None) -> None:
-    """The CRD's transition rules: spec.model.source is immutable."""
+    """The CRD's transition rules: spec.model.source and spec.state are immutable."""
     old = ((old_spec or {}).get("model") or {}).get("source")
     new = ((new_spec or {}).get("model") or {}).get("source")
     if old is not None and old != new:
         raise SpecError("spec.model.source", f"spec.model.source is immutable ({old!r} -> {new!r}): create a new CollmCluster for another base model")
+    old_state, new_state = (old_spec or {}).get("state"), (new_spec or {}).get("state")
+    # Defaults on both sides, as the API server applies them (on read too) before the CEL rule runs.
+    if old_spec is not None and {**STATE_DEFAULTS, **(old_state or {})} != {**STATE_DEFAULTS, **(new_state or {})}:
+        raise SpecError("spec.state", "spec.state is immutable (a StatefulSet's volume claims cannot change): create a new CollmCluster to move the state")
 
 
 def parse_cluster(body: Mapping[str, Any]) -> Cluster:

@@ -21,7 +21,7 @@ MANAGED_BY = "collm-operator"
 AGENT, ROUTER = "agent", "router"
 ROUTER_PORT = 8080
 _CACHE_VOLUME, _TMP_VOLUME, _DATA_VOLUME, _SECRET_VOLUME, _CONFIG_VOLUME = "model-cache", "tmp", "training-data", "secure-aggregation", "agent-settings"
-_TLS_VOLUME, _ADMIN_VOLUME, _CLIENT_TOKENS_VOLUME = "tls", "admin-token", "client-tokens"
+_TLS_VOLUME, _ADMIN_VOLUME, _CLIENT_TOKENS_VOLUME, STATE_VOLUME = "tls", "admin-token", "client-tokens", "state"
 CLIENT_TOKENS_DIR = "/etc/collm/client-tokens"
 
 
@@ -140,6 +140,7 @@ def _agent_container(cluster: Cluster) -> dict[str, Any]:
         {"name": _TMP_VOLUME, "mountPath": "/tmp"},
         {"name": _CACHE_VOLUME, "mountPath": api.CACHE_DIR},
         {"name": _CONFIG_VOLUME, "mountPath": api.CONFIG_DIR, "readOnly": True},
+        {"name": STATE_VOLUME, "mountPath": api.STATE_DIR},
     ]
     if spec.training.data_volume is not None:
         # Read-write: /feedback may append to the local data; the data never leaves the pod.
@@ -180,6 +181,8 @@ def _agent_volumes(cluster: Cluster) -> list[dict[str, Any]]:
         {"name": _CACHE_VOLUME, "emptyDir": {}},
         {"name": _CONFIG_VOLUME, "configMap": {"name": configmap_name(cluster)}},
     ]
+    if spec.state.volume == "EmptyDir":  # else the StatefulSet's volumeClaimTemplates give each pod its claim
+        volumes.append({"name": STATE_VOLUME, "emptyDir": {}})
     if spec.training.data_volume is not None:
         volumes.append({**dict(spec.training.data_volume), "name": _DATA_VOLUME})
     if spec.federation.secure_aggregation:
@@ -204,6 +207,15 @@ def _admin_volume(cluster: Cluster) -> dict[str, Any]:
     return {"name": _ADMIN_VOLUME, "secret": {"secretName": admin_secret_name(cluster), "items": items, "defaultMode": 0o440}}
 
 
+def _state_claim(cluster: Cluster) -> dict[str, Any]:
+    """Each replica's PersistentVolumeClaim `state-<pod>`: it outlives the pod (and a scale-down), so a
+    replica that comes back serves the adapter version it served before, without the operator."""
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": cluster.spec.state.size}}}
+    if cluster.spec.state.storage_class_name:
+        spec["storageClassName"] = cluster.spec.state.storage_class_name
+    return {"metadata": {"name": STATE_VOLUME, "labels": selector(cluster, AGENT)}, "spec": spec}
+
+
 def build_statefulset(cluster: Cluster) -> dict[str, Any]:
     """One agent pod per replica; Parallel so replicas start (and load the model) at once."""
     spec = cluster.spec
@@ -220,11 +232,13 @@ def build_statefulset(cluster: Cluster) -> dict[str, Any]:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    claims = [_state_claim(cluster)] if spec.state.volume == "PersistentVolumeClaim" else []
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": _metadata(cluster, statefulset_name(cluster), AGENT),
         "spec": {
+            **({"volumeClaimTemplates": claims} if claims else {}),
             "replicas": spec.replicas,
             "serviceName": headless_service_name(cluster),
             "podManagementPolicy": "Parallel",

@@ -171,6 +171,13 @@ CASES = [
         valid=tuple({"federation": {"privacyDelta": d}} for d in ("1e-5", ".5", "0.999")),
     ),
     Case(
+        "CollmCluster.spec.state#0",
+        "self == oldSelf",
+        "spec.state",
+        invalid=(({}, {"state": {"volume": "EmptyDir"}}), ({"state": {"size": "1Gi"}}, {"state": {"size": "2Gi"}})),
+        valid=(({}, {"replicas": 4}), ({"state": {"size": "2Gi"}}, {"state": {"size": "2Gi"}, "replicas": 3})),
+    ),
+    Case(
         "AdapterRound.spec#0",
         "!has(self.participants) || !has(self.minParticipants) || self.minParticipants <= size(self.participants)",
         "spec.minParticipants",
@@ -217,7 +224,7 @@ def test_rules_are_found_in_both_crds():
     assert set(crd_schemas()) == {"CollmCluster", "AdapterRound"}
     for kind in crd_schemas():
         assert [r for r in RULES if r.kind == kind], f"no x-kubernetes-validations found in the {kind} CRD"
-    assert {r.id for r in RULES if r.transition} == {"CollmCluster.spec.model.source#0", "AdapterRound.spec.clusterRef#0"}
+    assert {r.id for r in RULES if r.transition} == {"CollmCluster.spec.model.source#0", "CollmCluster.spec.state#0", "AdapterRound.spec.clusterRef#0"}
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.id)

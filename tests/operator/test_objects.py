@@ -154,6 +154,22 @@ def test_agents_and_router_mount_the_operators_secrets_and_plaintext_drops_the_t
     assert "--client-tokens-dir" not in objects.router_args(cluster())
 
 
+def test_each_replica_keeps_its_state_on_a_claim_or_an_empty_dir():
+    sts = objects.build_statefulset(cluster({"state": {"size": "5Gi", "storageClassName": "fast", "checkpointIntervalSeconds": 30}}))
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == objects.STATE_VOLUME and claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert claim["spec"]["storageClassName"] == "fast" and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": objects.STATE_VOLUME, "mountPath": api.STATE_DIR} in container["volumeMounts"]
+    args = container["args"]
+    assert args[args.index("--state-dir") + 1] == api.STATE_DIR and args[args.index("--checkpoint-interval-s") + 1] == "30"
+    assert objects.STATE_VOLUME not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}  # the claim template provides it
+
+    ephemeral = objects.build_statefulset(cluster({"state": {"volume": "EmptyDir"}}))
+    assert "volumeClaimTemplates" not in ephemeral["spec"]
+    assert {"name": objects.STATE_VOLUME, "emptyDir": {}} in ephemeral["spec"]["template"]["spec"]["volumes"]
+
+
 def test_settings_change_rolls_the_pods():
     a = objects.build_statefulset(cluster())["spec"]["template"]["metadata"]["annotations"]
     b = objects.build_statefulset(cluster({"serving": {"maxBatch": 8}}))["spec"]["template"]["metadata"]["annotations"]
