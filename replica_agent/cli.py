@@ -8,10 +8,12 @@ import sys
 
 
 def agent_main(argv: list[str] | None = None) -> int:
-    from .config import load_config
+    from .config import deprecated_settings, load_config
 
     config, args = load_config(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in deprecated_settings(config):
+        logging.getLogger("replica_agent.config").warning(warning)
     from collm_rpc import tls
 
     from .agent import Agent

@@ -90,8 +90,10 @@ class AgentConfig(BaseModel):
     checkpoint_interval_s: float = Field(
         60.0, ge=0, description="seconds between checkpoints of the shadow and its optimizer state to state_dir (0: only at shutdown)"
     )
+    # Deprecated (accepted and ignored for one release, so that an old ConfigMap still starts the agent):
+    # secure rounds agree on pair seeds with per-round X25519 keys now; no shared secret is read.
     secure_aggregation_secret_file: str | None = Field(
-        None, description="file with the round secret (>= 16 bytes) shared by participants only; needed to take part in secure-aggregation rounds"
+        None, description="deprecated and ignored: secure aggregation agrees per-round keys and needs no shared secret; remove this setting"
     )
     trainer_threads: int | None = Field(None, ge=1, description="intra-op threads of the training thread (default 1)")
     trainer_priority: Literal["low", "normal"] = Field(
@@ -113,6 +115,16 @@ class AgentConfig(BaseModel):
         if self.feedback and not (self.feedback_path or self.data):
             raise ValueError("feedback needs a place to write: set feedback_path or data")
         return self
+
+
+def deprecated_settings(config: AgentConfig) -> list[str]:
+    """Warnings for settings that are set but no longer do anything (the agent logs them once at start)."""
+    if config.secure_aggregation_secret_file is None:
+        return []
+    return [
+        "secure_aggregation_secret_file is deprecated and ignored: secure aggregation now agrees per-round X25519 keys "
+        "through the operator, so no shared secret is read; remove the setting (and the Secret mount)"
+    ]
 
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from replica_agent.agent import Agent, Plan
-from replica_agent.config import AgentConfig, load_config
+from replica_agent.config import AgentConfig, deprecated_settings, load_config
 from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.engine.families import FAMILIES
 from replica_agent.engine.requests import FinishReason, SamplingParams
@@ -115,6 +115,15 @@ def test_bad_settings_exit_with_a_message_that_says_what_to_fix(argv, env, words
         load_config(argv, environ=env)
     assert exc.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_the_old_secure_aggregation_secret_setting_still_loads_and_is_only_warned_about(tmp_path):
+    """An agent ConfigMap from before per-round keys still starts the agent; the setting does nothing."""
+    settings = tmp_path / "agent.yaml"
+    settings.write_text("replica_id: tiny-0\nsecure_aggregation_secret_file: /etc/collm/secure-aggregation/secret\n")
+    config, _ = load_config(["--config", str(settings)], environ={})
+    assert [w for w in deprecated_settings(config) if "secure_aggregation_secret_file is deprecated and ignored" in w]
+    assert deprecated_settings(AgentConfig()) == []
 
 
 def test_help_lists_each_setting_with_its_environment_variable(capsys):

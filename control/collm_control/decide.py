@@ -43,7 +43,7 @@ class ControlSettings:
     federation: bool = True  # rounds are scheduled at all
     round_interval_s: float = 60.0
     min_participants: int = 1
-    secure_aggregation: bool = False  # the aggregator must not hold the round secret: it does not train
+    secure_aggregation: bool = False  # the aggregator must hold no pair seed of its own: it does not train
     local_steps: int = 0  # training steps a participant owes a round (0: the straggler rule is off)
     round_deadline_s: float = 0.0  # how long a round's training may take
     # Ablations (collm bench goodput --ablations): what remains without one timescale.
@@ -168,7 +168,7 @@ def choose_round(plan: Decision | None, o: Observation, settings: ControlSetting
             serving, trainers, aggregator=hint, secure=settings.secure_aggregation, min_participants=settings.min_participants
         )
     except ValueError:
-        return None  # every replica would hold the secret; the allocation and TrainingActive say why
+        return None  # no replica is left to aggregate outside the participants; the allocation and TrainingActive say why
     return RoundChoice(o.rounds_started + 1, participants, aggregator)
 
 
@@ -200,9 +200,10 @@ def assign_roles(
 
     `trainers`: who would train (a round's own list when `fixed`, else the candidates, which may
     give one up to aggregate). Without secure aggregation the aggregator is the one named or the
-    first participant. With it, the aggregator must not hold the round secret, so it does not
-    train: a named one is left out of the candidates, else a serving replica outside them
-    aggregates, else (not `fixed`, more than `min_participants` candidates) the last candidate does.
+    first participant. With it, the aggregator must hold no pair seed of its own (it would unmask
+    with them), so it does not train: a named one is left out of the candidates, else a serving
+    replica outside them aggregates, else (not `fixed`, more than `min_participants` candidates) the
+    last candidate does.
     ValueError says what is wrong; NoTrainers when nobody can train."""
     participants = [p for p in trainers if not (secure and not fixed and p == aggregator)]
     if aggregator is None:

@@ -63,6 +63,7 @@ class RoundSpec:
     min_participants: int
     eval_tolerance: float = 0.0  # nats the candidate may be worse than the current adapter
     publish_deadline_s: float = 60.0  # for publish retries, from the gate passing
+    secure: bool = False  # secure aggregation: participants exchange public keys (KeyAdvertised, ShareKeys) before masking
 
     def __post_init__(self):
         object.__setattr__(self, "replicas", tuple(self.replicas))
@@ -86,6 +87,8 @@ class RoundSpec:
                 problems.append(f"{name} must be a positive number of seconds (got {getattr(self, name)!r})")
         if not valid_number(self.eval_tolerance, 0, strict=False):
             problems.append(f"eval_tolerance must be a non-negative number of nats (got {self.eval_tolerance!r})")
+        if not isinstance(self.secure, bool):
+            problems.append(f"secure must be true or false (got {self.secure!r})")
         if problems:
             raise ValueError(f"invalid spec for round {self.round_id!r}: " + "; ".join(problems))
 
@@ -105,6 +108,15 @@ class UpdateUploaded:
     num_samples: int
     sha256: str
     bytes: int
+
+
+@dataclass(frozen=True)
+class KeyAdvertised:
+    """A participant's ephemeral public key for a secure round (its StartRound reply), hex."""
+
+    at: float
+    participant: str
+    public_key: str
 
 
 @dataclass(frozen=True)
@@ -164,7 +176,19 @@ class PublishFailed:
     reason: str
 
 
-Event = Started | UpdateUploaded | ParticipantFailed | Tick | Aggregated | AggregatorFailed | Evaluated | EvaluationFailed | PublishAcked | PublishFailed
+Event = (
+    Started
+    | UpdateUploaded
+    | KeyAdvertised
+    | ParticipantFailed
+    | Tick
+    | Aggregated
+    | AggregatorFailed
+    | Evaluated
+    | EvaluationFailed
+    | PublishAcked
+    | PublishFailed
+)
 
 
 # Actions: what the driver must do.
@@ -176,6 +200,14 @@ class StartTraining:
     local_steps: int
     deadline_at: float
     aggregator: str  # where to upload
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Hand every key holder's public key to `participants` (a secure round: they mask with these only)."""
+
+    participants: tuple[str, ...]
+    public_keys: tuple[tuple[str, str], ...]  # (participant, hex public key) of every key holder
 
 
 @dataclass(frozen=True)
@@ -214,7 +246,7 @@ class Refused:
         return f"{self.reason}: {self.message}"
 
 
-Action = StartTraining | Aggregate | Evaluate | Publish | Finish | Refused
+Action = StartTraining | ShareKeys | Aggregate | Evaluate | Publish | Finish | Refused
 
 
 @dataclass(frozen=True)
@@ -237,6 +269,7 @@ class ParticipantRecord:
     current_loss: float | None = None
     eval_tokens: int = 0  # > 0 once evaluated
     eval_error: str = ""  # set when its evaluation failed
+    public_key: str = ""  # secure rounds: the ephemeral public key it advertised (hex)
 
     def __post_init__(self):
         object.__setattr__(self, "outcome", Outcome(self.outcome))
@@ -264,6 +297,9 @@ class RoundState:
     base_version: str = ""
     base_sha256: str = ""
     version_sha256: str = ""
+    # Secure rounds: who got whose public keys (they mask with each other: the aggregator's `invited`).
+    key_holders: tuple[str, ...] = ()
+    keys_shared_at: float | None = None
     # Timings, on the driver's clock.
     started_at: float | None = None
     deadline_at: float | None = None
@@ -286,6 +322,7 @@ class RoundState:
     def __post_init__(self):
         self.conditions = {Condition(k): v for k, v in self.conditions.items()}
         self.result = Result(self.result) if self.result else None
+        self.key_holders = tuple(self.key_holders)
 
     @property
     def finished(self) -> bool:
@@ -301,6 +338,10 @@ class RoundState:
         if self.finished:
             return None
         return next((c for c in STAGES if self.conditions[c].status != "True"), None)
+
+    def public_keys(self) -> tuple[tuple[str, str], ...]:
+        """(participant, hex public key) of every key holder: the map a secure round's participants mask with."""
+        return tuple((p, self.participants[p].public_key) for p in self.key_holders)
 
     def to_dict(self) -> dict:
         """JSON-ready, camelCase keys (it lands in the AdapterRound's status)."""

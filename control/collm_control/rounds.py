@@ -14,6 +14,12 @@ stay Unknown.
 - Trained: every participant uploaded or was dropped, or the deadline passed with `min_participants`
   uploads (else NotEnoughParticipants, as soon as it is out of reach). Later uploads: RoundClosed.
   Any event whose `at` reaches a deadline fires it; Tick fires it when nothing else happens.
+  A secure round (spec.secure) first exchanges keys: each participant's StartRound reply carries
+  its ephemeral public key (KeyAdvertised); once every pending participant has one, the map is fixed
+  (`key_holders`, persisted before ShareKeys goes out) and handed to them, and they mask with each
+  other only. Uploads before that are refused (KeysNotShared). A participant that advertises another
+  key once the map is fixed restarted and lost its keys: it is Dropped (KeysLost), its peers reveal
+  the seeds they derived with its old key, so a resumed round goes on or fails, and never waits on it.
 - Aggregated: the aggregator says which uploads it used. The aggregator is fixed for the round: if it
   fails before any replica acked the new version the round ends Failed AggregatorLost; only it held
   the candidate, so nothing was published and every replica keeps its version. The recovery is a NEW
@@ -49,6 +55,7 @@ from .round_state import (  # re-exported: callers use rounds.<Name>
     EvaluationFailed,
     Event,
     Finish,
+    KeyAdvertised,
     Outcome,
     ParticipantFailed,
     ParticipantRecord,
@@ -60,6 +67,7 @@ from .round_state import (  # re-exported: callers use rounds.<Name>
     Result,
     RoundSpec,
     RoundState,
+    ShareKeys,
     Started,
     StartTraining,
     Tick,
@@ -80,6 +88,7 @@ __all__ = [
     "EvaluationFailed",
     "Event",
     "Finish",
+    "KeyAdvertised",
     "Outcome",
     "ParticipantFailed",
     "ParticipantRecord",
@@ -92,6 +101,7 @@ __all__ = [
     "RoundSpec",
     "RoundState",
     "STAGES",
+    "ShareKeys",
     "StartTraining",
     "Started",
     "Tick",
@@ -134,7 +144,12 @@ def pending_actions(state: RoundState) -> list[Action]:
     stage = state.stage
     if stage is Condition.TRAINED:
         waiting = _with(state, Outcome.PENDING)
-        return [_start_training(state, waiting)] if waiting else []
+        if not waiting:
+            return []
+        # A secure round whose keys went out: StartRound again (a participant that restarted answers
+        # with a new key and is dropped), then the same map again (taking it twice changes nothing).
+        shared = [ShareKeys(waiting, state.public_keys())] if state.keys_shared_at is not None else []
+        return [_start_training(state, waiting), *shared]
     if stage is Condition.AGGREGATED:
         return [Aggregate(state.spec.aggregator, _with(state, Outcome.UPLOADED))]
     if stage is Condition.EVALUATED:
@@ -215,10 +230,34 @@ def _on_uploaded(s: RoundState, e: UpdateUploaded) -> list[Action]:
         return [_refuse(s, e, "ParticipantDropped", f"{e.participant} was dropped from round {s.spec.round_id} ({record.reason}); join the next round")]
     if record.outcome is not Outcome.PENDING:
         return [_refuse(s, e, "Duplicate", f"{e.participant} already uploaded update {record.sha256[:12]} in round {s.spec.round_id}; one update per round")]
+    if s.spec.secure and s.keys_shared_at is None:
+        return [_refuse(s, e, "KeysNotShared", f"round {s.spec.round_id} is secure and its public keys were not shared yet: no update can be masked")]
     if not e.sha256 or not (isinstance(e.num_samples, int) and e.num_samples >= 1) or not valid_number(e.bytes, 0, False):
         return [_refuse(s, e, "Corrupt", f"an update needs a sha256, num_samples >= 1 and bytes >= 0 (got {e.sha256!r}, {e.num_samples!r}, {e.bytes!r})")]
     s.participants[e.participant] = replace(record, outcome=Outcome.UPLOADED, num_samples=e.num_samples, sha256=e.sha256, bytes=e.bytes, uploaded_at=e.at)
     s.bytes_uploaded += e.bytes
+    return []
+
+
+def _on_key_advertised(s: RoundState, e: KeyAdvertised) -> list[Action]:
+    record = s.participants.get(e.participant)
+    if record is None:
+        return [_refuse(s, e, "NotAParticipant", f"{e.participant!r} is not a participant of round {s.spec.round_id}")]
+    if not s.spec.secure:
+        return [_refuse(s, e, "NotSecure", f"round {s.spec.round_id} is not a secure round: it exchanges no keys")]
+    if not (isinstance(e.public_key, str) and e.public_key):
+        return [_refuse(s, e, "Corrupt", f"a public key must be a non-empty string (got {e.public_key!r})")]
+    if record.public_key == e.public_key or record.outcome is not Outcome.PENDING:
+        return []  # a retried StartRound; or one past caring (uploaded, dropped, late)
+    if s.keys_shared_at is None:  # nobody holds its earlier key: the new one replaces it
+        s.participants[e.participant] = replace(record, public_key=e.public_key)
+        return []
+    s.participants[e.participant] = replace(
+        record,
+        outcome=Outcome.DROPPED,
+        reason=f"KeysLost: {e.participant} answered with another public key than the one shared in this round (it restarted); "
+        "its peers reveal the seeds they share with it",
+    )
     return []
 
 
@@ -332,6 +371,7 @@ def _on_publish(s: RoundState, e: PublishAcked | PublishFailed) -> list[Action]:
 _HANDLERS: dict[type, Callable[[RoundState, Any], list[Action]]] = {
     Started: _on_started,
     UpdateUploaded: _on_uploaded,
+    KeyAdvertised: _on_key_advertised,
     ParticipantFailed: _on_participant_failed,
     Aggregated: _on_aggregated,
     AggregatorFailed: _on_aggregator_failed,
@@ -358,11 +398,24 @@ def _settle_training(s: RoundState, at: float, retry: bool) -> list[Action]:
     summary = f"{len(uploaded)} of {len(s.spec.participants)} participants uploaded an update{others}"
     if len(uploaded) + len(pending) < s.spec.min_participants:
         return _finish(s, at, Result.FAILED, "NotEnoughParticipants", f"{summary}; round {s.spec.round_id} needs {s.spec.min_participants}")
+    if s.spec.secure and s.keys_shared_at is None:
+        return _share_keys(s, at, pending)
     if pending:
         return []
     s.trained_at = at
     _set(s, Condition.TRAINED, "True", "Collected", summary, at)
     return [Aggregate(s.spec.aggregator, uploaded)]
+
+
+def _share_keys(s: RoundState, at: float, pending: tuple[str, ...]) -> list[Action]:
+    """Fix the key map once every pending participant advertised a key (no upload can precede it)."""
+    if any(not s.participants[p].public_key for p in pending):
+        return []
+    if len(pending) < 2:
+        message = f"secure aggregation needs >= 2 participants holding keys to mask with each other; only {list(pending)}"
+        return _finish(s, at, Result.FAILED, "NotEnoughParticipants", message)
+    s.key_holders, s.keys_shared_at = pending, at
+    return [ShareKeys(pending, s.public_keys())]
 
 
 def _settle_evaluation(s: RoundState, at: float, retry: bool) -> list[Action]:

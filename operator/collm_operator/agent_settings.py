@@ -13,8 +13,6 @@ from collm_operator.api import (
     GRPC_PORT,
     HTTP_PORT,
     RUNTIME_SETTINGS,
-    SECRET_DIR,
-    SECRET_KEY,
     STATE_DIR,
     TLS_DIR,
     Cluster,
@@ -58,8 +56,6 @@ def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[s
         settings["tls_dir"] = TLS_DIR
     if training_on:
         settings["data"] = spec.training.data_path
-    if spec.federation.secure_aggregation:
-        settings["secure_aggregation_secret_file"] = f"{SECRET_DIR}/{SECRET_KEY}"
     if replica_index is not None:
         settings["replica_id"] = f"{cluster.name}-{replica_index}"
     return settings

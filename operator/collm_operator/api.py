@@ -35,8 +35,6 @@ _NUMBER = re.compile(r"^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,2})?$")  # t
 # Where the agent container finds things (objects.py mounts them there).
 HTTP_PORT, GRPC_PORT = 8080, 9090
 CACHE_DIR = "/var/cache/collm"
-SECRET_DIR = "/etc/collm/secure-aggregation"
-SECRET_KEY = "secret"
 STATE_DIR = "/var/lib/collm/state"  # the replica's claim (or emptyDir): adapter versions, shadow, optimizer state
 TLS_DIR = "/etc/collm/tls"  # the cluster's TLS Secret: ca.crt and <replica>.crt/.key
 ADMIN_DIR = "/etc/collm/admin"  # the cluster's admin-token Secret
@@ -104,7 +102,7 @@ class Federation:
     privacy_delta: str = "1e-5"
     epsilon_budget: str = ""  # "" = no budget
     secure_aggregation: bool = False
-    secure_aggregation_secret_ref: str | None = None
+    secure_aggregation_secret_ref: str | None = None  # deprecated, ignored: pair seeds come from per-round X25519 keys
     eval_gate_tolerance_milli_nats: int = 0
     round_history_limit: int = 5
 
@@ -406,12 +404,6 @@ def _check_cross_fields(spec: ClusterSpec) -> None:
             "spec.federation.secureAggregation",
             f"spec.federation.secureAggregation needs aggregation fedavg, not {f.aggregation} "
             "(the aggregator only sees the sum): set aggregation: fedavg or turn secureAggregation off",
-        )
-    if f.secure_aggregation and not f.secure_aggregation_secret_ref:
-        raise SpecError(
-            "spec.federation.secureAggregationSecretRef",
-            "spec.federation.secureAggregation needs secureAggregationSecretRef: the name of a Secret in this namespace "
-            f"whose key '{SECRET_KEY}' holds >= 16 random bytes",
         )
     if f.noise_multiplier and not f.clip_norm:
         raise SpecError(

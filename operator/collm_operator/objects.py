@@ -20,7 +20,7 @@ from collm_operator.api import Cluster
 MANAGED_BY = "collm-operator"
 AGENT, ROUTER = "agent", "router"
 ROUTER_PORT = 8080
-_CACHE_VOLUME, _TMP_VOLUME, _DATA_VOLUME, _SECRET_VOLUME, _CONFIG_VOLUME = "model-cache", "tmp", "training-data", "secure-aggregation", "agent-settings"
+_CACHE_VOLUME, _TMP_VOLUME, _DATA_VOLUME, _CONFIG_VOLUME = "model-cache", "tmp", "training-data", "agent-settings"
 _TLS_VOLUME, _ADMIN_VOLUME, _CLIENT_TOKENS_VOLUME, STATE_VOLUME = "tls", "admin-token", "client-tokens", "state"
 CLIENT_TOKENS_DIR = "/etc/collm/client-tokens"
 
@@ -145,8 +145,6 @@ def _agent_container(cluster: Cluster) -> dict[str, Any]:
     if spec.training.data_volume is not None:
         # Read-write: /feedback may append to the local data; the data never leaves the pod.
         mounts.append({"name": _DATA_VOLUME, "mountPath": spec.training.data_path})
-    if spec.federation.secure_aggregation:
-        mounts.append({"name": _SECRET_VOLUME, "mountPath": api.SECRET_DIR, "readOnly": True})
     if spec.security.mutual_tls:
         mounts.append({"name": _TLS_VOLUME, "mountPath": api.TLS_DIR, "readOnly": True})
     mounts.append({"name": _ADMIN_VOLUME, "mountPath": api.ADMIN_DIR, "readOnly": True})
@@ -185,17 +183,6 @@ def _agent_volumes(cluster: Cluster) -> list[dict[str, Any]]:
         volumes.append({"name": STATE_VOLUME, "emptyDir": {}})
     if spec.training.data_volume is not None:
         volumes.append({**dict(spec.training.data_volume), "name": _DATA_VOLUME})
-    if spec.federation.secure_aggregation:
-        volumes.append(
-            {
-                "name": _SECRET_VOLUME,
-                "secret": {
-                    "secretName": spec.federation.secure_aggregation_secret_ref,
-                    "items": [{"key": api.SECRET_KEY, "path": api.SECRET_KEY}],
-                    "defaultMode": 0o440,
-                },
-            }
-        )
     if spec.security.mutual_tls:
         volumes.append({"name": _TLS_VOLUME, "secret": {"secretName": tls_secret_name(cluster), "defaultMode": 0o440}})
     volumes.append(_admin_volume(cluster))

@@ -9,10 +9,12 @@ repeated Publish of the global it already rests on changes nothing). Publishing 
 verifies its sha256 and shapes, serves it at once and rebases the shadow on it; requests in flight
 keep their pins.
 
-In a secure round a participant announces its upload to every other participant (AnnounceUpload)
-and sends its masked update only once all of them acknowledged; it never reveals the seeds of a peer
-that announced to it (see secure.py: an aggregator must not be able to name an update it holds
-"dropped" and unmask it alone).
+In a secure round a participant generates an ephemeral X25519 key pair at StartRound (memory only;
+the public key goes back in the reply), derives its pair seeds once the operator hands it every
+participant's public key (SharePublicKeys; the private key is dropped then), and masks only after
+that. It announces its upload to every other participant (AnnounceUpload) and sends its masked
+update only once all of them acknowledged; it never reveals the seeds of a peer that announced to it
+(see secure.py: an aggregator must not be able to name an update it holds "dropped" and unmask it alone).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from collm_rpc import tls
 from collm_rpc.client import AgentClient
@@ -33,7 +36,7 @@ from collm_rpc.client import AgentClient
 from ..engine.adapter_store import AdapterVersion, adapter_sha256
 from ..engine.lora import check_adapter
 from .aggregator import ROUNDS_KEPT, drop_oldest
-from .secure import announcement_refusal, encode_masked, mask_update, pair_seeds, reveal_refusal, reveal_seeds
+from .secure import announcement_refusal, encode_masked, key_map_refusal, mask_update, new_key_pair, pair_seeds, reveal_refusal, reveal_seeds
 from .update import UpdateError, encode_update, fetch_adapter, make_update
 
 log = logging.getLogger(__name__)
@@ -41,13 +44,14 @@ log = logging.getLogger(__name__)
 FETCHED_KEPT = 4  # adapters fetched from peers and kept by content hash
 ANNOUNCE_TIMEOUT_S = 5.0  # one AnnounceUpload call
 ANNOUNCE_PATIENCE_S = 10.0  # how long a peer that has no StartRound yet (NOT_FOUND) or is unreachable is asked again
+KEYS_PATIENCE_S = 60.0  # how long a secure round without a deadline waits for its peers' public keys
 
 
 @dataclass(frozen=True)
 class SecureRound:
     """A secure-aggregation round: who masks with whom, and the participant's own clip norm."""
 
-    participants: tuple[str, ...]
+    participants: tuple[str, ...]  # as started; narrowed to the key holders once their public keys arrive
     clip_norm: float | None = None
     addresses: Mapping[str, str] = field(default_factory=dict)  # participant -> host:port, to announce the upload to
 
@@ -60,7 +64,13 @@ class ParticipantRound:
     steps_done: int = 0
     started_at: float = 0.0
     secure: SecureRound | None = None
-    seeds: dict | None = None  # pair seeds of a secure round, kept to reveal those of dropped peers
+    # Secure rounds: the ephemeral key pair (the private key only until the peers' keys arrive; never
+    # written or logged), the public keys taken, and the pair seeds, kept to reveal those of dropped peers.
+    private_key: X25519PrivateKey | None = field(default=None, repr=False)
+    public_key: bytes = b""
+    public_keys: dict[str, bytes] | None = None
+    seeds: dict | None = field(default=None, repr=False)
+    keys_taken: threading.Event = field(default_factory=threading.Event, repr=False)  # set once keys are taken or refused
     deadline_unix: float = 0.0
     announced: set[str] = field(default_factory=set)  # peers that announced their upload: their seeds are never revealed
     revealed: set[str] = field(default_factory=set)  # peers whose seeds were revealed: their announcements are refused
@@ -147,23 +157,15 @@ class Participant:
             rnd.state, rnd.message = "Failed", "FFA-LoRA rounds need lora_A frozen: start the agent with --train-only-b"
             return rnd
         if secure is not None:
-            secret_file = self.agent.config.secure_aggregation_secret_file
             unaddressed = [p for p in secure.participants if p != self.agent.config.replica_id and p not in secure.addresses]
             if unaddressed:
                 rnd.state, rnd.message = "Failed", f"secure rounds need every participant's address to announce the upload to; none for {unaddressed}"
                 return rnd
-            if not secret_file:
-                rnd.state, rnd.message = "Failed", "secure aggregation needs the round secret: start the agent with --secure-aggregation-secret-file"
-                return rnd
-            try:
-                with open(secret_file, "rb") as f:
-                    rnd.seeds = pair_seeds(self.agent.config.replica_id, secure.participants, f.read().strip(), round_id)
-            except (OSError, ValueError) as exc:
-                rnd.state, rnd.message = "Failed", f"cannot derive the pair seeds: {exc}"
-                return rnd
         if trainer.unuploaded_steps == 0 and self.agent.mixer.settings.cap_tokens_per_iteration == 0:
             rnd.state, rnd.message = "Failed", "NoProgress: the plan allows no training (cap 0) and nothing was learnt since the global adapter"
             return rnd
+        if secure is not None:  # this round's own key pair: its public key goes back in the StartRound reply
+            rnd.private_key, rnd.public_key = new_key_pair()
         threading.Thread(
             target=self._snapshot_and_upload, args=(rnd, local_steps, deadline_unix, aggregator_address, only_b), name=f"collm-round-{round_id}", daemon=True
         ).start()
@@ -179,6 +181,8 @@ class Participant:
             if self.agent.mixer.settings.cap_tokens_per_iteration == 0:
                 break  # no more progress will come: upload what there is
             time.sleep(0.05)
+        if rnd.secure is not None and not self._await_keys(rnd, upload_by if deadline_unix else start + KEYS_PATIENCE_S):
+            return
         rnd.steps_done = trainer.unuploaded_steps
         if rnd.steps_done == 0:
             rnd.state, rnd.message = "Failed", "NoProgress: nothing was learnt since the global adapter before the deadline"
@@ -186,6 +190,18 @@ class Participant:
         snapshot = trainer.round_snapshot(rnd.round_id)
         rnd.steps_done, rnd.state = snapshot.steps, "Uploading"
         self._upload(rnd, snapshot, aggregator_address, only_b)
+
+    def _await_keys(self, rnd: ParticipantRound, until: float) -> bool:
+        """True once the peers' public keys were taken; else the round is Failed (refused, or none came)."""
+        rnd.keys_taken.wait(max(0.0, until - time.time()))
+        with self._lock:  # decided under the lock take_public_keys holds: keys that come later are refused
+            if rnd.seeds is not None:
+                return True
+            if rnd.state != "Failed":
+                rnd.state, rnd.message = "Failed", "NoKeys: the other participants' public keys did not arrive in time; nothing was masked or sent"
+                log.warning("round %s: %s", rnd.round_id, rnd.message)
+            rnd.private_key = None
+        return False
 
     def _upload(self, rnd: ParticipantRound, snapshot, aggregator_address: str, only_b: bool) -> None:
         agent = self.agent
@@ -262,6 +278,41 @@ class Participant:
 
         with ThreadPoolExecutor(max_workers=max(1, len(peers))) as pool:
             return dict(zip(peers, pool.map(one, peers)))
+
+    def take_public_keys(self, round_id: str, public_keys: Mapping[str, bytes]) -> ParticipantRound:
+        """Take every key holder's public key for secure round `round_id` (relayed by the operator) and
+        derive the pair seeds; the private key is dropped then. Taking the same map again changes
+        nothing. Refused (and the round Failed) when the map lacks this participant's own public key
+        unchanged: its peers would mask with keys it cannot match, or someone swapped keys. Refused,
+        the round left as it is, for a map other than the one already taken."""
+        me = self.agent.config.replica_id
+        with self._lock:
+            rnd = self._rounds.get(round_id)
+            if rnd is None:
+                raise RoundNotStarted(f"{me} has not started round {round_id}")
+            if rnd.secure is None or not rnd.public_key:
+                raise Refused(f"round {round_id} is not a secure round on {me}" + (f" ({rnd.message})" if rnd.state == "Failed" else ""))
+            if rnd.public_keys is not None:
+                if rnd.public_keys == dict(public_keys):
+                    return rnd
+                raise Refused(f"{me} already took other public keys for round {round_id}: it masks with those")
+            if rnd.state == "Failed":
+                raise Refused(f"{me} failed round {round_id}: {rnd.message}")
+            reason = key_map_refusal(me, rnd.public_key, rnd.secure.participants, public_keys)
+            if reason is None:
+                try:
+                    rnd.seeds = pair_seeds(me, rnd.private_key, public_keys, round_id)
+                except ValueError as exc:  # a low-order point: no shared secret
+                    reason = f"cannot agree on a pair seed with the public keys given: {exc}"
+            rnd.private_key = None  # taken or refused, this round's private key has done its work
+            if reason is not None:
+                rnd.state, rnd.message = "Failed", f"KeysRefused: {reason}"
+                rnd.keys_taken.set()
+                raise Refused(reason)
+            rnd.public_keys = dict(public_keys)
+            rnd.secure = replace(rnd.secure, participants=tuple(p for p in rnd.secure.participants if p in public_keys))
+            rnd.keys_taken.set()
+            return rnd
 
     def take_announcement(self, round_id: str, announcer: str, *, withdraw: bool = False) -> None:
         """Record that `announcer` sends its masked update of `round_id` now (or, withdrawn, that it

@@ -10,13 +10,19 @@ Choices, and what they mean for a deployment:
 - PRG: SHAKE-256 (standard library) keyed by the pair seed and the tensor key. Not numpy's PCG64:
   a quantized update is small, so a masked value shows the mask's high bits, and a
   non-cryptographic generator can be predicted from such output.
-- Pair seeds: HMAC-SHA256(round secret, [round_id, sorted pair]). The `cryptography` package
-  (X25519 key agreement, as in Bonawitz et al. 2017) is not installed, so the participants share one
-  secret instead. It must come from the participants' own configuration (e.g. a Secret mounted
-  into the agents only): the operator and whichever process aggregates must never hold it, or they
-  can rebuild every mask. Any participant can rebuild the others' masks too, so this protects
-  against a curious aggregator, not against a participant colluding with it. The round id in
-  the seed keeps masks from repeating across rounds (two updates masked alike leak their difference).
+- Pair seeds: per-round ephemeral X25519 key agreement, as in Bonawitz et al. 2017. At StartRound
+  each participant generates a key pair for that round (memory only, dropped with the round state)
+  and returns the public key; the operator's round driver collects them and hands every participant
+  the full map (SharePublicKeys, operator-only over mutual TLS). s_ij = HKDF-SHA256(X25519(sk_i,
+  pk_j), info = "collm-secagg" + [round_id, sorted pair]): both ends derive it, and nobody else can,
+  since it needs one of the two private keys; the aggregator and the operator see public keys only.
+  A participant masks only with the map in hand, and refuses a map that lacks its own public key
+  unchanged (`key_map_refusal`). The operator relays the keys unauthenticated beyond its mTLS
+  channel: an operator that swapped them could unmask (Bonawitz et al. sign keys against that; not
+  built). A participant colluding with the aggregator brings only its own pair seeds (it can no
+  longer rebuild every mask, as a shared round secret allowed): an update stays hidden while it shares
+  a mask with one other honest survivor. Fresh keys per round keep masks from repeating across
+  rounds (two updates masked alike leak their difference).
 - Dropout after masking: the aggregator `close()`s the round, names the dropped participants, and
   each survivor `reveal_seeds` only the seeds it shared with them; `unmask` removes the unmatched
   masks. A late upload from a dropped participant is ignored. Masks are single (no self-masks as in
@@ -33,13 +39,15 @@ Choices, and what they mean for a deployment:
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .aggregation import AggregationError, clip_update
 from .update import AdapterUpdate, UpdateError, decode, encode
@@ -47,6 +55,7 @@ from .update import AdapterUpdate, UpdateError, decode, encode
 FRACTION_BITS = 24
 SCALE = float(1 << FRACTION_BITS)
 FORMAT = "collm-masked-update/1"
+PUBLIC_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -62,14 +71,43 @@ class MaskedUpdate:
         return {k: tuple(v.shape) for k, v in self.masked.items()}
 
 
-def pair_seeds(me: str, participants: Sequence[str], round_secret: bytes, round_id: str) -> dict[str, bytes]:
-    """The seed `me` shares with every other participant of the round (both ends derive the same)."""
-    if len(round_secret) < 16:
-        raise ValueError("the secure-aggregation round secret must be at least 16 bytes (use 32 random bytes)")
+def new_key_pair() -> tuple[X25519PrivateKey, bytes]:
+    """A participant's ephemeral key pair for one round: the private key (keep it in memory only) and
+    the raw public key (what the driver relays)."""
+    private = X25519PrivateKey.generate()
+    return private, private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_map_refusal(me: str, own_public_key: bytes, participants: Collection[str], public_keys: Mapping[str, bytes]) -> str | None:
+    """Why `me` must not mask with the relayed `public_keys`, or None. Its own key must be in the map
+    unchanged (else the map is not the one its peers hold, or someone swapped keys), every name must be
+    a participant it was started with, and there must be a peer to mask with."""
+    if public_keys.get(me) != own_public_key:
+        return f"the public keys relayed for this round do not hold {me}'s own public key unchanged: keys were swapped or are stale; not masking with them"
+    strangers = sorted(set(public_keys) - set(participants))
+    if strangers:
+        return f"the public keys name {strangers}, who are not participants of this round ({sorted(participants)})"
+    if len(public_keys) < 2:
+        return f"the public keys name {me} alone: with no peer to mask with, the update would leave in the clear"
+    malformed = sorted(p for p, key in public_keys.items() if len(key) != PUBLIC_KEY_BYTES)
+    if malformed:
+        return f"the public keys of {malformed} are not {PUBLIC_KEY_BYTES}-byte X25519 keys"
+    if len(set(public_keys.values())) != len(public_keys):
+        return "two participants have the same public key: keys were copied"
+    return None
+
+
+def pair_seed(shared_secret: bytes, round_id: str, a: str, b: str) -> bytes:
+    """HKDF-SHA256 of an X25519 shared secret, bound to the round and the (unordered) pair."""
+    info = b"collm-secagg" + json.dumps([round_id, *sorted((a, b))]).encode()  # JSON: names cannot run into each other
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared_secret)
+
+
+def pair_seeds(me: str, private_key: X25519PrivateKey, public_keys: Mapping[str, bytes], round_id: str) -> dict[str, bytes]:
+    """The seed `me` shares with every other holder of a public key (both ends derive the same).
+    ValueError for a malformed or low-order public key."""
     return {
-        peer: hmac.new(round_secret, json.dumps(["collm-secagg", round_id, *sorted((me, peer))]).encode(), hashlib.sha256).digest()
-        for peer in participants
-        if peer != me
+        peer: pair_seed(private_key.exchange(X25519PublicKey.from_public_bytes(key)), round_id, me, peer) for peer, key in public_keys.items() if peer != me
     }
 
 

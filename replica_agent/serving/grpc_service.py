@@ -94,14 +94,14 @@ class AgentService(pb_grpc.AgentServicer):
             only_b=request.only_b,
             secure=SecureRound(tuple(request.participants), request.clip_norm or None, dict(request.peer_addresses)) if request.secure else None,
         )
-        return pb.RoundStatus(round_id=rnd.round_id, state=rnd.state, message=rnd.message, steps_done=rnd.steps_done)
+        return pb.RoundStatus(round_id=rnd.round_id, state=rnd.state, message=rnd.message, steps_done=rnd.steps_done, public_key=rnd.public_key)
 
     @_guarded
     def GetRoundStatus(self, request, context):
         status = pb.RoundStatus(round_id=request.round_id, state="Unknown")
         mine = self.participant.status(request.round_id)
         if mine is not None:
-            status.state, status.message, status.steps_done = mine.state, mine.message, mine.steps_done
+            status.state, status.message, status.steps_done, status.public_key = mine.state, mine.message, mine.steps_done, mine.public_key
         hosted = self.aggregator.round(request.round_id)
         if hosted is not None:
             for name, upload in sorted(hosted.uploads.items()):
@@ -248,6 +248,16 @@ class AgentService(pb_grpc.AgentServicer):
         except Refused as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.AnnounceReply(replica=self.agent.config.replica_id)
+
+    @_guarded
+    def SharePublicKeys(self, request, context):
+        try:
+            rnd = self.participant.take_public_keys(request.round_id, dict(request.public_keys))
+        except RoundNotStarted as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except Refused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.RoundStatus(round_id=rnd.round_id, state=rnd.state, message=rnd.message, steps_done=rnd.steps_done, public_key=rnd.public_key)
 
     @_guarded
     def Rollback(self, request, context):

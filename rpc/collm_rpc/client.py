@@ -83,6 +83,9 @@ class AgentClient:
     def announce_upload(self, round_id: str, participant: str, *, withdraw: bool = False) -> pb.AnnounceReply:
         return self.stub.AnnounceUpload(pb.AnnounceRequest(round_id=round_id, participant=participant, withdraw=withdraw), timeout=self.timeout)
 
+    def share_public_keys(self, round_id: str, public_keys: Mapping[str, bytes]) -> pb.RoundStatus:
+        return self.stub.SharePublicKeys(pb.PublicKeysRequest(round_id=round_id, public_keys=public_keys), timeout=self.timeout)
+
     def publish(self, request: pb.PublishRequest) -> pb.PublishReply:
         return self.stub.Publish(request, timeout=self.timeout)
 

@@ -6,6 +6,11 @@ The operator's AdapterRound handler and the local mode both use this driver. It 
 polls the aggregator and the participants for progress. A driver started with a persisted state
 resumes with `rounds.pending_actions`, so no finished stage runs again (and every agent call is
 idempotent for the round id anyway).
+
+In a secure round the driver relays the participants' ephemeral public keys: it feeds each
+StartRound reply's key to the state machine (KeyAdvertised) and hands the map it fixes to every key
+holder (SharePublicKeys, an operator-only call over mutual TLS, so no replica can swap a key). It
+sees public keys only; the only seeds it handles are those survivors reveal for dropped peers.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -61,15 +66,19 @@ class RoundDriver:
         if missing:
             raise ValueError(f"no gRPC address for replicas {missing}")
         if strategy.secure and spec.aggregator in spec.participants:
-            raise ValueError(f"secure aggregation needs an aggregator that is not a participant (it must not hold the round secret); {spec.aggregator} is both")
+            raise ValueError(
+                f"secure aggregation needs an aggregator that is not a participant (it would hold pair seeds of its own); {spec.aggregator} is both"
+            )
         if strategy.secure and strategy.name != "fedavg":
             raise ValueError("secure aggregation sums masked updates: only the fedavg strategy applies")
         if strategy.secure and strategy.noise_multiplier:
             raise ValueError("secure aggregation with DP noise is not supported: the aggregator sees only the masked sum (distributed DP is not built)")
+        # The strategy says whether the round is secure; the state machine needs it to exchange keys.
+        spec = replace(spec, secure=strategy.secure)
         self.spec, self.addresses, self.strategy = spec, dict(addresses), strategy
         self.credentials = credentials
         self.round_number = round_number
-        self.state = state or R.start(spec)
+        self.state = replace(state, spec=replace(state.spec, secure=strategy.secure)) if state is not None else R.start(spec)
         self.persist = persist or (lambda _: None)
         self.clock, self.poll_s, self.rpc_timeout_s = clock, poll_s, rpc_timeout_s
         self.refusals: list[R.Refused] = []
@@ -158,6 +167,8 @@ class RoundDriver:
     def _execute(self, action) -> list:
         if isinstance(action, R.StartTraining):
             return self._start_training(action)
+        if isinstance(action, R.ShareKeys):
+            return self._share_keys(action)
         if isinstance(action, R.Aggregate):
             return self._aggregate(action)
         if isinstance(action, R.Evaluate):
@@ -195,7 +206,27 @@ class RoundDriver:
                 continue
             if status.state == "Failed":
                 actions += self._feed(R.ParticipantFailed(self.clock(), participant, status.message))
+            elif self.strategy.secure and not status.public_key:
+                actions += self._feed(R.ParticipantFailed(self.clock(), participant, "NoPublicKey: it gave no public key for the secure round"))
+            elif self.strategy.secure:
+                actions += self._feed(R.KeyAdvertised(self.clock(), participant, status.public_key.hex()))
         return actions
+
+    def _share_keys(self, action: R.ShareKeys) -> list:
+        """Every key holder's public key to those still waiting; one that refuses or is unreachable drops out."""
+        keys = {p: bytes.fromhex(key) for p, key in action.public_keys}
+        waiting = [p for p in action.participants if self.state.participants[p].outcome is R.Outcome.PENDING]
+
+        def one(participant: str) -> R.ParticipantFailed | None:
+            try:
+                self.client(participant).share_public_keys(self.spec.round_id, keys)
+                return None
+            except grpc.RpcError as exc:
+                return R.ParticipantFailed(self.clock(), participant, f"did not take the round's public keys: {exc.code().name}: {exc.details()}")
+
+        with ThreadPoolExecutor(max_workers=max(1, len(waiting))) as pool:
+            events = [e for e in pool.map(one, waiting) if e is not None]
+        return [a for event in events for a in self._feed(event)]
 
     def _aggregate(self, action: R.Aggregate) -> list:
         s = self.strategy
@@ -210,8 +241,9 @@ class RoundDriver:
         )
         if s.secure:
             request.secure = True
-            request.invited.extend(self.spec.participants)
-            dropped = [p for p in self.spec.participants if p not in action.participants]
+            holders = self.state.key_holders  # who masked with whom: the participants the keys went to
+            request.invited.extend(holders)
+            dropped = [p for p in holders if p not in action.participants]
             if dropped:  # survivors reveal the seeds they shared with the dropped, so their masks can be removed
                 for survivor in action.participants:
                     try:

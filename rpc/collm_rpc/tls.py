@@ -207,7 +207,11 @@ def channel_credentials(creds: Credentials) -> grpc.ChannelCredentials:
 # Control of a replica (plans, rounds, publishing, rollback, evaluation on its private held-out data,
 # its stats) belongs to the operator. Uploads, and the announcements of secure rounds that precede
 # them, go between replicas of one cluster; adapters are fetched by those replicas and by the operator.
-OPERATOR_METHODS = frozenset({"GetStats", "ApplyPlan", "StartRound", "GetRoundStatus", "Aggregate", "Evaluate", "Publish", "RevealSeeds", "Rollback"})
+# SharePublicKeys is the operator's alone: a replica that could hand out public keys could swap a
+# peer's for its own and derive that peer's pair seeds (secure aggregation).
+OPERATOR_METHODS = frozenset(
+    {"GetStats", "ApplyPlan", "StartRound", "GetRoundStatus", "Aggregate", "Evaluate", "Publish", "RevealSeeds", "Rollback", "SharePublicKeys"}
+)
 PEER_METHODS = frozenset({"UploadUpdate", "FetchAdapter", "AnnounceUpload"})
 
 

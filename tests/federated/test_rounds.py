@@ -19,6 +19,7 @@ from collm_control.rounds import (
     Evaluated,
     EvaluationFailed,
     Finish,
+    KeyAdvertised,
     Outcome,
     ParticipantFailed,
     Publish,
@@ -28,6 +29,7 @@ from collm_control.rounds import (
     Result,
     RoundSpec,
     RoundState,
+    ShareKeys,
     Started,
     StartTraining,
     Tick,
@@ -278,6 +280,7 @@ def test_an_ack_for_another_version_is_refused():
         (Evaluated(5, "a", 1.0, 1.0, 10), "NotEvaluating"),
         (PublishAcked(5, "a", NEW), "NotPublishing"),
         (Started(5, "v2", "sb2"), "AlreadyStarted"),
+        (KeyAdvertised(5, "a", "ka"), "NotSecure"),
     ],
 )
 def test_unexpected_events_are_refused_without_changing_the_state(event, reason):
@@ -381,6 +384,7 @@ ARBITRARY_EVENT = st.one_of(  # stamped at 0; the test moves each to its time
     st.builds(EvaluationFailed, st.just(0.0), NAMES, st.just("oom")),
     st.builds(PublishAcked, st.just(0.0), NAMES, st.sampled_from((NEW, "sha-old"))),
     st.builds(PublishFailed, st.just(0.0), NAMES, st.just("io")),
+    st.builds(KeyAdvertised, st.just(0.0), NAMES, st.sampled_from(("k1", "k2", ""))),
 )
 
 
@@ -392,6 +396,8 @@ def answer(data, state, at):
     action = actions[0]
     if isinstance(action, StartTraining):
         p = data.draw(st.sampled_from(action.participants))
+        if state.spec.secure and not state.participants[p].public_key:
+            return data.draw(st.sampled_from((KeyAdvertised(at, p, f"key-{p}"),) * 4 + (ParticipantFailed(at, p, "dead"),)))
         return data.draw(st.sampled_from((upload(at, p),) * 4 + (ParticipantFailed(at, p, "dead"),)))
     if isinstance(action, Aggregate):
         accepted = data.draw(st.lists(st.sampled_from(action.participants), unique=True))
@@ -407,9 +413,9 @@ def answer(data, state, at):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.data(), st.floats(0, 0.5))
-def test_random_event_sequences_keep_the_invariants(data, tolerance):
-    spec = RoundSpec(**{**SPEC.__dict__, "eval_tolerance": tolerance})
+@given(st.data(), st.floats(0, 0.5), st.booleans())
+def test_random_event_sequences_keep_the_invariants(data, tolerance, secure):
+    spec = RoundSpec(**{**SPEC.__dict__, "eval_tolerance": tolerance, "secure": secure})
     state, at, finishes, ever_published = start(spec), 0.0, 0, False
     for _ in range(data.draw(st.integers(1, 40))):
         at += data.draw(st.sampled_from((0.0, 1.0, 2.0, 5.0, 40.0)))
@@ -436,6 +442,55 @@ def test_random_event_sequences_keep_the_invariants(data, tolerance):
             assert not isinstance(pending, Aggregate) or stage is Condition.AGGREGATED
             assert not isinstance(pending, Evaluate) or stage is Condition.EVALUATED
             assert not isinstance(pending, Publish) or stage is Condition.PUBLISHED
+            assert not isinstance(pending, ShareKeys) or (stage is Condition.TRAINED and secure)
+        if state.keys_shared_at is not None:  # the map never changes once it went out
+            assert (new.key_holders, new.public_keys()) == (state.key_holders, state.public_keys())
+        for p, record in new.participants.items():  # a secure round's uploads come from key holders, after the keys
+            assert not (secure and record.uploaded_at is not None) or (p in new.key_holders and record.uploaded_at >= new.keys_shared_at)
         finishes += len(only(actions, Finish))
         assert finishes == (1 if new.finished else 0)
         state = new
+
+
+SECURE = RoundSpec(**{**SPEC.__dict__, "aggregator": "d", "secure": True})
+KEYS = (("a", "ka"), ("b", "kb"), ("c", "kc"))
+KEYED = [Started(0.0, "v1", "sha-base"), *(KeyAdvertised(1.0, p, key) for p, key in KEYS)]
+
+
+def test_a_secure_round_shares_the_keys_once_every_participant_advertised_one_and_takes_uploads_only_then():
+    state, outputs = run(KEYED, spec=SECURE)
+    assert [only(o, ShareKeys) for o in outputs] == [[], [], [], [ShareKeys(("a", "b", "c"), KEYS)]]
+    assert state.key_holders == ("a", "b", "c") and state.keys_shared_at == 1.0 and state.public_keys() == KEYS
+    early, _ = run(KEYED[:3], spec=SECURE)
+    after, actions = step(early, upload(2, "a"))
+    assert after == early and [a.reason for a in actions] == ["KeysNotShared"]
+    finished, _ = run(TRAINING[1:] + AGGREGATION + EVALUATION + PUBLISHING, state)
+    assert finished.succeeded
+
+
+def test_a_participant_that_fails_before_its_key_is_left_out_of_the_map():
+    state, outputs = run([KEYED[0], KEYED[1], ParticipantFailed(1, "c", "gone"), KEYED[2]], spec=SECURE)
+    assert outputs[-1] == [ShareKeys(("a", "b"), KEYS[:2])] and state.key_holders == ("a", "b")
+    alone, outputs = run([KEYED[0], KEYED[1], ParticipantFailed(1, "b", "gone"), ParticipantFailed(1, "c", "gone")], spec=replace(SECURE, min_participants=1))
+    assert alone.result is Result.FAILED and "needs >= 2 participants holding keys" in alone.conditions[Condition.SUCCEEDED].message
+    assert not any(only(o, ShareKeys) for o in outputs)  # masking with no peer would send the update in the clear
+
+
+def test_a_new_key_replaces_one_not_shared_yet_and_drops_its_participant_once_shared():
+    state, _ = run([*KEYED[:2], KeyAdvertised(2, "a", "ka2")], spec=SECURE)
+    assert state.participants["a"].public_key == "ka2" and state.participants["a"].outcome is Outcome.PENDING
+    state, outputs = run([*KEYED, KeyAdvertised(5, "c", "kc2")], spec=SECURE)
+    assert state.participants["c"].outcome is Outcome.DROPPED and state.participants["c"].reason.startswith("KeysLost")
+    assert state.public_keys() == KEYS and not state.finished and outputs[-1] == []  # the others go on; their masks with c come off by reveal
+
+
+def test_a_restarted_driver_resends_start_and_the_same_keys_and_a_round_whose_participants_lost_theirs_fails():
+    state, _ = run([*KEYED, upload(3, "a")], spec=SECURE)
+    restored = RoundState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert restored == state and restored.spec.secure
+    assert pending_actions(restored) == [StartTraining(("b", "c"), "v1", "sha-base", 5, 100.0, "d"), ShareKeys(("b", "c"), KEYS)]
+    lost, outputs = run([KeyAdvertised(6, "b", "kb2"), KeyAdvertised(6, "c", "kc2")], restored)  # both restarted: new keys
+    assert lost.result is Result.FAILED and lost.conditions[Condition.SUCCEEDED].reason == "NotEnoughParticipants"
+    assert only(outputs[-1], Finish) and lost.participants["b"].reason.startswith("KeysLost")
+    unshared, _ = run(KEYED[:3], spec=SECURE)  # keys not shared yet: StartRound again, nothing to share
+    assert pending_actions(unshared) == [StartTraining(("a", "b", "c"), "v1", "sha-base", 5, 100.0, "d")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import replace
 
 import grpc
@@ -13,10 +15,11 @@ from collm_control import rounds as R
 from collm_rpc import tls
 from collm_rpc.client import AgentClient
 from collm_rpc.driver import RoundDriver, StrategyConfig
+from collm_rpc.proto import collm_pb2 as pb
 from replica_agent.config import AgentConfig
 from replica_agent.engine.data import stdlib_package_dir
 from replica_agent.federated.aggregation import FedAvg
-from replica_agent.federated.secure import MaskedUpdate
+from replica_agent.federated.secure import MaskedUpdate, new_key_pair
 from replica_agent.federated.update import apply_delta
 from replica_agent.local.in_process import LocalCluster
 
@@ -24,16 +27,11 @@ PARTICIPANTS = {"agent-0": "json", "agent-1": "http", "agent-2": "email"}
 
 
 def secure_configs(tmp_path) -> list[AgentConfig]:
-    secret = tmp_path / "round-secret"
-    secret.write_bytes(b"0123456789abcdef0123456789abcdef")
     common = dict(
         model="tiny", eval_batches=2, max_total_tokens=256, learning_rate=5e-3, revision_every_seconds=0
     )  # no local revisions: replicas serve the global
-    configs = [
-        AgentConfig(**common, replica_id=name, data=str(stdlib_package_dir(pkg)), secure_aggregation_secret_file=str(secret))
-        for name, pkg in PARTICIPANTS.items()
-    ]
-    configs.append(AgentConfig(**common, replica_id="aggregator"))  # holds no secret and no data
+    configs = [AgentConfig(**common, replica_id=name, data=str(stdlib_package_dir(pkg))) for name, pkg in PARTICIPANTS.items()]
+    configs.append(AgentConfig(**common, replica_id="aggregator"))  # no data; no key of the round ever reaches it
     return configs
 
 
@@ -87,6 +85,15 @@ def test_secure_round_publishes_fedavg_and_the_aggregator_sees_only_masked_updat
     published = secure_cluster["agent-1"].agent.store.global_version
     assert published.sha256 == state.version_sha256 and published.label == "1.0"
     assert max((published.tensors[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+    # The driver relayed every participant's public key; each took the same map, agreed on its pair
+    # seeds with every peer and dropped its private key. The aggregator holds no round keys at all.
+    rounds = {name: secure_cluster[name].service.participant.status("secure-1") for name in PARTICIPANTS}
+    assert state.key_holders == tuple(PARTICIPANTS)
+    assert dict(state.public_keys()) == {name: rnd.public_key.hex() for name, rnd in rounds.items()}
+    for name, rnd in rounds.items():
+        assert rnd.public_keys == {n: r.public_key for n, r in rounds.items()} and rnd.private_key is None
+        assert all(rnd.seeds[peer] == rounds[peer].seeds[name] for peer in rnd.seeds)
+    assert secure_cluster["aggregator"].service.participant.status("secure-1") is None
 
 
 def test_a_participant_dropping_after_masking_is_recovered_from_the_survivors_seeds(secure_cluster, plain_updates, monkeypatch):
@@ -195,3 +202,82 @@ def test_a_secure_round_over_mutual_tls_announces_in_each_participants_own_name(
         assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
         for name in PARTICIPANTS:  # each heard the other two, named by their certificates
             assert cluster[name].service.participant.status("secure-tls").announced == set(PARTICIPANTS) - {name}
+
+
+def start_secure(cluster, name: str, round_id: str) -> bytes:
+    """StartRound of a secure round on one participant (no driver): its public key."""
+    request = pb.StartRoundRequest(
+        round_id=round_id,
+        local_steps=10_000,  # it never gets to upload here
+        deadline_unix=time.time() + 60,
+        base_sha256=cluster[name].agent.trainer.global_version.sha256,
+        aggregator_address=cluster.addresses["aggregator"],
+        secure=True,
+        participants=list(PARTICIPANTS),
+        peer_addresses={p: cluster.addresses[p] for p in PARTICIPANTS},
+    )
+    with AgentClient(cluster.addresses[name]) as client:
+        status = client.start_round(request)
+    assert status.state == "Training" and len(status.public_key) == 32
+    return status.public_key
+
+
+def test_a_participant_refuses_a_key_map_that_swapped_its_own_public_key(secure_cluster):
+    keys = {name: start_secure(secure_cluster, name, "secure-swap") for name in ("agent-0", "agent-1")}
+    keys["agent-2"] = new_key_pair()[1]
+    swapped = {**keys, "agent-0": new_key_pair()[1]}  # someone put a key of its own in agent-0's place
+    with AgentClient(secure_cluster.addresses["agent-0"]) as client, pytest.raises(grpc.RpcError) as refused:
+        client.share_public_keys("secure-swap", swapped)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "own public key unchanged" in refused.value.details()
+    own = secure_cluster["agent-0"].service.participant.status("secure-swap")
+    assert own.state == "Failed" and own.message.startswith("KeysRefused") and own.seeds is None and own.private_key is None
+    with AgentClient(secure_cluster.addresses["agent-1"]) as client:  # its own key is in place: taken, and again unchanged
+        assert client.share_public_keys("secure-swap", keys).state == "Training"
+        assert client.share_public_keys("secure-swap", keys).state == "Training"
+        with pytest.raises(grpc.RpcError) as changed:  # a second, other map is refused: it masks with the first
+            client.share_public_keys("secure-swap", {**keys, "agent-2": new_key_pair()[1]})
+    assert changed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already took other public keys" in changed.value.details()
+    assert set(secure_cluster["agent-1"].service.participant.status("secure-swap").seeds) == {"agent-0", "agent-2"}
+
+
+class OperatorCrashed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("restarted", [("agent-2",), tuple(PARTICIPANTS)])
+def test_an_operator_restarted_mid_exchange_resumes_and_a_participant_that_lost_its_keys_is_dropped(secure_cluster, plain_updates, restarted):
+    """The operator persisted the key map and died before handing it out; meanwhile `restarted` lost their
+    round (and keys). The resumed round drops them (KeysLost) and goes on with the others, or fails at once."""
+    round_id = f"secure-resume-{len(restarted)}"
+    persisted = []
+
+    def persist(state_dict):
+        persisted.append(state_dict)
+        if state_dict["keysSharedAt"] is not None:
+            raise OperatorCrashed
+
+    first = RoundDriver(spec(round_id), secure_cluster.addresses, strategy=StrategyConfig("fedavg", secure=True), round_number=5, persist=persist)
+    with pytest.raises(OperatorCrashed):
+        first.run(timeout_s=60)
+    saved = R.RoundState.from_dict(json.loads(json.dumps(persisted[-1])))
+    assert saved.key_holders == tuple(PARTICIPANTS)
+    assert all(secure_cluster[p].service.participant.status(round_id).seeds is None for p in PARTICIPANTS)  # no map went out
+    for name in restarted:  # an agent restart: the round, its key pair and its seeds are gone
+        secure_cluster[name].service.participant._rounds.pop(round_id)
+    base = secure_cluster["aggregator"].agent.store.current
+    resumed = RoundDriver(spec(round_id), secure_cluster.addresses, strategy=StrategyConfig("fedavg", secure=True), round_number=5, state=saved)
+    state = resumed.run(timeout_s=120)
+    lost = [p for p, record in state.participants.items() if record.outcome is R.Outcome.DROPPED and record.reason.startswith("KeysLost")]
+    if len(restarted) == len(PARTICIPANTS):  # ends as soon as too few are left, not at the deadline
+        assert not state.succeeded and state.conditions[R.Condition.SUCCEEDED].reason == "NotEnoughParticipants"
+        assert len(lost) >= 2 and state.finished_at - state.started_at < 30
+        return
+    assert lost == list(restarted)
+    assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
+    survivors = [p for p in PARTICIPANTS if p not in restarted]
+    assert set(plain_updates) == set(survivors)  # the restarted one never got keys, so never masked
+    expected = apply_delta(dict(base.tensors), FedAvg().aggregate([plain_updates[p] for p in survivors]).delta)
+    published = secure_cluster["agent-0"].agent.store.global_version
+    assert max((published.tensors[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+    for name in survivors:  # they masked with the persisted map, the lost key included, and revealed those seeds
+        assert secure_cluster[name].service.participant.status(round_id).revealed == set(restarted)

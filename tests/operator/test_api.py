@@ -114,7 +114,6 @@ INVALID = [
         "spec.federation.secureAggregation",
         "needs aggregation fedavg, not median",
     ),
-    ({"federation": {"secureAggregation": True}}, "spec.federation.secureAggregationSecretRef", "name of a Secret"),
     ({"federation": {"noiseMultiplier": "0.5"}}, "spec.federation.noiseMultiplier", "needs clipNorm"),
     ({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": "median"}}, "spec.federation.noiseMultiplier", "fedavg or ffa"),
     ({"federation": {"deadlineSeconds": 400}}, "spec.federation.deadlineSeconds", "(400) must be <= roundIntervalSeconds (300)"),
@@ -240,7 +239,7 @@ def test_agent_args_are_accepted_by_the_agent_and_carry_the_spec(tmp_path):
     assert config.train and (config.revision_every_steps, config.revision_every_seconds, config.revision_tolerance) == (25, 5.0, 0.02)
     assert not config.train_only_b  # fedavg: A trains too
     assert (config.host, config.port, config.grpc_port) == ("0.0.0.0", 8080, 9090)
-    assert config.secure_aggregation_secret_file == f"{api.SECRET_DIR}/{api.SECRET_KEY}"
+    assert config.secure_aggregation_secret_file is None  # no shared secret: X25519 keys per round
     assert config.cache_dir == api.CACHE_DIR
 
 

@@ -120,34 +120,27 @@ CASES = [
     ),
     Case(
         "CollmCluster.spec.federation#1",
-        "!self.secureAggregation || (has(self.secureAggregationSecretRef) && self.secureAggregationSecretRef != '')",
-        "spec.federation.secureAggregationSecretRef",
-        invalid=({"federation": {"secureAggregation": True}}, {"federation": {"secureAggregation": True, "secureAggregationSecretRef": ""}}),
-        valid=({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "round-secret"}}, {"federation": {"secureAggregationSecretRef": ""}}),
-    ),
-    Case(
-        "CollmCluster.spec.federation#2",
         "self.noiseMultiplier == '' || self.clipNorm != ''",
         "spec.federation.noiseMultiplier",
         invalid=({"federation": {"noiseMultiplier": "0.5"}}, {"federation": {"noiseMultiplier": "0.5", "clipNorm": ""}}),
         valid=({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1.0"}}, {"federation": {"clipNorm": "1.0"}}),
     ),
     Case(
-        "CollmCluster.spec.federation#3",
+        "CollmCluster.spec.federation#2",
         "self.noiseMultiplier == '' || self.aggregation in ['fedavg', 'ffa']",
         "spec.federation.noiseMultiplier",
         invalid=tuple({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": a}} for a in ("median", "trimmedMean")),
         valid=({"federation": {"noiseMultiplier": "0.5", "clipNorm": "1", "aggregation": "ffa"}}, {"federation": {"clipNorm": "1", "aggregation": "median"}}),
     ),
     Case(
-        "CollmCluster.spec.federation#4",
+        "CollmCluster.spec.federation#3",
         "self.deadlineSeconds <= self.roundIntervalSeconds",
         "spec.federation.deadlineSeconds",
         invalid=({"federation": {"deadlineSeconds": 400}}, {"federation": {"roundIntervalSeconds": 60}}),  # the second by defaults (deadline 120)
         valid=({"federation": {"deadlineSeconds": 300}}, {"federation": {"roundIntervalSeconds": 60, "deadlineSeconds": 60}}),
     ),
     Case(
-        "CollmCluster.spec.federation#5",
+        "CollmCluster.spec.federation#4",
         "!self.secureAggregation || self.noiseMultiplier == ''",
         "spec.federation.noiseMultiplier",
         invalid=({"federation": {"secureAggregation": True, "secureAggregationSecretRef": "s", "noiseMultiplier": "0.5", "clipNorm": "1"}},),
@@ -157,7 +150,7 @@ CASES = [
         ),
     ),
     Case(
-        "CollmCluster.spec.federation#6",
+        "CollmCluster.spec.federation#5",
         "self.epsilonBudget == '' || self.noiseMultiplier != ''",
         "spec.federation.epsilonBudget",
         invalid=({"federation": {"epsilonBudget": "8"}}, {"federation": {"epsilonBudget": "8", "clipNorm": "1"}}),

@@ -159,7 +159,6 @@ CEL_EQUIVALENTS = {
         ("self == oldSelf", ".spec.model.source"),
         ("double(self) > 0.0", ".spec.training.learningRate"),
         ("!self.secureAggregation || self.aggregation == 'fedavg'", ".spec.federation"),
-        ("!self.secureAggregation || (has(self.secureAggregationSecretRef) && self.secureAggregationSecretRef != '')", ".spec.federation"),
         ("self.noiseMultiplier == '' || self.clipNorm != ''", ".spec.federation"),
         ("self.noiseMultiplier == '' || self.aggregation in ['fedavg', 'ffa']", ".spec.federation"),
         ("self.deadlineSeconds <= self.roundIntervalSeconds", ".spec.federation"),

@@ -120,6 +120,9 @@ def test_authorize_is_a_pure_decision():
     assert "operator's" in tls.authorize("Publish", tls.Identity.replica(NS, CLUSTER, "tiny-1"), me)
     assert "client certificate" in tls.authorize("GetStats", None, me)
     assert "not a known method" in tls.authorize("Shutdown", tls.Identity.operator(), me)
+    # Only the operator hands out a secure round's public keys: a peer could put its own key in another's place.
+    assert tls.authorize("SharePublicKeys", tls.Identity.operator(), me) is None
+    assert "operator's" in tls.authorize("SharePublicKeys", tls.Identity.replica(NS, CLUSTER, "tiny-1"), me)
     assert tls.Identity.from_uri(me.uri) == me and tls.Identity.from_uri("spiffe://other/x") is None
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63ollm_rpc/proto/collm.proto\x12\x08\x63ollm.v1\"\"\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"\x82\x01\n\nAdapterRef\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x17\n\x0f\x63luster_version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\teval_loss\x18\x04 \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x05 \x01(\x08\x12\x10\n\x08revision\x18\x06 \x01(\x04\"S\n\rCapacityPoint\x12\x0b\n\x03\x63\x61p\x18\x01 \x01(\r\x12\x16\n\x0erequests_per_s\x18\x02 \x01(\x01\x12\x1d\n\x15training_tokens_per_s\x18\x03 \x01(\x01\"\xbe\x06\n\x05Stats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12,\n\x0eglobal_adapter\x18\x0e \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12\x15\n\rlive_versions\x18\x1e \x03(\t\x12\x10\n\x08uptime_s\x18\x0f \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x12\n\niterations\x18\x10 \x01(\x04\x12\x18\n\x10inference_tokens\x18\x06 \x01(\x04\x12\x19\n\x11requests_finished\x18\x19 \x01(\x04\x12\x18\n\x10requests_met_slo\x18\x1a \x01(\x04\x12\x0f\n\x07ttft_ms\x18\x1c \x01(\r\x12\x0f\n\x07tpot_ms\x18\x1d \x01(\r\x12\x31\n\x10\x63\x61pacity_profile\x18\x1b \x03(\x0b\x32\x17.collm.v1.CapacityPoint\x12\x17\n\x0ftraining_tokens\x18\x07 \x01(\x04\x12\x16\n\x0etraining_steps\x18\x08 \x01(\x04\x12\x16\n\x0etraining_share\x18\t \x01(\x01\x12\x18\n\x10train_cap_tokens\x18\n \x01(\r\x12\x12\n\ntrain_loss\x18\x11 \x01(\x01\x12\x16\n\x0ehas_train_loss\x18\x12 \x01(\x08\x12\x11\n\teval_loss\x18\x0b \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x0c \x01(\x08\x12\x15\n\rtrainer_error\x18\x13 \x01(\t\x12\x12\n\ndata_error\x18\x14 \x01(\t\x12\x13\n\x0b\x64\x61ta_tokens\x18\" \x01(\x04\x12\x18\n\x10unuploaded_steps\x18\x18 \x01(\x04\x12\x1b\n\x13revisions_published\x18\x15 \x01(\x04\x12\x1a\n\x12revisions_rejected\x18\x16 \x01(\x04\x12\x1a\n\x12last_revision_unix\x18\x17 \x01(\x01\x12\x11\n\tlora_rank\x18\x1f \x01(\r\x12\x12\n\nlora_alpha\x18  \x01(\r\x12\x1b\n\x13lora_target_modules\x18! \x03(\tJ\x04\x08\r\x10\x0eR\x04json\"Z\n\x04Plan\x12\x18\n\x10train_cap_tokens\x18\x01 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\r\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\r\x12\x16\n\x0e\x66ixed_training\x18\x04 \x01(\x08\"\xde\x02\n\x11StartRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x15\n\rdeadline_unix\x18\x03 \x01(\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x61se_source\x18\x05 \x01(\t\x12\x1a\n\x12\x61ggregator_address\x18\x06 \x01(\t\x12\x0e\n\x06only_b\x18\x07 \x01(\x08\x12\x0e\n\x06secure\x18\x08 \x01(\x08\x12\x14\n\x0cparticipants\x18\t \x03(\t\x12\x11\n\tclip_norm\x18\n \x01(\x01\x12\x46\n\x0epeer_addresses\x18\x0b \x03(\x0b\x32..collm.v1.StartRoundRequest.PeerAddressesEntry\x1a\x34\n\x12PeerAddressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x12RoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"z\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nsteps_done\x18\x04 \x01(\r\x12%\n\x07uploads\x18\x05 \x03(\x0b\x32\x14.collm.v1.UploadInfo\"l\n\nUploadInfo\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x15\n\rreceived_unix\x18\x05 \x01(\x01\"w\n\x0bUpdateChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06masked\x18\x06 \x01(\x08\"@\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xee\x01\n\x10\x41ggregateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x11\n\tclip_norm\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x16\n\x0eoutlier_factor\x18\x06 \x01(\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x07 \x01(\t\x12\x0e\n\x06secure\x18\x08 \x01(\x08\x12\x0f\n\x07invited\x18\t \x03(\t\x12%\n\x08revealed\x18\n \x03(\x0b\x32\x13.collm.v1.SeedShare\"/\n\tSeedShare\x12\t\n\x01\x61\x18\x01 \x01(\t\x12\t\n\x01\x62\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x0c\"2\n\rRevealRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\"2\n\x0bRevealReply\x12#\n\x06shares\x18\x01 \x03(\x0b\x32\x13.collm.v1.SeedShare\"J\n\x0f\x41nnounceRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x10\n\x08withdraw\x18\x03 \x01(\x08\" \n\rAnnounceReply\x12\x0f\n\x07replica\x18\x01 \x01(\t\"?\n\x08Rejected\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x9a\x01\n\x0e\x41ggregateReply\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\t\x12$\n\x08rejected\x18\x03 \x03(\x0b\x32\x12.collm.v1.Rejected\x12\x0f\n\x07\x63lipped\x18\x04 \x03(\t\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x13\n\x0brecord_json\x18\x06 \x01(\t\"M\n\x0f\x45valuateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"M\n\rEvaluateReply\x12\x16\n\x0e\x63\x61ndidate_loss\x18\x01 \x01(\x01\x12\x14\n\x0c\x63urrent_loss\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x1e\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"A\n\x0c\x41\x64\x61pterChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x97\x01\n\x0ePublishRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0f\x63luster_version\x18\x04 \x01(\x04\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x06 \x01(\x08\x12\x10\n\x08included\x18\x07 \x03(\t\"L\n\x0cPublishReply\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12\x15\n\rswitched_unix\x18\x02 \x01(\x01\"!\n\x0fRollbackRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t2\xf7\x05\n\x05\x41gent\x12\x33\n\x08GetStats\x12\x16.collm.v1.StatsRequest\x1a\x0f.collm.v1.Stats\x12*\n\tApplyPlan\x12\x0e.collm.v1.Plan\x1a\r.collm.v1.Ack\x12@\n\nStartRound\x12\x1b.collm.v1.StartRoundRequest\x1a\x15.collm.v1.RoundStatus\x12\x45\n\x0eGetRoundStatus\x12\x1c.collm.v1.RoundStatusRequest\x1a\x15.collm.v1.RoundStatus\x12>\n\x0cUploadUpdate\x12\x15.collm.v1.UpdateChunk\x1a\x15.collm.v1.UploadReply(\x01\x12\x41\n\tAggregate\x12\x1a.collm.v1.AggregateRequest\x1a\x18.collm.v1.AggregateReply\x12>\n\x08\x45valuate\x12\x19.collm.v1.EvaluateRequest\x1a\x17.collm.v1.EvaluateReply\x12@\n\x0c\x46\x65tchAdapter\x12\x16.collm.v1.FetchRequest\x1a\x16.collm.v1.AdapterChunk0\x01\x12;\n\x07Publish\x12\x18.collm.v1.PublishRequest\x1a\x16.collm.v1.PublishReply\x12=\n\x08Rollback\x12\x19.collm.v1.RollbackRequest\x1a\x16.collm.v1.PublishReply\x12=\n\x0bRevealSeeds\x12\x17.collm.v1.RevealRequest\x1a\x15.collm.v1.RevealReply\x12\x44\n\x0e\x41nnounceUpload\x12\x19.collm.v1.AnnounceRequest\x1a\x17.collm.v1.AnnounceReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63ollm_rpc/proto/collm.proto\x12\x08\x63ollm.v1\"\"\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"\x82\x01\n\nAdapterRef\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x17\n\x0f\x63luster_version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\teval_loss\x18\x04 \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x05 \x01(\x08\x12\x10\n\x08revision\x18\x06 \x01(\x04\"S\n\rCapacityPoint\x12\x0b\n\x03\x63\x61p\x18\x01 \x01(\r\x12\x16\n\x0erequests_per_s\x18\x02 \x01(\x01\x12\x1d\n\x15training_tokens_per_s\x18\x03 \x01(\x01\"\xbe\x06\n\x05Stats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12,\n\x0eglobal_adapter\x18\x0e \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12\x15\n\rlive_versions\x18\x1e \x03(\t\x12\x10\n\x08uptime_s\x18\x0f \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x12\n\niterations\x18\x10 \x01(\x04\x12\x18\n\x10inference_tokens\x18\x06 \x01(\x04\x12\x19\n\x11requests_finished\x18\x19 \x01(\x04\x12\x18\n\x10requests_met_slo\x18\x1a \x01(\x04\x12\x0f\n\x07ttft_ms\x18\x1c \x01(\r\x12\x0f\n\x07tpot_ms\x18\x1d \x01(\r\x12\x31\n\x10\x63\x61pacity_profile\x18\x1b \x03(\x0b\x32\x17.collm.v1.CapacityPoint\x12\x17\n\x0ftraining_tokens\x18\x07 \x01(\x04\x12\x16\n\x0etraining_steps\x18\x08 \x01(\x04\x12\x16\n\x0etraining_share\x18\t \x01(\x01\x12\x18\n\x10train_cap_tokens\x18\n \x01(\r\x12\x12\n\ntrain_loss\x18\x11 \x01(\x01\x12\x16\n\x0ehas_train_loss\x18\x12 \x01(\x08\x12\x11\n\teval_loss\x18\x0b \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x0c \x01(\x08\x12\x15\n\rtrainer_error\x18\x13 \x01(\t\x12\x12\n\ndata_error\x18\x14 \x01(\t\x12\x13\n\x0b\x64\x61ta_tokens\x18\" \x01(\x04\x12\x18\n\x10unuploaded_steps\x18\x18 \x01(\x04\x12\x1b\n\x13revisions_published\x18\x15 \x01(\x04\x12\x1a\n\x12revisions_rejected\x18\x16 \x01(\x04\x12\x1a\n\x12last_revision_unix\x18\x17 \x01(\x01\x12\x11\n\tlora_rank\x18\x1f \x01(\r\x12\x12\n\nlora_alpha\x18  \x01(\r\x12\x1b\n\x13lora_target_modules\x18! \x03(\tJ\x04\x08\r\x10\x0eR\x04json\"Z\n\x04Plan\x12\x18\n\x10train_cap_tokens\x18\x01 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\r\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\r\x12\x16\n\x0e\x66ixed_training\x18\x04 \x01(\x08\"\xde\x02\n\x11StartRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x15\n\rdeadline_unix\x18\x03 \x01(\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x61se_source\x18\x05 \x01(\t\x12\x1a\n\x12\x61ggregator_address\x18\x06 \x01(\t\x12\x0e\n\x06only_b\x18\x07 \x01(\x08\x12\x0e\n\x06secure\x18\x08 \x01(\x08\x12\x14\n\x0cparticipants\x18\t \x03(\t\x12\x11\n\tclip_norm\x18\n \x01(\x01\x12\x46\n\x0epeer_addresses\x18\x0b \x03(\x0b\x32..collm.v1.StartRoundRequest.PeerAddressesEntry\x1a\x34\n\x12PeerAddressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x12RoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\x8e\x01\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nsteps_done\x18\x04 \x01(\r\x12%\n\x07uploads\x18\x05 \x03(\x0b\x32\x14.collm.v1.UploadInfo\x12\x12\n\npublic_key\x18\x06 \x01(\x0c\"l\n\nUploadInfo\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x15\n\rreceived_unix\x18\x05 \x01(\x01\"w\n\x0bUpdateChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06masked\x18\x06 \x01(\x08\"@\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xee\x01\n\x10\x41ggregateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x11\n\tclip_norm\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x16\n\x0eoutlier_factor\x18\x06 \x01(\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x07 \x01(\t\x12\x0e\n\x06secure\x18\x08 \x01(\x08\x12\x0f\n\x07invited\x18\t \x03(\t\x12%\n\x08revealed\x18\n \x03(\x0b\x32\x13.collm.v1.SeedShare\"/\n\tSeedShare\x12\t\n\x01\x61\x18\x01 \x01(\t\x12\t\n\x01\x62\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x0c\"2\n\rRevealRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\"2\n\x0bRevealReply\x12#\n\x06shares\x18\x01 \x03(\x0b\x32\x13.collm.v1.SeedShare\"J\n\x0f\x41nnounceRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x10\n\x08withdraw\x18\x03 \x01(\x08\"\x9a\x01\n\x11PublicKeysRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12@\n\x0bpublic_keys\x18\x02 \x03(\x0b\x32+.collm.v1.PublicKeysRequest.PublicKeysEntry\x1a\x31\n\x0fPublicKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\" \n\rAnnounceReply\x12\x0f\n\x07replica\x18\x01 \x01(\t\"?\n\x08Rejected\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x9a\x01\n\x0e\x41ggregateReply\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\t\x12$\n\x08rejected\x18\x03 \x03(\x0b\x32\x12.collm.v1.Rejected\x12\x0f\n\x07\x63lipped\x18\x04 \x03(\t\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x13\n\x0brecord_json\x18\x06 \x01(\t\"M\n\x0f\x45valuateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"M\n\rEvaluateReply\x12\x16\n\x0e\x63\x61ndidate_loss\x18\x01 \x01(\x01\x12\x14\n\x0c\x63urrent_loss\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x1e\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"A\n\x0c\x41\x64\x61pterChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x97\x01\n\x0ePublishRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0f\x63luster_version\x18\x04 \x01(\x04\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x15\n\rhas_eval_loss\x18\x06 \x01(\x08\x12\x10\n\x08included\x18\x07 \x03(\t\"L\n\x0cPublishReply\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.collm.v1.AdapterRef\x12\x15\n\rswitched_unix\x18\x02 \x01(\x01\"!\n\x0fRollbackRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t2\xbe\x06\n\x05\x41gent\x12\x33\n\x08GetStats\x12\x16.collm.v1.StatsRequest\x1a\x0f.collm.v1.Stats\x12*\n\tApplyPlan\x12\x0e.collm.v1.Plan\x1a\r.collm.v1.Ack\x12@\n\nStartRound\x12\x1b.collm.v1.StartRoundRequest\x1a\x15.collm.v1.RoundStatus\x12\x45\n\x0eGetRoundStatus\x12\x1c.collm.v1.RoundStatusRequest\x1a\x15.collm.v1.RoundStatus\x12>\n\x0cUploadUpdate\x12\x15.collm.v1.UpdateChunk\x1a\x15.collm.v1.UploadReply(\x01\x12\x41\n\tAggregate\x12\x1a.collm.v1.AggregateRequest\x1a\x18.collm.v1.AggregateReply\x12>\n\x08\x45valuate\x12\x19.collm.v1.EvaluateRequest\x1a\x17.collm.v1.EvaluateReply\x12@\n\x0c\x46\x65tchAdapter\x12\x16.collm.v1.FetchRequest\x1a\x16.collm.v1.AdapterChunk0\x01\x12;\n\x07Publish\x12\x18.collm.v1.PublishRequest\x1a\x16.collm.v1.PublishReply\x12=\n\x08Rollback\x12\x19.collm.v1.RollbackRequest\x1a\x16.collm.v1.PublishReply\x12=\n\x0bRevealSeeds\x12\x17.collm.v1.RevealRequest\x1a\x15.collm.v1.RevealReply\x12\x44\n\x0e\x41nnounceUpload\x12\x19.collm.v1.AnnounceRequest\x1a\x17.collm.v1.AnnounceReply\x12\x45\n\x0fSharePublicKeys\x12\x1b.collm.v1.PublicKeysRequest\x1a\x15.collm.v1.RoundStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTROUNDREQUEST_PEERADDRESSESENTRY']._loaded_options = None
   _globals['_STARTROUNDREQUEST_PEERADDRESSESENTRY']._serialized_options = b'8\001'
+  _globals['_PUBLICKEYSREQUEST_PUBLICKEYSENTRY']._loaded_options = None
+  _globals['_PUBLICKEYSREQUEST_PUBLICKEYSENTRY']._serialized_options = b'8\001'
   _globals['_ACK']._serialized_start=41
   _globals['_ACK']._serialized_end=75
   _globals['_STATSREQUEST']._serialized_start=77
@@ -51,44 +53,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTROUNDREQUEST_PEERADDRESSESENTRY']._serialized_end=1587
   _globals['_ROUNDSTATUSREQUEST']._serialized_start=1589
   _globals['_ROUNDSTATUSREQUEST']._serialized_end=1627
-  _globals['_ROUNDSTATUS']._serialized_start=1629
-  _globals['_ROUNDSTATUS']._serialized_end=1751
-  _globals['_UPLOADINFO']._serialized_start=1753
-  _globals['_UPLOADINFO']._serialized_end=1861
-  _globals['_UPDATECHUNK']._serialized_start=1863
-  _globals['_UPDATECHUNK']._serialized_end=1982
-  _globals['_UPLOADREPLY']._serialized_start=1984
-  _globals['_UPLOADREPLY']._serialized_end=2048
-  _globals['_AGGREGATEREQUEST']._serialized_start=2051
-  _globals['_AGGREGATEREQUEST']._serialized_end=2289
-  _globals['_SEEDSHARE']._serialized_start=2291
-  _globals['_SEEDSHARE']._serialized_end=2338
-  _globals['_REVEALREQUEST']._serialized_start=2340
-  _globals['_REVEALREQUEST']._serialized_end=2390
-  _globals['_REVEALREPLY']._serialized_start=2392
-  _globals['_REVEALREPLY']._serialized_end=2442
-  _globals['_ANNOUNCEREQUEST']._serialized_start=2444
-  _globals['_ANNOUNCEREQUEST']._serialized_end=2518
-  _globals['_ANNOUNCEREPLY']._serialized_start=2520
-  _globals['_ANNOUNCEREPLY']._serialized_end=2552
-  _globals['_REJECTED']._serialized_start=2554
-  _globals['_REJECTED']._serialized_end=2617
-  _globals['_AGGREGATEREPLY']._serialized_start=2620
-  _globals['_AGGREGATEREPLY']._serialized_end=2774
-  _globals['_EVALUATEREQUEST']._serialized_start=2776
-  _globals['_EVALUATEREQUEST']._serialized_end=2853
-  _globals['_EVALUATEREPLY']._serialized_start=2855
-  _globals['_EVALUATEREPLY']._serialized_end=2932
-  _globals['_FETCHREQUEST']._serialized_start=2934
-  _globals['_FETCHREQUEST']._serialized_end=2964
-  _globals['_ADAPTERCHUNK']._serialized_start=2966
-  _globals['_ADAPTERCHUNK']._serialized_end=3031
-  _globals['_PUBLISHREQUEST']._serialized_start=3034
-  _globals['_PUBLISHREQUEST']._serialized_end=3185
-  _globals['_PUBLISHREPLY']._serialized_start=3187
-  _globals['_PUBLISHREPLY']._serialized_end=3263
-  _globals['_ROLLBACKREQUEST']._serialized_start=3265
-  _globals['_ROLLBACKREQUEST']._serialized_end=3298
-  _globals['_AGENT']._serialized_start=3301
-  _globals['_AGENT']._serialized_end=4060
+  _globals['_ROUNDSTATUS']._serialized_start=1630
+  _globals['_ROUNDSTATUS']._serialized_end=1772
+  _globals['_UPLOADINFO']._serialized_start=1774
+  _globals['_UPLOADINFO']._serialized_end=1882
+  _globals['_UPDATECHUNK']._serialized_start=1884
+  _globals['_UPDATECHUNK']._serialized_end=2003
+  _globals['_UPLOADREPLY']._serialized_start=2005
+  _globals['_UPLOADREPLY']._serialized_end=2069
+  _globals['_AGGREGATEREQUEST']._serialized_start=2072
+  _globals['_AGGREGATEREQUEST']._serialized_end=2310
+  _globals['_SEEDSHARE']._serialized_start=2312
+  _globals['_SEEDSHARE']._serialized_end=2359
+  _globals['_REVEALREQUEST']._serialized_start=2361
+  _globals['_REVEALREQUEST']._serialized_end=2411
+  _globals['_REVEALREPLY']._serialized_start=2413
+  _globals['_REVEALREPLY']._serialized_end=2463
+  _globals['_ANNOUNCEREQUEST']._serialized_start=2465
+  _globals['_ANNOUNCEREQUEST']._serialized_end=2539
+  _globals['_PUBLICKEYSREQUEST']._serialized_start=2542
+  _globals['_PUBLICKEYSREQUEST']._serialized_end=2696
+  _globals['_PUBLICKEYSREQUEST_PUBLICKEYSENTRY']._serialized_start=2647
+  _globals['_PUBLICKEYSREQUEST_PUBLICKEYSENTRY']._serialized_end=2696
+  _globals['_ANNOUNCEREPLY']._serialized_start=2698
+  _globals['_ANNOUNCEREPLY']._serialized_end=2730
+  _globals['_REJECTED']._serialized_start=2732
+  _globals['_REJECTED']._serialized_end=2795
+  _globals['_AGGREGATEREPLY']._serialized_start=2798
+  _globals['_AGGREGATEREPLY']._serialized_end=2952
+  _globals['_EVALUATEREQUEST']._serialized_start=2954
+  _globals['_EVALUATEREQUEST']._serialized_end=3031
+  _globals['_EVALUATEREPLY']._serialized_start=3033
+  _globals['_EVALUATEREPLY']._serialized_end=3110
+  _globals['_FETCHREQUEST']._serialized_start=3112
+  _globals['_FETCHREQUEST']._serialized_end=3142
+  _globals['_ADAPTERCHUNK']._serialized_start=3144
+  _globals['_ADAPTERCHUNK']._serialized_end=3209
+  _globals['_PUBLISHREQUEST']._serialized_start=3212
+  _globals['_PUBLISHREQUEST']._serialized_end=3363
+  _globals['_PUBLISHREPLY']._serialized_start=3365
+  _globals['_PUBLISHREPLY']._serialized_end=3441
+  _globals['_ROLLBACKREQUEST']._serialized_start=3443
+  _globals['_ROLLBACKREQUEST']._serialized_end=3476
+  _globals['_AGENT']._serialized_start=3479
+  _globals['_AGENT']._serialized_end=4309
 # @@protoc_insertion_point(module_scope)

@@ -166,18 +166,20 @@ class RoundStatusRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round_id", "state", "message", "steps_done", "uploads")
+    __slots__ = ("round_id", "state", "message", "steps_done", "uploads", "public_key")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
     UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     state: str
     message: str
     steps_done: int
     uploads: _containers.RepeatedCompositeFieldContainer[UploadInfo]
-    def __init__(self, round_id: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., steps_done: _Optional[int] = ..., uploads: _Optional[_Iterable[_Union[UploadInfo, _Mapping]]] = ...) -> None: ...
+    public_key: bytes
+    def __init__(self, round_id: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., steps_done: _Optional[int] = ..., uploads: _Optional[_Iterable[_Union[UploadInfo, _Mapping]]] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class UploadInfo(_message.Message):
     __slots__ = ("participant", "num_samples", "sha256", "bytes", "received_unix")
@@ -276,6 +278,21 @@ class AnnounceRequest(_message.Message):
     participant: str
     withdraw: bool
     def __init__(self, round_id: _Optional[str] = ..., participant: _Optional[str] = ..., withdraw: _Optional[bool] = ...) -> None: ...
+
+class PublicKeysRequest(_message.Message):
+    __slots__ = ("round_id", "public_keys")
+    class PublicKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    public_keys: _containers.ScalarMap[str, bytes]
+    def __init__(self, round_id: _Optional[str] = ..., public_keys: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class AnnounceReply(_message.Message):
     __slots__ = ("replica",)

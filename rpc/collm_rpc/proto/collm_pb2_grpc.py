@@ -94,6 +94,11 @@ class AgentStub:
                 request_serializer=collm__rpc_dot_proto_dot_collm__pb2.AnnounceRequest.SerializeToString,
                 response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.AnnounceReply.FromString,
                 _registered_method=True)
+        self.SharePublicKeys = channel.unary_unary(
+                '/collm.v1.Agent/SharePublicKeys',
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.PublicKeysRequest.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -184,6 +189,16 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SharePublicKeys(self, request, context):
+        """Participant of a secure round, from the operator once the participants answered StartRound (each
+        with its round's ephemeral X25519 public key): every key holder's public key. The participant
+        derives its pair seeds from them and masks only then; FAILED_PRECONDITION when the map lacks its
+        own public key unchanged (it fails the round) or differs from a map it already took.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +261,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.AnnounceUpload,
                     request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.AnnounceRequest.FromString,
                     response_serializer=collm__rpc_dot_proto_dot_collm__pb2.AnnounceReply.SerializeToString,
+            ),
+            'SharePublicKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharePublicKeys,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.PublicKeysRequest.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +592,33 @@ class Agent:
             '/collm.v1.Agent/AnnounceUpload',
             collm__rpc_dot_proto_dot_collm__pb2.AnnounceRequest.SerializeToString,
             collm__rpc_dot_proto_dot_collm__pb2.AnnounceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharePublicKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collm.v1.Agent/SharePublicKeys',
+            collm__rpc_dot_proto_dot_collm__pb2.PublicKeysRequest.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,
