@@ -373,3 +373,27 @@ def test_a_qwen3_cluster_serves_and_trains(h):
         assert stats["model"] == "random-qwen3" and stats["requests_finished"] >= 1
     finally:
         h.kubectl("delete", "collmcluster", "qwen", "--timeout=120s", timeout=150)
+
+
+def test_dp_rounds_stop_at_the_privacy_budget(h):
+    """DP rounds are charged to the cluster's privacy ledger (status.privacy, the operator's metric);
+    once one more round would pass spec.federation.epsilonBudget, none starts."""
+    obj = cluster(h)
+    obj["metadata"]["name"] = "dp"
+    obj["spec"]["federation"].update(noiseMultiplier="1.0", clipNorm="1.0", epsilonBudget="10", privacyDelta="1e-5")
+    h.apply(obj)
+    try:
+        h.kubectl("wait", "--for=condition=Ready", "collmcluster/dp", "--timeout=180s", timeout=200)
+        spent = h.wait_for(
+            lambda: (p := (h.get("collmcluster", "dp").get("status") or {}).get("privacy") or {}).get("roundsLeft") == 0 and p, 240, "the budget spent"
+        )
+        rounds = spent["ledger"][0]["rounds"]
+        assert spent["ledger"] == [{"noiseMultiplier": 1.0, "rounds": rounds}] and rounds >= 1 and 0 < float(spent["epsilon"]) <= 10
+        print(f"\nprivacy accountant after the run: {json.dumps(spent)}")  # the figures docs/security.md quotes
+        created = h.get("collmcluster", "dp")["status"]["roundsCreated"]
+        time.sleep(20)  # 2.5 round intervals: nothing new may start
+        assert h.get("collmcluster", "dp")["status"]["roundsCreated"] == created == rounds
+        events = h.kubectl("get", "events", "--field-selector", "involvedObject.name=dp", "-o", "yaml").stdout
+        assert "PrivacyBudgetSpent" in events
+    finally:
+        h.kubectl("delete", "collmcluster", "dp", "--timeout=120s", timeout=150)
