@@ -29,17 +29,17 @@ def grpc_addresses(cluster: api.Cluster, pods: Mapping[str, Pod], names: Iterabl
 
 
 class AgentPool:
-    """`credentials`: the operator's certificate, presented to agents that serve mutual TLS; a
-    cluster with spec.security.mutualTLS false is reached in plaintext (`plaintext`)."""
+    """`credentials`: the operator's certificate from the installation CA. `active` is what the pool
+    presents to the cluster at hand (set per step by certificates.operator_credentials): that
+    certificate, one cert-manager issued for the cluster, or None (plaintext, mutualTLS false)."""
 
     def __init__(self, rpc_timeout_s: float = 5.0, credentials: tls.Credentials | None = None) -> None:
         self.rpc_timeout_s = rpc_timeout_s
-        self.credentials = credentials
-        self.plaintext = False
+        self.credentials = self.active = credentials
         self._clients: dict[str, AgentClient] = {}
 
     def client(self, name: str, address: str) -> AgentClient:
-        credentials = None if self.plaintext else self.credentials
+        credentials = self.active
         current = self._clients.get(name)
         if current is None or current.address != address or current.credentials is not credentials:
             if current is not None:

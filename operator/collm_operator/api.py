@@ -134,6 +134,7 @@ class Security:
     mutual_tls: bool = True  # False: plaintext gRPC, development only (a Warning Event says so)
     client_token_secret_ref: str | None = None  # a Secret whose values are the bearer tokens clients must send
     network_policy: bool = True
+    cert_manager_issuer: Mapping[str, str] | None = None  # issuerRef: cert-manager issues the certificates instead of the operator's CA
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,10 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
         federation=federation,
         scheduling=scheduling,
         security=Security(
-            sec.bool("mutualTLS", Security.mutual_tls), sec.str("clientTokenSecretRef", None) or None, sec.bool("networkPolicy", Security.network_policy)
+            sec.bool("mutualTLS", Security.mutual_tls),
+            sec.str("clientTokenSecretRef", None) or None,
+            sec.bool("networkPolicy", Security.network_policy),
+            _issuer_ref(sec.section("certManager")),
         ),
         state=State(
             st.str("volume", State.volume, STATE_VOLUMES) or State.volume,
@@ -385,6 +389,16 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
     )
     _check_cross_fields(result)
     return result
+
+
+def _issuer_ref(cm: _Section) -> Mapping[str, str] | None:
+    issuer = cm.section("issuerRef")
+    name = issuer.str("name", None)
+    if not name:
+        if cm.d:
+            raise SpecError("spec.security.certManager.issuerRef.name", "spec.security.certManager needs issuerRef.name: the cert-manager Issuer to use")
+        return None
+    return {"name": name, "kind": issuer.str("kind", "Issuer", ("Issuer", "ClusterIssuer")) or "Issuer", "group": "cert-manager.io"}
 
 
 def _check_cross_fields(spec: ClusterSpec) -> None:

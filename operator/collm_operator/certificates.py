@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import logging
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ from cryptography import x509
 from collm_operator import api, objects
 from collm_operator.kube import Kube
 from collm_rpc import tls
+
+log = logging.getLogger(__name__)
 
 CA_SECRET = "collm-ca"
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -115,7 +118,7 @@ def ensure_secrets(kube: Kube, cluster: api.Cluster, ca: tls.CertificateAuthorit
     """Create or renew the cluster's TLS Secret (with mutual TLS on) and its admin-token Secret; True when one changed."""
     changed = False
     ns = cluster.namespace
-    if cluster.spec.security.mutual_tls:
+    if cluster.spec.security.mutual_tls and cluster.spec.security.cert_manager_issuer is None:
         name = objects.tls_secret_name(cluster)
         current = kube.get("v1", "Secret", ns, name)
         data = replica_certificates(_decode(current), ca, ns, cluster.name, objects.replica_names(cluster), now or datetime.datetime.now(datetime.UTC))
@@ -131,6 +134,21 @@ def ensure_secrets(kube: Kube, cluster: api.Cluster, ca: tls.CertificateAuthorit
         token = secrets.token_urlsafe(32).encode()
         changed |= kube.create(_secret(cluster, name, {api.ADMIN_TOKEN_KEY: token}, "admin")) is not None
     return changed
+
+
+def operator_credentials(kube: Kube, cluster: api.Cluster, own: tls.Credentials | None) -> tls.Credentials | None:
+    """What the operator presents to this cluster's agents: None with mutualTLS false (plaintext), the
+    certificate cert-manager issued for it with spec.security.certManager (`own` until it exists), or
+    `own`, the certificate of the installation's CA."""
+    if not cluster.spec.security.mutual_tls:
+        return None
+    if cluster.spec.security.cert_manager_issuer is None:
+        return own
+    data = _decode(kube.get("v1", "Secret", cluster.namespace, objects.operator_tls_secret_name(cluster)))
+    if not all(data.get(k) for k in ("ca.crt", "tls.crt", "tls.key")):
+        log.info("%s/%s: cert-manager has not issued the operator's certificate yet", cluster.namespace, cluster.name)
+        return own
+    return tls.Credentials(data["ca.crt"], data["tls.crt"], data["tls.key"])
 
 
 def admin_token(kube: Kube, cluster: api.Cluster) -> str | None:

@@ -36,7 +36,7 @@ from collm_control.planning import Planner, PlanningSettings
 from collm_control.stats import AgentStats
 from collm_operator import api, objects, privacy_budget
 from collm_operator.agents import AgentPool, grpc_addresses
-from collm_operator.certificates import admin_token
+from collm_operator.certificates import admin_token, operator_credentials
 from collm_operator.conditions import TRUE, Reason, get_condition
 from collm_operator.kube import Kube
 from collm_operator.reconcile import Health, cluster_conditions, observe_workloads
@@ -94,7 +94,7 @@ class ClusterController:
             return 10.0  # the reconcile handler reports it; nothing runs on an invalid spec
         status = dict(body.get("status") or {})
         now = self.clock()
-        self.pool.plaintext = not cluster.spec.security.mutual_tls
+        self.pool.active = operator_credentials(self.kube, cluster, self.pool.credentials)
         workloads = observe_workloads(self.kube, cluster)
         names = objects.replica_names(cluster)
         addresses = grpc_addresses(cluster, workloads.pods, [n for n in names if n in workloads.pods])

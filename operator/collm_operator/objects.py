@@ -16,6 +16,7 @@ import yaml
 
 from collm_operator import agent_settings, api
 from collm_operator.api import Cluster
+from collm_rpc import tls
 
 MANAGED_BY = "collm-operator"
 AGENT, ROUTER = "agent", "router"
@@ -85,6 +86,16 @@ def tls_secret_name(cluster: Cluster) -> str:
 
 def admin_secret_name(cluster: Cluster) -> str:
     return f"{cluster.name}-admin"
+
+
+def replica_tls_secret_name(replica: str) -> str:
+    """With cert-manager: the Secret of one replica's Certificate."""
+    return f"{replica}-tls"
+
+
+def operator_tls_secret_name(cluster: Cluster) -> str:
+    """With cert-manager: the Secret of the operator's Certificate for this cluster."""
+    return f"{cluster.name}-operator-tls"
 
 
 def replica_names(cluster: Cluster) -> list[str]:
@@ -184,9 +195,58 @@ def _agent_volumes(cluster: Cluster) -> list[dict[str, Any]]:
     if spec.training.data_volume is not None:
         volumes.append({**dict(spec.training.data_volume), "name": _DATA_VOLUME})
     if spec.security.mutual_tls:
-        volumes.append({"name": _TLS_VOLUME, "secret": {"secretName": tls_secret_name(cluster), "defaultMode": 0o440}})
+        volumes.append(_tls_volume(cluster))
     volumes.append(_admin_volume(cluster))
     return volumes
+
+
+def _tls_volume(cluster: Cluster) -> dict[str, Any]:
+    """The layout agents read (ca.crt, <replica>.crt/.key): the operator's Secret, or with cert-manager
+    a projection of every replica's Certificate Secret (so scaling changes the template: pods roll)."""
+    if cluster.spec.security.cert_manager_issuer is None:
+        return {"name": _TLS_VOLUME, "secret": {"secretName": tls_secret_name(cluster), "defaultMode": 0o440}}
+    sources = []
+    for i, replica in enumerate(replica_names(cluster)):
+        items = [{"key": "tls.crt", "path": f"{replica}.crt"}, {"key": "tls.key", "path": f"{replica}.key"}]
+        if i == 0:
+            items.append({"key": "ca.crt", "path": "ca.crt"})
+        sources.append({"secret": {"name": replica_tls_secret_name(replica), "items": items}})
+    return {"name": _TLS_VOLUME, "projected": {"sources": sources, "defaultMode": 0o440}}
+
+
+def build_certificates(cluster: Cluster) -> list[dict[str, Any]]:
+    """With spec.security.certManager: a cert-manager Certificate per replica (its identity URI, the
+    agents' DNS name, server and client use) and one for the operator's identity towards this cluster."""
+    issuer = cluster.spec.security.cert_manager_issuer
+    if issuer is None or not cluster.spec.security.mutual_tls:
+        return []
+    common = {
+        "issuerRef": dict(issuer),
+        "duration": "8760h",
+        "renewBefore": "720h",
+        "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+    }
+
+    def certificate(name: str, secret: str, identity: tls.Identity, usages: list[str], dns: list[str]) -> dict[str, Any]:
+        spec = {**common, "secretName": secret, "commonName": identity.name or tls.OPERATOR, "uris": [identity.uri], "usages": usages}
+        if dns:
+            spec["dnsNames"] = dns
+        return {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": _metadata(cluster, name, AGENT), "spec": spec}
+
+    out = [
+        certificate(
+            replica_tls_secret_name(r),
+            replica_tls_secret_name(r),
+            tls.Identity.replica(cluster.namespace, cluster.name, r),
+            ["digital signature", "key encipherment", "server auth", "client auth"],
+            [tls.TARGET_NAME],
+        )
+        for r in replica_names(cluster)
+    ]
+    out.append(
+        certificate(operator_tls_secret_name(cluster), operator_tls_secret_name(cluster), tls.Identity.operator(), ["digital signature", "client auth"], [])
+    )
+    return out
 
 
 def _admin_volume(cluster: Cluster) -> dict[str, Any]:
@@ -374,6 +434,7 @@ def build_all(cluster: Cluster, operator_namespace: str = "default") -> list[dic
         build_pod_disruption_budget(cluster),
         build_router_deployment(cluster),
         build_router_service(cluster),
+        *build_certificates(cluster),
     ]
     for optional in (build_network_policy(cluster, operator_namespace), build_service_monitor(cluster)):
         if optional is not None:

@@ -25,6 +25,7 @@ SLO_MIN_REQUESTS = 20  # fewer finished requests in the window say nothing about
 # Every kind a cluster may own, for deletion (the builders' kinds plus the rounds it schedules).
 CHILD_KINDS = (
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("cert-manager.io/v1", "Certificate"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
@@ -34,6 +35,10 @@ CHILD_KINDS = (
     ("v1", "ServiceAccount"),
     ("v1", "Secret"),
 )
+MISSING_CRD_FIX = {
+    "ServiceMonitor": "install the Prometheus Operator CRDs or set spec.monitoring.serviceMonitor: false",
+    "Certificate": "install cert-manager or remove spec.security.certManager",
+}
 PLAINTEXT_WARNING = (
     "spec.security.mutualTLS is false: the agents' gRPC port takes plaintext calls from anyone who can reach a pod, "
     "who can then change what the cluster serves. Development only: remove the field for production."
@@ -57,10 +62,8 @@ def apply_children(kube: Kube, cluster: api.Cluster) -> Applied:
         try:
             changed |= kube.apply(obj)
         except ResourceNotFoundError:
-            warnings.append(
-                f"{obj['kind']} {obj['metadata']['name']} not created: the API server does not serve "
-                f"{obj['apiVersion']} (install the Prometheus Operator CRDs or set spec.monitoring.serviceMonitor: false)"
-            )
+            fix = MISSING_CRD_FIX.get(obj["kind"], "install its CRD")
+            warnings.append(f"{obj['kind']} {obj['metadata']['name']} not created: the API server does not serve {obj['apiVersion']} ({fix})")
             continue
         except NotOwned as exc:
             raise ChildRejected(f"{exc}; delete or rename that object, or give the CollmCluster another name") from exc

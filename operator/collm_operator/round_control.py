@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from collm_control import rounds as R
 from collm_control.decide import NoTrainers, assign_roles, next_version
-from collm_operator import api, objects, privacy_budget
+from collm_operator import api, certificates, objects, privacy_budget
 from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.conditions import FALSE, TRUE, Reason, get_condition, set_condition
 from collm_operator.kube import Kube
@@ -226,7 +226,7 @@ def _drive(
     if not cluster.spec.federation.enabled or cluster.spec.scheduling.policy == "inferenceOnly":
         fail(Reason.TRAINING_DISABLED, f"CollmCluster {cluster.name} does not train (federation disabled or policy inferenceOnly)")
 
-    pool.plaintext = not cluster.spec.security.mutual_tls
+    pool.active = certificates.operator_credentials(kube, cluster, pool.credentials)
     saved = status.get("state")
     while not saved:
         rounds = kube.list(api.API_VERSION, api.ROUND_KIND, ns, f"{objects.CLUSTER_LABEL}={cluster.name}")
@@ -303,7 +303,7 @@ def _drive(
         clock=clock,
         poll_s=0.5,
         rpc_timeout_s=30.0,
-        credentials=None if pool.plaintext else pool.credentials,
+        credentials=pool.active,
     )
     result = driver.run(stop=stop)
     if not result.finished:

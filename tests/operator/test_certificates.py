@@ -108,3 +108,24 @@ def test_plaintext_clusters_get_no_tls_secret_but_an_admin_token(kube, ca):
     certificates.ensure_secrets(kube, c, ca, NOW)
     assert kube.get("v1", "Secret", "default", objects.tls_secret_name(c)) is None
     assert certificates.admin_token(kube, c) is not None
+
+
+def test_the_operator_presents_what_the_cluster_asks_for(kube, ca):
+    own = ca.issue(tls.Identity.operator())
+    assert certificates.operator_credentials(kube, cluster(mutualTLS=False), own) is None  # plaintext, development only
+    assert certificates.operator_credentials(kube, cluster(), own) is own
+    managed = cluster(certManager={"issuerRef": {"name": "corp-ca"}})
+    assert certificates.operator_credentials(kube, managed, own) is own  # cert-manager has not issued it yet
+    corp = tls.CertificateAuthority.create("corp-ca")
+    issued = corp.issue(tls.Identity.operator())  # what cert-manager would write for the operator's Certificate
+    data = {"ca.crt": issued.ca, "tls.crt": issued.cert, "tls.key": issued.key}
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls", "metadata": {"name": "demo-operator-tls", "namespace": "default"}}
+    kube.create({**secret, "data": {k: base64.b64encode(v).decode() for k, v in data.items()}})
+    got = certificates.operator_credentials(kube, managed, own)
+    assert got is not None and got.cert == issued.cert and got.identity == tls.Identity.operator()
+    certificates.ensure_secrets(kube, api.parse_cluster({**managed_body(), "metadata": {"name": "cm", "namespace": "default", "uid": "u-cm"}}), ca, NOW)
+    assert kube.get("v1", "Secret", "default", "cm-tls") is None  # cert-manager's Secrets replace the operator's
+
+
+def managed_body() -> dict:
+    return {"spec": {"model": {"source": "tiny"}, "federation": {"minParticipants": 1}, "security": {"certManager": {"issuerRef": {"name": "corp-ca"}}}}}

@@ -27,7 +27,7 @@ CRDS, CHART, MANIFESTS = ROOT / "crds", ROOT / "charts" / "collm", ROOT / "manif
 K8S_VERSION = kubernetes_validate.latest_version()
 CRD_FILES = sorted(p for p in CRDS.glob("*.yaml") if p.name != "kustomization.yaml")
 MANIFEST_FILES = sorted(p for p in MANIFESTS.rglob("*.yaml") if p.name != "kustomization.yaml")
-CUSTOM_GROUPS = ("collm.io/", "monitoring.coreos.com/")
+CUSTOM_GROUPS = ("collm.io/", "monitoring.coreos.com/", "cert-manager.io/")
 
 
 def docs(path: Path) -> list[dict]:
@@ -345,18 +345,19 @@ EXAMPLES = sorted((MANIFESTS / "examples").glob("collmcluster-*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-@pytest.mark.parametrize("extras", [False, True], ids=["as-is", "monitoring-and-secure-aggregation"])
+@pytest.mark.parametrize("extras", [False, True], ids=["as-is", "monitoring-secure-aggregation-cert-manager"])
 def test_every_builder_output_validates(path, extras):
     (doc,) = docs(path)
     doc["metadata"]["uid"] = "0b5e3c1e-0000-4000-8000-000000000001"
     if extras:
         doc["spec"]["monitoring"] = {"serviceMonitor": True}
         doc["spec"].setdefault("federation", {}).update(secureAggregation=True, secureAggregationSecretRef="s", aggregation="fedavg")
+        doc["spec"]["security"] = {"certManager": {"issuerRef": {"name": "collm-ca", "kind": "ClusterIssuer"}}}
     built = objects.build_all(api.parse_cluster(doc))
     assert any(o["kind"] == "ServiceMonitor" for o in built) == doc["spec"].get("monitoring", {}).get("serviceMonitor", False)
     for obj in built:
         if obj["apiVersion"].startswith(CUSTOM_GROUPS):
-            assert obj["kind"] == "ServiceMonitor" and obj["spec"]["endpoints"]
+            assert (obj["kind"], bool(obj["spec"].get("endpoints") or obj["spec"].get("issuerRef"))) in {("ServiceMonitor", True), ("Certificate", True)}
         else:
             k8s_validate(obj)
 

@@ -169,6 +169,23 @@ def test_each_replica_keeps_its_state_on_a_claim_or_an_empty_dir():
     assert {"name": objects.STATE_VOLUME, "emptyDir": {}} in ephemeral["spec"]["template"]["spec"]["volumes"]
 
 
+def test_cert_manager_issues_a_certificate_per_replica_and_one_for_the_operator():
+    c = cluster({"security": {"certManager": {"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}})
+    certs = objects.build_certificates(c)
+    assert [x["metadata"]["name"] for x in certs] == ["demo-0-tls", "demo-1-tls", "demo-2-tls", "demo-operator-tls"]
+    replica = certs[1]["spec"]
+    assert replica["uris"] == ["spiffe://collm.io/ns/team-a/cluster/demo/replica/demo-1"] and replica["dnsNames"] == ["collm-agent"]
+    assert replica["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"} and "server auth" in replica["usages"]
+    assert certs[-1]["spec"]["uris"] == ["spiffe://collm.io/operator"] and "server auth" not in certs[-1]["spec"]["usages"]
+    assert [x["kind"] for x in objects.build_all(c)].count("Certificate") == 4
+    volume = next(v for v in objects.build_statefulset(c)["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    paths = [(s["secret"]["name"], i["key"], i["path"]) for s in volume["projected"]["sources"] for i in s["secret"]["items"]]
+    assert ("demo-2-tls", "tls.key", "demo-2.key") in paths and ("demo-0-tls", "ca.crt", "ca.crt") in paths and len(paths) == 7
+    assert objects.build_certificates(cluster()) == [] and "secret" in next(
+        v for v in objects.build_statefulset(cluster())["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"
+    )
+
+
 def test_settings_change_rolls_the_pods():
     a = objects.build_statefulset(cluster())["spec"]["template"]["metadata"]["annotations"]
     b = objects.build_statefulset(cluster({"serving": {"maxBatch": 8}}))["spec"]["template"]["metadata"]["annotations"]
