@@ -13,6 +13,8 @@ last-handled-configuration annotations), so it never mixes with another kopf ope
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import os
 import time
@@ -53,8 +55,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
     settings.posting.level = logging.INFO
-    # Every cluster and every running round holds a thread (sync daemons): the default pool is cores + 4.
+    # Every running round holds a thread (a sync daemon) and every control step takes one while it
+    # runs (clusters' daemons are async and hold none between steps): the default pool is cores + 4.
     settings.execution.max_workers = int(os.environ.get("COLLM_OPERATOR_WORKERS", "64"))
+    memo.executor = settings.execution.executor  # the control steps of async daemons run here too
     memo.kube = Kube.from_environment()
     # The installation's CA (created on first start) and the operator's own certificate, in memory only.
     memo.ca = certificates.load_or_create_ca(memo.kube, certificates.operator_namespace())
@@ -82,22 +86,27 @@ def reconcile_cluster(body, old, patch, memo: kopf.Memo, **_) -> None:
 
 
 @kopf.daemon(**CLUSTERS, cancellation_timeout=30, initial_delay=1)
-def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **_) -> None:
+async def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **_) -> None:
+    """Async, so that a cluster holds no thread between steps: each step runs on the loop's executor
+    and the daemon waits on the event loop (one operator drives many clusters)."""
     pool = AgentPool(credentials=memo.credentials)
     controller = ClusterController(memo.kube, event=_events(body), pool=pool, decision_log=os.environ.get("COLLM_DECISION_LOG") or None)
     memo.controllers[meta["uid"]] = controller
+    loop = asyncio.get_running_loop()
     try:
         while not stopped:
             started = time.monotonic()
             try:
-                interval = controller.step(body)
+                # kopf's context (its settings, for the Events a step posts) goes along to the thread.
+                step = contextvars.copy_context().run
+                interval = await loop.run_in_executor(memo.executor, step, controller.step, body)
             except Exception:  # the next interval retries; a crash loop helps nobody
                 metrics.CONTROL_ERRORS.inc()
                 logger.exception("slow-timescale step failed")
                 interval = 10.0
             metrics.CONTROL_STEPS.observe(time.monotonic() - started)
             metrics.observe_cluster(meta["namespace"], meta["name"], dict(body.get("status") or {}))
-            stopped.wait(interval)
+            await stopped.wait(interval)
     finally:
         memo.controllers.pop(meta["uid"], None)
         controller.close()
