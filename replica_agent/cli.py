@@ -109,6 +109,10 @@ def collm_main(argv: list[str] | None = None) -> int:
     fed.add_argument("--json", help="write the figures to this file")
     fed.add_argument("--rounds", type=int, default=4)
     fed.add_argument("--local-steps", type=int, default=10)
+    scale = kinds.add_parser("operator-scale", help="one operator, many CollmClusters on the emulated API server with stand-in agents (from a clone)")
+    scale.add_argument("--json", help="write the figures to this file")
+    scale.add_argument("--clusters", type=int, default=100)
+    scale.add_argument("--steady-seconds", type=float, default=60.0, help="length of the measured phase once every cluster is ready")
     sim = kinds.add_parser("simulate", help="replay the Azure code trace through allocation + a latency model, per policy (pure, fast)")
     sim.add_argument("--json", help="write the figures to this file")
     sim.add_argument("--replicas", type=int, default=4)
@@ -192,6 +196,10 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import rounds as bench_rounds
 
         bench_rounds.run_federated_bench(rounds=args.rounds, local_steps=args.local_steps, json_path=args.json)
+    elif args.bench == "operator-scale":
+        from collm_bench import operator_scale
+
+        operator_scale.run(clusters=args.clusters, steady_s=args.steady_seconds, json_path=args.json)
     elif args.bench == "simulate":
         from collm_bench import simulate
 

@@ -72,6 +72,7 @@ class DevCluster:
         workdir: str | os.PathLike | None = None,
         operator_log: str | os.PathLike | None = None,
         shared_mounts: dict[str, str] | None = None,
+        stand_in: bool = False,
     ):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="collm-devcluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,7 @@ class DevCluster:
         self.operator_args = operator_args or []
         self.operator_log = Path(operator_log or self.workdir / "operator.log")
         self.shared_mounts = DEFAULT_SHARED_MOUNTS if shared_mounts is None else shared_mounts
+        self.stand_in = stand_in  # the kubelet starts no container processes (see Kubelet)
         self.emulator: ApiEmulator | None = None
         self.kubelet: Kubelet | None = None
         self.operator_proc: subprocess.Popen | None = None
@@ -122,7 +124,7 @@ class DevCluster:
             try:
                 url = await self.emulator.start(port=self.port)
                 if self.with_kubelet:
-                    self.kubelet = Kubelet(self.emulator, self.workdir / "kubelet", shared_mounts=self.shared_mounts)
+                    self.kubelet = Kubelet(self.emulator, self.workdir / "kubelet", shared_mounts=self.shared_mounts, stand_in=self.stand_in)
                     await self.kubelet.start()
             except BaseException as e:  # noqa: BLE001
                 ready.set_exception(e)

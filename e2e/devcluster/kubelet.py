@@ -77,8 +77,12 @@ class Kubelet:
         poll_s: float = 0.3,
         node_name: str = "devcluster",
         shared_mounts: dict[str, str] | None = None,
+        stand_in: bool = False,
     ):
         self.emu = emulator
+        # stand_in: pods get an address and turn Running and Ready at once, but no process starts
+        # (scale tests serve their "agents" from one stand-in server; collm bench operator-scale).
+        self.stand_in = stand_in
         # mountPath -> host directory shared by every pod that mounts that path (e.g. a model cache,
         # so that each replica does not rebuild or download the model into its own emptyDir).
         self.shared_mounts = dict(shared_mounts or {})
@@ -246,13 +250,15 @@ class Kubelet:
                 self._kill_pod(key)
 
     def _allocate_ip(self) -> str:
+        """A free loopback address (all of 127/8 reaches the loopback device): 127.0.0.2 up, then
+        127.0.1.1 and so on, skipping the .0 and .255 ends."""
         n = 2
-        while n in self._ips_used:
+        while n in self._ips_used or n % 256 in (0, 255):
             n += 1
-        if n > 254:
+        if n >= 256 * 256:
             raise RuntimeError("no free loopback address for a pod")
         self._ips_used.add(n)
-        return f"127.0.0.{n}"
+        return f"127.0.{n // 256}.{n % 256}"
 
     def _admit(self, pod: Obj) -> _Pod:
         meta = pod["metadata"]
@@ -270,7 +276,8 @@ class Kubelet:
         if state is None:
             return
         procs = [c.proc for c in state.containers.values() if c.proc is not None and c.proc.poll() is None]
-        ip_n = int(state.ip.rsplit(".", 1)[1])
+        third, fourth = (int(x) for x in state.ip.split(".")[2:])
+        ip_n = third * 256 + fourth
 
         def reap() -> None:  # off the loop; the address is reused only once its processes are gone
             for proc in procs:
@@ -451,6 +458,19 @@ class Kubelet:
         statuses = []
         for container in spec.get("containers") or []:
             c = state.containers.setdefault(container["name"], _Container(container["name"]))
+            if self.stand_in:
+                c.started_at = c.started_at or now_iso()
+                statuses.append(
+                    {
+                        "name": c.name,
+                        "image": container.get("image", ""),
+                        "ready": True,
+                        "restartCount": 0,
+                        "started": True,
+                        "state": {"running": {"startedAt": c.started_at}},
+                    }
+                )
+                continue
             if c.proc is not None and c.proc.poll() is not None:
                 c.last_exit = c.proc.returncode
                 c.proc, c.ready = None, False

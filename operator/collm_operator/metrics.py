@@ -10,7 +10,9 @@ log = logging.getLogger(__name__)
 
 RECONCILES = Counter("collm_operator_reconciles", "Spec reconciliations of CollmClusters by result (applied, invalid)", ["result"])
 CONTROL_STEPS = Histogram(
-    "collm_operator_control_step_seconds", "Wall time of one slow-timescale step of a cluster", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    "collm_operator_control_step_seconds",
+    "Wall time of one slow-timescale step of a cluster",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 CONTROL_ERRORS = Counter("collm_operator_control_step_errors", "Slow-timescale steps that failed (retried next interval)")
 ROUNDS = Counter("collm_operator_rounds", "AdapterRounds that ended, by result", ["result"])
