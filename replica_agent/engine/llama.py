@@ -166,12 +166,24 @@ class LlamaRuntime:
     # -- shared layer stack -----------------------------------------------------------------
     def _stack(self, x: torch.Tensor, positions: torch.Tensor, attend, lora) -> torch.Tensor:
         """x: [B, T, hidden]; positions: [B, T]; attend(layer, q, k, v) -> [B, heads, T, head_dim]."""
+        return self.norm(self.run_layers(x, positions, attend, lora))
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm, applied to the residual stream before the LM head."""
+        return F.rms_norm(x, (self.dims.hidden,), self.final_norm, self.eps)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, attend, lora, layers: range | None = None) -> torch.Tensor:
+        """The residual stream after `layers` (all by default), before the final norm: cloud-edge
+        inference (replica_agent/edge) runs the first layers on one machine and the rest on another.
+        `attend` gets absolute layer indices, as in `_stack`."""
         d = self.dims
         b, t, _ = x.shape
         cos = self.cos[positions].unsqueeze(1)  # [B, 1, T, D]
         sin = self.sin[positions].unsqueeze(1)
         q_w, kv_w = d.heads * d.head_dim, d.kv_heads * d.head_dim
-        for i, layer in enumerate(self.layers):
+        indices = range(len(self.layers)) if layers is None else layers
+        for i in indices:
+            layer = self.layers[i]
             h = F.rms_norm(x, (d.hidden,), layer.input_norm, self.eps).reshape(b * t, d.hidden)
             qkv = self._project(i, "qkv", h, lora)
             q, k, v = qkv.split([q_w, kv_w, kv_w], dim=-1)
@@ -187,7 +199,7 @@ class LlamaRuntime:
             h = F.rms_norm(x, (d.hidden,), layer.post_norm, self.eps).reshape(b * t, d.hidden)
             gate, up = self._project(i, "gate_up", h, lora).split([d.intermediate, d.intermediate], dim=-1)
             x = x + self._project(i, "down", F.silu(gate) * up, lora).view(b, t, d.hidden)
-        return F.rms_norm(x, (d.hidden,), self.final_norm, self.eps)
+        return x
 
     def _project(self, i: int, site: str, h: torch.Tensor, lora) -> torch.Tensor:
         layer = self.layers[i]
