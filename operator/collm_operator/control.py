@@ -43,6 +43,7 @@ from collm_operator.reconcile import Health, cluster_conditions, observe_workloa
 from collm_operator.round_control import finished
 
 log = logging.getLogger(__name__)
+TOKEN_REREAD_S = 60.0
 
 SLO_WINDOW_S = 60.0
 Event = Callable[[str, str, str], None]  # (type, reason, message)
@@ -81,6 +82,7 @@ class ClusterController:
         self._counters: dict[str, tuple[int, int]] = {}  # agent -> (finished, met SLO) at the last reading
         self._window: deque[tuple[float, int, int]] = deque()  # (time, finished, met) per step
         self._over_budget = False  # the privacy budget stopped rounds (warned once per change)
+        self._token: tuple[float, str | None] | None = None  # (read at, the cluster's admin token)
 
     def close(self) -> None:
         self.pool.close()
@@ -138,7 +140,7 @@ class ClusterController:
         reachable = {n: st for n, st in stats.items() if st is not None}
         if actions.plan is not None:
             self._push_plans(cluster, actions, addresses, reachable)
-            self._push_weights(cluster, actions)
+            self._push_weights(cluster, actions, workloads.router_ips)
         adapter = actions.adapter
         if actions.republish and adapter is not None and actions.republish_source is not None:
             self._republish(adapter, actions.republish, actions.republish_source, addresses)
@@ -236,23 +238,26 @@ class ClusterController:
             except grpc.RpcError as exc:
                 log.info("ApplyPlan to %s failed: %s", name, exc.code().name)
 
-    def _push_weights(self, cluster: api.Cluster, actions: Actions) -> None:
+    def _admin_token(self, cluster: api.Cluster) -> str | None:
+        """The cluster's admin token, read again at most every TOKEN_REREAD_S (it changes only if someone replaces the Secret)."""
+        now = time.monotonic()
+        if self._token is None or self._token[1] is None or now - self._token[0] > TOKEN_REREAD_S:
+            self._token = (now, admin_token(self.kube, cluster))
+        return self._token[1]
+
+    def _push_weights(self, cluster: api.Cluster, actions: Actions, router_ips: tuple[str, ...]) -> None:
         assert actions.plan is not None
-        selector = ",".join(f"{k}={v}" for k, v in objects.selector(cluster, objects.ROUTER).items())
         body = json.dumps({"weights": dict(actions.plan.allocation.weights), "affinity": actions.plan.affinity}).encode()
         headers = {"Content-Type": "application/json"}
-        token = admin_token(self.kube, cluster)
+        token = self._admin_token(cluster)
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        for pod in self.kube.list("v1", "Pod", cluster.namespace, selector):
-            ip = (pod.get("status") or {}).get("podIP")
-            if not ip:
-                continue
+        for ip in router_ips:
             request = urllib.request.Request(f"http://{ip}:{objects.ROUTER_PORT}/admin/weights", data=body, method="PUT", headers=headers)
             try:
                 urllib.request.urlopen(request, timeout=3).close()
             except (urllib.error.URLError, OSError) as exc:
-                log.info("routing weights not pushed to %s: %s", pod["metadata"]["name"], exc)
+                log.info("routing weights not pushed to the router at %s: %s", ip, exc)
 
     def _republish(self, adapter: Adapter, behind: tuple[str, ...], source: str, addresses: Mapping[str, str]) -> None:
         loss = float(adapter.eval_loss) if adapter.eval_loss else None

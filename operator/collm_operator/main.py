@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import random
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -93,6 +94,10 @@ async def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **_) -> Non
     controller = ClusterController(memo.kube, event=_events(body), pool=pool, decision_log=os.environ.get("COLLM_DECISION_LOG") or None)
     memo.controllers[meta["uid"]] = controller
     loop = asyncio.get_running_loop()
+    # Spread the clusters over the interval: clusters created (or resumed by a restarted operator)
+    # together would otherwise step together, every interval, in one burst.
+    slow = ((body.get("spec") or {}).get("scheduling") or {}).get("slowIntervalSeconds") or api.Scheduling.slow_interval_seconds
+    await stopped.wait(random.uniform(0, float(slow)))
     try:
         while not stopped:
             started = time.monotonic()

@@ -123,6 +123,7 @@ class Workloads:
     updated: int  # pods on the current template
     rolled_out: bool  # the StatefulSet controller saw the latest spec and every pod is on it
     router_available: bool
+    router_ips: tuple[str, ...] = ()  # the router pods' addresses (routing weights go there)
 
 
 def observe_workloads(kube: Kube, cluster: api.Cluster) -> Workloads:
@@ -130,11 +131,18 @@ def observe_workloads(kube: Kube, cluster: api.Cluster) -> Workloads:
     sts = kube.get("apps/v1", "StatefulSet", ns, objects.statefulset_name(cluster)) or {}
     sts_status = sts.get("status") or {}
     wanted = set(objects.replica_names(cluster))
-    selector = ",".join(f"{k}={v}" for k, v in objects.selector(cluster, objects.AGENT).items())
-    pods = {}
-    for p in kube.list("v1", "Pod", ns, selector):
+    # One list for the agents' and the router's pods (a control step's reads are its cost at scale).
+    agent, router_labels = objects.selector(cluster, objects.AGENT), objects.selector(cluster, objects.ROUTER)
+    common = {k: v for k, v in agent.items() if router_labels.get(k) == v}
+    pods, router_ips = {}, []
+    for p in kube.list("v1", "Pod", ns, ",".join(f"{k}={v}" for k, v in common.items())):
         meta, status = p["metadata"], p.get("status") or {}
-        if meta["name"] not in wanted or meta.get("deletionTimestamp"):
+        labels = meta.get("labels") or {}
+        if all(labels.get(k) == v for k, v in router_labels.items()):
+            if status.get("podIP") and not meta.get("deletionTimestamp"):
+                router_ips.append(status["podIP"])
+            continue
+        if not all(labels.get(k) == v for k, v in agent.items()) or meta["name"] not in wanted or meta.get("deletionTimestamp"):
             continue
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
         restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
@@ -145,7 +153,7 @@ def observe_workloads(kube: Kube, cluster: api.Cluster) -> Workloads:
     router = kube.get("apps/v1", "Deployment", ns, objects.router_name(cluster)) or {}
     router_status = router.get("status") or {}
     router_ok = int(router_status.get("availableReplicas") or 0) >= 1
-    return Workloads(pods, updated, rolled_out, router_ok)
+    return Workloads(pods, updated, rolled_out, router_ok, tuple(sorted(router_ips)))
 
 
 @dataclass(frozen=True)
