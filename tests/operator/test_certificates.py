@@ -8,12 +8,10 @@ import base64
 import datetime
 
 import pytest
-from kubernetes import config
 
 from collm_operator import api, certificates, objects
 from collm_operator.kube import Kube
 from collm_rpc import tls
-from e2e.devcluster.cluster import DevCluster
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -60,16 +58,6 @@ def test_renewal_new_replicas_scale_down_and_a_new_ca(ca):
     swapped = {**data, "demo-0.crt": foreign["demo-0.crt"], "demo-0.key": foreign["demo-0.key"]}
     fixed = certificates.replica_certificates(swapped, ca, "ns", "demo", ["demo-0", "demo-1"], NOW)
     assert fixed is not None and fixed["demo-0.crt"] != foreign["demo-0.crt"]
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory):
-    dc = DevCluster(workdir=tmp_path_factory.mktemp("devcluster"), crds_dir=None, kubelet=False, operator=False)
-    dc.start()
-    try:
-        yield Kube(config.new_client_from_config(str(dc.kubeconfig)))
-    finally:
-        dc.stop()
 
 
 def _data(kube: Kube, name: str) -> dict[str, bytes]:

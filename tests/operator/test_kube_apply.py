@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from kubernetes import config
 
-from collm_operator.kube import Kube, NotOwned, foreign_holder
-from e2e.devcluster.cluster import DevCluster
+from collm_operator.kube import NotOwned, foreign_holder
 
 OWNER = {"apiVersion": "collm.io/v1alpha1", "kind": "CollmCluster", "name": "tiny", "uid": "uid-1", "controller": True}
 
@@ -16,16 +14,6 @@ def configmap(data: dict, owner: dict | None = OWNER) -> dict:
     if owner is not None:
         meta["ownerReferences"] = [owner]
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory):
-    dc = DevCluster(workdir=tmp_path_factory.mktemp("devcluster"), crds_dir=None, kubelet=False, operator=False)
-    dc.start()
-    try:
-        yield Kube(config.new_client_from_config(str(dc.kubeconfig)))
-    finally:
-        dc.stop()
 
 
 def test_apply_creates_patches_and_refuses_an_object_another_owner_holds(kube):

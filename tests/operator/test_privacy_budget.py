@@ -4,12 +4,9 @@ refused (Succeeded=False, PrivacyBudgetSpent) against the emulated API server on
 from __future__ import annotations
 
 import pytest
-from kubernetes import config
 
 from collm_control import privacy
 from collm_operator import api, privacy_budget, round_control
-from collm_operator.kube import Kube
-from e2e.devcluster.cluster import DevCluster
 
 DP = {"noiseMultiplier": "1.0", "clipNorm": "1.0", "epsilonBudget": "10", "privacyDelta": "1e-5", "minParticipants": 1}
 
@@ -48,16 +45,6 @@ def test_refusal_once_one_more_round_would_pass_the_budget():
     assert message is not None and "epsilonBudget 10" in message
     no_budget = api.parse_cluster(body({"epsilonBudget": ""}))
     assert privacy_budget.refusal(no_budget, status) is None and "roundsLeft" not in privacy_budget.figures(no_budget, privacy.EMPTY)
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory):
-    dc = DevCluster(workdir=tmp_path_factory.mktemp("devcluster"), kubelet=False, operator=False)
-    dc.start()
-    try:
-        yield Kube(config.new_client_from_config(str(dc.kubeconfig)))
-    finally:
-        dc.stop()
 
 
 def test_a_round_past_the_budget_fails_before_any_agent_is_called(kube):
