@@ -12,6 +12,7 @@ from pathlib import Path
 from collm_control.stats import AgentStats, CapacityPoint
 
 from .config import AgentConfig
+from .edge.cloud_service import EdgeLimits, EdgeSessions
 from .engine.adapter_store import AdapterStore, AdapterVersion
 from .engine.archive import AdapterArchive
 from .engine.budget import TrainingBudget
@@ -112,6 +113,9 @@ class Agent:
             state.save_adapters(self.store)  # the initial adapter of a fresh state_dir; drops what did not come back
             self.store.on_change(lambda _version: state.save_adapters(self.store))
 
+        # Edge devices' sessions run the deep layers on this runtime (no second copy of the weights).
+        limits = EdgeLimits(c.edge_max_sessions, int(c.edge_max_kv_mb * (1 << 20)), c.edge_idle_seconds)
+        self.edge = EdgeSessions(self.runtime, self.store, self.spec, model=self.base.name, replica=c.replica_id, limits=limits)
         self.profiler = CapacityProfiler(tpot_ms=c.tpot_ms, max_batch=c.max_batch)
         self._training_tokens_seen = 0
         # Finished requests and those within the SLO: the operator's goodput and SLO attainment.
@@ -255,5 +259,6 @@ class Agent:
             extra={
                 "pins": {self._labels([n]).get(n, str(n)): count for n, count in self.store.pins().items()},
                 "threads": {"engine": self.engine.settings.torch_threads, "trainer": trainer.settings.torch_threads if trainer else None},
+                "edge": self.edge.summary(),
             },
         )

@@ -26,7 +26,7 @@ def agent_main(argv: list[str] | None = None) -> int:
         read_token(config.admin_token_file)
         if config.tls_dir:
             credentials = tls.Credentials.read(config.tls_dir, config.replica_id)
-            if credentials.identity.name != config.replica_id:
+            if credentials.identity.role != tls.REPLICA or credentials.identity.name != config.replica_id:
                 raise ValueError(f"the certificate in {config.tls_dir} is {credentials.identity}'s, not replica {config.replica_id}'s")
     except ValueError as exc:
         print(f"collm-agent: {exc}", file=sys.stderr)

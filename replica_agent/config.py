@@ -104,6 +104,10 @@ class AgentConfig(BaseModel):
     seed: int = Field(0, description="seed of the adapter init and the data order")
     feedback: bool = Field(False, description="enable POST /feedback, which appends served interactions to the local data")
     feedback_path: str | None = Field(None, description="JSONL file that /feedback appends to (default: <data>/feedback.jsonl or ./feedback.jsonl)")
+    # edge sessions (cloud-edge collaborative inference, docs/cloud-edge.md)
+    edge_max_sessions: int = Field(4, ge=0, le=256, description="edge devices' sessions open at once (each holds a gRPC worker and a deep KV cache); 0: none")
+    edge_max_kv_mb: float = Field(256.0, ge=0, description="MiB of deep KV cache all open edge sessions may hold together; more sessions are refused")
+    edge_idle_seconds: float = Field(60.0, gt=0, description="an edge session without a message for this long is closed and its memory freed")
     # servers
     host: str = Field("127.0.0.1", description="HTTP listen address")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one)")

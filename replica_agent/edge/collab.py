@@ -6,13 +6,16 @@ the head's top probability is under the threshold. Every boundary state streams 
 the state of the token asked about. The cloud session queues the states of tokens that exited at
 the edge and, on the next request, computes their deep KV exactly in one batch with the requested
 one (as LayerSkip and EE-LLM fill the KV of deferred tokens), then answers with its greedy token.
-The session is a plain object (`receive`, `request`) so that a transport can wrap it.
+The session is a plain object (`receive`, `request`) so that a transport can wrap it
+(cloud_service.py on the replica, client.py on the edge). A link that gives no answer (the cloud
+missed the edge's latency budget, or the link is down) makes the edge emit its exit head's token
+anyway: a "standalone" token, so that no request waits on or fails with the cloud.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -22,6 +25,8 @@ import torch
 from .split import CloudPartition, EdgePartition
 
 Route = Literal["edge", "cloud"]
+# Who chose a token: the exit head, the cloud, or the exit head because the cloud did not answer.
+Source = Literal["edge", "cloud", "standalone"]
 
 
 def route(confidence: float, threshold: float) -> Route:
@@ -87,11 +92,24 @@ def decode_state(payload: bytes) -> BoundaryState:
 
 
 class CloudLink(Protocol):
-    """What the edge needs of the cloud: an in-process `CloudSession`, or later a transport's stub."""
+    """What the edge needs of the cloud: an in-process `CloudSession`, or a transport's link
+    (client.EdgeLink). `request` answers the cloud's token, or None when there is no answer to wait
+    for (the edge then emits its own)."""
 
     def receive(self, payload: bytes) -> None: ...
 
-    def request(self, payload: bytes) -> int: ...
+    def request(self, payload: bytes) -> int | None: ...
+
+
+class NoCloud:
+    """The edge alone (no cloud to reach): states go nowhere and requests get no answer, so every
+    token the router would send up is the exit head's, marked "standalone"."""
+
+    def receive(self, payload: bytes) -> None:
+        pass
+
+    def request(self, payload: bytes) -> int | None:
+        return None
 
 
 class CloudSession:
@@ -154,7 +172,7 @@ class CloudSession:
 @dataclass
 class CollabResult:
     tokens: list[int]
-    routes: list[Route]
+    routes: list[Source]
     confidences: list[float]  # the exit head's top probability for each token
     states_up: int  # boundary states sent to the cloud
     bytes_up: int
@@ -162,6 +180,10 @@ class CollabResult:
     @property
     def cloud_tokens(self) -> int:
         return self.routes.count("cloud")
+
+    @property
+    def standalone_tokens(self) -> int:
+        return self.routes.count("standalone")
 
     @property
     def bytes_per_state(self) -> float:
@@ -176,9 +198,10 @@ def generate(
     max_new_tokens: int,
     threshold: float,
     state_dtype: str = "fp16",
-    stop_ids: Collection[int] = (),
+    until: Callable[[int], bool] | None = None,
 ) -> CollabResult:
-    """Greedy decoding of `prompt` from position 0, on a fresh cloud session for the same adapter."""
+    """Greedy decoding of `prompt` from position 0, on a fresh cloud session for the same adapter.
+    `until` sees each token as it is chosen; True ends decoding with it (an EOS, a stop sequence)."""
     if not prompt:
         raise ValueError("the prompt is empty")
     sha = edge.adapter.sha256
@@ -205,9 +228,9 @@ def generate(
         answer = upload(state, position, ask=where == "cloud")
         token = int(guess) if answer is None else answer
         result.tokens.append(token)
-        result.routes.append(where)
+        result.routes.append("standalone" if where == "cloud" and answer is None else where)
         result.confidences.append(float(confidence))
-        if token in stop_ids or len(result.tokens) == max_new_tokens:
+        if (until is not None and until(token)) or len(result.tokens) == max_new_tokens:
             break
         position += 1
         state = edge.forward([token], position, cache)[0]

@@ -206,6 +206,15 @@ class AdapterStore:
             self._pins[self._current] = self._pins.get(self._current, 0) + 1
             return self._versions[self._current]
 
+    def pin(self, sha256: str) -> AdapterVersion | None:
+        """Hold the newest retained version with this content hash, current or not (an edge session
+        pins the version it opened with, whatever is published meanwhile); None when none is retained."""
+        with self._lock:
+            version = self._find_locked(sha256)
+            if version is not None:
+                self._pins[version.number] = self._pins.get(version.number, 0) + 1
+            return version
+
     def release(self, number: int) -> None:
         with self._lock:
             count = self._pins.get(number, 0)
@@ -236,8 +245,7 @@ class AdapterStore:
     def find(self, sha256: str) -> AdapterVersion | None:
         """The newest retained version with this content hash, if any."""
         with self._lock:
-            matches = [v for v in self._versions.values() if v.sha256 == sha256]
-            return max(matches, key=lambda v: v.number) if matches else None
+            return self._find_locked(sha256)
 
     def live_versions(self) -> set[int]:
         """Versions in use: the current one and every pinned one."""
@@ -271,6 +279,10 @@ class AdapterStore:
             return self._versions[number]
         except KeyError:
             raise UnknownVersion(f"adapter version {number} is not retained (retained: {sorted(self._versions)})") from None
+
+    def _find_locked(self, sha256: str) -> AdapterVersion | None:
+        matches = [v for v in self._versions.values() if v.sha256 == sha256]
+        return max(matches, key=lambda v: v.number) if matches else None
 
     def _prune_locked(self) -> None:
         keep = retained_numbers(self._versions, self.retain, keep=(*self._pins, self._current, self._global.number if self._global else None))

@@ -28,7 +28,7 @@ from .detokenize import IncrementalDetokenizer
 from .llama import KVCache, LlamaRuntime, SlabLora
 from .lora import LoraSlab, LoraSpec
 from .mixer import BatchMixer, IterationStats, MixDecision
-from .requests import FinalEvent, FinishReason, GenerationRequest, SamplingParams, TokenEvent, TokenInfo
+from .requests import FinalEvent, FinishReason, GenerationRequest, SamplingParams, TokenEvent, TokenInfo, finish_reason, length_error
 from .sampling import RowSampler, greedy_rows
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,9 @@ class Engine:
         return self.tokenizer.encode(text)
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        limit = self.settings.max_total_tokens
-        if not prompt_ids:
-            raise RequestRejected("`inputs` must not be empty")
-        if len(prompt_ids) + params.max_new_tokens > limit:
-            raise RequestRejected(
-                f"`inputs` tokens + `max_new_tokens` must be <= {limit}. Given: {len(prompt_ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
-            )
+        error = length_error(len(prompt_ids), params.max_new_tokens, self.settings.max_total_tokens)
+        if error is not None:
+            raise RequestRejected(error)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callback, *, decoder_input_details: bool = False) -> RequestHandle:
         self.check(prompt_ids, params)
@@ -376,16 +372,18 @@ class Engine:
         return reason is not None
 
     def _finish_reason(self, row: _Row, token: int, text: str) -> FinishReason | None:
-        p = row.params
         if row.handle.cancelled:
             return FinishReason.CANCELLED
-        if token in self.eos_token_ids and not p.ignore_eos:
-            return FinishReason.EOS_TOKEN
-        if p.stop and text and any(s in row.detok.text[-(len(s) + len(text)) :] for s in p.stop):
-            return FinishReason.STOP_SEQUENCE
-        if len(row.generated) + 1 >= p.max_new_tokens or row.n_ctx + 1 >= self.settings.max_total_tokens:
-            return FinishReason.LENGTH
-        return None
+        return finish_reason(
+            row.params,
+            token,
+            text,
+            row.detok.text,
+            eos_token_ids=self.eos_token_ids,
+            generated=len(row.generated),
+            context=row.n_ctx,
+            max_total_tokens=self.settings.max_total_tokens,
+        )
 
     def _finish(self, row: _Row, reason: FinishReason, error: str | None = None) -> None:
         if row.version is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 
@@ -98,3 +99,27 @@ class GenerationRequest:
     decoder_input_details: bool = False
     arrival: float = 0.0
     meta: dict = field(default_factory=dict)
+
+
+def length_error(prompt_tokens: int, max_new_tokens: int, max_total_tokens: int) -> str | None:
+    """Why a request cannot fit in `max_total_tokens` (TGI's words), or None when it fits."""
+    if prompt_tokens == 0:
+        return "`inputs` must not be empty"
+    if prompt_tokens + max_new_tokens > max_total_tokens:
+        return f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. Given: {prompt_tokens} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+    return None
+
+
+def finish_reason(
+    params: SamplingParams, token: int, delta: str, text: str, *, eos_token_ids: Collection[int], generated: int, context: int, max_total_tokens: int
+) -> FinishReason | None:
+    """Why a request ends with `token` (None: it goes on). `delta` is the text the token completes,
+    `text` all generated text with it; `generated` tokens came before it and `context` positions
+    (prompt included) are in the KV cache. The engine and the edge (collm-edge) both stop by this."""
+    if token in eos_token_ids and not params.ignore_eos:
+        return FinishReason.EOS_TOKEN
+    if params.stop and delta and any(s in text[-(len(s) + len(delta)) :] for s in params.stop):
+        return FinishReason.STOP_SEQUENCE
+    if generated + 1 >= params.max_new_tokens or context + 1 >= max_total_tokens:
+        return FinishReason.LENGTH
+    return None

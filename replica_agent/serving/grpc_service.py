@@ -7,7 +7,9 @@ uploads have bounds of their own: at most `max_uploads` stream at once (more are
 RESOURCE_EXHAUSTED at once, leaving the other workers to control calls such as GetStats and
 ApplyPlan), and one that has not finished within `upload_time_limit_s` is cut with DEADLINE_EXCEEDED
 and its partial data dropped. `maximum_concurrent_rpcs` bounds every call together, queued ones
-included.
+included. An edge session (EdgeSession) holds a worker for its whole life too, so the pool has one
+worker more per edge session the agent admits (`Agent.edge`, edge/cloud_service.py), and an idle
+session is cut after the agent's `edge_idle_seconds`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -31,6 +34,7 @@ from collm_rpc.proto import collm_pb2_grpc as pb_grpc
 from collm_rpc.stats import ref_to_proto
 from collm_rpc.stats import to_proto as stats_to_proto
 
+from ..edge.cloud_service import SessionLimit, SessionRefused
 from ..engine.mixer import Plan
 from ..federated.aggregator import Aggregator, AggregatorError
 from ..federated.participant import Participant, Refused, RoundNotStarted, SecureRound
@@ -260,6 +264,21 @@ class AgentService(pb_grpc.AgentServicer):
         return pb.RoundStatus(round_id=rnd.round_id, state=rnd.state, message=rnd.message, steps_done=rnd.steps_done, public_key=rnd.public_key)
 
     @_guarded
+    def EdgeSession(self, request_iterator, context):
+        edge = self.agent.edge
+        caller = tls.peer_identity(context) if self.me is not None else None
+        try:
+            yield from edge.serve(within(request_iterator, idle_s=edge.limits.idle_s), caller=str(caller or context.peer()))
+        except TimeoutError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no message for {edge.limits.idle_s:g} s: the edge session is closed; open a new one")
+        except SessionLimit as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except SessionRefused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:  # a bad split, max_len or state (collab.StateRejected)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    @_guarded
     def Rollback(self, request, context):
         try:
             version = self.participant.rollback(request.sha256)
@@ -274,10 +293,11 @@ def upload_limit(spec, dims) -> int:
     return 2 * 8 * elements + (1 << 20)
 
 
-def within(items: Iterator[T], deadline: float) -> Iterator[T]:
+def within(items: Iterator[T], deadline: float = math.inf, *, idle_s: float = math.inf) -> Iterator[T]:
     """`items`, read on a helper thread so that a stalled sender cannot hold the caller past
-    `deadline` (time.monotonic()): TimeoutError then. A gRPC request iterator blocks without a
-    limit, and a sender may set no deadline of its own; once the RPC ends the helper's read ends too."""
+    `deadline` (time.monotonic()) nor wait more than `idle_s` for one item: TimeoutError then. A gRPC
+    request iterator blocks without a limit, and a sender may set no deadline of its own; once the
+    RPC ends the helper's read ends too."""
     box: queue.SimpleQueue = queue.SimpleQueue()
     done = object()
 
@@ -291,8 +311,9 @@ def within(items: Iterator[T], deadline: float) -> Iterator[T]:
 
     threading.Thread(target=pump, name="collm-grpc-upload", daemon=True).start()
     while True:
+        wait = min(deadline - time.monotonic(), idle_s)
         try:
-            item = box.get(timeout=max(0.0, deadline - time.monotonic()))
+            item = box.get(timeout=max(0.0, wait) if math.isfinite(wait) else None)
         except queue.Empty:
             raise TimeoutError from None
         if item is done:
@@ -319,8 +340,9 @@ def serve_grpc(
     max_uploads = workers // 2 if max_uploads is None else max_uploads
     if not 1 <= max_uploads < workers:
         raise ValueError(f"max_uploads must be >= 1 and below workers ({workers}) so control calls keep a thread; got {max_uploads}")
-    executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collm-grpc")
-    server = grpc.server(executor, options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * workers)
+    edge_sessions = agent.edge.limits.max_sessions
+    executor = futures.ThreadPoolExecutor(max_workers=workers + edge_sessions, thread_name_prefix="collm-grpc")
+    server = grpc.server(executor, options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * workers + edge_sessions)
     identity = credentials.identity if credentials is not None else None
     service = AgentService(agent, identity, max_uploads=max_uploads, upload_time_limit_s=upload_time_limit_s)
     pb_grpc.add_AgentServicer_to_server(service, server)

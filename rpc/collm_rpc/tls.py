@@ -3,7 +3,9 @@
 One CA per operator installation signs every certificate. A certificate's identity is a URI SAN:
 
 - ``spiffe://collm.io/operator``: the operator (and the local mode's controller);
-- ``spiffe://collm.io/ns/<namespace>/cluster/<cluster>/replica/<name>``: one replica of one cluster.
+- ``spiffe://collm.io/ns/<namespace>/cluster/<cluster>/replica/<name>``: one replica of one cluster;
+- ``spiffe://collm.io/ns/<namespace>/cluster/<cluster>/edge/<name>``: an edge device of one cluster,
+  which may only open edge sessions (cloud-edge collaborative inference) on that cluster's replicas.
 
 Agent certificates also carry the DNS name ``collm-agent``, which clients verify (``ssl_target_name_override``):
 pods are reached by IP, and the identity check that matters is the caller's, done by the server.
@@ -28,15 +30,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 TARGET_NAME = "collm-agent"
 SCHEME = "spiffe://collm.io/"
 OPERATOR = "operator"
-_REPLICA = re.compile(r"^ns/(?P<namespace>[^/]+)/cluster/(?P<cluster>[^/]+)/replica/(?P<name>[^/]+)$")
+REPLICA, EDGE = "replica", "edge"
+_MEMBER = re.compile(r"^ns/(?P<namespace>[^/]+)/cluster/(?P<cluster>[^/]+)/(?P<role>replica|edge)/(?P<name>[^/]+)$")
 CA_DAYS, LEAF_DAYS = 3650, 365
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who holds a certificate: the operator, or one replica of one cluster."""
+    """Who holds a certificate: the operator, one replica of one cluster, or an edge device of one cluster."""
 
-    role: str  # "operator" or "replica"
+    role: str  # "operator", "replica" or "edge"
     namespace: str = ""
     cluster: str = ""
     name: str = ""
@@ -47,16 +50,24 @@ class Identity:
 
     @classmethod
     def replica(cls, namespace: str, cluster: str, name: str) -> Identity:
+        return cls._member(REPLICA, namespace, cluster, name)
+
+    @classmethod
+    def edge(cls, namespace: str, cluster: str, name: str) -> Identity:
+        return cls._member(EDGE, namespace, cluster, name)
+
+    @classmethod
+    def _member(cls, role: str, namespace: str, cluster: str, name: str) -> Identity:
         for part in (namespace, cluster, name):
             if not part or "/" in part:
-                raise ValueError(f"replica identity parts must be non-empty and without '/': {namespace!r}, {cluster!r}, {name!r}")
-        return cls("replica", namespace, cluster, name)
+                raise ValueError(f"{role} identity parts must be non-empty and without '/': {namespace!r}, {cluster!r}, {name!r}")
+        return cls(role, namespace, cluster, name)
 
     @property
     def uri(self) -> str:
         if self.role == OPERATOR:
             return SCHEME + OPERATOR
-        return f"{SCHEME}ns/{self.namespace}/cluster/{self.cluster}/replica/{self.name}"
+        return f"{SCHEME}ns/{self.namespace}/cluster/{self.cluster}/{self.role}/{self.name}"
 
     @classmethod
     def from_uri(cls, uri: str) -> Identity | None:
@@ -65,11 +76,16 @@ class Identity:
         rest = uri[len(SCHEME) :]
         if rest == OPERATOR:
             return cls.operator()
-        match = _REPLICA.match(rest)
-        return cls("replica", **match.groupdict()) if match else None
+        match = _MEMBER.match(rest)
+        return cls(**match.groupdict()) if match else None
 
     def same_cluster(self, other: Identity) -> bool:
-        return self.role == other.role == "replica" and (self.namespace, self.cluster) == (other.namespace, other.cluster)
+        """Both are replicas of one cluster (peers)."""
+        return self.role == other.role == REPLICA and (self.namespace, self.cluster) == (other.namespace, other.cluster)
+
+    def edge_of(self, replica: Identity) -> bool:
+        """This is an edge device of `replica`'s cluster."""
+        return self.role == EDGE and replica.role == REPLICA and (self.namespace, self.cluster) == (replica.namespace, replica.cluster)
 
     def __str__(self) -> str:
         return self.uri
@@ -155,7 +171,7 @@ class CertificateAuthority:
         now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-        if identity.role == "replica":  # agents also serve
+        if identity.role == REPLICA:  # agents also serve
             names.append(x509.DNSName(TARGET_NAME))
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         cn = identity.name or OPERATOR
@@ -209,10 +225,13 @@ def channel_credentials(creds: Credentials) -> grpc.ChannelCredentials:
 # them, go between replicas of one cluster; adapters are fetched by those replicas and by the operator.
 # SharePublicKeys is the operator's alone: a replica that could hand out public keys could swap a
 # peer's for its own and derive that peer's pair seeds (secure aggregation).
+# EdgeSession is the edge devices' of the cluster, and all they may call: an edge certificate lives on
+# a device outside the cluster, so it opens no door to rounds, adapters or another cluster.
 OPERATOR_METHODS = frozenset(
     {"GetStats", "ApplyPlan", "StartRound", "GetRoundStatus", "Aggregate", "Evaluate", "Publish", "RevealSeeds", "Rollback", "SharePublicKeys"}
 )
 PEER_METHODS = frozenset({"UploadUpdate", "FetchAdapter", "AnnounceUpload"})
+EDGE_METHODS = frozenset({"EdgeSession"})
 
 
 def authorize(method: str, caller: Identity | None, me: Identity) -> str | None:
@@ -225,4 +244,6 @@ def authorize(method: str, caller: Identity | None, me: Identity) -> str | None:
         if caller.same_cluster(me) or (method == "FetchAdapter" and caller.role == OPERATOR):
             return None
         return f"{method} is open to replicas of {me.namespace}/{me.cluster} only; {caller} is not one"
+    if method in EDGE_METHODS:
+        return None if caller.edge_of(me) else f"{method} is open to edge devices of {me.namespace}/{me.cluster} only; {caller} is not one"
     return f"{method} is not a known method"

@@ -5,28 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replica_agent.edge.collab import HEADER_BYTES, CloudSession, StateRejected, decode_state, encode_state, generate, route, state_bytes
-from replica_agent.edge.exit_head import boundary_and_teacher
+from replica_agent.edge.collab import HEADER_BYTES, CloudSession, NoCloud, StateRejected, decode_state, encode_state, generate, route, state_bytes
 
-from .conftest import SPLIT, nonzero_adapter, whole_model_greedy, whole_model_logits
+from .conftest import PROMPTS, SPLIT, exit_argmax_after_each_position, nonzero_adapter, whole_model_greedy, whole_model_logits
 
 NEW_TOKENS = 64
-# Eight prompts x 64 tokens: 512 decisions, so 99 % allows five disagreements.
-PROMPTS = [
-    "The for statement is used to iterate over",
-    "A class definition is an executable statement",
-    "Names refer to objects. Names are introduced by",
-    "The import statement combines two operations",
-    "When an exception is raised",
-    "Assignment statements are used to",
-    "The del statement removes",
-    "Comparisons can be chained arbitrarily",
-]
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_base) -> list[list[int]]:
-    return [tiny_base.tokenizer(p)["input_ids"] for p in PROMPTS]
 
 
 def session_for(cloud, adapter, prompt: list[int]) -> CloudSession:
@@ -91,12 +74,6 @@ def test_with_fp16_states_the_cloud_picks_the_whole_models_token_on_99_percent_o
     assert agree / total >= 0.99, f"{agree} of {total}"
 
 
-def exit_argmax_after_each_position(runtime, adapter, edge, ids: list[int]) -> list[int]:
-    """The exit head's token after every position, recomputed without any cache."""
-    boundary, _ = boundary_and_teacher(runtime, adapter.lora(runtime), SPLIT, torch.tensor([ids]))
-    return edge.exit_logits(boundary[0]).argmax(-1).tolist()
-
-
 def test_threshold_zero_is_the_edge_alone_and_a_late_catch_up_builds_the_whole_models_deep_kv(runtime, adapter, halves, prompts):
     edge, _ = halves
     prompt = prompts[0]
@@ -145,3 +122,16 @@ def test_a_session_is_pinned_to_its_adapter_version_and_to_position_order(runtim
         session.receive(encode_state(state, 1, adapter.sha256))
     session.receive(encode_state(state, 0, adapter.sha256))
     assert (session.states_received, session.bytes_received, session.next_position) == (1, HEADER_BYTES + runtime.dims.hidden * 2, 1)
+
+
+def test_without_answers_every_token_is_the_exit_heads_and_until_ends_decoding(runtime, adapter, halves, prompts):
+    edge, _ = halves
+    prompt = prompts[2]
+    result = generate(edge, NoCloud(), prompt, max_new_tokens=NEW_TOKENS, threshold=0.5)
+    assert set(result.routes) == {"edge", "standalone"}  # the tokens the cloud should have chosen, chosen alone
+    assert [r == "standalone" for r in result.routes] == [c < 0.5 for c in result.confidences]
+    assert result.standalone_tokens == result.routes.count("standalone") and result.cloud_tokens == 0
+    assert result.tokens == exit_argmax_after_each_position(runtime, adapter, edge, prompt + result.tokens)[len(prompt) - 1 : -1]
+    seen: list[int] = []
+    short = generate(edge, NoCloud(), prompt, max_new_tokens=NEW_TOKENS, threshold=0.5, until=lambda t: seen.append(t) or len(seen) == 3)
+    assert short.tokens == seen == result.tokens[:3]

@@ -101,6 +101,19 @@ def test_pins_keep_versions_alive_and_retention_drops_the_rest():
         store.release(2)
 
 
+def test_a_version_pinned_by_sha256_outlives_publishes_until_released():
+    store = AdapterStore(retain=1)
+    first = store.publish(tensors(1))
+    assert store.pin(adapter_sha256(tensors(9))) is None  # never published: nothing pinned
+    pinned = store.pin(first.sha256)
+    assert pinned is first and store.pins() == {first.number: 1}
+    store.publish(tensors(2), cluster_version=1)
+    store.publish(tensors(3))
+    assert store.find(first.sha256) is first  # not current, outside the window, but pinned
+    store.release(first.number)
+    assert store.find(first.sha256) is None and store.pins() == {}
+
+
 def test_rollback_makes_a_retained_version_current_and_notifies():
     store = AdapterStore()
     seen = []

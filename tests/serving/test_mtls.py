@@ -126,6 +126,22 @@ def test_authorize_is_a_pure_decision():
     assert tls.Identity.from_uri(me.uri) == me and tls.Identity.from_uri("spiffe://other/x") is None
 
 
+def test_an_edge_device_may_open_edge_sessions_on_its_clusters_replicas_and_nothing_else(ca):
+    me = tls.Identity.replica(NS, CLUSTER, "tiny-0")
+    edge = tls.Identity.edge(NS, CLUSTER, "phone-1")
+    assert edge.uri == f"spiffe://collm.io/ns/{NS}/cluster/{CLUSTER}/edge/phone-1" and tls.Identity.from_uri(edge.uri) == edge
+    assert ca.issue(edge).identity == edge
+    assert tls.authorize("EdgeSession", edge, me) is None
+    for method in sorted(tls.OPERATOR_METHODS | tls.PEER_METHODS):
+        assert tls.authorize(method, edge, me) is not None, method
+    for caller in (tls.Identity.edge(NS, "other", "phone-1"), tls.Identity.edge("team-b", CLUSTER, "phone-1"), tls.Identity.replica(NS, CLUSTER, "tiny-1")):
+        assert "edge devices of team-a/tiny only" in tls.authorize("EdgeSession", caller, me), caller
+    assert tls.authorize("EdgeSession", tls.Identity.operator(), me) is not None
+    assert not edge.same_cluster(me) and not tls.Identity.edge(NS, CLUSTER, "phone-2").edge_of(edge)  # edges are no one's peers
+    with pytest.raises(ValueError, match="edge identity parts"):
+        tls.Identity.edge(NS, CLUSTER, "a/b")
+
+
 def test_credentials_round_trip_through_a_secret_layout(tmp_path, ca):
     creds = ca.issue(tls.Identity.replica(NS, CLUSTER, "tiny-3"))
     creds.write(tmp_path, "tiny-3")

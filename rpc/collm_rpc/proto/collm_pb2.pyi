@@ -393,3 +393,61 @@ class RollbackRequest(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class EdgeOpen(_message.Message):
+    __slots__ = ("model", "split", "adapter_sha256", "max_len")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    split: int
+    adapter_sha256: str
+    max_len: int
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[int] = ..., adapter_sha256: _Optional[str] = ..., max_len: _Optional[int] = ...) -> None: ...
+
+class EdgeRequest(_message.Message):
+    __slots__ = ("id", "state")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    state: bytes
+    def __init__(self, id: _Optional[int] = ..., state: _Optional[bytes] = ...) -> None: ...
+
+class EdgeMessage(_message.Message):
+    __slots__ = ("open", "state", "request")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    open: EdgeOpen
+    state: bytes
+    request: EdgeRequest
+    def __init__(self, open: _Optional[_Union[EdgeOpen, _Mapping]] = ..., state: _Optional[bytes] = ..., request: _Optional[_Union[EdgeRequest, _Mapping]] = ...) -> None: ...
+
+class EdgeOpened(_message.Message):
+    __slots__ = ("session_id", "replica", "adapter_version", "kv_bytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    replica: str
+    adapter_version: str
+    kv_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., replica: _Optional[str] = ..., adapter_version: _Optional[str] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+
+class EdgeToken(_message.Message):
+    __slots__ = ("id", "token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    token: int
+    def __init__(self, id: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
+
+class CloudMessage(_message.Message):
+    __slots__ = ("opened", "token")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    opened: EdgeOpened
+    token: EdgeToken
+    def __init__(self, opened: _Optional[_Union[EdgeOpened, _Mapping]] = ..., token: _Optional[_Union[EdgeToken, _Mapping]] = ...) -> None: ...

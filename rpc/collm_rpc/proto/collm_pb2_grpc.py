@@ -99,6 +99,11 @@ class AgentStub:
                 request_serializer=collm__rpc_dot_proto_dot_collm__pb2.PublicKeysRequest.SerializeToString,
                 response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.FromString,
                 _registered_method=True)
+        self.EdgeSession = channel.stream_stream(
+                '/collm.v1.Agent/EdgeSession',
+                request_serializer=collm__rpc_dot_proto_dot_collm__pb2.EdgeMessage.SerializeToString,
+                response_deserializer=collm__rpc_dot_proto_dot_collm__pb2.CloudMessage.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -199,6 +204,19 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EdgeSession(self, request_iterator, context):
+        """An edge device of this cluster (cloud-edge collaborative inference, docs/cloud-edge.md): one
+        session of collaborative decoding. The first message opens it (model, split layer, adapter
+        sha256, max_len) and the replica answers `opened`, or ends the call: RESOURCE_EXHAUSTED beyond
+        its session or deep-KV limits, FAILED_PRECONDITION when it holds no version with that sha256 or
+        serves another model, INVALID_ARGUMENT for a bad split, length or state. Then boundary states
+        stream up in position order (no reply) and each `request` is answered with a `token` of its id.
+        A session idle past the replica's limit ends with DEADLINE_EXCEEDED and its deep KV is freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -266,6 +284,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.SharePublicKeys,
                     request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.PublicKeysRequest.FromString,
                     response_serializer=collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.SerializeToString,
+            ),
+            'EdgeSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.EdgeSession,
+                    request_deserializer=collm__rpc_dot_proto_dot_collm__pb2.EdgeMessage.FromString,
+                    response_serializer=collm__rpc_dot_proto_dot_collm__pb2.CloudMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -619,6 +642,33 @@ class Agent:
             '/collm.v1.Agent/SharePublicKeys',
             collm__rpc_dot_proto_dot_collm__pb2.PublicKeysRequest.SerializeToString,
             collm__rpc_dot_proto_dot_collm__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EdgeSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/collm.v1.Agent/EdgeSession',
+            collm__rpc_dot_proto_dot_collm__pb2.EdgeMessage.SerializeToString,
+            collm__rpc_dot_proto_dot_collm__pb2.CloudMessage.FromString,
             options,
             channel_credentials,
             insecure,
