@@ -256,6 +256,7 @@ class Agent:
             lora_rank=self.spec.rank,
             lora_alpha=self.spec.alpha,
             lora_target_modules=tuple(self.spec.target_modules),
+            edge_sessions=self.edge.open_count,
             extra={
                 "pins": {self._labels([n]).get(n, str(n)): count for n, count in self.store.pins().items()},
                 "threads": {"engine": self.engine.settings.torch_threads, "trainer": trainer.settings.torch_threads if trainer else None},

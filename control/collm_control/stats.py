@@ -70,6 +70,8 @@ class AgentStats:
     lora_rank: int = 0
     lora_alpha: int = 0
     lora_target_modules: tuple[str, ...] = ()
+    # cloud-edge: edge devices' sessions open on this replica
+    edge_sessions: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)  # /stats only: pins, LoRA shape, threads
 
     @property

@@ -50,6 +50,10 @@ def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[s
         "cache_dir": CACHE_DIR,
         "admin_token_file": f"{ADMIN_DIR}/{ADMIN_TOKEN_KEY}",
         "state_dir": STATE_DIR,
+        # edge sessions only with spec.cloudEdge (0 opens none)
+        "edge_max_sessions": spec.cloud_edge.max_sessions if spec.cloud_edge.enabled else 0,
+        "edge_max_kv_mb": spec.cloud_edge.max_kv_mib,
+        "edge_idle_seconds": spec.cloud_edge.idle_seconds,
         "checkpoint_interval_s": spec.state.checkpoint_interval_seconds,
     }
     if spec.security.mutual_tls:

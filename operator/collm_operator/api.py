@@ -28,6 +28,7 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 AGGREGATIONS = {"fedavg": "fedavg", "ffa": "ffa", "median": "median", "trimmedMean": "trimmed_mean"}
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 STATE_VOLUMES = ("PersistentVolumeClaim", "EmptyDir")
+_EDGE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # the CRD's pattern for spec.cloudEdge.edges
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")  # the CRD's pattern for spec.state.size
 DEFAULT_IMAGE = "ghcr.io/collm/collm:0.1.0"
 _NUMBER = re.compile(r"^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,2})?$")  # the CRD's pattern (maxLength 32)
@@ -119,6 +120,21 @@ class Scheduling:
 
 
 @dataclass(frozen=True)
+class CloudEdge:
+    """Edge devices run the first layers and hand hard tokens to the replicas (docs/cloud-edge.md)."""
+
+    enabled: bool = False
+    max_sessions: int = 4  # per replica
+    max_kv_mib: int = 256  # per replica, all sessions together
+    idle_seconds: int = 60
+    edges: tuple[str, ...] = ()  # edge devices the operator issues a certificate for (<cluster>-edge-<name>)
+    service_type: str = "ClusterIP"
+
+
+EDGE_SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+
+
+@dataclass(frozen=True)
 class State:
     volume: str = "PersistentVolumeClaim"  # or "EmptyDir"
     size: str = "1Gi"
@@ -153,6 +169,7 @@ class ClusterSpec:
     scheduling: Scheduling = Scheduling()
     security: Security = Security()
     state: State = State()
+    cloud_edge: CloudEdge = CloudEdge()
     service_monitor: bool = False
 
     @property
@@ -385,10 +402,28 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
             st.str("storageClassName", None) or None,
             st.int("checkpointIntervalSeconds", State.checkpoint_interval_seconds, 0, 86_400),
         ),
+        cloud_edge=_cloud_edge(root.section("cloudEdge")),
         service_monitor=root.section("monitoring").bool("serviceMonitor", ClusterSpec.service_monitor),
     )
     _check_cross_fields(result)
     return result
+
+
+def _cloud_edge(ce: _Section) -> CloudEdge:
+    edges = ce.d.get("edges") or []
+    if not isinstance(edges, list) or not all(isinstance(e, str) and _EDGE_NAME.match(e) for e in edges) or len(edges) > 1000:
+        raise SpecError("spec.cloudEdge.edges", "spec.cloudEdge.edges must list at most 1000 edge device names (lowercase letters, digits, '-')")
+    if len(set(edges)) != len(edges):
+        raise SpecError("spec.cloudEdge.edges", "spec.cloudEdge.edges lists a device twice: list each once")
+    D = CloudEdge
+    return CloudEdge(
+        ce.bool("enabled", D.enabled),
+        ce.int("maxSessions", D.max_sessions, 0, 256),
+        ce.int("maxKvMiB", D.max_kv_mib, 0, 65_536),
+        ce.int("idleSeconds", D.idle_seconds, 1, 86_400),
+        tuple(edges),
+        ce.str("serviceType", D.service_type, EDGE_SERVICE_TYPES) or D.service_type,
+    )
 
 
 def _issuer_ref(cm: _Section) -> Mapping[str, str] | None:

@@ -129,6 +129,13 @@ def ensure_secrets(kube: Kube, cluster: api.Cluster, ca: tls.CertificateAuthorit
                 gone = {k: None for k in (current.get("data") or {}) if k not in data}
                 kube.patch("v1", "Secret", ns, name, {"data": {**_encode(data), **gone}})
             changed = True
+    if cluster.spec.security.mutual_tls and cluster.spec.security.cert_manager_issuer is None and cluster.spec.cloud_edge.enabled:
+        for edge in cluster.spec.cloud_edge.edges:  # issued once; delete the Secret to issue a new one
+            name = objects.edge_secret_name(cluster, edge)
+            if kube.get("v1", "Secret", ns, name) is None:
+                issued = ca.issue(tls.Identity.edge(ns, cluster.name, edge))
+                data = {"ca.crt": issued.ca, "tls.crt": issued.cert, "tls.key": issued.key}
+                changed |= kube.create(_secret(cluster, name, data, "edge")) is not None
     name = objects.admin_secret_name(cluster)
     if kube.get("v1", "Secret", ns, name) is None:
         token = secrets.token_urlsafe(32).encode()

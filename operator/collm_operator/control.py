@@ -176,6 +176,8 @@ class ClusterController:
         )
         if adapter is not None:
             patch["adapter"] = adapter.as_status()
+        if cluster.spec.cloud_edge.enabled:
+            patch["edgeSessions"] = sum(st.edge_sessions for st in reachable.values())
         if actions.plan is not None:
             a = actions.plan.allocation
             allocation = {n: {"trainCapTokens": actions.cap(n), "weight": f"{a.weights.get(n, 0.0):.3f}", **served_adapter(reachable[n])} for n in reachable}

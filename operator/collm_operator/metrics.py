@@ -23,7 +23,8 @@ TRAIN_CAP = Gauge("collm_operator_train_cap_tokens", "Training cap of the curren
 PRIVACY_EPSILON = Gauge(
     "collm_operator_privacy_epsilon", "Participant-level epsilon spent by the cluster's DP rounds (at status.privacy.delta)", ["namespace", "cluster"]
 )
-_PER_CLUSTER = (READY_REPLICAS, GOODPUT, SLO_ATTAINMENT, PRIVACY_EPSILON)
+EDGE_SESSIONS = Gauge("collm_operator_edge_sessions", "Edge devices' sessions open on the cluster's replicas", ["namespace", "cluster"])
+_PER_CLUSTER = (READY_REPLICAS, GOODPUT, SLO_ATTAINMENT, PRIVACY_EPSILON, EDGE_SESSIONS)
 
 
 def serve(port: int) -> None:
@@ -41,6 +42,8 @@ def observe_cluster(namespace: str, cluster: str, status: dict) -> None:
     for gauge, key in ((GOODPUT, "goodput"), (SLO_ATTAINMENT, "sloAttainment")):
         if status.get(key) is not None:
             gauge.labels(namespace, cluster).set(float(status[key]))
+    if status.get("edgeSessions") is not None:
+        EDGE_SESSIONS.labels(namespace, cluster).set(status["edgeSessions"])
     epsilon = (status.get("privacy") or {}).get("epsilon")
     if epsilon is not None:
         PRIVACY_EPSILON.labels(namespace, cluster).set(float(epsilon))

@@ -93,6 +93,15 @@ def replica_tls_secret_name(replica: str) -> str:
     return f"{replica}-tls"
 
 
+def edge_service_name(cluster: Cluster) -> str:
+    return f"{cluster.name}-edge"
+
+
+def edge_secret_name(cluster: Cluster, edge: str) -> str:
+    """The client certificate of edge device `edge` (ca.crt, tls.crt, tls.key): copy it to the device."""
+    return f"{cluster.name}-edge-{edge}"
+
+
 def operator_tls_secret_name(cluster: Cluster) -> str:
     """With cert-manager: the Secret of the operator's Certificate for this cluster."""
     return f"{cluster.name}-operator-tls"
@@ -246,6 +255,10 @@ def build_certificates(cluster: Cluster) -> list[dict[str, Any]]:
     out.append(
         certificate(operator_tls_secret_name(cluster), operator_tls_secret_name(cluster), tls.Identity.operator(), ["digital signature", "client auth"], [])
     )
+    if cluster.spec.cloud_edge.enabled:
+        for edge in cluster.spec.cloud_edge.edges:
+            name = edge_secret_name(cluster, edge)
+            out.append(certificate(name, name, tls.Identity.edge(cluster.namespace, cluster.name, edge), ["digital signature", "client auth"], []))
     return out
 
 
@@ -364,6 +377,14 @@ def build_router_deployment(cluster: Cluster) -> dict[str, Any]:
     }
 
 
+def build_edge_service(cluster: Cluster) -> dict[str, Any] | None:
+    """With spec.cloudEdge: the replicas' gRPC port for edge devices (EdgeSession over mutual TLS);
+    NodePort or LoadBalancer to reach it from outside the cluster."""
+    if not cluster.spec.cloud_edge.enabled:
+        return None
+    return _service(cluster, edge_service_name(cluster), AGENT, {"grpc": api.GRPC_PORT}, type=cluster.spec.cloud_edge.service_type)
+
+
 def build_router_service(cluster: Cluster) -> dict[str, Any]:
     """The cluster's endpoint for clients (TGI and OpenAI routes)."""
     return _service(cluster, router_name(cluster), ROUTER, {"http": ROUTER_PORT}, type="ClusterIP")
@@ -403,6 +424,8 @@ def build_network_policy(cluster: Cluster, operator_namespace: str) -> dict[str,
                 {"from": [{"podSelector": {"matchLabels": selector(cluster, ROUTER)}}], "ports": [http]},
                 {"from": [{"podSelector": {"matchLabels": selector(cluster, AGENT)}}, operator], "ports": [http, grpc]},
                 {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {METRICS_SCRAPER_LABEL: "true"}}}], "ports": [http]},
+                # Edge devices come from anywhere (outside the cluster too); their certificate says who they are.
+                *([{"ports": [grpc]}] if cluster.spec.cloud_edge.enabled else []),
             ],
         },
     }
@@ -436,7 +459,7 @@ def build_all(cluster: Cluster, operator_namespace: str = "default") -> list[dic
         build_router_service(cluster),
         *build_certificates(cluster),
     ]
-    for optional in (build_network_policy(cluster, operator_namespace), build_service_monitor(cluster)):
+    for optional in (build_edge_service(cluster), build_network_policy(cluster, operator_namespace), build_service_monitor(cluster)):
         if optional is not None:
             objects.append(optional)
     return objects

@@ -110,6 +110,11 @@ class EdgeSessions:
         with self._lock:
             return list(self._open.values())
 
+    @property
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
     def summary(self) -> dict:
         """What the agent's stats show of its edge sessions."""
         with self._lock:

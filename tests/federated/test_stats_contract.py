@@ -41,6 +41,7 @@ def test_every_field_round_trips_through_the_proto():
         lora_rank=16,
         lora_alpha=32,
         lora_target_modules=("q_proj", "v_proj"),
+        edge_sessions=2,
     )
     assert all(getattr(full, f.name) != f.default for f in fields(AgentStats) if f.name != "extra"), "set every field"
     assert from_proto(to_proto(full)) == full

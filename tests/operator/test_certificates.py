@@ -117,3 +117,18 @@ def test_the_operator_presents_what_the_cluster_asks_for(kube, ca):
 
 def managed_body() -> dict:
     return {"spec": {"model": {"source": "tiny"}, "federation": {"minParticipants": 1}, "security": {"certManager": {"issuerRef": {"name": "corp-ca"}}}}}
+
+
+def test_each_listed_edge_device_gets_its_own_identity_once(kube, ca):
+    c = api.parse_cluster(
+        {
+            "metadata": {"name": "ce", "namespace": "default", "uid": "u-ce"},
+            "spec": {"model": {"source": "tiny"}, "federation": {"minParticipants": 1}, "cloudEdge": {"enabled": True, "edges": ["kiosk-1", "kiosk-2"]}},
+        }
+    )
+    certificates.ensure_secrets(kube, c, ca, NOW)
+    first = _data(kube, "ce-edge-kiosk-1")
+    creds = tls.Credentials(first["ca.crt"], first["tls.crt"], first["tls.key"])
+    assert creds.identity == tls.Identity.edge("default", "ce", "kiosk-1") and creds.ca == ca.cert_pem
+    certificates.ensure_secrets(kube, c, ca, NOW)
+    assert _data(kube, "ce-edge-kiosk-1") == first and _data(kube, "ce-edge-kiosk-2")["tls.crt"] != first["tls.crt"]

@@ -186,6 +186,24 @@ def test_cert_manager_issues_a_certificate_per_replica_and_one_for_the_operator(
     )
 
 
+def test_cloud_edge_opens_the_grpc_port_to_edges_and_sets_the_agents_limits():
+    edge = cluster({"cloudEdge": {"enabled": True, "maxSessions": 8, "maxKvMiB": 512, "idleSeconds": 30, "edges": ["kiosk-1"], "serviceType": "LoadBalancer"}})
+    svc = objects.build_edge_service(edge)
+    assert svc is not None and svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["ports"][0]["port"] == api.GRPC_PORT
+    assert svc["spec"]["selector"] == objects.selector(edge, objects.AGENT)
+    policy = objects.build_network_policy(edge, "collm-system")
+    assert policy is not None and {"ports": [{"protocol": "TCP", "port": "grpc"}]} in policy["spec"]["ingress"]
+    args = objects.build_statefulset(edge)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [args[args.index(f) + 1] for f in ("--edge-max-sessions", "--edge-max-kv-mb", "--edge-idle-seconds")] == ["8", "512", "30"]
+    off = cluster()
+    assert objects.build_edge_service(off) is None
+    off_args = objects.build_statefulset(off)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert off_args[off_args.index("--edge-max-sessions") + 1] == "0"  # no edge sessions without spec.cloudEdge
+    assert {"ports": [{"protocol": "TCP", "port": "grpc"}]} not in (objects.build_network_policy(off, "x") or {})["spec"]["ingress"]
+    with pytest.raises(api.SpecError, match="spec.cloudEdge.edges"):
+        cluster({"cloudEdge": {"edges": ["Bad_Name"]}})
+
+
 def test_settings_change_rolls_the_pods():
     a = objects.build_statefulset(cluster())["spec"]["template"]["metadata"]["annotations"]
     b = objects.build_statefulset(cluster({"serving": {"maxBatch": 8}}))["spec"]["template"]["metadata"]["annotations"]
