@@ -4,6 +4,7 @@
     GET  /info, /v1/models                  proxied to one replica
     GET  /health                            200 while at least one replica is healthy and routable
     GET  /metrics                           the router's Prometheus metrics
+    GET  /openapi.json, /docs               the router's OpenAPI document and a page of it (openapi.py)
     GET  /admin/replicas                    each replica's url, weight, health, outstanding requests
     PUT  /admin/weights                     {"weights": {"<name>": <weight>, ...}, "affinity": true|false}
                                             (the operator's allocation; affinity optional)
@@ -34,10 +35,12 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from ..serving.openapi import add_routes as add_document_routes
 from ..serving.pipeline import admin_refusal, admin_warning, bearer_in, bearer_matches, read_token
 from .dispatch import ReplicaLoad, choose, why_none
 from .metrics import RouterMetrics
-from .proxy import error_response, forward
+from .openapi import router_document
+from .proxy import PROXIED_ROUTES, error_response, forward
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("collm_router")
 ADMIN_TOKEN_KEY: web.AppKey[str | None] = web.AppKey("collm_router_admin_token")
 CLIENT_TOKENS_KEY: web.AppKey[ClientTokens | None] = web.AppKey("collm_router_client_tokens")
-OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers: no client token
+OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/docs")  # probes, scrapers and the API's description: no client token
 ENV_PREFIX = "COLLM_ROUTER_"
 
 
@@ -291,15 +294,14 @@ def create_router_app(
     app.cleanup_ctx.append(router.lifespan)
     app.add_routes(
         [
-            *(web.post(path, _proxy) for path in ("/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions")),
-            web.get("/info", _proxy),
-            web.get("/v1/models", _proxy),
+            *((web.get if method == "get" else web.post)(path, _proxy) for method, path in PROXIED_ROUTES),  # web.get: HEAD too
             web.get("/health", _health),
             web.get("/metrics", _metrics),
             web.get("/admin/replicas", _replicas),
             web.put("/admin/weights", _weights),
         ]
     )
+    add_document_routes(app, router_document())
     return app
 
 

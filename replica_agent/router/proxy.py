@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import Literal
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +25,12 @@ from .metrics import CLIENT_ERROR, CLIENT_GONE, OK, STREAM_BROKEN, UPSTREAM_ERRO
 
 log = logging.getLogger(__name__)
 
+# The agent's client routes that the router forwards, as (method, path).
+PROXIED_ROUTES: tuple[tuple[Literal["get", "post"], str], ...] = (
+    *(("post", path) for path in ("/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions")),
+    ("get", "/info"),
+    ("get", "/v1/models"),
+)
 REPLICA_HEADER = "x-collm-replica"  # which replica served the answer
 AFFINITY_HEADER = "x-collm-affinity"  # the request's home replica (dispatch.py)
 _HOP_BY_HOP = {

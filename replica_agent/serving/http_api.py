@@ -6,6 +6,7 @@
     POST /publish                         publish the shadow adapter now
     POST /feedback                        append {"prompt", "completion"} to the local data (opt-in)
     /v1/completions, /v1/chat/completions, /v1/models   OpenAI's API (openai_api.py)
+    GET  /openapi.json, /docs             this API's OpenAPI document and a page of it (openapi.py)
 
 Errors have TGI's body `{"error": ..., "error_type": ...}`: validation 422 (413 for a body over
 the size limit), overloaded 429, generation 424, engine not running 503. In a stream, a failure
@@ -34,7 +35,7 @@ from ..engine.data import DataError, append_feedback
 from ..engine.engine import QueueFull, RequestRejected
 from ..engine.model_host import dtype_name
 from ..engine.requests import FinalEvent
-from . import openai_api
+from . import openai_api, openapi
 from .metrics import AgentMetrics
 from .pipeline import RETRY_AFTER_S, admin_refusal, admin_warning, bearer_matches, generation_headers, read_json, read_token, stream_events
 from .schemas import (
@@ -276,6 +277,7 @@ def create_app(agent) -> web.Application:
         ]
     )
     openai_api.add_routes(app, api)
+    openapi.add_routes(app, openapi.agent_document())
     return app
 
 

@@ -10,12 +10,13 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticError
 
 from ..engine.requests import FinalEvent, FinishReason, SamplingParams, TokenEvent
+from .schemas import MIN_TEMPERATURE, document_request
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_SEED = 2**64 - 1
@@ -43,6 +44,25 @@ def sse(payload: dict | str) -> bytes:
 
 
 # -- requests ----------------------------------------------------------------------------------
+# name -> (values that mean "off", what to tell the client)
+_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    "n": ((None, 1), "`n` > 1 is not supported by this server; send several requests with different seeds"),
+    "echo": ((None, False), "`echo` is not supported by this server; prepend the prompt yourself"),
+    "logprobs": ((None, False), "`logprobs` is not supported by this server; leave it null"),
+    "top_logprobs": ((None, 0), "`top_logprobs` is not supported by this server; leave it null"),
+    "best_of": ((None, 1), "`best_of` > 1 is not supported by this server"),
+    "suffix": ((None, ""), "`suffix` (insertion) is not supported by this server"),
+    "presence_penalty": ((None, 0, 0.0), "`presence_penalty` is not supported by this server; leave it at 0"),
+    "frequency_penalty": ((None, 0, 0.0), "`frequency_penalty` is not supported by this server; leave it at 0"),
+    "logit_bias": ((None, {}), "`logit_bias` is not supported by this server"),
+    "tools": ((None, []), "tools (function calling) are not supported by this server; describe the tools in the messages instead"),
+    "tool_choice": ((None, "none"), "`tool_choice` is not supported: this server does no function calling"),
+    "functions": ((None, []), "functions (function calling) are not supported by this server"),
+    "function_call": ((None, "none"), "`function_call` is not supported: this server does no function calling"),
+    "response_format": ((None, {"type": "text"}), 'only `response_format` {"type": "text"} is supported by this server'),
+}
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -61,7 +81,17 @@ class _Common(BaseModel):
     user: str | None = None  # informational; ignored
 
 
-class _CompletionBody(_Common):
+class CompletionRequest(_Common):
+    """The body of POST /v1/completions (OpenAI's legacy completions)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=document_request(
+            _UNSUPPORTED,
+            {"model": "tiny", "prompt": "The Python language reference describes", "max_tokens": 8, "temperature": 0},
+            {"prompt": ["def fibonacci(n):"], "max_tokens": 4, "seed": 7, "stream": True, "stream_options": {"include_usage": True}},
+        )
+    )
+
     prompt: str | list[str]
     echo: bool | None = None
     logprobs: int | None = None
@@ -69,7 +99,17 @@ class _CompletionBody(_Common):
     suffix: str | None = None
 
 
-class _ChatBody(_Common):
+class ChatCompletionRequest(_Common):
+    """The body of POST /v1/chat/completions; `messages` hold text only (roles system, developer, user, assistant)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=document_request(
+            _UNSUPPORTED,
+            {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8, "temperature": 0},
+            {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello"}]}], "max_completion_tokens": 4, "stream": True},
+        )
+    )
+
     messages: list[dict]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -82,23 +122,6 @@ class _ChatBody(_Common):
     response_format: dict | None = None
 
 
-# name -> (values that mean "off", what to tell the client)
-_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "n": ((None, 1), "`n` > 1 is not supported by this server; send several requests with different seeds"),
-    "echo": ((None, False), "`echo` is not supported by this server; prepend the prompt yourself"),
-    "logprobs": ((None, False), "`logprobs` is not supported by this server; leave it null"),
-    "top_logprobs": ((None, 0), "`top_logprobs` is not supported by this server; leave it null"),
-    "best_of": ((None, 1), "`best_of` > 1 is not supported by this server"),
-    "suffix": ((None, ""), "`suffix` (insertion) is not supported by this server"),
-    "presence_penalty": ((None, 0, 0.0), "`presence_penalty` is not supported by this server; leave it at 0"),
-    "frequency_penalty": ((None, 0, 0.0), "`frequency_penalty` is not supported by this server; leave it at 0"),
-    "logit_bias": ((None, {}), "`logit_bias` is not supported by this server"),
-    "tools": ((None, []), "tools (function calling) are not supported by this server; describe the tools in the messages instead"),
-    "tool_choice": ((None, "none"), "`tool_choice` is not supported: this server does no function calling"),
-    "functions": ((None, []), "functions (function calling) are not supported by this server"),
-    "function_call": ((None, "none"), "`function_call` is not supported: this server does no function calling"),
-    "response_format": ((None, {"type": "text"}), 'only `response_format` {"type": "text"} is supported by this server'),
-}
 _ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -123,7 +146,7 @@ def parse_openai_request(body: Any, *, chat: bool) -> OpenAIRequest:
     if not isinstance(body, dict):
         raise OpenAIError(400, 'the body must be a JSON object like {"model": "...", ' + ('"messages": [...]}' if chat else '"prompt": "..."}'))
     try:
-        req = (_ChatBody if chat else _CompletionBody).model_validate(body)
+        req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
     except PydanticError as exc:
         err = exc.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None
@@ -136,7 +159,7 @@ def parse_openai_request(body: Any, *, chat: bool) -> OpenAIRequest:
         value = getattr(req, name, None)
         if not any(value == o and type(value) is type(o) for o in off):  # typed: logprobs=0 is not "off"
             raise OpenAIError(400, message, param=name)
-    max_tokens = req.max_completion_tokens if isinstance(req, _ChatBody) and req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = req.max_completion_tokens if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 1:
         raise OpenAIError(400, f"`max_tokens` must be at least 1. Given: {max_tokens}", param="max_tokens")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -153,7 +176,7 @@ def parse_openai_request(body: Any, *, chat: bool) -> OpenAIRequest:
     if options and (not req.stream or set(options) - {"include_usage"}):
         raise OpenAIError(400, "`stream_options` is allowed only with stream=true and takes only `include_usage`", param="stream_options")
     prompt, messages = "", ()  # type: tuple[str, tuple[dict, ...]]
-    if isinstance(req, _ChatBody):
+    if isinstance(req, ChatCompletionRequest):
         messages = _chat_messages(req.messages)
     elif isinstance(req.prompt, list):
         if len(req.prompt) != 1:
@@ -207,7 +230,7 @@ def sampling_params(req: OpenAIRequest, prompt_tokens: int, max_total_tokens: in
             param="max_tokens",
             code="context_length_exceeded",
         )
-    sample = req.temperature > 0
+    sample = req.temperature >= MIN_TEMPERATURE  # below it: greedy, as at 0 (schemas.MIN_TEMPERATURE says why)
     return SamplingParams(
         max_new_tokens=max_new,
         do_sample=sample,
@@ -329,3 +352,131 @@ class ResponseBuilder:
         out, self._pending = pending[:keep], pending[keep:]
         self._sent += out
         return out
+
+
+# -- response models ---------------------------------------------------------------------------
+# As in schemas.py: the bodies are built as dicts above; these models describe them for the OpenAPI
+# document (serving/openapi.py), strictly, so that the fuzzing test catches any drift.
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+FinishReasonName = Literal["stop", "length"]  # finish_reason()
+
+
+class Usage(_Body):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(_Body):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReasonName
+
+
+class Completion(_Body):
+    """The answer of POST /v1/completions; `system_fingerprint` is "collm-adapter-<version>"."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(_Body):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReasonName | None
+
+
+class CompletionChunk(_Body):
+    """A stream event of POST /v1/completions; the last one (with include_usage) has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Body):
+    index: int
+    message: ChatMessage
+    logprobs: None
+    finish_reason: FinishReasonName
+
+
+class ChatCompletion(_Body):
+    """The answer of POST /v1/chat/completions."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Body):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Body):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReasonName | None
+
+
+class ChatCompletionChunk(_Body):
+    """A stream event of POST /v1/chat/completions; the first carries the role, the last (with include_usage) the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Body):
+    id: str  # the base model, or "<base>@<adapter version>"
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    parent: str | None = None
+
+
+class ModelList(_Body):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class OpenAIErrorDetail(_Body):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(_Body):
+    """OpenAI's error body (also a stream event, before `[DONE]`, when a generation fails after its first token)."""
+
+    error: OpenAIErrorDetail

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
@@ -27,6 +28,12 @@ from ..engine.requests import FinalEvent, FinishReason, SamplingParams, TokenEve
 DEFAULT_MAX_NEW_TOKENS = 20  # TGI's client default; capped by the room left in max_total_tokens
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
 MAX_SEED = 2**64 - 1  # TGI's seed is a u64
+# Sampling below this temperature is greedy decoding in all but name, and logits divided by a
+# smaller one overflow float32 (1e-300 made every probability NaN): such requests decode greedily.
+MIN_TEMPERATURE = 1e-5
+# The repetition penalty divides or multiplies logits; far from 1 they overflow to inf and the
+# logprobs turn NaN, which no JSON parser reads (1e-300 did). Clients use 1 to 2.
+MAX_REPETITION_PENALTY = 1e4
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +45,40 @@ class InvalidRequest(ValueError):
         super().__init__(message if message.startswith("Input validation error") else f"Input validation error: {message}")
 
 
+# name -> (values that mean "off", what to tell the client)
+_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    "best_of": ((None, 1), "`best_of` > 1 is not supported by this server; send several requests with different seeds"),
+    "typical_p": ((None, 1.0), "`typical_p` is not supported by this server; use `top_p` or `top_k`"),
+    "watermark": ((False,), "`watermark` is not supported by this server; leave it false"),
+    "top_n_tokens": ((None, 0), "`top_n_tokens` is not supported by this server; leave it unset"),
+    "frequency_penalty": ((None, 0.0), "`frequency_penalty` is not supported by this server; use `repetition_penalty`"),
+    "grammar": ((None,), "`grammar` is not supported by this server; leave it unset"),
+    "adapter_id": ((None,), "`adapter_id` is not supported: this replica serves its current adapter version (see GET /info)"),
+}
+
+
+def document_request(unsupported: dict[str, tuple[tuple, str]], *examples: dict) -> Callable[[dict[str, Any]], None]:
+    """A request model's `json_schema_extra`: its JSON schema (the OpenAPI document's, serving/openapi.py)
+    says what the parser enforces beyond the types, from the parser's own table: unknown keys are
+    accepted only when null (`_reject_unknown`), unsupported parameters only at their "off" values.
+    `examples` are shown on GET /docs and sent first by the fuzzing test."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["additionalProperties"] = {"type": "null"}
+        if examples:
+            schema["examples"] = list(examples)
+        for name, (off, message) in unsupported.items():
+            if name in schema["properties"]:
+                values = [v for i, v in enumerate(off) if v not in off[:i]]  # 0 and 0.0 are one JSON value
+                schema["properties"][name] = {"allOf": [schema["properties"][name], {"enum": values}], "description": message}
+
+    return extra
+
+
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    """TGI's generation parameters; the parser rejects what the types allow but TGI would not (422)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", json_schema_extra=document_request(_UNSUPPORTED))
 
     do_sample: bool = False
     max_new_tokens: int | None = None
@@ -64,7 +103,17 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    """The body of POST /generate, /generate_stream and / (where `stream` picks the answer's form)."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="allow",
+        json_schema_extra=document_request(
+            {},
+            {"inputs": "The Python language reference describes", "parameters": {"max_new_tokens": 8, "details": True}},
+            {"inputs": "def fibonacci(n):", "parameters": {"max_new_tokens": 4, "do_sample": True, "seed": 7, "details": True}, "stream": True},
+        ),
+    )
 
     inputs: str
     parameters: GenerateParameters | None = None
@@ -73,18 +122,6 @@ class GenerateRequest(BaseModel):
     @property
     def params(self) -> GenerateParameters:
         return self.parameters or GenerateParameters()
-
-
-# name -> (values that mean "off", what to tell the client)
-_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "best_of": ((None, 1), "`best_of` > 1 is not supported by this server; send several requests with different seeds"),
-    "typical_p": ((None, 1.0), "`typical_p` is not supported by this server; use `top_p` or `top_k`"),
-    "watermark": ((False,), "`watermark` is not supported by this server; leave it false"),
-    "top_n_tokens": ((None, 0), "`top_n_tokens` is not supported by this server; leave it unset"),
-    "frequency_penalty": ((None, 0.0), "`frequency_penalty` is not supported by this server; use `repetition_penalty`"),
-    "grammar": ((None,), "`grammar` is not supported by this server; leave it unset"),
-    "adapter_id": ((None,), "`adapter_id` is not supported: this replica serves its current adapter version (see GET /info)"),
-}
 
 
 def parse_generate_request(body: Any, *, stream: bool | None = None) -> GenerateRequest:
@@ -109,8 +146,12 @@ def parse_generate_request(body: Any, *, stream: bool | None = None) -> Generate
         raise InvalidRequest(f"`max_new_tokens` must be strictly positive. Given: {p.max_new_tokens}")
     for name in ("temperature", "repetition_penalty", "top_k", "truncate"):
         value = getattr(p, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
+        if value is not None and not 0 < value < math.inf:  # no float() of an int: 10**400 would overflow
             raise InvalidRequest(f"`{name}` must be strictly positive. Given: {value}")
+    if p.repetition_penalty is not None and not 1 / MAX_REPETITION_PENALTY <= p.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidRequest(
+            f"`repetition_penalty` must be between {1 / MAX_REPETITION_PENALTY:g} and {MAX_REPETITION_PENALTY:g}. Given: {p.repetition_penalty}"
+        )
     if p.top_p is not None and not (0.0 < p.top_p <= 1.0):
         raise InvalidRequest(f"`top_p` must be > 0.0 and <= 1.0. Given: {p.top_p}")
     if p.seed is not None and not (0 <= p.seed <= MAX_SEED):
@@ -153,16 +194,18 @@ def prompt_ids(ids: list[int], truncate: int | None, bos_token_id: int | None) -
 
 
 def sampling_params(p: GenerateParameters, prompt_tokens: int, max_total_tokens: int) -> SamplingParams:
-    """The engine's parameters; an unset `max_new_tokens` is TGI's 20, shrunk to the room left."""
+    """The engine's parameters; an unset `max_new_tokens` is TGI's 20, shrunk to the room left, and
+    a temperature below MIN_TEMPERATURE decodes greedily (the limit of sampling as it goes to 0)."""
     max_new = p.max_new_tokens
     if max_new is None:
         max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, max_total_tokens - prompt_tokens))
+    greedy = p.temperature is not None and p.temperature < MIN_TEMPERATURE
     return SamplingParams(
         max_new_tokens=max_new,
-        do_sample=p.do_sample,
-        temperature=p.temperature,
-        top_k=p.top_k,
-        top_p=p.top_p,
+        do_sample=p.do_sample and not greedy,
+        temperature=None if greedy else p.temperature,
+        top_k=None if greedy else p.top_k,
+        top_p=None if greedy else p.top_p,
         repetition_penalty=p.repetition_penalty,
         seed=p.seed,
         stop=tuple(p.stop),
@@ -267,3 +310,129 @@ class StreamFramer:
     @staticmethod
     def _frame(index: int, token: dict, *, generated_text: str | None = None, details: dict | None = None) -> dict:
         return {"index": index, "token": token, "top_tokens": None, "generated_text": generated_text, "details": details}
+
+
+# -- response models ---------------------------------------------------------------------------
+# The bodies above are built as dicts (a stream builds one per token: no model on that path). These
+# models describe them for the OpenAPI document (serving/openapi.py); extra="forbid" makes the
+# document strict, so the fuzzing test's conformance check (tests/serving/test_openapi_fuzz.py)
+# fails on any key or type the builders add without saying so here.
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Token(_Body):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(_Body):
+    id: int
+    text: str
+    logprob: float | None
+
+
+class Details(_Body):
+    """Present with `parameters.details`; `prefill` is filled with `decoder_input_details`."""
+
+    finish_reason: FinishReason  # never cancelled or error in an answer
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: None
+    best_of_sequences: None
+    adapter_version: str | None
+    adapter_sha256: str | None
+
+
+class GenerateResponse(_Body):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(_Body):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+    adapter_version: str | None
+    adapter_sha256: str | None
+
+
+class StreamResponse(_Body):
+    """One token event; the last one also carries `generated_text`, `details` (with `parameters.details`) and the adapter."""
+
+    index: int
+    token: Token
+    top_tokens: None
+    generated_text: str | None
+    details: StreamDetails | None
+    adapter_version: str | None = None
+    adapter_sha256: str | None = None
+
+
+class ErrorResponse(_Body):
+    """TGI's error body (also a stream event when a generation fails after its first token)."""
+
+    error: str
+    error_type: str
+
+
+class AdapterSummary(_Body):
+    """An adapter version (AdapterVersion.summary())."""
+
+    version: str  # "<cluster version>.<local revision>"
+    cluster_version: int
+    revision: int
+    sha256: str
+    step: int
+    eval_loss: float | None
+
+
+class Info(_Body):
+    """TGI's Info, plus the replica and the adapter it serves now."""
+
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_device_type: str
+    model_pipeline_tag: str | None
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_input_length: int
+    max_total_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int | None
+    max_client_batch_size: int
+    validation_workers: int
+    router: str
+    version: str
+    sha: str | None
+    docker_label: str | None
+    replica_id: str
+    adapter: AdapterSummary | None
+    training: bool
+
+
+class Health(_Body):
+    status: Literal["ok"]
+    adapter_version: str | None
+
+
+class FeedbackRequest(BaseModel):
+    """One served interaction to add to the local training data (append_feedback checks it: both non-empty strings)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Say hello", "completion": "Hello!"}]})
+
+    prompt: str
+    completion: str
+
+
+class FeedbackResponse(_Body):
+    appended: Literal[True]
+    path: str

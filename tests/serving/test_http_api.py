@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -188,6 +189,8 @@ def test_client_validation_errors(client, kwargs):
         (b'{"inputs": "x", "parameters": {"temperature": NaN}}', "NaN"),
         (b'{"inputs": "x", "parameters": {"top_p": 1.5}}', "`top_p`"),
         (b'{"inputs": "x", "parameters": {"top_k": -3}}', "`top_k`"),
+        (b'{"inputs": "x", "parameters": {"repetition_penalty": 1e-300}}', "`repetition_penalty` must be between 0.0001 and 10000"),
+        (b'{"inputs": "x", "parameters": {"repetition_penalty": 1e300}}', "`repetition_penalty` must be between"),
         (b'{"inputs": "x", "parameters": {"seed": -1}}', "`seed`"),
         (b'{"inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}', "up to 4"),
         (b'{"inputs": "x", "parameters": {"best_of": 2}}', "not supported"),
@@ -201,6 +204,19 @@ def test_malformed_requests_get_tgi_validation_errors(server, body, words):
     assert status == 422, payload
     assert payload["error_type"] == "validation" and words in payload["error"]
     assert payload["error"].startswith("Input validation error")
+
+
+def test_extreme_but_valid_parameters_are_served_not_failed(server):
+    """Found probing the OpenAPI document's bounds: top_k 10**400 was a 500 (float() overflowed) and a
+    temperature of 1e-300 a 424 (logits / temperature overflowed float32): now a huge top_k is all the
+    vocabulary and a vanishing temperature decodes greedily."""
+    greedy = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "details": True}})[1]
+    for parameters in ({"temperature": 1e-300}, {"temperature": 1e-300, "do_sample": True, "top_k": 5}, {"top_k": 10**400, "truncate": 10**400}):
+        status, body, _ = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "details": True, **parameters}})
+        assert status == 200, body
+        assert all(math.isfinite(t["logprob"]) for t in body["details"]["tokens"])
+        if "temperature" in parameters:
+            assert body["generated_text"] == greedy["generated_text"] and body["details"]["seed"] is None
 
 
 def test_unknown_null_fields_are_ignored(server):
@@ -433,6 +449,11 @@ def test_request_parsing_helpers():
     assert prompt_ids([5, 6, 7], 2, bos_token_id=None) == [6, 7]
     with pytest.raises(InvalidRequest, match="`watermark`"):
         parse_generate_request({"inputs": "hi", "parameters": {"watermark": True}})
+    assert parse_generate_request({"inputs": "hi", "parameters": {"top_k": 10**400, "truncate": 10**400}}).params.top_k == 10**400
+    cold = sampling_params(parse_generate_request({"inputs": "hi", "parameters": {"do_sample": True, "temperature": 1e-6, "top_p": 0.5}}).params, 5, 512)
+    assert (cold.sampling, cold.temperature, cold.top_p) == (False, None, None)
+    warm = sampling_params(parse_generate_request({"inputs": "hi", "parameters": {"temperature": 1e-5, "top_k": 3}}).params, 5, 512)
+    assert (warm.sampling, warm.temperature, warm.top_k) == (True, 1e-5, 3)
 
 
 @pytest.mark.parametrize("path, key", [("/generate", "error"), ("/v1/completions", "error")])

@@ -55,6 +55,8 @@ def test_completion_is_the_greedy_tgi_text(client, server, agent):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
     assert client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=12, temperature=0).choices[0].text == choice.text
     assert client.completions.create(model="tiny", prompt=PROMPT, temperature=0).usage.completion_tokens == 16  # OpenAI's default
+    # A vanishing temperature is greedy too; 1e-300 overflowed float32 in the sampler and was a 500.
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1e-300).choices[0].text == choice.text
 
 
 def test_completion_stream(client, agent):
@@ -228,6 +230,7 @@ def test_sampling_follows_openai_semantics():
     assert sampling_params(request(), 10, 256).do_sample and sampling_params(request(), 10, 256).max_new_tokens == 16
     greedy = sampling_params(request(temperature=0, top_p=0.5), 10, 256)
     assert not greedy.do_sample and greedy.top_p is None and greedy.temperature is None
+    assert sampling_params(request(temperature=1e-300, top_p=0.5), 10, 256) == greedy  # 1 / 1e-300 overflowed float32: a 500
     hot = sampling_params(request(temperature=0.7, top_p=0.9, seed=3, stop="x"), 10, 256)
     assert (hot.temperature, hot.top_p, hot.seed, hot.stop) == (0.7, 0.9, 3, ("x",))
     assert sampling_params(request(), 250, 256).max_new_tokens == 6  # the default shrinks to the room left
