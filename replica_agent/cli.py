@@ -152,6 +152,13 @@ def collm_main(argv: list[str] | None = None) -> int:
     fresh.add_argument("--publishes", type=int, default=20)
     fresh.add_argument("--rate", type=float, default=10.0, help="offered requests/s during the publishes")
     fresh.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters published")
+    edge = kinds.add_parser("cloud-edge", help="cloud-only, naive split, standalone edge and collaborative decoding over emulated links (docs/cloud-edge.md)")
+    edge.add_argument("--json", help="write the figures to this file")
+    edge.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    edge.add_argument("--links", default="10ms-100Mbit,50ms-10Mbit", help="comma-separated emulated links (one-way latency, bandwidth per direction)")
+    edge.add_argument("--clients", default="1,8", help="comma-separated counts of concurrent edge clients sharing the replica")
+    edge.add_argument("--thresholds", default="0.5,0.8,0.9", help="routing thresholds of the collaborative runs")
+    edge.add_argument("--quick", action="store_true", help="a few tokens and head steps: checks the benchmark, measures nothing")
     alloc = kinds.add_parser("allocation", help="time the slow-timescale allocation for many replicas")
     alloc.add_argument("--json", help="write the figures to this file")
     alloc.add_argument("--replicas", type=int, default=1000)
@@ -241,6 +248,17 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import allocation_bench
 
         allocation_bench.run(replicas=args.replicas, json_path=args.json)
+    elif args.bench == "cloud-edge":
+        from collm_bench import cloud_edge
+
+        cloud_edge.run(
+            tuple(m for m in args.models.split(",") if m),
+            links=tuple(k for k in args.links.split(",") if k),
+            clients=tuple(int(c) for c in args.clients.split(",") if c),
+            thresholds=tuple(float(t) for t in args.thresholds.split(",") if t),
+            quick=args.quick,
+            json_path=args.json,
+        )
     elif args.bench == "engine":
         from collm_bench import engine as bench_engine
 
