@@ -394,7 +394,7 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
             sec.bool("mutualTLS", Security.mutual_tls),
             sec.str("clientTokenSecretRef", None) or None,
             sec.bool("networkPolicy", Security.network_policy),
-            _issuer_ref(sec.section("certManager")),
+            _issuer_ref(sec),
         ),
         state=State(
             st.str("volume", State.volume, STATE_VOLUMES) or State.volume,
@@ -426,11 +426,12 @@ def _cloud_edge(ce: _Section) -> CloudEdge:
     )
 
 
-def _issuer_ref(cm: _Section) -> Mapping[str, str] | None:
+def _issuer_ref(security: _Section) -> Mapping[str, str] | None:
+    cm = security.section("certManager")
     issuer = cm.section("issuerRef")
     name = issuer.str("name", None)
     if not name:
-        if cm.d:
+        if security.d.get("certManager") is not None:  # present, even as {}: the CRD requires issuerRef
             raise SpecError("spec.security.certManager.issuerRef.name", "spec.security.certManager needs issuerRef.name: the cert-manager Issuer to use")
         return None
     return {"name": name, "kind": issuer.str("kind", "Issuer", ("Issuer", "ClusterIssuer")) or "Issuer", "group": "cert-manager.io"}

@@ -171,6 +171,27 @@ CASES = [
         valid=(({}, {"replicas": 4}), ({"state": {"size": "2Gi"}}, {"state": {"size": "2Gi"}, "replicas": 3})),
     ),
     Case(
+        "CollmCluster.spec.federation.clipNorm#0",
+        "self == '' || double(self) > 0.0",
+        "spec.federation.clipNorm",
+        invalid=tuple({"federation": {**{}, "clipNorm": z}} for z in ("0", "0.0", "00", "0e5")),
+        valid=tuple({"federation": {**{}, "clipNorm": v}} for v in ("1.0", ".5")),
+    ),
+    Case(
+        "CollmCluster.spec.federation.noiseMultiplier#0",
+        "self == '' || double(self) > 0.0",
+        "spec.federation.noiseMultiplier",
+        invalid=tuple({"federation": {**{"clipNorm": "1"}, "noiseMultiplier": z}} for z in ("0", "0.0", "00", "0e5")),
+        valid=tuple({"federation": {**{"clipNorm": "1"}, "noiseMultiplier": v}} for v in ("0.5", ".5")),
+    ),
+    Case(
+        "CollmCluster.spec.federation.epsilonBudget#0",
+        "self == '' || double(self) > 0.0",
+        "spec.federation.epsilonBudget",
+        invalid=tuple({"federation": {**{"clipNorm": "1", "noiseMultiplier": "1"}, "epsilonBudget": z}} for z in ("0", "0.0", "00", "0e5")),
+        valid=tuple({"federation": {**{"clipNorm": "1", "noiseMultiplier": "1"}, "epsilonBudget": v}} for v in ("8", ".5")),
+    ),
+    Case(
         "AdapterRound.spec#0",
         "!has(self.participants) || !has(self.minParticipants) || self.minParticipants <= size(self.participants)",
         "spec.minParticipants",

@@ -165,6 +165,9 @@ CEL_EQUIVALENTS = {
         ("!self.secureAggregation || self.noiseMultiplier == ''", ".spec.federation"),
         ("self.epsilonBudget == '' || self.noiseMultiplier != ''", ".spec.federation"),
         ("double(self) > 0.0 && double(self) < 1.0", ".spec.federation.privacyDelta"),
+        ("self == '' || double(self) > 0.0", ".spec.federation.clipNorm"),
+        ("self == '' || double(self) > 0.0", ".spec.federation.noiseMultiplier"),
+        ("self == '' || double(self) > 0.0", ".spec.federation.epsilonBudget"),
         ("self == oldSelf", ".spec.state"),
     ],
     "AdapterRound": [
