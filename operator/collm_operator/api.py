@@ -219,7 +219,7 @@ class _Section:
     """One object of the spec, read field by field (`path` names it in messages)."""
 
     def __init__(self, parent: Mapping[str, Any] | None, path: str):
-        parent = parent or {}
+        parent = {} if parent is None else parent  # absent or null; [] or "" is a wrong type, not an empty object
         if not isinstance(parent, Mapping):
             raise SpecError(path, f"{path} must be an object, got {type(parent).__name__}")
         self.d, self.path = parent, path
@@ -367,7 +367,8 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
     scheduling = Scheduling(sc.str("policy", Scheduling.policy, POLICIES), sc.int("slowIntervalSeconds", Scheduling.slow_interval_seconds, 1, 3600))
 
     sec, st = root.section("security"), root.section("state")
-    tolerations = root.d.get("tolerations") or []
+    tolerations = root.d.get("tolerations")
+    tolerations = [] if tolerations is None else tolerations
     if not isinstance(tolerations, list) or not all(isinstance(x, Mapping) for x in tolerations):
         raise SpecError("spec.tolerations", "spec.tolerations must be a list of core/v1 Toleration objects")
     node_selector = root.object("nodeSelector")
@@ -410,7 +411,8 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
 
 
 def _cloud_edge(ce: _Section) -> CloudEdge:
-    edges = ce.d.get("edges") or []
+    edges = ce.d.get("edges")
+    edges = [] if edges is None else edges
     if not isinstance(edges, list) or not all(isinstance(e, str) and _EDGE_NAME.match(e) for e in edges) or len(edges) > 1000:
         raise SpecError("spec.cloudEdge.edges", "spec.cloudEdge.edges must list at most 1000 edge device names (lowercase letters, digits, '-')")
     if len(set(edges)) != len(edges):
