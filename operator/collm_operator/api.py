@@ -215,6 +215,20 @@ class Round:
 # --- field readers: each raises SpecError naming the field and the fix -------------------------
 
 
+# The CRDs' maxLength of the strings _Section.str reads (numbers and sizes have their own readers).
+MAX_LENGTHS = {
+    "spec.model.source": 1024,
+    "spec.image": 1024,
+    "spec.federation.secureAggregationSecretRef": 253,
+    "spec.state.storageClassName": 253,
+    "spec.security.clientTokenSecretRef": 253,
+    "spec.security.certManager.issuerRef.name": 253,
+    "spec.clusterRef.name": 253,
+    "spec.aggregator": 253,
+}
+MAX_PARTICIPANTS, MAX_NODE_SELECTOR, NAME_LENGTH = 1024, 64, 253
+
+
 class _Section:
     """One object of the spec, read field by field (`path` names it in messages)."""
 
@@ -254,6 +268,9 @@ class _Section:
             return None
         if not isinstance(value, str):
             raise SpecError(path, f"{path} must be a string, got {value!r}")
+        limit = MAX_LENGTHS.get(path)
+        if limit is not None and len(value) > limit:
+            raise SpecError(path, f"{path} is {len(value)} characters long; at most {limit}")
         if choices is not None and value not in choices:
             raise SpecError(path, f"{path} {value!r} is not supported: use one of {', '.join(choices)}")
         return value
@@ -374,6 +391,8 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
     node_selector = root.object("nodeSelector")
     if node_selector and not all(isinstance(v, str) for v in node_selector.values()):
         raise SpecError("spec.nodeSelector", "spec.nodeSelector values must be strings (quote numbers and booleans)")
+    if node_selector and (len(node_selector) > MAX_NODE_SELECTOR or any(len(v) > NAME_LENGTH for v in node_selector.values())):
+        raise SpecError("spec.nodeSelector", f"spec.nodeSelector takes at most {MAX_NODE_SELECTOR} labels, each value at most {NAME_LENGTH} characters")
     image = root.str("image", ClusterSpec.image)
     if not image:
         raise SpecError("spec.image", "spec.image must not be empty: name the collm image, e.g. " + DEFAULT_IMAGE)
@@ -521,8 +540,10 @@ def parse_round_spec(spec: Mapping[str, Any] | None) -> RoundSpec:
         raise SpecError("spec.clusterRef.name", "spec.clusterRef.name is required: name the CollmCluster this round belongs to")
     participants = root.d.get("participants")
     if participants is not None:
-        if not isinstance(participants, list) or not all(isinstance(p, str) and p for p in participants):
+        if not isinstance(participants, list) or not all(isinstance(p, str) and 0 < len(p) <= NAME_LENGTH for p in participants):
             raise SpecError("spec.participants", "spec.participants must be a list of replica (pod) names")
+        if len(participants) > MAX_PARTICIPANTS:
+            raise SpecError("spec.participants", f"spec.participants lists {len(participants)} replicas; at most {MAX_PARTICIPANTS}")
         if len(set(participants)) != len(participants):
             raise SpecError("spec.participants", "spec.participants lists a replica twice: list each once")
         participants = tuple(participants)
