@@ -15,8 +15,8 @@ Runs from a clone (the emulator lives in e2e/devcluster).
 
 from __future__ import annotations
 
+import base64
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,6 +34,7 @@ from collm_rpc import tls
 from collm_rpc.proto import collm_pb2 as pb
 from collm_rpc.proto import collm_pb2_grpc as pb_grpc
 from collm_rpc.stats import to_proto
+from replica_agent.local.processes import free_port
 from replica_agent.report import machine, print_table, write_json
 
 GRPC_PORT = 9090  # the agents' port (collm_operator.api.GRPC_PORT): every pod address is dialled there
@@ -52,12 +53,6 @@ class StandInAgent(pb_grpc.AgentServicer):
     def ApplyPlan(self, request, context):
         self.plans += 1
         return pb.Ack(ok=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cluster(name: str) -> dict[str, Any]:
@@ -119,7 +114,7 @@ def run(clusters: int = 100, steady_s: float = 60.0, json_path: str | None = Non
     from collm_operator.certificates import CA_SECRET
     from collm_operator.kube import Kube
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     os.environ["COLLM_OPERATOR_METRICS_PORT"] = str(metrics_port)
     root = Path(workdir or tempfile.mkdtemp(prefix="collm-operator-scale-"))
     dc = DevCluster(workdir=root, operator=False, stand_in=True).start()
@@ -132,8 +127,6 @@ def run(clusters: int = 100, steady_s: float = 60.0, json_path: str | None = Non
             if time.monotonic() > deadline or (dc.operator_proc is not None and dc.operator_proc.poll() is not None):
                 raise RuntimeError(f"the operator did not start (see {dc.operator_log})")
             time.sleep(0.5)
-        import base64
-
         data = {k: base64.b64decode(v) for k, v in ca_secret["data"].items()}
         creds = tls.CertificateAuthority(data["tls.crt"], data["tls.key"]).issue(tls.Identity.replica("default", "stand-in", "stand-in"))
         agent = StandInAgent()

@@ -152,6 +152,11 @@ class Security:
     network_policy: bool = True
     cert_manager_issuer: Mapping[str, str] | None = None  # issuerRef: cert-manager issues the certificates instead of the operator's CA
 
+    @property
+    def own_ca(self) -> bool:
+        """Mutual TLS with certificates the operator issues from its own CA (not cert-manager's)."""
+        return self.mutual_tls and self.cert_manager_issuer is None
+
 
 @dataclass(frozen=True)
 class ClusterSpec:

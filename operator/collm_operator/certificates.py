@@ -118,7 +118,7 @@ def ensure_secrets(kube: Kube, cluster: api.Cluster, ca: tls.CertificateAuthorit
     """Create or renew the cluster's TLS Secret (with mutual TLS on) and its admin-token Secret; True when one changed."""
     changed = False
     ns = cluster.namespace
-    if cluster.spec.security.mutual_tls and cluster.spec.security.cert_manager_issuer is None:
+    if cluster.spec.security.own_ca:
         name = objects.tls_secret_name(cluster)
         current = kube.get("v1", "Secret", ns, name)
         data = replica_certificates(_decode(current), ca, ns, cluster.name, objects.replica_names(cluster), now or datetime.datetime.now(datetime.UTC))
@@ -129,7 +129,7 @@ def ensure_secrets(kube: Kube, cluster: api.Cluster, ca: tls.CertificateAuthorit
                 gone = {k: None for k in (current.get("data") or {}) if k not in data}
                 kube.patch("v1", "Secret", ns, name, {"data": {**_encode(data), **gone}})
             changed = True
-    if cluster.spec.security.mutual_tls and cluster.spec.security.cert_manager_issuer is None and cluster.spec.cloud_edge.enabled:
+    if cluster.spec.security.own_ca and cluster.spec.cloud_edge.enabled:
         for edge in cluster.spec.cloud_edge.edges:  # issued once; delete the Secret to issue a new one
             name = objects.edge_secret_name(cluster, edge)
             if kube.get("v1", "Secret", ns, name) is None:
