@@ -80,6 +80,8 @@ class Agent:
                 max_queue=c.max_queue,
                 lora_slots=c.lora_slots,
                 torch_threads=engine_threads,
+                ttft_slo_ms=float(c.ttft_ms),
+                shed_ttft_fraction=c.shed_ttft_fraction,
             ),
             mixer=self.mixer,
             budget=self.budget,

@@ -159,6 +159,25 @@ def collm_main(argv: list[str] | None = None) -> int:
     edge.add_argument("--clients", default="1,8", help="comma-separated counts of concurrent edge clients sharing the replica")
     edge.add_argument("--thresholds", default="0.5,0.8,0.9", help="routing thresholds of the collaborative runs")
     edge.add_argument("--quick", action="store_true", help="a few tokens and head steps: checks the benchmark, measures nothing")
+    soak = kinds.add_parser("soak", help="a local cluster under steady trace load with a round every minute, watched for memory, thread and file leaks")
+    soak.add_argument("--minutes", type=float, default=30.0, help="length of the run (default 30)")
+    soak.add_argument("--json", help="write the figures to this file")
+    soak.add_argument("--round-every", type=float, default=60.0, help="seconds between federated rounds (default 60)")
+    soak.add_argument("--sample-every", type=float, default=10.0, help="seconds between samples of each process (default 10)")
+    soak.add_argument("--warmup-minutes", type=float, help="minutes left out of the trends (default: the first 20%% of the run)")
+    soak.add_argument("--replicas", type=int, default=2, help="replica agent processes, each on a core of its own (default 2)")
+    soak.add_argument("--rate", type=float, default=2.0, help="offered requests/s through the router (default 2)")
+    soak.add_argument("--trace", default="conv", choices=["conv", "code"])
+    over = kinds.add_parser("overload", help="1x, 2x and 3x the measured capacity through the router: SLO-aware shedding keeps admitted requests in the SLO")
+    over.add_argument("--json", help="write the figures to this file")
+    over.add_argument("--replicas", type=int, default=1, help="replica processes, one core each (default 1: the router and the client take the other core)")
+    over.add_argument("--loads", default="1,2,3", help="comma-separated multiples of the measured capacity (default 1,2,3)")
+    over.add_argument("--seconds", type=float, default=60.0, help="seconds of traffic per load (default 60)")
+    over.add_argument("--capacity", type=float, help="skip the capacity search: the cluster's capacity in req/s")
+    over.add_argument("--trace", default="code", choices=["conv", "code"])
+    over.add_argument("--ttft-ms", type=int, default=500)
+    over.add_argument("--tpot-ms", type=int, default=50)
+    over.add_argument("--no-baseline", action="store_true", help="skip the run at the highest load with shedding off")
     alloc = kinds.add_parser("allocation", help="time the slow-timescale allocation for many replicas")
     alloc.add_argument("--json", help="write the figures to this file")
     alloc.add_argument("--replicas", type=int, default=1000)
@@ -203,6 +222,21 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import rounds as bench_rounds
 
         bench_rounds.run_federated_bench(rounds=args.rounds, local_steps=args.local_steps, json_path=args.json)
+    elif args.bench == "overload":
+        from collm_bench import overload
+
+        loads = tuple(float(x) for x in args.loads.split(",") if x.strip())
+        overload.run(
+            replicas=args.replicas,
+            trace=args.trace,
+            loads=loads,
+            seconds=args.seconds,
+            ttft_ms=args.ttft_ms,
+            tpot_ms=args.tpot_ms,
+            capacity_rps=args.capacity,
+            baseline=not args.no_baseline,
+            json_path=args.json,
+        )
     elif args.bench == "operator-scale":
         from collm_bench import operator_scale
 
@@ -244,6 +278,19 @@ def collm_main(argv: list[str] | None = None) -> int:
         from collm_bench import freshness as bench_freshness
 
         bench_freshness.run(replicas=args.replicas, publishes=args.publishes, rate=args.rate, lora_rank=args.rank, json_path=args.json)
+    elif args.bench == "soak":
+        from collm_bench import soak as bench_soak
+
+        bench_soak.run(
+            minutes=args.minutes,
+            round_every_s=args.round_every,
+            sample_every_s=args.sample_every,
+            warmup_minutes=args.warmup_minutes,
+            replicas=args.replicas,
+            rate=args.rate,
+            trace=args.trace,
+            json_path=args.json,
+        )
     elif args.bench == "allocation":
         from collm_bench import allocation_bench
 

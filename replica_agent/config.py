@@ -60,6 +60,13 @@ class AgentConfig(BaseModel):
     # SLO and fast timescale
     ttft_ms: int = Field(1000, ge=1, description="SLO: time to first token in milliseconds")
     tpot_ms: int = Field(100, ge=1, description="SLO: mean time per output token in milliseconds")
+    shed_ttft_fraction: float = Field(
+        0.9,
+        ge=0,
+        le=10,
+        description="answer 429 with Retry-After to a request predicted to wait longer than this share of the TTFT SLO for its first token "
+        "(SLO-aware admission, docs/reliability.md); 0 queues every request up to max_queue",
+    )
     train_cap_tokens: int = Field(128, ge=0, description="most training tokens per inference iteration (the operator's plan may lower it); 0 disables training")
     # trainer
     train: bool = Field(True, description="train the shadow adapter when data is given")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapter_store import AdapterStore, AdapterVersion
+from .admission import QueueView, admit_in_s, predicted_ttft_ms
 from .budget import TrainingBudget
 from .detokenize import IncrementalDetokenizer
 from .llama import KVCache, LlamaRuntime, SlabLora
@@ -49,6 +50,8 @@ class EngineSettings:
     max_queue: int = 1024
     lora_slots: int = 4  # adapter versions servable at once
     idle_tick_s: float = 0.01  # how often an idle engine reports to the mixer
+    ttft_slo_ms: float | None = None  # shed a request predicted to miss this TTFT (admission.py); None: queue everything
+    shed_ttft_fraction: float = 0.9  # ... predicted past this share of the SLO (0: never shed)
     torch_threads: int | None = None  # intra-op threads of the engine thread (None: leave torch's default)
 
 
@@ -116,6 +119,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._tpot_ema_ms: float | None = None
+        self._prefill_ms_per_token: float | None = None
+        self._step_ms: float | None = None
+        self._prefill_ms = 0.0  # time spent prefilling in the current iteration
+        self._mean_output_tokens = 32.0
         self.iterations = 0
         self.inference_tokens = 0
         self.last_decision: MixDecision | None = None
@@ -157,9 +164,34 @@ class Engine:
                 raise RequestRejected("the engine is not running")
             if len(self._waiting) >= self.settings.max_queue:
                 raise QueueFull(f"the queue is full ({self.settings.max_queue} requests waiting); retry later")
+            self._shed_if_late(len(prompt_ids))
             self._waiting.append(handle)
             self._cv.notify_all()
         return handle
+
+    def _shed_if_late(self, prompt_tokens: int) -> None:
+        """QueueFull when the request would miss its TTFT SLO (admission.py); called under the lock."""
+        s = self.settings
+        if s.ttft_slo_ms is None or s.shed_ttft_fraction <= 0:
+            return
+        view = QueueView(
+            running=len(self._rows),
+            waiting=len(self._waiting),
+            waiting_prompt_tokens=sum(len(h.request.prompt_ids) for h in self._waiting),
+            max_batch=s.max_batch,
+            max_prefill_tokens=s.max_prefill_tokens,
+            step_ms=self._step_ms,
+            prefill_ms_per_token=self._prefill_ms_per_token,
+            mean_output_tokens=self._mean_output_tokens,
+        )
+        predicted = predicted_ttft_ms(view, prompt_tokens)
+        wait = admit_in_s(predicted, s.ttft_slo_ms, s.shed_ttft_fraction)
+        if wait is not None:
+            raise QueueFull(
+                f"this replica would answer the first token in about {predicted:.0f} ms ({view.waiting} requests waiting, "
+                f"{view.running} running), past its TTFT SLO of {s.ttft_slo_ms:.0f} ms; retry in {wait:.1f} s or on another replica",
+                retry_after_s=wait,
+            )
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, *, decoder_input_details: bool = False) -> AsyncIterator[Event]:
         """Submit and yield events as they come; cancels the request if the consumer goes away."""
@@ -228,7 +260,11 @@ class Engine:
                     self._finish(row, FinishReason.ERROR, error=f"engine error: {exc}")
                 self._rows.clear()
                 continue
-            self._after_iteration((time.perf_counter() - started) * 1000, rows, prefill_tokens, ttft_ms)
+            iteration_ms = (time.perf_counter() - started) * 1000
+            if rows:  # the iteration's time without its prefills: the decode step and the bookkeeping around it
+                step_ms = max(0.0, iteration_ms - self._prefill_ms)
+                self._step_ms = step_ms if self._step_ms is None else 0.8 * self._step_ms + 0.2 * step_ms
+            self._after_iteration(iteration_ms, rows, prefill_tokens, ttft_ms)
 
     def _after_iteration(self, iteration_ms: float, rows: int, prefill_tokens: int, ttft_ms: float | None) -> None:
         self.iterations += 1
@@ -270,6 +306,7 @@ class Engine:
 
     def _admit(self) -> tuple[int, float | None]:
         prefilled, worst_ttft = 0, None
+        self._prefill_ms = 0.0
         while len(self._rows) < self.settings.max_batch:
             with self._cv:
                 if not self._waiting:
@@ -319,6 +356,10 @@ class Engine:
         row_index = len(self._rows)
         now = time.perf_counter()
         logits = self.runtime.prefill(req.prompt_ids, self.cache, row_index, self._lora([slot]), all_logits=req.decoder_input_details)
+        prefill_ms = (time.perf_counter() - now) * 1000
+        self._prefill_ms += prefill_ms
+        per_token = prefill_ms / max(1, len(req.prompt_ids))
+        self._prefill_ms_per_token = per_token if self._prefill_ms_per_token is None else 0.9 * self._prefill_ms_per_token + 0.1 * per_token
         row = _Row(
             handle,
             RowSampler(req.params, req.prompt_ids),
@@ -406,6 +447,8 @@ class Engine:
             error=error,
             adapter_sha256=row.version.sha256 if row.version is not None else None,
         )
+        if reason is not FinishReason.CANCELLED and reason is not FinishReason.ERROR:
+            self._mean_output_tokens = 0.95 * self._mean_output_tokens + 0.05 * max(1, n)
         row.handle.callback(final)
         for observer in self.observers:
             observer("finished", final)
@@ -422,7 +465,12 @@ class Engine:
 
 
 class QueueFull(RuntimeError):
-    """Too many requests waiting; the client should retry later (HTTP 429)."""
+    """The replica takes no more requests now: its queue is full, or the request would miss its TTFT
+    SLO (HTTP 429); `retry_after_s` says when one like it would be admitted."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def _prefill_details(tokenizer, ids: list[int], logits: torch.Tensor) -> tuple[TokenInfo, ...]:

@@ -229,6 +229,10 @@ class LocalDeployment:
     def archives(self) -> list[Path]:
         return [Path(r.config.adapter_archive) for r in self.replicas.values() if r.config.adapter_archive]
 
+    def managed_processes(self) -> dict[str, ManagedProcess]:
+        """The agent and router processes by name (processes mode; empty in-process)."""
+        return {p.name: p for p in self._managed}
+
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds used so far by each process of the deployment (processes mode only)."""
         return {p.name: p.cpu_seconds() for p in self._managed}

@@ -83,6 +83,7 @@ class RequestRecord:
     adapter_version: str = ""  # "<cluster version>.<local revision>"
     adapter_sha256: str = ""
     error: str = ""
+    status: int = 0  # the HTTP status (0: no answer: connection failed or the request timed out)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrafficReplay:
     records: list[RequestRecord] = field(default_factory=list)
     sent: int = 0
     started_at: float = 0.0
+    timeout_s: float = 300.0  # a request without its final event by then ends as an error (a hang)
 
     def __post_init__(self) -> None:
         self.done = threading.Event()
@@ -115,7 +117,7 @@ class TrafficReplay:
 
     async def _replay(self) -> None:
         try:
-            timeout = aiohttp.ClientTimeout(total=300)
+            timeout = aiohttp.ClientTimeout(total=self.timeout_s)
             async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
                 start = time.perf_counter()
                 tasks = []
@@ -133,10 +135,10 @@ class TrafficReplay:
         body = {"inputs": request.prompt, "parameters": {"max_new_tokens": request.max_new_tokens}}
         started = time.perf_counter()
         first = None
-        tokens, replica, version, sha, error = 0, "", "", "", ""
+        tokens, replica, version, sha, error, status, final = 0, "", "", "", "", 0, False
         try:
             async with session.post(self.url + "/generate_stream", json=body, headers={AFFINITY_HEADER: request.domain}) as resp:
-                replica = resp.headers.get("x-collm-replica", "")
+                replica, status = resp.headers.get("x-collm-replica", ""), resp.status
                 if resp.status != 200:
                     error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 else:
@@ -151,7 +153,10 @@ class TrafficReplay:
                             tokens += 1
                             first = first or time.perf_counter()
                         if event.get("generated_text") is not None or event.get("details") is not None:
+                            final = True
                             version, sha = str(event.get("adapter_version") or ""), str(event.get("adapter_sha256") or "")
+                    if not error and not final:
+                        error = "the stream ended without its final event"
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         end = time.perf_counter()
@@ -159,4 +164,4 @@ class TrafficReplay:
         ttft = ((first or end) - started) * 1000
         tpot = (end - first) * 1000 / (tokens - 1) if ok and tokens > 1 else 0.0
         met = ok and ttft <= self.ttft_ms and tpot <= self.tpot_ms
-        self.records.append(RequestRecord(index, sent_s, ttft, tpot, tokens, ok, met, replica, version, sha, error))
+        self.records.append(RequestRecord(index, sent_s, ttft, tpot, tokens, ok, met, replica, version, sha, error, status))

@@ -50,6 +50,7 @@ ADMIN_TOKEN_KEY: web.AppKey[str | None] = web.AppKey("collm_router_admin_token")
 CLIENT_TOKENS_KEY: web.AppKey[ClientTokens | None] = web.AppKey("collm_router_client_tokens")
 OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/docs")  # probes, scrapers and the API's description: no client token
 ENV_PREFIX = "COLLM_ROUTER_"
+MAX_BACK_OFF_S = 10.0  # the longest a replica's 429 keeps traffic away from it
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class ReplicaState:
     outstanding: int = 0
     last_error: str | None = None
     checked_at: float | None = None
+    shed_until: float = 0.0  # time.monotonic() until which the replica said it sheds (its 429's x-collm-admit-in-ms)
+
+    def shedding(self, now: float) -> bool:
+        return now < self.shed_until
 
 
 class Router:
@@ -108,7 +113,8 @@ class Router:
 
     # -- dispatch -----------------------------------------------------------------------------
     def loads(self) -> list[ReplicaLoad]:
-        return [ReplicaLoad(s.name, s.weight, s.healthy, s.outstanding, self.max_outstanding) for s in self.replicas.values()]
+        now = time.monotonic()
+        return [ReplicaLoad(s.name, s.weight, s.healthy, s.outstanding, self.max_outstanding, s.shedding(now)) for s in self.replicas.values()]
 
     def pick(self, exclude: Sequence[str] = (), home: str | None = None) -> ReplicaState | None:
         chosen = choose(self.loads(), self.rng, exclude, home if self.affinity else None)
@@ -116,6 +122,20 @@ class Router:
 
     def why_none(self, exclude: Sequence[str] = ()) -> str:
         return why_none(self.loads(), exclude)
+
+    def back_off(self, replica: ReplicaState, admit_in_ms: str | None) -> None:
+        """A replica answered 429 saying when it expects to admit again: send it nothing until then (at most MAX_BACK_OFF_S)."""
+        try:
+            wait_s = min(MAX_BACK_OFF_S, max(0.0, float(admit_in_ms or 0) / 1000))
+        except ValueError:
+            return
+        replica.shed_until = max(replica.shed_until, time.monotonic() + wait_s)
+
+    def admit_in_s(self, exclude: Sequence[str] = ()) -> float:
+        """Seconds until the first eligible replica stops shedding (0 when none sheds)."""
+        now = time.monotonic()
+        waits = [s.shed_until - now for s in self.replicas.values() if s.healthy and s.weight > 0 and s.name not in exclude and s.shedding(now)]
+        return min(waits, default=0.0)
 
     def suspect(self, replica: ReplicaState, message: str) -> None:
         """A connection failure: no traffic until the next health check passes (kept when checks are off)."""
@@ -153,6 +173,7 @@ class Router:
                 "healthy": s.healthy,
                 "outstanding": s.outstanding,
                 "max_outstanding": self.max_outstanding,
+                "shedding_for_s": round(max(0.0, s.shed_until - time.monotonic()), 3),
                 "last_error": s.last_error,
                 "checked_at": s.checked_at,
             }

@@ -8,7 +8,9 @@ proportion to the weights; under load it keeps each replica's queue proportional
 and it never piles onto one replica that a stale weight overrates (Mitzenmacher's two choices).
 
 A replica gets no traffic while it is unhealthy, has weight 0 (drained, e.g. a training-only
-replica), already failed this request, or holds `max_outstanding` requests (saturated).
+replica), already failed this request, holds `max_outstanding` requests, or is shedding: it
+answered 429 because a request would have missed its TTFT SLO, and said in how many milliseconds
+it expects to admit one again (engine/admission.py). The last two count as saturated.
 
 Home affinity: a request may name its home replica (the one whose users it comes from, whose
 private data is its domain, so whose local revisions serve it best). The home replica takes it
@@ -36,10 +38,11 @@ class ReplicaLoad:
     healthy: bool
     outstanding: int
     max_outstanding: int
+    shedding: bool = False
 
     @property
     def saturated(self) -> bool:
-        return self.outstanding >= self.max_outstanding
+        return self.shedding or self.outstanding >= self.max_outstanding
 
 
 def eligible(replicas: Sequence[ReplicaLoad], exclude: Collection[str] = ()) -> list[ReplicaLoad]:

@@ -29,7 +29,11 @@ class RouterMetrics:
             ["replica"],
             registry=r,
         )
-        self.shed = Counter("collm_router_shed_requests", "Requests answered 429 because every eligible replica was saturated", registry=r)
+        self.shed = Counter(
+            "collm_router_shed_requests",
+            "Requests answered 429: every eligible replica was at its limit of outstanding requests or shed them to keep its TTFT SLO",
+            registry=r,
+        )
         self.unserved = Counter(
             "collm_router_unserved_requests", "Requests answered 502/503: no healthy replica, or every attempt failed", ["reason"], registry=r
         )

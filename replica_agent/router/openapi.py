@@ -62,7 +62,8 @@ class WeightsRequest(BaseModel):
 
 
 PROXY_ERRORS = {
-    429: "every replica is at its limit of outstanding requests (or a replica's own 429): retry after Retry-After seconds",
+    429: "every replica is at its limit of outstanding requests or sheds requests that would miss its TTFT SLO (or a replica's own 429): "
+    "retry after Retry-After seconds",
     502: "every replica tried failed before answering",
     503: "no replica is healthy and routable",
 }

@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from ..serving import openai_schemas, schemas
+from ..serving.pipeline import ADMIT_IN_HEADER, overload_headers
 from .metrics import CLIENT_ERROR, CLIENT_GONE, OK, STREAM_BROKEN, UPSTREAM_ERROR
 
 log = logging.getLogger(__name__)
@@ -142,16 +143,18 @@ async def forward(router, request: web.Request) -> web.StreamResponse:
             failure = exc
             log.warning("%s %s: %s", request.method, path, exc)
     if failure is not None and failure.status is not None:  # every attempt got an error answer: pass the last one on
-        router.metrics.unserved.labels("upstream_error").inc()
+        if failure.status == 429:
+            router.metrics.shed.inc()
+        else:
+            router.metrics.unserved.labels("upstream_error").inc()
         return web.Response(status=failure.status, body=failure.body, headers=failure.headers)
     if router.why_none(exclude=tried) == "saturated" and len(tried) < router.max_attempts:
         router.metrics.shed.inc()
-        return error_response(
-            path,
-            429,
-            f"every replica is at its limit of {router.max_outstanding} outstanding requests; retry after {router.retry_after_s} s",
-            headers={"Retry-After": str(router.retry_after_s)},
-        )
+        wait_s = router.admit_in_s(exclude=tried)
+        headers = overload_headers(max(wait_s, router.retry_after_s))
+        why = "would miss its TTFT SLO or is" if wait_s > 0 else "is"
+        message = f"every replica {why} at its limit of {router.max_outstanding} outstanding requests; retry after {headers['Retry-After']} s"
+        return error_response(path, 429, message, headers=headers)
     if failure is not None:
         router.metrics.unserved.labels("upstream_error").inc()
         return error_response(path, 502, f"no replica could serve the request ({len(tried)} tried); last error: {failure}")
@@ -174,6 +177,8 @@ async def _attempt(router, replica, request: web.Request, body: bytes) -> web.St
             raise UpstreamFailed(f"cannot reach replica {name}: {_describe(exc)}") from None
         async with upstream:
             headers = _response_headers(upstream, name)
+            if upstream.status == 429:
+                router.back_off(replica, upstream.headers.get(ADMIT_IN_HEADER))
             if upstream.status >= 500 or upstream.status == 429:
                 try:
                     data = await upstream.read()

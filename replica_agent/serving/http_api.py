@@ -37,7 +37,7 @@ from ..engine.model_host import dtype_name
 from ..engine.requests import FinalEvent
 from . import openai_api, openapi
 from .metrics import AgentMetrics
-from .pipeline import RETRY_AFTER_S, admin_refusal, admin_warning, bearer_matches, generation_headers, read_json, read_token, stream_events
+from .pipeline import RETRY_AFTER_S, admin_refusal, admin_warning, bearer_matches, generation_headers, overload_headers, read_json, read_token, stream_events
 from .schemas import (
     MAX_STOP_SEQUENCES,
     GenerateRequest,
@@ -62,9 +62,9 @@ API_KEY: web.AppKey[HttpApi] = web.AppKey("collm_api")
 class ApiError(Exception):
     """An answer other than 200, with TGI's error body."""
 
-    def __init__(self, status: int, message: str, error_type: str) -> None:
+    def __init__(self, status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.error_type = status, message, error_type
+        self.status, self.message, self.error_type, self.headers = status, message, error_type, headers
 
 
 class HttpApi:
@@ -110,7 +110,7 @@ class HttpApi:
             try:
                 first = await anext(events)
             except QueueFull as exc:
-                raise ApiError(429, str(exc), "overloaded") from None
+                raise ApiError(429, str(exc), "overloaded", overload_headers(exc.retry_after_s)) from None
             except RequestRejected as exc:  # passed check(), so the engine is not running
                 raise ApiError(503, f"{exc}; retry on another replica", "unavailable") from None
             prefix = req.inputs if req.params.return_full_text else ""
@@ -245,7 +245,7 @@ async def _errors(request: web.Request, handler):
     except ApiError as exc:
         if exc.error_type in ("validation", "overloaded", "unavailable"):
             api.metrics.reject(exc.error_type)
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = exc.headers or ({"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
         return web.json_response(error_body(exc.message, exc.error_type), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -39,7 +39,7 @@ from .openai_schemas import (
     sampling_params,
     sse,
 )
-from .pipeline import RETRY_AFTER_S, generation_headers, read_json, stream_events
+from .pipeline import RETRY_AFTER_S, generation_headers, overload_headers, read_json, stream_events
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ async def _openai_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except OpenAIError as exc:
-        return web.json_response(exc.body(), status=exc.status, headers={"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None)
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers or ({"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -97,7 +97,7 @@ class OpenAIRoutes:
                 first = await anext(events)
             except QueueFull as exc:
                 self.api.metrics.reject("overloaded")
-                raise OpenAIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded") from None
+                raise OpenAIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers=overload_headers(exc.retry_after_s)) from None
             except RequestRejected as exc:  # the engine is not running
                 self.api.metrics.reject("unavailable")
                 raise OpenAIError(503, f"{exc}; retry on another replica", type="server_error", code="unavailable") from None

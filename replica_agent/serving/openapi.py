@@ -29,7 +29,7 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__
 from . import openai_schemas as oai
 from . import schemas as tgi
-from .pipeline import ADAPTER_HEADER, ADAPTER_SHA_HEADER
+from .pipeline import ADAPTER_HEADER, ADAPTER_SHA_HEADER, ADMIT_IN_HEADER
 
 OPENAPI_VERSION = "3.2.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -77,7 +77,10 @@ GENERATION_HEADERS = {
     "x-time-per-token": "mean milliseconds per generated token",
 }
 TOO_LARGE = "the body is larger than the server reads"
-OVERLOADED = "the replica's queue is full: retry after Retry-After seconds, or on another replica"
+OVERLOADED = (
+    "the replica's queue is full, or the request would wait past its TTFT SLO for its first token (SLO-aware admission): "
+    "retry after Retry-After seconds, or on another replica"
+)
 NOT_RUNNING = "the engine is not running (shutting down): retry on another replica"
 TGI_GENERATION_ERRORS = {
     413: TOO_LARGE,
@@ -254,7 +257,10 @@ def _error(dialect: Dialect, status: int, description: str) -> dict[str, Any]:
     body = tgi.ErrorResponse if dialect == "tgi" else oai.OpenAIErrorResponse
     out: dict[str, Any] = {"description": description, "content": {JSON: {"schema": body}}}
     if status == 429:
-        out["headers"] = {"Retry-After": {"description": "seconds to wait before a retry", "required": True, "schema": {"type": "integer"}}}
+        out["headers"] = {
+            "Retry-After": {"description": "seconds to wait before a retry", "required": True, "schema": {"type": "integer"}},
+            ADMIT_IN_HEADER: {"description": "ms until a request like this one would be admitted (a router waits that long)", "schema": {"type": "integer"}},
+        }
     elif status == 401:
         out["headers"] = {"WWW-Authenticate": {"required": True, "schema": {"const": "Bearer"}}}
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from ..engine.requests import FinalEvent, TokenEvent
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 1  # what a 429 (queue full) tells the client to wait, in both dialects
+RETRY_AFTER_S = 1  # the least a 429 tells the client to wait, in both dialects
+ADMIT_IN_HEADER = "x-collm-admit-in-ms"  # on a 429: when the replica expects to admit a request like it (the router backs off that long)
 
 ADAPTER_HEADER = "x-collm-adapter-version"  # "<cluster version>.<local revision>", e.g. 7.3
 ADAPTER_SHA_HEADER = "x-collm-adapter-sha256"
@@ -53,6 +55,11 @@ async def read_json(request: web.Request, *, example: str, error: BodyError) -> 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+def overload_headers(retry_after_s: float) -> dict[str, str]:
+    """A 429's headers: Retry-After in whole seconds (at least RETRY_AFTER_S) and the precise wait in ms."""
+    return {"Retry-After": str(max(RETRY_AFTER_S, math.ceil(retry_after_s))), ADMIT_IN_HEADER: str(max(0, round(retry_after_s * 1000)))}
 
 
 def generation_headers(final: FinalEvent) -> dict[str, str]:

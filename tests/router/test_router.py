@@ -25,6 +25,7 @@ from text_generation.errors import IncompleteGenerationError, OverloadedError
 
 from replica_agent.router.app import ROUTER_KEY, ClientTokens, ReplicaEndpoint, create_router_app, main, parse_replica
 from replica_agent.router.proxy import AFFINITY_HEADER, REPLICA_HEADER
+from replica_agent.serving.pipeline import ADMIT_IN_HEADER
 
 from ..helpers import eventually
 
@@ -282,6 +283,41 @@ def test_load_shedding_answers_429_with_retry_after(agents, loop):
             Client(url, timeout=30).generate(PROMPT, max_new_tokens=1)
         finally:
             router.replicas["a"].outstanding = router.replicas["b"].outstanding = 0
+
+
+def test_a_replica_shedding_for_its_ttft_gets_no_traffic_until_it_said(loop):
+    hits = {"late": 0, "ok": 0}
+
+    async def late(request: web.Request) -> web.Response:
+        hits["late"] += 1
+        body = {"error": "this replica would answer the first token in about 2600 ms, past its TTFT SLO", "error_type": "overloaded"}
+        return web.json_response(body, status=429, headers={"Retry-After": "2", ADMIT_IN_HEADER: "1500"})
+
+    async def ok(request: web.Request) -> web.Response:
+        hits["ok"] += 1
+        return web.json_response({"generated_text": "x"})
+
+    urls = {}
+    for name, handler in (("late", late), ("ok", ok)):
+        app = web.Application()
+        app.router.add_post("/generate", handler)
+        urls[name] = loop.serve(app)
+    url, router = start_router(loop, urls, health_interval_s=0, max_attempts=2)
+    for _ in range(20):  # the first attempt on "late" is retried on "ok"; then "late" is left alone
+        assert http("POST", url + "/generate", {"inputs": PROMPT})[0] == 200
+    assert hits == {"late": 1, "ok": 20}
+    assert 1.0 < json.loads(http("GET", url + "/admin/replicas")[1])["replicas"][0]["shedding_for_s"] <= 1.5
+
+    url, router = start_router(loop, {"late": urls["late"]}, health_interval_s=0)
+    status, body, headers = http("POST", url + "/generate", {"inputs": PROMPT})
+    assert status == 429 and headers["Retry-After"] == "2" and hits["late"] == 2  # the replica's own answer, passed on
+    started = time.monotonic()
+    status, body, headers = http("POST", url + "/generate", {"inputs": PROMPT})
+    assert status == 429 and hits["late"] == 2 and time.monotonic() - started < 0.5  # answered by the router, at once
+    assert "would miss its TTFT SLO" in json.loads(body)["error"] and headers["Retry-After"] == "2" and 1000 < int(headers[ADMIT_IN_HEADER]) <= 1500
+    assert metric(url, "collm_router_shed_requests_total") == 2
+    router.replicas["late"].shed_until = 0.0  # its wait is over: it is tried again
+    assert http("POST", url + "/generate", {"inputs": PROMPT})[0] == 429 and hits["late"] == 3
 
 
 @pytest.mark.timeout(60)

@@ -20,10 +20,10 @@ from text_generation.errors import GenerationError, OverloadedError, ValidationE
 
 from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
-from replica_agent.engine.engine import RequestRejected
+from replica_agent.engine.engine import QueueFull, RequestRejected
 from replica_agent.engine.requests import FinalEvent, FinishReason, TokenEvent, TokenInfo
 from replica_agent.serving import http_api
-from replica_agent.serving.pipeline import ADAPTER_HEADER, ADAPTER_SHA_HEADER
+from replica_agent.serving.pipeline import ADAPTER_HEADER, ADAPTER_SHA_HEADER, ADMIT_IN_HEADER
 from replica_agent.serving.schemas import InvalidRequest, StreamFramer, parse_generate_request, prompt_ids, sampling_params
 
 from ..helpers import eventually, post_json
@@ -232,6 +232,15 @@ def test_overload_and_engine_failures_map_to_tgi_errors(client, server, agent, m
         status, _, headers = post(server, "/generate", {"inputs": PROMPT})
         assert status == 429 and headers["Retry-After"] == "1"  # TGI's dialect says when to retry, as OpenAI's does
 
+    def late(*_args, **_kwargs):
+        raise QueueFull("past its TTFT SLO", retry_after_s=2.5)
+
+    with monkeypatch.context() as m:  # SLO-aware shedding: the precise wait for the router, whole seconds for clients
+        m.setattr(agent.engine, "submit", late)
+        for path, body in (("/generate", {"inputs": PROMPT}), ("/v1/completions", {"model": "tiny", "prompt": PROMPT})):
+            status, _, headers = post(server, path, body)
+            assert status == 429 and headers["Retry-After"] == "3" and headers[ADMIT_IN_HEADER] == "2500", (path, headers)
+
     async def failing(ids, params, **_):
         yield FinalEvent(FinishReason.ERROR, "", 0, None, None, len(ids), error="engine error: boom")
 
@@ -251,7 +260,7 @@ def test_overload_and_engine_failures_map_to_tgi_errors(client, server, agent, m
         status, body, _ = post(server, "/generate", {"inputs": PROMPT})
         assert status == 503 and "not running" in body["error"]
     metrics = get(server, "/metrics")[1].decode()
-    assert 'collm_requests_total{outcome="overloaded"} 2.0' in metrics
+    assert 'collm_requests_total{outcome="overloaded"} 4.0' in metrics  # two queue-full, two predicted late
 
 
 # -- information and control ---------------------------------------------------------------------
