@@ -180,6 +180,7 @@ class Agent:
         cap = plan.train_cap_tokens if self.training else 0
         self.mixer.update_settings(MixerSettings(ttft_ms=plan.ttft_ms, tpot_ms=plan.tpot_ms, cap_tokens_per_iteration=cap, adaptive=plan.adaptive))
         self.profiler.tpot_ms = plan.tpot_ms
+        self.engine.settings.ttft_slo_ms = float(plan.ttft_ms)  # admission sheds against the SLO in force
 
     def publish(self) -> AdapterVersion:
         """Publish the shadow as a local revision now, without the eval gate (an admin's explicit act)."""

@@ -72,6 +72,7 @@ def test_plan_updates_the_mixer_cap_and_slo():
     agent.apply_plan(Plan(train_cap_tokens=64, ttft_ms=200, tpot_ms=20))
     settings = agent.mixer.settings
     assert (settings.cap_tokens_per_iteration, settings.ttft_ms, settings.tpot_ms) == (0, 200, 20)  # no data: no training
+    assert agent.engine.settings.ttft_slo_ms == 200  # admission sheds against the new SLO
     with pytest.raises(RuntimeError, match="--data"):
         agent.publish()
 

@@ -35,6 +35,7 @@ def agent_settings(cluster: Cluster, replica_index: int | None = None) -> dict[s
         "max_total_tokens": spec.serving.max_total_tokens,
         "ttft_ms": spec.serving.ttft_milliseconds,
         "tpot_ms": spec.serving.tpot_milliseconds,
+        "shed_ttft_fraction": spec.serving.shed_at_ttft_percent / 100,
         "train": training_on,
         "train_cap_tokens": spec.training.train_cap_tokens if training_on else 0,
         "micro_batch": spec.training.micro_batch,

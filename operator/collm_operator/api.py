@@ -76,6 +76,7 @@ class Serving:
     tpot_milliseconds: int = 100
     max_batch: int = 16
     max_total_tokens: int = 1024
+    shed_at_ttft_percent: int = 90  # SLO-aware admission (agent: shed_ttft_fraction); 0 queues every request
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,7 @@ def parse_cluster_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
         s.int("tpotMilliseconds", Serving.tpot_milliseconds, 1, 60_000),
         s.int("maxBatch", Serving.max_batch, 1, 1024),
         s.int("maxTotalTokens", Serving.max_total_tokens, 16, 131_072),
+        s.int("shedAtTtftPercent", Serving.shed_at_ttft_percent, 0, 1000),
     )
 
     t = root.section("training")
