@@ -267,6 +267,18 @@ class ClientTokens:
 
 
 @web.middleware
+async def _errors(request: web.Request, handler):
+    """aiohttp's own refusals (unknown route 404, wrong method 405, body too large 413) in the route's dialect, not plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(request.path, exc.status, f"{exc.reason}: {request.method} {request.path}", headers=headers)
+
+
+@web.middleware
 async def _auth(request: web.Request, handler):
     if request.path.startswith("/admin/"):
         token = request.app[ADMIN_TOKEN_KEY]
@@ -306,7 +318,7 @@ def create_router_app(
     `client_tokens` guard the client routes (None: open); `settings` are Router's keyword arguments
     (timeouts, health interval, rng...)."""
     router = Router(replicas, max_outstanding=max_outstanding_per_replica, **settings)
-    app = web.Application(middlewares=[_auth])
+    app = web.Application(middlewares=[_errors, _auth])
     app[ROUTER_KEY] = router
     app[ADMIN_TOKEN_KEY] = admin_token
     app[CLIENT_TOKENS_KEY] = client_tokens

@@ -45,6 +45,7 @@ class ReplicaDescription(_Body):
     max_outstanding: int
     last_error: str | None
     checked_at: float | None  # Unix time of the last health check
+    shedding_for_s: float  # seconds it still gets no traffic after its 429 for its TTFT SLO (0: none)
 
 
 class Replicas(_Body):

@@ -1,4 +1,5 @@
-"""Fuzzing a real agent on loopback (the tiny model) with schemathesis over its own OpenAPI document.
+"""Fuzzing a real agent on loopback (the tiny model), and the router in front of it, with schemathesis
+over their own OpenAPI documents.
 
 Every operation gets the document's examples, schemathesis' coverage cases (each field at its edges
 and with a wrong type, each missing, other methods) and generated requests, valid and invalid. Every
@@ -25,6 +26,9 @@ from schemathesis.specs.openapi.checks import (
 
 from replica_agent.agent import Agent
 from replica_agent.config import AgentConfig
+from replica_agent.local.cluster import BackgroundRouter
+from replica_agent.router.app import ReplicaEndpoint
+from replica_agent.router.openapi import router_document
 from replica_agent.serving.openapi import agent_document
 
 TOKEN = "fuzzing-admin-token-0123456789"
@@ -32,6 +36,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 # The document as the code builds it; the first test checks the agent serves exactly this one.
 # (Loaded here rather than from the agent's URL: schemathesis' fixture loader does not run on pytest 9.)
 schema = schemathesis.openapi.from_dict(agent_document())
+router_schema = schemathesis.openapi.from_dict(router_document())
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +81,29 @@ def test_agent_answers_as_its_document_says(case, server):
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_agent_answers_as_its_document_says_long(case, server):
     call(case, server)
+
+
+@pytest.fixture(scope="module")
+def router(server, tmp_path_factory):
+    """The router in front of the fuzzed agent, with the same admin token (its health checks off: the agent is up)."""
+    router = BackgroundRouter([ReplicaEndpoint("a", server.url)], admin_token=TOKEN, health_interval_s=0)
+    yield router
+    router.stop()
+
+
+def test_the_router_serves_the_fuzzed_document(router):
+    with urllib.request.urlopen(router.url + "/openapi.json", timeout=30) as answer:
+        assert json.loads(answer.read()) == router_document()
+
+
+@router_schema.parametrize()
+@settings(max_examples=5, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_router_answers_as_its_document_says(case, router):
+    call(case, router)
+
+
+@pytest.mark.slow
+@router_schema.parametrize()
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_router_answers_as_its_document_says_long(case, router):
+    call(case, router)
