@@ -44,9 +44,11 @@ class QueueView:
 
 
 def predicted_ttft_ms(view: QueueView, prompt_tokens: int) -> float | None:
-    """The time from now until this request's first token, or None while the engine has measured nothing."""
-    if view.step_ms is None:
-        return None
+    """The time from now until this request's first token; None (admit) while the engine has measured
+    nothing, and when it is idle: a request alone waits only for its own prefill, and admitting it is
+    also how an engine whose last iterations were slow (a pause, a stall) measures again."""
+    if view.step_ms is None or (view.running == 0 and view.waiting == 0):
+        return None  # nothing measured yet, or an idle engine: nothing to wait for that shedding could spare
     step, per_token = view.step_ms, view.prefill_ms_per_token or 0.0
     tokens = view.waiting_prompt_tokens + prompt_tokens
     prefills = max(1, math.ceil(tokens / max(1, view.max_prefill_tokens))) * step + tokens * per_token

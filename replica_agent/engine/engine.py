@@ -263,7 +263,9 @@ class Engine:
             iteration_ms = (time.perf_counter() - started) * 1000
             if rows:  # the iteration's time without its prefills: the decode step and the bookkeeping around it
                 step_ms = max(0.0, iteration_ms - self._prefill_ms)
-                self._step_ms = step_ms if self._step_ms is None else 0.8 * self._step_ms + 0.2 * step_ms
+                if self._step_ms is not None:  # one stalled iteration (a pause, SIGSTOP) moves the average at most 4x
+                    step_ms = 0.8 * self._step_ms + 0.2 * min(step_ms, 4 * self._step_ms)
+                self._step_ms = step_ms
             self._after_iteration(iteration_ms, rows, prefill_tokens, ttft_ms)
 
     def _after_iteration(self, iteration_ms: float, rows: int, prefill_tokens: int, ttft_ms: float | None) -> None:

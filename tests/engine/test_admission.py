@@ -26,6 +26,12 @@ def test_nothing_measured_yet_admits():
     assert admit_in_s(None, 1000, 0.9) is None
 
 
+def test_an_idle_engine_admits_whatever_it_measured_before():
+    # after a stall (SIGSTOP, a long pause) the recent step time is huge; alone, the request waits for nothing
+    assert predicted_ttft_ms(view(running=0, waiting=0, step_ms=40_000), 10) is None
+    assert predicted_ttft_ms(view(running=1, waiting=0, step_ms=40_000), 10) > 40_000
+
+
 def test_a_free_slot_costs_the_prefills_ahead_and_an_iteration_each_max_prefill_tokens():
     assert predicted_ttft_ms(view(running=2), 10) == pytest.approx(10 + 10 * 0.5)
     assert predicted_ttft_ms(view(running=2, waiting=1, waiting_prompt_tokens=30), 10) == pytest.approx(10 + 40 * 0.5)
@@ -72,5 +78,10 @@ def test_the_engine_sheds_a_request_that_would_miss_its_ttft(random_runtime, byt
         engine.submit(engine.encode("q"), SamplingParams(max_new_tokens=2), finals.append)
         assert eventually(lambda: sum(isinstance(f, FinalEvent) for f in finals) == 2, timeout=60)
         assert all(f.ok for f in finals if isinstance(f, FinalEvent))
+        # a stall left a huge step time behind: an idle engine admits anyway, and measures again
+        engine.settings.shed_ttft_fraction, engine._step_ms = 1.0, 40_000.0
+        engine.submit(engine.encode("q"), SamplingParams(max_new_tokens=20, ignore_eos=True), finals.append)
+        assert eventually(lambda: sum(isinstance(f, FinalEvent) for f in finals) == 3, timeout=60)
+        assert engine._step_ms < 40_000 * 0.8**10
     finally:
         engine.stop()
