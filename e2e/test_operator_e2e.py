@@ -18,16 +18,13 @@ import os
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
-from .harness import DevHarness, Harness, RealHarness
+from .harness import DevHarness, Harness, RealHarness, condition, write_training_data
+from .harness import example_cluster as cluster
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "manifests" / "examples" / "collmcluster-cpu-tiny.yaml"
 NAME = "tiny"
 CHILDREN = ("statefulset", "deployment", "service", "configmap", "poddisruptionbudget", "serviceaccount", "secret")
 
@@ -40,34 +37,12 @@ def h(tmp_path_factory, tiny_model_dir):
     if kubeconfig:
         harness: Harness = RealHarness(kubeconfig)
     else:
-        data = tmp_path_factory.mktemp("data")
-        import pydoc_data.topics
-
-        (data / "topics.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
-        harness = DevHarness(tmp_path_factory.mktemp("devcluster"), data)
+        harness = DevHarness(tmp_path_factory.mktemp("devcluster"), write_training_data(tmp_path_factory.mktemp("data")))
     try:
         yield harness
     finally:
         harness.kubectl("delete", "collmcluster", "--all", "--wait=false", check=False)
         harness.close()
-
-
-def cluster(h: Harness) -> dict:
-    """The CPU example, with the training data where the harness has it and short intervals."""
-    obj = yaml.safe_load(EXAMPLE.read_text())
-    obj["metadata"]["namespace"] = h.namespace
-    spec = obj["spec"]
-    spec["training"]["dataVolume"] = h.data_volume
-    spec["federation"].update(roundIntervalSeconds=8, localSteps=5, deadlineSeconds=8, roundHistoryLimit=2, evalGate={"toleranceMilliNats": 200})
-    spec["scheduling"]["slowIntervalSeconds"] = 2
-    return obj
-
-
-def condition(obj: dict | None, type_: str) -> dict:
-    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if c["type"] == type_:
-            return c
-    return {}
 
 
 def current(h: Harness) -> dict:

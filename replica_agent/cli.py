@@ -109,6 +109,9 @@ def collm_main(argv: list[str] | None = None) -> int:
     fed.add_argument("--json", help="write the figures to this file")
     fed.add_argument("--rounds", type=int, default=4)
     fed.add_argument("--local-steps", type=int, default=10)
+    chaos = kinds.add_parser("chaos", help="faults injected into the dev cluster under traffic and rounds (from a clone; python -m e2e.chaos has more options)")
+    chaos.add_argument("--json", help="write the figures to this file")
+    chaos.add_argument("--scenario", action="append", help="run this scenario (repeatable; default: all six, see docs/reliability.md)")
     scale = kinds.add_parser("operator-scale", help="one operator, many CollmClusters on the emulated API server with stand-in agents (from a clone)")
     scale.add_argument("--json", help="write the figures to this file")
     scale.add_argument("--clusters", type=int, default=100)
@@ -237,6 +240,12 @@ def collm_main(argv: list[str] | None = None) -> int:
             baseline=not args.no_baseline,
             json_path=args.json,
         )
+    elif args.bench == "chaos":
+        import importlib
+
+        sys.path.insert(0, ".")  # the dev cluster and the runner live in the clone's e2e/, which is not installed
+        chaos_main = importlib.import_module("e2e.chaos.runner").main
+        return chaos_main([*(["--json", args.json] if args.json else []), *(f"--scenario={s}" for s in args.scenario or [])])
     elif args.bench == "operator-scale":
         from collm_bench import operator_scale
 

@@ -73,6 +73,7 @@ class DevCluster:
         operator_log: str | os.PathLike | None = None,
         shared_mounts: dict[str, str] | None = None,
         stand_in: bool = False,
+        faults_dir: str | os.PathLike | None = None,
     ):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="collm-devcluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,7 @@ class DevCluster:
         self.operator_log = Path(operator_log or self.workdir / "operator.log")
         self.shared_mounts = DEFAULT_SHARED_MOUNTS if shared_mounts is None else shared_mounts
         self.stand_in = stand_in  # the kubelet starts no container processes (see Kubelet)
+        self.faults_dir = faults_dir  # arms the pods' fault hook (fault_hook.py; the chaos runner's)
         self.emulator: ApiEmulator | None = None
         self.kubelet: Kubelet | None = None
         self.operator_proc: subprocess.Popen | None = None
@@ -124,7 +126,9 @@ class DevCluster:
             try:
                 url = await self.emulator.start(port=self.port)
                 if self.with_kubelet:
-                    self.kubelet = Kubelet(self.emulator, self.workdir / "kubelet", shared_mounts=self.shared_mounts, stand_in=self.stand_in)
+                    self.kubelet = Kubelet(
+                        self.emulator, self.workdir / "kubelet", shared_mounts=self.shared_mounts, stand_in=self.stand_in, faults_dir=self.faults_dir
+                    )
                     await self.kubelet.start()
             except BaseException as e:  # noqa: BLE001
                 ready.set_exception(e)

@@ -102,3 +102,8 @@ class _GrpcFinder(importlib.abc.MetaPathFinder):
 
 if _PATH:
     sys.meta_path.insert(0, _GrpcFinder())
+
+# A cluster started for the chaos runner (Kubelet faults_dir) also loads the fault hook, written
+# beside this file; other clusters never do.
+if os.environ.get("COLLM_DEVCLUSTER_FAULTS"):
+    import collm_devcluster_faults  # noqa: F401

@@ -15,6 +15,8 @@ Runs on the emulator's asyncio loop and works on its store directly:
   restartCount+1 (restartPolicy Always, with a small backoff); deleted pods have their processes killed.
 - Cluster DNS for Python processes: Service and pod names -> pod addresses in a JSON file, resolved by
   the sitecustomize hook of ``dns_hook.py`` on the PYTHONPATH of pods and of the operator.
+- Faults (only with ``faults_dir``, for the chaos runner): pods get COLLM_DEVCLUSTER_FAULTS, and the
+  sitecustomize hook loads ``fault_hook.py``, which fires faults the runner arms per pod in that folder.
 Not emulated: image pulls, resource limits, DNS for processes that are not Python.
 """
 
@@ -49,6 +51,9 @@ NO_HOST_FLAG_ANNOTATION = "devcluster.collm.io/no-host-flag"
 # PYTHONPATH of pods and of the operator. Read as text, never imported: importing it would patch
 # socket.getaddrinfo in this process.
 DNS_HOOK_SOURCE = Path(__file__).with_name("dns_hook.py").read_text(encoding="utf-8")
+# The fault hook, written beside it as <workdir>/dns_hook/collm_devcluster_faults.py (same reason).
+FAULT_HOOK_SOURCE = Path(__file__).with_name("fault_hook.py").read_text(encoding="utf-8")
+FAULTS_ENV = "COLLM_DEVCLUSTER_FAULTS"
 
 
 class _Container:
@@ -78,6 +83,7 @@ class Kubelet:
         node_name: str = "devcluster",
         shared_mounts: dict[str, str] | None = None,
         stand_in: bool = False,
+        faults_dir: str | os.PathLike | None = None,
     ):
         self.emu = emulator
         # stand_in: pods get an address and turn Running and Ready at once, but no process starts
@@ -101,6 +107,10 @@ class Kubelet:
         self.dns_hook_dir = self.workdir / "dns_hook"
         self.dns_hook_dir.mkdir(parents=True, exist_ok=True)
         (self.dns_hook_dir / "sitecustomize.py").write_text(DNS_HOOK_SOURCE)
+        self.faults_dir = Path(faults_dir) if faults_dir else None
+        if self.faults_dir is not None:
+            self.faults_dir.mkdir(parents=True, exist_ok=True)
+            (self.dns_hook_dir / "collm_devcluster_faults.py").write_text(FAULT_HOOK_SOURCE)
         self._dns: dict[str, Any] = {}
         self._write_dns({})
 
@@ -322,6 +332,8 @@ class Kubelet:
         env = dict(os.environ)
         env.pop("KUBECONFIG", None)
         env.update(self.dns_env())
+        if self.faults_dir is not None:
+            env[FAULTS_ENV] = str(self.faults_dir)
         env["HOSTNAME"] = (pod.get("spec") or {}).get("hostname") or pod["metadata"]["name"]
         meta = pod["metadata"]
         ns = meta["namespace"]
