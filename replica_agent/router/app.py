@@ -28,7 +28,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -72,6 +72,14 @@ class ReplicaState:
     last_error: str | None = None
     checked_at: float | None = None
     shed_until: float = 0.0  # time.monotonic() until which the replica said it sheds (its 429's x-collm-admit-in-ms)
+    down: asyncio.Event = field(default_factory=asyncio.Event)  # set when it turns unhealthy: attempts waiting for its first byte give up
+
+    def set_healthy(self, healthy: bool) -> None:
+        if healthy and not self.healthy:
+            self.down = asyncio.Event()
+        elif not healthy:
+            self.down.set()
+        self.healthy = healthy
 
     def shedding(self, now: float) -> bool:
         return now < self.shed_until
@@ -142,7 +150,7 @@ class Router:
         replica.last_error = message
         if self.health_interval_s > 0 and replica.healthy:
             log.warning("replica %s: %s; no traffic until its health check passes", replica.name, message)
-            replica.healthy = False
+            replica.set_healthy(False)
 
     # -- admin --------------------------------------------------------------------------------
     def set_weights(self, body) -> None:
@@ -195,7 +203,7 @@ class Router:
         state.checked_at = time.time()
         if ok != state.healthy:
             log.warning("replica %s is now %s%s", state.name, "healthy" if ok else "unhealthy", "" if ok else f" ({problem})")
-        state.healthy = ok
+        state.set_healthy(ok)
         if not ok:
             state.last_error = problem
 

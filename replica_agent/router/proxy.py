@@ -1,8 +1,9 @@
 """Forwarding one client request to the replicas: retries before the first byte, streams relayed event by event.
 
 An attempt that fails before anything reached the client (connection refused or timed out, a 5xx
-or 429 answer, a stream that ends before its first event) is retried on another replica, up to
-`max_attempts`. Once the first event of a stream went out, the request belongs to that replica:
+or 429 answer, a stream that ends before its first event, a replica whose health check fails
+while the attempt waits for its first byte: frozen, or cut off after it accepted the connection)
+is retried on another replica, up to `max_attempts`. Once the first event of a stream went out, the request belongs to that replica:
 if it dies or stalls, the client gets one error event in the route's dialect (TGI:
 `{"error", "error_type": "incomplete_generation"}`, which `text_generation` raises; OpenAI:
 `{"error": {...}}` then `[DONE]`, which the `openai` client raises) and the stream ends. Events are
@@ -12,10 +13,12 @@ relayed whole, so a replica that dies mid-event never leaves half an event at th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from typing import Literal
+from collections.abc import Awaitable
+from typing import Literal, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +28,7 @@ from ..serving.pipeline import ADMIT_IN_HEADER, overload_headers
 from .metrics import CLIENT_ERROR, CLIENT_GONE, OK, STREAM_BROKEN, UPSTREAM_ERROR
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The agent's client routes that the router forwards, as (method, path).
 PROXIED_ROUTES: tuple[tuple[Literal["get", "post"], str], ...] = (
@@ -171,7 +175,9 @@ async def _attempt(router, replica, request: web.Request, body: bytes) -> web.St
     outcome = UPSTREAM_ERROR
     try:
         try:
-            upstream = await router.session.request(request.method, replica.url + request.path_qs, data=body or None, headers=_request_headers(request))
+            upstream = await _unless_down(
+                replica, router.session.request(request.method, replica.url + request.path_qs, data=body or None, headers=_request_headers(request))
+            )
         except _UPSTREAM_ERRORS as exc:
             router.suspect(replica, f"cannot connect: {_describe(exc)}")
             raise UpstreamFailed(f"cannot reach replica {name}: {_describe(exc)}") from None
@@ -190,7 +196,7 @@ async def _attempt(router, replica, request: web.Request, body: bytes) -> web.St
             streaming = upstream.content_type == "text/event-stream"
             reader = EventReader(upstream.content, request.path) if streaming else None
             try:
-                first = await (reader.read() if reader else upstream.read())
+                first = await _unless_down(replica, reader.read() if reader else upstream.read())
             except _UPSTREAM_ERRORS as exc:
                 raise UpstreamFailed(f"replica {name} failed before its first byte: {_describe(exc)}") from None
             metrics.first_byte.labels(name).observe(time.monotonic() - started)
@@ -215,6 +221,30 @@ async def _attempt(router, replica, request: web.Request, body: bytes) -> web.St
         replica.outstanding -= 1
         metrics.requests.labels(name, outcome).inc()
         metrics.latency.labels(name).observe(time.monotonic() - started)
+
+
+async def _unless_down(replica, awaitable: Awaitable[T]) -> T:
+    """`awaitable`'s result, or UpstreamFailed as soon as the replica fails a health check meanwhile
+    (a frozen replica accepts connections and answers nothing; the first-byte timeout is long)."""
+    if replica.down.is_set():
+        raise UpstreamFailed(f"replica {replica.name} is failing its health check")
+    work = asyncio.ensure_future(awaitable)
+    down = asyncio.ensure_future(replica.down.wait())
+    try:
+        done, _ = await asyncio.wait({work, down}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the client went away
+        work.cancel()
+        raise
+    finally:
+        down.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, *_UPSTREAM_ERRORS):
+        late = await work  # it may have completed while being cancelled
+        if isinstance(late, aiohttp.ClientResponse):
+            late.release()
+    raise UpstreamFailed(f"replica {replica.name} failed its health check before its first byte ({replica.last_error})")
 
 
 async def _relay(router, reader: EventReader, response: web.StreamResponse, name: str, path: str) -> str:

@@ -472,3 +472,28 @@ def test_client_routes_take_the_clusters_api_keys(agents, loop, tmp_path):
 def test_a_missing_client_token_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="clientTokenSecretRef"):
         ClientTokens(str(tmp_path / "absent"))
+
+
+def test_a_request_waiting_on_a_replica_that_freezes_is_retried_when_its_health_check_fails(loop):
+    """A frozen replica accepts connections and answers nothing: the attempt gives up when its health check fails, not after the first-byte timeout."""
+    frozen = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await frozen.wait()  # never set: nothing is answered, the health check included
+        return web.json_response({})
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"generated_text": "x"} if request.method == "POST" else {"status": "ok"})
+
+    urls = {}
+    for name, handler in (("frozen", hang), ("ok", ok)):
+        app = web.Application()
+        app.router.add_post("/generate", handler)
+        app.router.add_get("/health", handler)
+        urls[name] = loop.serve(app)
+    url, router = start_router(loop, urls, health_interval_s=0.3, max_attempts=2)
+    http("PUT", url + "/admin/weights", {"weights": {"frozen": 1000, "ok": 1}})
+    started = time.monotonic()
+    status, body, headers = http("POST", url + "/generate", {"inputs": PROMPT})
+    assert status == 200 and headers[REPLICA_HEADER] == "ok" and time.monotonic() - started < 5, (status, body)
+    assert metric(url, "collm_router_retries_total", replica="frozen") == 1 and not router.replicas["frozen"].healthy
