@@ -24,4 +24,5 @@ def test_one_operator_drives_several_clusters(tmp_path):
     assert result["ready_s"]["max"] > result["first_reconcile_s"]["p50"] > 0
     assert result["control_steps"] >= 2 and result["stand_in"]["stats_calls"] >= 4 and result["stand_in"]["plans"] >= 1
     assert result["api_requests_per_minute"] > 0 and result["operator"]["rss_mib"] > 0 and result["operator"]["threads"] > 0
+    assert 0 < result["operator"]["cpu_percent"] < 100 * result["machine"]["cpu_count"] and result["load_average_1min"] >= 0
     assert 0 < result["control_step_ms"]["p50"] <= result["control_step_ms"]["p99"]

@@ -6,11 +6,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
+import grpc
+
 from collm_control.stats import AgentStats
 from collm_operator import api, objects
 from collm_operator.reconcile import Pod
 from collm_rpc import tls
-from collm_rpc.client import AgentClient, read_stats
+from collm_rpc.client import AgentClient
+from collm_rpc.proto import collm_pb2 as pb
+from collm_rpc.stats import from_proto
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,18 @@ class AgentPool:
         return current
 
     def stats(self, addresses: Mapping[str, str]) -> dict[str, AgentStats | None]:
-        """Every agent's stats, None for one that did not answer; in parallel."""
-        return read_stats({name: self.client(name, address) for name, address in addresses.items()}, log.debug)
+        """Every agent's stats, None for one that did not answer; in parallel: every call is started,
+        then each answer awaited (no thread pool per step: at 100 clusters, starting its threads cost
+        a step more than the calls did)."""
+        calls = {name: self.client(name, address).stub.GetStats.future(pb.StatsRequest(), timeout=self.rpc_timeout_s) for name, address in addresses.items()}
+        out: dict[str, AgentStats | None] = {}
+        for name, call in calls.items():
+            try:
+                out[name] = from_proto(call.result())
+            except grpc.RpcError as exc:
+                log.debug("%s: GetStats from %s failed: %s", name, addresses[name], exc.code().name)
+                out[name] = None
+        return out
 
     def forget(self, keep: Iterable[str]) -> None:
         keep = set(keep)

@@ -2,7 +2,9 @@
 `ClusterController.step(body)`, a thin adapter around the control core's one decision
 (collm_control.decide, which the local mode runs too). It
 
-1. observes the StatefulSet, its pods and the router, and reads every agent's stats over gRPC;
+1. observes the StatefulSet, its pods, the router and the cluster's rounds (from kopf's indexes in
+   the operator, from the API in tests and tools: observers.py), and reads every agent's stats
+   over gRPC;
 2. decides (load prediction, allocation, laggards, the round to start) and pushes the plans
    (ApplyPlan: training cap and SLO) to the agents and the routing weights to the router pods;
 3. re-publishes the cluster's current adapter to any agent that serves an older one (a restarted or
@@ -26,7 +28,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -39,11 +41,14 @@ from collm_operator.agents import AgentPool, grpc_addresses
 from collm_operator.certificates import admin_token, operator_credentials
 from collm_operator.conditions import TRUE, Reason, get_condition
 from collm_operator.kube import Kube
-from collm_operator.reconcile import Health, cluster_conditions, observe_workloads
+from collm_operator.observers import ApiObserver, Observer
+from collm_operator.reconcile import Health, cluster_conditions
 from collm_operator.round_control import finished
+from collm_rpc import tls
 
 log = logging.getLogger(__name__)
-TOKEN_REREAD_S = 60.0
+SECRET_REREAD_S = 60.0  # a Secret changes only when someone (or cert-manager, when renewing) replaces it
+T = TypeVar("T")
 
 SLO_WINDOW_S = 60.0
 Event = Callable[[str, str, str], None]  # (type, reason, message)
@@ -63,17 +68,37 @@ def published_adapter(status: Mapping[str, Any], rounds: list[dict]) -> Adapter 
     return best
 
 
+class Reread(Generic[T]):
+    """A value read from a Secret, read again at most every SECRET_REREAD_S, and at every call while
+    `missing(value)` (a Secret not created yet)."""
+
+    def __init__(self, missing: Callable[[T], bool]) -> None:
+        self.missing = missing
+        self._read: tuple[float, T] | None = None  # (read at, value)
+
+    def get(self, read: Callable[[], T]) -> T:
+        now = time.monotonic()
+        if self._read is None or self.missing(self._read[1]) or now - self._read[0] > SECRET_REREAD_S:
+            self._read = (now, read())
+        return self._read[1]
+
+
 class ClusterController:
+    """`observer`: where a step reads the workloads and rounds (default: the API through `kube`;
+    the operator passes one that reads kopf's indexes). `kube` writes: status, rounds, Secrets read."""
+
     def __init__(
         self,
         kube: Kube,
         *,
+        observer: Observer | None = None,
         event: Event | None = None,
         pool: AgentPool | None = None,
         clock: Callable[[], float] = time.time,
         decision_log: str | None = None,
     ) -> None:
         self.kube, self.clock = kube, clock
+        self.observer = observer or ApiObserver(kube)
         self.decision_log = decision_log  # a file each step appends what decide() was given to (JSON lines)
         self.event = event or (lambda *_: None)
         self.pool = pool or AgentPool()
@@ -82,7 +107,9 @@ class ClusterController:
         self._counters: dict[str, tuple[int, int]] = {}  # agent -> (finished, met SLO) at the last reading
         self._window: deque[tuple[float, int, int]] = deque()  # (time, finished, met) per step
         self._over_budget = False  # the privacy budget stopped rounds (warned once per change)
-        self._token: tuple[float, str | None] | None = None  # (read at, the cluster's admin token)
+        self._token: Reread[str | None] = Reread(lambda token: token is None)  # the cluster's admin token
+        # A cert-manager certificate (`own` until issued); one object from read to read also keeps the pool's channels.
+        self._credentials: Reread[tls.Credentials | None] = Reread(lambda creds: creds is self.pool.credentials)
 
     def close(self) -> None:
         self.pool.close()
@@ -96,14 +123,14 @@ class ClusterController:
             return 10.0  # the reconcile handler reports it; nothing runs on an invalid spec
         status = dict(body.get("status") or {})
         now = self.clock()
-        self.pool.active = operator_credentials(self.kube, cluster, self.pool.credentials)
-        workloads = observe_workloads(self.kube, cluster)
+        self.pool.active = self._operator_credentials(cluster)
+        workloads = self.observer.workloads(cluster)
         names = objects.replica_names(cluster)
         addresses = grpc_addresses(cluster, workloads.pods, [n for n in names if n in workloads.pods])
         stats = self.pool.stats(addresses)
         self.pool.forget(stats)
         arrivals, finished_n, met_n = self._count_requests(now, stats)
-        rounds = self.kube.list(api.API_VERSION, api.ROUND_KIND, cluster.namespace, f"{objects.CLUSTER_LABEL}={cluster.name}")
+        rounds = self.observer.rounds(cluster)
         running = [r for r in rounds if not finished(r.get("status"))]
         in_round = tuple(p for r in running for p in (((r.get("status") or {}).get("state") or {}).get("spec") or {}).get("participants") or ())
 
@@ -241,11 +268,13 @@ class ClusterController:
                 log.info("ApplyPlan to %s failed: %s", name, exc.code().name)
 
     def _admin_token(self, cluster: api.Cluster) -> str | None:
-        """The cluster's admin token, read again at most every TOKEN_REREAD_S (it changes only if someone replaces the Secret)."""
-        now = time.monotonic()
-        if self._token is None or self._token[1] is None or now - self._token[0] > TOKEN_REREAD_S:
-            self._token = (now, admin_token(self.kube, cluster))
-        return self._token[1]
+        return self._token.get(lambda: admin_token(self.kube, cluster))
+
+    def _operator_credentials(self, cluster: api.Cluster) -> tls.Credentials | None:
+        """What the pool presents to this cluster's agents; only a cert-manager certificate is read (from its Secret)."""
+        if cluster.spec.security.mutual_tls and cluster.spec.security.cert_manager_issuer is not None:
+            return self._credentials.get(lambda: operator_credentials(self.kube, cluster, self.pool.credentials))
+        return operator_credentials(self.kube, cluster, self.pool.credentials)
 
     def _push_weights(self, cluster: api.Cluster, actions: Actions, router_ips: tuple[str, ...]) -> None:
         assert actions.plan is not None

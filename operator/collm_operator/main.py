@@ -4,6 +4,8 @@
 
 - CollmCluster create/update/resume -> reconcile.reconcile_cluster (children, InvalidSpec, Events)
 - CollmCluster daemon               -> control.ClusterController.step every slowIntervalSeconds
+- indexes of the clusters' pods, StatefulSets, Deployments and AdapterRounds -> observers.*_entry
+  (what a step observes, kept current by kopf's watches: a step reads no object from the API)
 - CollmCluster delete               -> reconcile.delete_children (then kopf removes our finalizer)
 - AdapterRound daemon, until done   -> round_control.drive (resumes from status after a restart)
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import os
 import random
@@ -24,7 +27,7 @@ from typing import Any
 
 import kopf
 
-from collm_operator import api, certificates, metrics, reconcile, round_control
+from collm_operator import api, certificates, metrics, objects, observers, reconcile, round_control
 from collm_operator.agents import AgentPool
 from collm_operator.control import ClusterController
 from collm_operator.kube import Kube
@@ -33,6 +36,13 @@ from collm_rpc import tls
 PREFIX = "collm.io"
 CLUSTERS: dict[str, Any] = dict(group=api.GROUP, version=api.VERSION, plural=api.CLUSTER_PLURAL)
 ROUNDS: dict[str, Any] = dict(group=api.GROUP, version=api.VERSION, plural=api.ROUND_PLURAL)
+# The children a step observes; the operator watches only those it manages (server-side selector).
+CHILDREN: dict[str, dict[str, Any]] = {
+    "pods": dict(group="", version="v1", plural="pods"),
+    "statefulsets": dict(group="apps", version="v1", plural="statefulsets"),
+    "deployments": dict(group="apps", version="v1", plural="deployments"),
+}
+MANAGED = {"app.kubernetes.io/managed-by": objects.MANAGED_BY}
 
 
 def _events(body):
@@ -42,6 +52,13 @@ def _events(body):
         (kopf.info if type_ == "Normal" else kopf.warn)(body, reason=reason, message=message[:1024])
 
     return post
+
+
+def watch_managed_children_only(settings: kopf.OperatorSettings) -> None:
+    """The server filters the children's watches: the operator holds (and is sent) only its own pods,
+    StatefulSets and Deployments, not every one of the cluster."""
+    for child in CHILDREN.values():
+        settings.watching.label_selectors[child["group"], child["version"], child["plural"]] = ",".join(f"{k}={v}" for k, v in MANAGED.items())
 
 
 @kopf.on.startup()
@@ -55,6 +72,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.client_timeout = 300
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
+    watch_managed_children_only(settings)
     settings.posting.level = logging.INFO
     # Every running round holds a thread (a sync daemon) and every control step takes one while it
     # runs (clusters' daemons are async and hold none between steps): the default pool is cores + 4.
@@ -66,6 +84,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.credentials = memo.ca.issue(tls.Identity.operator())
     memo.controllers = {}  # shared by every object's shallow copy of this memo (the probe reads it)
     metrics.serve(int(os.environ.get("COLLM_OPERATOR_METRICS_PORT", "9108")))
+    # What exists now lives as long as the process (the modules: the Kubernetes client alone defines
+    # thousands of classes): left out of the collector's full passes, which otherwise stop every
+    # thread, so every control step in flight, for tens to hundreds of ms (docs/reliability.md).
+    gc.freeze()
 
 
 @kopf.on.probe(id="clusters")
@@ -86,12 +108,40 @@ def reconcile_cluster(body, old, patch, memo: kopf.Memo, **_) -> None:
         post(*event)
 
 
+# Async, so that kopf calls them on the event loop as each watch event arrives (no executor thread).
+@kopf.index(**CHILDREN["pods"], labels=MANAGED)
+async def pods_by_cluster(body, **_) -> dict:
+    return observers.pod_entry(body)
+
+
+@kopf.index(**CHILDREN["statefulsets"], labels=MANAGED)
+async def statefulsets_by_name(body, **_) -> dict:
+    return observers.workload_entry(body)
+
+
+@kopf.index(**CHILDREN["deployments"], labels=MANAGED)
+async def deployments_by_name(body, **_) -> dict:
+    return observers.workload_entry(body)
+
+
+@kopf.index(**ROUNDS)
+async def rounds_by_cluster(body, **_) -> dict:
+    return observers.round_entry(body)
+
+
 @kopf.daemon(**CLUSTERS, cancellation_timeout=30, initial_delay=1)
-async def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **_) -> None:
+async def control_loop(stopped, body, meta, memo: kopf.Memo, logger, **kwargs) -> None:
     """Async, so that a cluster holds no thread between steps: each step runs on the loop's executor
-    and the daemon waits on the event loop (one operator drives many clusters)."""
+    and the daemon waits on the event loop (one operator drives many clusters). The step observes
+    through kopf's indexes, which kopf passes by the index handlers' names (live for the daemon's life)."""
     pool = AgentPool(credentials=memo.credentials)
-    controller = ClusterController(memo.kube, event=_events(body), pool=pool, decision_log=os.environ.get("COLLM_DECISION_LOG") or None)
+    observer = observers.IndexObserver(
+        pods=kwargs["pods_by_cluster"],
+        statefulsets=kwargs["statefulsets_by_name"],
+        deployments=kwargs["deployments_by_name"],
+        rounds=kwargs["rounds_by_cluster"],
+    )
+    controller = ClusterController(memo.kube, observer=observer, event=_events(body), pool=pool, decision_log=os.environ.get("COLLM_DECISION_LOG") or None)
     memo.controllers[meta["uid"]] = controller
     loop = asyncio.get_running_loop()
     # Spread the clusters over the interval: clusters created (or resumed by a restarted operator)

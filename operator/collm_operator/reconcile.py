@@ -1,16 +1,17 @@
 """CollmCluster reconciliation: apply the children, then judge what is observed into conditions.
 
 `apply_children` writes the builders' desired state (objects.build_all) and removes what the spec
-no longer wants (a ServiceMonitor switched off). `observe_workloads` reads the StatefulSet, its
-pods and the router Deployment. `cluster_conditions` is pure: previous conditions + what was
-observed -> the new condition list (Progressing, Degraded, TrainingActive, then the Ready
-summary). The kopf handlers (main.py) and the control loop (control.py) call these.
+no longer wants (a ServiceMonitor switched off). `workloads_from` reads the StatefulSet, its pods
+and the router Deployment, wherever they came from (`observe_workloads`: the API; observers.py:
+kopf's indexes too). `cluster_conditions` is pure: previous conditions + what was observed -> the
+new condition list (Progressing, Degraded, TrainingActive, then the Ready summary). The kopf
+handlers (main.py) and the control loop (control.py) call these.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -126,16 +127,30 @@ class Workloads:
     router_ips: tuple[str, ...] = ()  # the router pods' addresses (routing weights go there)
 
 
+def pod_selector(cluster: api.Cluster) -> dict[str, str]:
+    """The labels the agents' and the router's pods share: one list (or index entry) holds both."""
+    agent, router = objects.selector(cluster, objects.AGENT), objects.selector(cluster, objects.ROUTER)
+    return {k: v for k, v in agent.items() if router.get(k) == v}
+
+
 def observe_workloads(kube: Kube, cluster: api.Cluster) -> Workloads:
+    """From the API: the StatefulSet, the pods and the router Deployment (three reads)."""
     ns = cluster.namespace
-    sts = kube.get("apps/v1", "StatefulSet", ns, objects.statefulset_name(cluster)) or {}
+    sts = kube.get("apps/v1", "StatefulSet", ns, objects.statefulset_name(cluster))
+    pods = kube.list("v1", "Pod", ns, ",".join(f"{k}={v}" for k, v in pod_selector(cluster).items()))
+    router = kube.get("apps/v1", "Deployment", ns, objects.router_name(cluster))
+    return workloads_from(cluster, sts, pods, router)
+
+
+def workloads_from(cluster: api.Cluster, sts: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], router: Mapping[str, Any] | None) -> Workloads:
+    """What the StatefulSet, the pods (agents' and router's) and the router Deployment say. Pure:
+    the objects come from the API or from kopf's indexes (observers.py keeps the fields read here)."""
+    sts, router = sts or {}, router or {}
     sts_status = sts.get("status") or {}
     wanted = set(objects.replica_names(cluster))
-    # One list for the agents' and the router's pods (a control step's reads are its cost at scale).
     agent, router_labels = objects.selector(cluster, objects.AGENT), objects.selector(cluster, objects.ROUTER)
-    common = {k: v for k, v in agent.items() if router_labels.get(k) == v}
-    pods, router_ips = {}, []
-    for p in kube.list("v1", "Pod", ns, ",".join(f"{k}={v}" for k, v in common.items())):
+    found, router_ips = {}, []
+    for p in pods:
         meta, status = p["metadata"], p.get("status") or {}
         labels = meta.get("labels") or {}
         if all(labels.get(k) == v for k, v in router_labels.items()):
@@ -146,14 +161,12 @@ def observe_workloads(kube: Kube, cluster: api.Cluster) -> Workloads:
             continue
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
         restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
-        pods[meta["name"]] = Pod(meta["name"], status.get("podIP"), ready, restarts)
+        found[meta["name"]] = Pod(meta["name"], status.get("podIP"), ready, restarts)
     generation = (sts.get("metadata") or {}).get("generation")
     updated = int(sts_status.get("updatedReplicas") or 0)
     rolled_out = bool(sts) and sts_status.get("observedGeneration") == generation and updated >= cluster.spec.replicas
-    router = kube.get("apps/v1", "Deployment", ns, objects.router_name(cluster)) or {}
-    router_status = router.get("status") or {}
-    router_ok = int(router_status.get("availableReplicas") or 0) >= 1
-    return Workloads(pods, updated, rolled_out, router_ok, tuple(sorted(router_ips)))
+    router_ok = int((router.get("status") or {}).get("availableReplicas") or 0) >= 1
+    return Workloads(found, updated, rolled_out, router_ok, tuple(sorted(router_ips)))
 
 
 @dataclass(frozen=True)

@@ -383,3 +383,18 @@ def test_kustomize_base_grants_what_the_chart_grants():
     base_container, chart_container = (d["spec"]["template"]["spec"]["containers"][0] for d in (base_deployment, chart_deployment))
     for key in ("command", "env", "ports", "livenessProbe", "securityContext", "resources", "image"):
         assert base_container[key] == chart_container[key], key
+
+
+def test_the_operator_may_list_and_watch_everything_it_watches():
+    """kopf lists and watches every resource a handler or index names, and holds every handler back
+    until each index is filled: a missing verb stops the operator on a real cluster (the emulated API
+    server does not enforce RBAC)."""
+    from collm_operator import main
+
+    rules = next(d for d in docs(MANIFESTS / "base" / "rbac.yaml") if d["metadata"]["name"] == "collm-operator-workloads")["rules"]
+
+    def granted(group: str, plural: str) -> set[str]:
+        return {verb for r in rules if group in r["apiGroups"] and plural in r["resources"] for verb in r["verbs"]}
+
+    for watched in (main.CLUSTERS, main.ROUNDS, *main.CHILDREN.values()):
+        assert {"list", "watch"} <= granted(watched["group"], watched["plural"]), watched

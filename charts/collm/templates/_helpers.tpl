@@ -38,8 +38,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   resources: ["collmclusters/finalizers"]
   verbs: ["update"]
 - apiGroups: ["apps"]
+  # watch: the control loop reads its clusters' workloads from kopf indexes fed by watches
   resources: ["statefulsets", "deployments"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   # secrets: each cluster's TLS certificates and admin token, and (in the operator's namespace) the CA
   resources: ["services", "configmaps", "serviceaccounts", "secrets"]
@@ -54,9 +55,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   resources: ["servicemonitors"]
   verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: [""]
-  # the agents' and routers' pod IPs and readiness
+  # the agents' and routers' pod IPs and readiness (watched into a kopf index)
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
