@@ -251,6 +251,7 @@ class Agent:
             eval_loss=trainer.last_eval_loss if trainer else None,
             trainer_error=(trainer.error if trainer else None) or "",
             data_error=self.data_error or "",
+            state_error=self.state.error if self.state is not None else "",
             data_tokens=self.dataset.train_tokens if self.dataset is not None else 0,
             unuploaded_steps=trainer.unuploaded_steps if trainer else 0,
             revisions_published=trainer.revisions_published if trainer else 0,

@@ -145,3 +145,24 @@ def test_an_unusable_state_dir_stops_collm_agent_with_a_message(tmp_path, tiny_m
     blocker.write_text("")
     assert agent_main(["--state-dir", str(blocker / "state"), "--port", "0", "--grpc-port", "0"]) == 2
     assert f"cannot use state_dir {blocker / 'state'}" in capsys.readouterr().err
+
+
+def test_a_state_volume_that_takes_no_write_shows_in_the_stats_until_a_write_works(tmp_path, tiny_base, monkeypatch):
+    from replica_agent.engine import state
+
+    agent = Agent(AgentConfig(**TRAINING, revision_every_seconds=0, state_dir=str(tmp_path)), base=tiny_base)
+    assert agent.stats().state_error == ""
+
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(state, "write_atomically", full)
+        agent.adopt_global(shifted(agent.store.global_version.tensors, 0.01), 1)  # served, but not saved
+        assert not agent.state.save_shadow(agent.trainer)
+        error = agent.stats().state_error
+        assert "cannot save the adapter versions" in error and "cannot checkpoint the shadow" in error and "No space left on device" in error
+        assert agent.store.current.label == "1.0"  # serving goes on
+    agent.adopt_global(shifted(agent.store.global_version.tensors, 0.02), 2)
+    assert agent.state.save_shadow(agent.trainer)
+    assert agent.stats().state_error == ""  # the volume took both writes again

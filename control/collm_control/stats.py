@@ -61,6 +61,7 @@ class AgentStats:
     eval_loss: float | None = None  # None: the replica has no private data (no held-out split)
     trainer_error: str = ""
     data_error: str = ""
+    state_error: str = ""  # why the state volume took no write ("" when the last writes worked; docs/operator.md)
     data_tokens: int = 0  # training tokens of its private data (0: none)
     unuploaded_steps: int = 0
     revisions_published: int = 0

@@ -62,6 +62,7 @@ class Reason:
     PUBLISHING_ADAPTER = "PublishingAdapter"
     ROUTER_UNAVAILABLE = "RouterUnavailable"
     ADAPTER_LOST = "AdapterLost"
+    STATE_NOT_SAVED = "StateNotSaved"
     REPLICAS_UNAVAILABLE = "ReplicasUnavailable"
     SLO_MISSED = "SloMissed"
     AS_EXPECTED = "AsExpected"

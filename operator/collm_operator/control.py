@@ -190,6 +190,7 @@ class ClusterController:
             else "",
             training=actions.training,
             with_data=sum(1 for st in reachable.values() if st.has_data),
+            state_errors=tuple(f"{n}: {st.state_error}" for n, st in sorted(reachable.items()) if st.state_error),
         )
         judgement = cluster_conditions(status.get("conditions"), cluster, workloads, health, datetime.fromtimestamp(now, UTC))
         patch.update(

@@ -180,6 +180,7 @@ class Health:
     training: tuple[str, ...] = ()  # replicas with a training cap > 0 and data
     with_data: int = 0
     adapter_lost: str = ""  # why the cluster's adapter cannot be restored ("" when it can)
+    state_errors: tuple[str, ...] = ()  # "<replica>: <why>" for each replica whose state volume took no write
 
 
 @dataclass
@@ -210,6 +211,8 @@ def cluster_conditions(previous: Sequence[dict[str, Any]] | None, cluster: api.C
         c = set_condition(c, "Degraded", TRUE, Reason.REPLICAS_UNAVAILABLE, f"{ready} of {desired} replicas serve; not serving: {', '.join(missing)}", gen, now)
     elif h.adapter_lost:
         c = set_condition(c, "Degraded", TRUE, Reason.ADAPTER_LOST, h.adapter_lost, gen, now)
+    elif h.state_errors:
+        c = set_condition(c, "Degraded", TRUE, Reason.STATE_NOT_SAVED, "; ".join(h.state_errors), gen, now)
     elif not w.router_available and not progressing:
         c = set_condition(
             c, "Degraded", TRUE, Reason.ROUTER_UNAVAILABLE, f"the router Deployment {objects.router_name(cluster)} has no available pod", gen, now

@@ -115,6 +115,12 @@ class DurableState:
         self._shadow_saved: tuple[int, str] | None = None  # (step, global sha256) of the shadow on disk
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._errors: dict[str, str] = {}  # what the last write of each kind ("adapters", "shadow") failed with
+
+    @property
+    def error(self) -> str:
+        """Why the last write failed ("" when the last writes worked): a full or read-only volume shows in the stats."""
+        return "; ".join(self._errors.values())
 
     # -- adapters -----------------------------------------------------------------------------
     def load_adapters(self, spec: LoraSpec, dims: ModelDims) -> StoreSnapshot | None:
@@ -183,8 +189,10 @@ class DurableState:
                 for path in self.adapters.folder.glob("*.safetensors"):
                     if path.stem not in kept:
                         path.unlink(missing_ok=True)
-        except Exception:
+            self._errors.pop("adapters", None)
+        except Exception as exc:
             log.exception("cannot save the adapter versions to %s; they are served, but a restart would not find them", self.folder)
+            self._errors["adapters"] = f"cannot save the adapter versions to {self.folder} ({exc}); they are served, but a restart would not find them"
 
     # -- the shadow ---------------------------------------------------------------------------
     def restore_shadow(self, trainer: Trainer, store: AdapterStore) -> bool:
@@ -233,9 +241,11 @@ class DurableState:
                 torch.save({"format": FORMAT, "identity": self.identity, "sha256": checkpoint_sha256(state), **vars(state)}, buffer)
                 write_atomically(self.folder / SHADOW, buffer.getbuffer())
                 self._shadow_saved = (state.step, state.global_sha256)
+                self._errors.pop("shadow", None)
                 return True
-        except Exception:
+        except Exception as exc:
             log.exception("cannot checkpoint the shadow adapter to %s", self.folder)
+            self._errors["shadow"] = f"cannot checkpoint the shadow adapter to {self.folder} ({exc}); a restart would lose its recent steps"
             return False
 
     def keep_checkpointing(self, trainer: Trainer, interval_s: float) -> None:

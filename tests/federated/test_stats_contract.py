@@ -33,6 +33,7 @@ def test_every_field_round_trips_through_the_proto():
         eval_loss=2.5,
         trainer_error="boom",
         data_error="empty",
+        state_error="cannot save: no space",
         data_tokens=44507,
         unuploaded_steps=3,
         revisions_published=2,

@@ -115,6 +115,12 @@ def test_router_without_available_pod_degrades_the_cluster():
     assert status_reason(c["Ready"]) == ("False", "RouterUnavailable")
 
 
+def test_a_replica_whose_state_volume_takes_no_write_degrades_the_cluster():
+    _, c = judge(h=healthy(state_errors=("demo-1: cannot checkpoint the shadow adapter to /state ([Errno 28] No space left on device)",)))
+    assert status_reason(c["Degraded"]) == ("True", "StateNotSaved")
+    assert c["Degraded"]["message"].startswith("demo-1: cannot checkpoint") and c["Ready"]["status"] == "False"
+
+
 @pytest.mark.parametrize("attainment, requests, degraded", [(0.8, 20, True), (0.8, 19, False), (0.9, 500, False), (0.0, 0, False)])
 def test_slo_missed_only_below_90_percent_with_enough_requests(attainment, requests, degraded):
     _, c = judge(h=healthy(slo_attainment=attainment, slo_requests=requests))

@@ -45,7 +45,7 @@ class CapacityPoint(_message.Message):
     def __init__(self, cap: _Optional[int] = ..., requests_per_s: _Optional[float] = ..., training_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("replica_id", "model", "adapter", "global_adapter", "live_versions", "uptime_s", "queue_depth", "running", "iterations", "inference_tokens", "requests_finished", "requests_met_slo", "ttft_ms", "tpot_ms", "capacity_profile", "training_tokens", "training_steps", "training_share", "train_cap_tokens", "train_loss", "has_train_loss", "eval_loss", "has_eval_loss", "trainer_error", "data_error", "data_tokens", "unuploaded_steps", "revisions_published", "revisions_rejected", "last_revision_unix", "lora_rank", "lora_alpha", "lora_target_modules", "edge_sessions")
+    __slots__ = ("replica_id", "model", "adapter", "global_adapter", "live_versions", "uptime_s", "queue_depth", "running", "iterations", "inference_tokens", "requests_finished", "requests_met_slo", "ttft_ms", "tpot_ms", "capacity_profile", "training_tokens", "training_steps", "training_share", "train_cap_tokens", "train_loss", "has_train_loss", "eval_loss", "has_eval_loss", "trainer_error", "data_error", "data_tokens", "unuploaded_steps", "revisions_published", "revisions_rejected", "last_revision_unix", "lora_rank", "lora_alpha", "lora_target_modules", "edge_sessions", "state_error")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class Stats(_message.Message):
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     EDGE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_ERROR_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
     adapter: AdapterRef
@@ -114,7 +115,8 @@ class Stats(_message.Message):
     lora_alpha: int
     lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
     edge_sessions: int
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., global_adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., live_versions: _Optional[_Iterable[str]] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., iterations: _Optional[int] = ..., inference_tokens: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_met_slo: _Optional[int] = ..., ttft_ms: _Optional[int] = ..., tpot_ms: _Optional[int] = ..., capacity_profile: _Optional[_Iterable[_Union[CapacityPoint, _Mapping]]] = ..., training_tokens: _Optional[int] = ..., training_steps: _Optional[int] = ..., training_share: _Optional[float] = ..., train_cap_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., has_train_loss: _Optional[bool] = ..., eval_loss: _Optional[float] = ..., has_eval_loss: _Optional[bool] = ..., trainer_error: _Optional[str] = ..., data_error: _Optional[str] = ..., data_tokens: _Optional[int] = ..., unuploaded_steps: _Optional[int] = ..., revisions_published: _Optional[int] = ..., revisions_rejected: _Optional[int] = ..., last_revision_unix: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., edge_sessions: _Optional[int] = ...) -> None: ...
+    state_error: str
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., global_adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., live_versions: _Optional[_Iterable[str]] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., iterations: _Optional[int] = ..., inference_tokens: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_met_slo: _Optional[int] = ..., ttft_ms: _Optional[int] = ..., tpot_ms: _Optional[int] = ..., capacity_profile: _Optional[_Iterable[_Union[CapacityPoint, _Mapping]]] = ..., training_tokens: _Optional[int] = ..., training_steps: _Optional[int] = ..., training_share: _Optional[float] = ..., train_cap_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., has_train_loss: _Optional[bool] = ..., eval_loss: _Optional[float] = ..., has_eval_loss: _Optional[bool] = ..., trainer_error: _Optional[str] = ..., data_error: _Optional[str] = ..., data_tokens: _Optional[int] = ..., unuploaded_steps: _Optional[int] = ..., revisions_published: _Optional[int] = ..., revisions_rejected: _Optional[int] = ..., last_revision_unix: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., edge_sessions: _Optional[int] = ..., state_error: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("train_cap_tokens", "ttft_ms", "tpot_ms", "fixed_training")
