@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import torch
@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Upload:
-    update: AdapterUpdate | MaskedUpdate  # masked in secure rounds: never seen in the clear here
+    update: AdapterUpdate | MaskedUpdate | None  # masked in secure rounds: never seen in the clear here; None once aggregated
     sha256: str
     bytes: int
     received_at: float
+    num_samples: int
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Aggregator:
         with self._lock:
             if rnd.closed:
                 return UploadOutcome(False, "RoundClosed", f"round {round_id} closed while this update was in transit")
-            rnd.uploads[participant] = Upload(update, sha256, len(blob), time.time())
+            rnd.uploads[participant] = Upload(update, sha256, len(blob), time.time(), update.num_samples)
         log.info("round %s: update from %s (%d bytes, %d samples)", round_id, participant, len(blob), update.num_samples)
         return UploadOutcome(True)
 
@@ -140,7 +141,7 @@ class Aggregator:
             if rnd.result is not None or rnd.failure is not None:
                 return rnd
             rnd.closed, rnd.closed_at = True, time.time()
-            updates = [rnd.uploads[p].update for p in participants if p in rnd.uploads]
+            updates = [u for p in participants if p in rnd.uploads and (u := rnd.uploads[p].update) is not None]
         if not updates:
             raise AggregatorError(f"round {round_id}: none of {participants} uploaded an update")
         base = self.store.find(base_sha256)
@@ -157,17 +158,26 @@ class Aggregator:
         except AggregationError as exc:
             with self._lock:
                 rnd.failure = exc
+                _release_uploads(rnd)
             return rnd
         candidate = apply_delta(dict(base.tensors), result.delta)
         sha = adapter_sha256(candidate)
         with self._lock:
             rnd.result, rnd.candidate_sha256 = result, sha
             self._candidates[sha] = candidate
+            _release_uploads(rnd)
         return rnd
 
     def bytes_in(self, round_id: str) -> int:
         rnd = self.round(round_id)
         return sum(u.bytes for u in rnd.uploads.values()) if rnd else 0
+
+
+def _release_uploads(rnd: AggregatorRound) -> None:
+    """Once a round has its result (or failed), its uploads' tensors are needed no more: keep what its
+    status reports. The aggregator remembers ROUNDS_KEPT rounds; holding every upload of each made an
+    aggregator's memory climb round after round (a soak run, docs/reliability.md)."""
+    rnd.uploads = {p: replace(u, update=None) for p, u in rnd.uploads.items()}
 
 
 def _decode_masked(blob: bytes, sha256: str) -> MaskedUpdate:

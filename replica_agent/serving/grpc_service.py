@@ -109,9 +109,7 @@ class AgentService(pb_grpc.AgentServicer):
         hosted = self.aggregator.round(request.round_id)
         if hosted is not None:
             for name, upload in sorted(hosted.uploads.items()):
-                status.uploads.add(
-                    participant=name, num_samples=upload.update.num_samples, sha256=upload.sha256, bytes=upload.bytes, received_unix=upload.received_at
-                )
+                status.uploads.add(participant=name, num_samples=upload.num_samples, sha256=upload.sha256, bytes=upload.bytes, received_unix=upload.received_at)
             if mine is None:
                 status.state = "Aggregated" if hosted.result is not None else ("Closed" if hosted.closed else "Collecting")
         return status

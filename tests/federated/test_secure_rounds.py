@@ -10,6 +10,7 @@ import grpc
 import pytest
 import torch
 
+import replica_agent.federated.aggregator as aggregator_module
 import replica_agent.federated.participant as participant_module
 from collm_control import rounds as R
 from collm_rpc import tls
@@ -69,16 +70,21 @@ def plain_updates(monkeypatch):
     return seen
 
 
-def test_secure_round_publishes_fedavg_and_the_aggregator_sees_only_masked_updates(secure_cluster, plain_updates):
+def test_secure_round_publishes_fedavg_and_the_aggregator_sees_only_masked_updates(secure_cluster, plain_updates, monkeypatch):
+    received: dict[str, object] = {}  # what the aggregator decoded from each upload
+    decode = aggregator_module._decode_masked
+    monkeypatch.setattr(aggregator_module, "_decode_masked", lambda blob, sha: received.setdefault(sha, decode(blob, sha)))
     base = secure_cluster["aggregator"].agent.store.current
     state = RoundDriver(spec("secure-1"), secure_cluster.addresses, strategy=StrategyConfig("fedavg", secure=True), round_number=1).run(timeout_s=120)
     assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
     hosted = secure_cluster["aggregator"].service.aggregator.round("secure-1")
     assert set(hosted.uploads) == set(PARTICIPANTS)
+    assert all(upload.update is None for upload in hosted.uploads.values())  # released once aggregated
     for name, upload in hosted.uploads.items():
-        assert isinstance(upload.update, MaskedUpdate)
+        update = received[upload.sha256]
+        assert isinstance(update, MaskedUpdate)
         plain = plain_updates[name]
-        for key, masked in upload.update.masked.items():  # nothing like the update itself
+        for key, masked in update.masked.items():  # nothing like the update itself
             assert masked.dtype == torch.int64
             assert (masked.double() / 2**24 / plain.num_samples - plain.delta[key].double()).abs().max() > 1.0
     expected = apply_delta(dict(base.tensors), FedAvg().aggregate(list(plain_updates.values())).delta)
