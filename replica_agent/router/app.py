@@ -37,7 +37,7 @@ from aiohttp import web
 
 from ..serving.openapi import add_routes as add_document_routes
 from ..serving.pipeline import admin_refusal, admin_warning, bearer_in, bearer_matches, read_token
-from .dispatch import ReplicaLoad, choose, why_none
+from .dispatch import ReplicaLoad, choose, eligible, why_none
 from .metrics import RouterMetrics
 from .openapi import router_document
 from .proxy import PROXIED_ROUTES, error_response, forward
@@ -142,8 +142,7 @@ class Router:
     def admit_in_s(self, exclude: Sequence[str] = ()) -> float:
         """Seconds until the first eligible replica stops shedding (0 when none sheds)."""
         now = time.monotonic()
-        waits = [s.shed_until - now for s in self.replicas.values() if s.healthy and s.weight > 0 and s.name not in exclude and s.shedding(now)]
-        return min(waits, default=0.0)
+        return min((self.replicas[r.name].shed_until - now for r in eligible(self.loads(), exclude) if r.shedding), default=0.0)
 
     def suspect(self, replica: ReplicaState, message: str) -> None:
         """A connection failure: no traffic until the next health check passes (kept when checks are off)."""
