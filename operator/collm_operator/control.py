@@ -45,6 +45,7 @@ from collm_operator.observers import ApiObserver, Observer
 from collm_operator.reconcile import Health, cluster_conditions
 from collm_operator.round_control import finished
 from collm_rpc import tls
+from collm_rpc.client import plan_message
 
 log = logging.getLogger(__name__)
 SECRET_REREAD_S = 60.0  # a Secret changes only when someone (or cert-manager, when renewing) replaces it
@@ -260,13 +261,12 @@ class ClusterController:
 
     def _push_plans(self, cluster: api.Cluster, actions: Actions, addresses: Mapping[str, str], reachable: Mapping[str, AgentStats]) -> None:
         s = cluster.spec
-        for name in reachable:
-            try:
-                self.pool.client(name, addresses[name]).apply_plan(
-                    actions.cap(name), s.serving.ttft_milliseconds, s.serving.tpot_milliseconds, fixed_training=actions.fixed_training
-                )
-            except grpc.RpcError as exc:
-                log.info("ApplyPlan to %s failed: %s", name, exc.code().name)
+        plans = {
+            name: plan_message(actions.cap(name), s.serving.ttft_milliseconds, s.serving.tpot_milliseconds, fixed_training=actions.fixed_training)
+            for name in reachable
+        }
+        for name, code in self.pool.apply_plans(plans, addresses, reachable).items():
+            log.info("ApplyPlan to %s failed: %s", name, code)
 
     def _admin_token(self, cluster: api.Cluster) -> str | None:
         return self._token.get(lambda: admin_token(self.kube, cluster))

@@ -22,6 +22,11 @@ MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
+def plan_message(train_cap_tokens: int, ttft_ms: int, tpot_ms: int, *, fixed_training: bool = False) -> pb.Plan:
+    """The ApplyPlan request: a replica's training cap and the SLO it serves under."""
+    return pb.Plan(train_cap_tokens=train_cap_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms, fixed_training=fixed_training)
+
+
 class AgentClient:
     def __init__(self, address: str, *, timeout: float = 30.0, credentials: tls.Credentials | None = None) -> None:
         """`credentials`: the certificate to present (mutual TLS); None: plaintext, for development only."""
@@ -49,8 +54,7 @@ class AgentClient:
         return from_proto(self.stub.GetStats(pb.StatsRequest(), timeout=self.timeout))
 
     def apply_plan(self, train_cap_tokens: int, ttft_ms: int, tpot_ms: int, *, fixed_training: bool = False) -> pb.Ack:
-        plan = pb.Plan(train_cap_tokens=train_cap_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms, fixed_training=fixed_training)
-        return self.stub.ApplyPlan(plan, timeout=self.timeout)
+        return self.stub.ApplyPlan(plan_message(train_cap_tokens, ttft_ms, tpot_ms, fixed_training=fixed_training), timeout=self.timeout)
 
     # -- rounds -------------------------------------------------------------------------------
     def start_round(self, request: pb.StartRoundRequest) -> pb.RoundStatus:
