@@ -26,6 +26,13 @@ PVC_RT = ("", "v1", "persistentvolumeclaims")
 def reconcile_workloads(emu: ApiEmulator) -> None:
     """One pass of the StatefulSet and Deployment controllers over the emulator's store."""
     pod_rt = emu.types[POD_RT]
+    # The pods by their controller's uid, listed once per pass: listing them again for each workload
+    # made a pass quadratic, and it runs on the API's loop (at 100 clusters, 120 ms in which the
+    # emulated API answered nobody).
+    pods_of: dict[str, list[Obj]] = {}
+    for pod in emu.list_objects(pod_rt):
+        for ref in pod["metadata"].get("ownerReferences") or []:
+            pods_of.setdefault(ref.get("uid"), []).append(pod)
     for rt_key in (STS_RT, DEPLOY_RT):
         rt = emu.types[rt_key]
         for wl in list(emu.list_objects(rt)):
@@ -36,8 +43,7 @@ def reconcile_workloads(emu: ApiEmulator) -> None:
             replicas = int(spec.get("replicas", 1))
             template = spec.get("template") or {}
             revision = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
-            owned = [p for p in emu.list_objects(pod_rt, ns) if any(r.get("uid") == meta["uid"] for r in p["metadata"].get("ownerReferences") or [])]
-            by_name = {p["metadata"]["name"]: p for p in owned}
+            by_name = {p["metadata"]["name"]: p for p in pods_of.get(meta["uid"], ())}
             wanted = [f"{name}-{i}" for i in range(replicas)]
             for i, pod_name in enumerate(wanted):
                 if pod_name in by_name:
