@@ -7,6 +7,7 @@ from concurrent import futures
 from dataclasses import replace
 
 import grpc
+import pytest
 
 from collm_bench.operator_scale import StandInAgent
 from collm_control.stats import AgentStats
@@ -16,12 +17,20 @@ from collm_rpc.proto import collm_pb2_grpc as pb_grpc
 from replica_agent.local.processes import free_port
 
 
-def test_stats_of_every_agent_in_one_pass_none_for_one_that_does_not_answer():
+@pytest.fixture
+def stand_in():
+    """A stand-in agent on loopback (plaintext) and its port."""
     agent = StandInAgent()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_AgentServicer_to_server(agent, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    yield agent, port
+    server.stop(grace=None)
+
+
+def test_stats_of_every_agent_in_one_pass_none_for_one_that_does_not_answer(stand_in):
+    agent, port = stand_in
     pool = AgentPool(rpc_timeout_s=2.0)  # no credentials: plaintext
     try:
         addresses = {"a": f"127.0.0.1:{port}", "b": f"127.0.0.1:{port}", "gone": f"127.0.0.1:{free_port()}"}
@@ -33,15 +42,10 @@ def test_stats_of_every_agent_in_one_pass_none_for_one_that_does_not_answer():
         assert pool.client("a", addresses["a"]) is first  # the channel is kept from step to step
     finally:
         pool.close()
-        server.stop(grace=None)
 
 
-def test_a_plan_is_sent_once_then_again_only_when_it_changes_or_the_agent_restarted():
-    agent = StandInAgent()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_AgentServicer_to_server(agent, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+def test_a_plan_is_sent_once_then_again_only_when_it_changes_or_the_agent_restarted(stand_in):
+    agent, port = stand_in
     pool = AgentPool(rpc_timeout_s=2.0)
     try:
         addresses = {"a": f"127.0.0.1:{port}", "b": f"127.0.0.1:{port}", "gone": f"127.0.0.1:{free_port()}"}
@@ -62,7 +66,6 @@ def test_a_plan_is_sent_once_then_again_only_when_it_changes_or_the_agent_restar
         assert agent.plans == 5  # b's acknowledgement went with its client
     finally:
         pool.close()
-        server.stop(grace=None)
 
 
 def test_holds_plan_needs_the_same_plan_address_and_no_restart():
