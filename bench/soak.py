@@ -28,7 +28,7 @@ import urllib.request
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from collm_bench.soak_verdict import SAMPLE_FIELDS, ProcessSample, Targets, overall, process_figures
+from collm_bench.soak_verdict import SAMPLE_FIELDS, ProcessSample, Targets, memory_slope_mb_per_hour, overall, process_figures
 from replica_agent.engine.model_host import load_base_model
 from replica_agent.local.cluster import LocalDeployment, replica_configs
 from replica_agent.local.controller import ControllerSettings
@@ -45,6 +45,9 @@ ENGINE_GAUGES = {
     "collm_live_adapter_versions": "adapter_slots_in_use",
     "collm_pinned_requests": "pinned_requests",
 }
+# The process's malloc heap by state (replica_agent/memory.py): what is allocated and what the
+# allocator keeps free. Their slopes tell a leak (in use grows) from fragmentation (free grows).
+HEAP_GAUGE = "collm_process_heap_bytes"
 FREED_WAIT_S = 10.0  # after the load: how long the engines may take to drop their last rows
 
 
@@ -99,7 +102,7 @@ def run(
     failed = traffic.sent - answered  # failed at the client, or still unanswered at the deadline
     figures = {name: {**process_figures(s, warmup_s, targets), "at_end": at_end[name].as_list()} for name, s in samples.items()}
     config = {c.replica_id: c for c in configs}
-    engines = {name: _engine_figures(engines_idle[name], engine_samples[name], engines_end[name], config[name]) for name in urls}
+    engines = {name: _engine_figures(engines_idle[name], engine_samples[name], engines_end[name], config[name], warmup_s) for name in urls}
     kv_freed = all(e["kv_rows_in_use_end"] == 0 and e["pinned_requests_end"] == 0 for e in engines.values())
     rounds = [r.summary() for r in history.rounds]
     result = {
@@ -184,6 +187,8 @@ def read_engine(url: str) -> dict[str, int]:
     for family in text_string_to_metric_families(text):
         if family.name in ENGINE_GAUGES:  # every one a count
             values[ENGINE_GAUGES[family.name]] = round(sum(s.value for s in family.samples))
+        elif family.name == HEAP_GAUGE:  # glibc only: absent elsewhere
+            values |= {f"heap_{s.labels['state']}_bytes": round(s.value) for s in family.samples}
     return values
 
 
@@ -197,8 +202,14 @@ def wait_freed(url: str, timeout_s: float = FREED_WAIT_S) -> dict[str, int]:
         time.sleep(0.2)
 
 
-def _engine_figures(idle: dict, samples: list[dict], end: dict, config) -> dict:
-    return {
+def _engine_figures(idle: dict, samples: list[dict], end: dict, config, warmup_s: float) -> dict:
+    post = [x for x in samples if x["t"] >= warmup_s]
+    heap = {
+        f"heap_{state}_mb_per_hour": memory_slope_mb_per_hour([x["t"] for x in post], [x[f"heap_{state}_bytes"] for x in post])
+        for state in ("in_use", "free")
+        if len(post) >= 3 and all(f"heap_{state}_bytes" in x for x in post)
+    }
+    return heap | {
         "kv_rows_total": config.max_batch,
         "kv_rows_in_use_idle": idle["kv_rows_in_use"],
         "kv_rows_in_use_max": max((s["kv_rows_in_use"] for s in samples), default=0),
@@ -261,6 +272,9 @@ def print_summary(result: dict) -> None:
     kv = "; ".join(
         f"{n}: {e['kv_rows_in_use_idle']} / {e['kv_rows_in_use_max']} / {e['kv_rows_in_use_end']} of {e['kv_rows_total']}" for n, e in result["engines"].items()
     )
+    heap = "; ".join(
+        f"{n}: {e['heap_in_use_mb_per_hour']:+.1f} / {e['heap_free_mb_per_hour']:+.1f}" for n, e in result["engines"].items() if "heap_in_use_mb_per_hour" in e
+    )
     print_table(
         "Soak: requests, rounds, KV-cache rows",
         ["figure", "value", "verdict"],
@@ -268,6 +282,7 @@ def print_summary(result: dict) -> None:
             ["requests sent / answered / failed", f"{r['sent']} / {r['answered']} / {r['failed']}", _verdict(p["requests"])],
             ["rounds started / succeeded", f"{rounds['started']} / {rounds['succeeded']}", ""],
             ["KV rows in use: idle / max sampled / after the load", kv, _verdict(p["kv_freed"])],
+            ["malloc heap after warm-up, in use / free (MB/h)", heap or "not glibc", ""],
             ["all targets", "", _verdict(p["all"])],
         ],
     )

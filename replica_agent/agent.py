@@ -11,6 +11,7 @@ from pathlib import Path
 
 from collm_control.stats import AgentStats, CapacityPoint
 
+from . import memory
 from .config import AgentConfig
 from .edge.cloud_service import EdgeLimits, EdgeSessions
 from .engine.adapter_store import AdapterStore, AdapterVersion
@@ -202,6 +203,7 @@ class Agent:
         if self.trainer is not None:
             self.trainer.rebase(version, round_id=round_id or None, included=included)
             self._serve_progress()
+        memory.trim()  # the round's transient tensors are freed by now
         return version
 
     def _serve_progress(self) -> None:

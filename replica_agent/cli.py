@@ -16,6 +16,7 @@ def agent_main(argv: list[str] | None = None) -> int:
         logging.getLogger("replica_agent.config").warning(warning)
     from collm_rpc import tls
 
+    from . import memory
     from .agent import Agent
     from .serving.grpc_service import serve_grpc
     from .serving.http_api import run_server
@@ -31,6 +32,7 @@ def agent_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"collm-agent: {exc}", file=sys.stderr)
         return 2
+    memory.limit_arenas()  # before the model loads and the threads start (memory.py says why)
     try:
         agent = Agent(config)
     except ValueError as exc:  # bad model source, data, LoRA targets...: say what to fix, no traceback

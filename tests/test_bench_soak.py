@@ -14,6 +14,7 @@ import pytest
 
 from collm_bench import soak
 from collm_bench.soak_verdict import MB, NotEnoughSamples, ProcessSample, Targets, count_growth, memory_slope_mb_per_hour, overall, process_figures
+from replica_agent import memory
 from replica_agent.cli import collm_main
 
 from .helpers import numbers_in
@@ -137,6 +138,9 @@ def _check_report(saved: dict) -> None:
         assert engine["kv_rows_in_use_end"] + engine["kv_rows_free_end"] == 16
         assert engine["adapter_slots_in_use_end"] >= 1, "the served adapter holds a slot"
         assert len(saved["engine_samples"][name]) == len(saved["samples"][name])
+        if memory.heap() is not None:  # glibc: the agent exports its malloc heap, in use above the model's weights
+            assert all(x["heap_in_use_bytes"] > 10 * MB and x["heap_free_bytes"] >= 0 for x in saved["engine_samples"][name])
+            assert isinstance(engine["heap_in_use_mb_per_hour"], float) and isinstance(engine["heap_free_mb_per_hour"], float)
     assert set(saved["passed"]) == VERDICTS | {"requests", "kv_freed", "all"}
     assert saved["machine"]["cpu_count"] >= 1 and saved["machine"]["cpu_model"] and saved["machine"]["torch"]
 

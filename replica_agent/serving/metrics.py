@@ -12,6 +12,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .. import memory
 from ..engine.mixer import IterationStats
 from ..engine.requests import FinalEvent, FinishReason
 
@@ -135,5 +136,13 @@ class _StateCollector:
         yield gauge(
             "collm_pinned_requests", "Requests holding each adapter version", [([label], float(n)) for label, n in sorted(pins.items())], labels=["version"]
         )
+        heap = memory.heap()
+        if heap is not None:
+            yield gauge(
+                "collm_process_heap_bytes",
+                "The process's malloc heap, every arena: in use, and free but kept by the allocator (fragmentation)",
+                [([state], float(n)) for state, n in heap.items()],
+                labels=["state"],
+            )
         attainment = self.metrics.slo_attainment()
         yield gauge("collm_slo_attainment", "Share of requests in the last 60 s that met the SLO", attainment)

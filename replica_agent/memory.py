@@ -1,0 +1,64 @@
+"""The agent process's heap under glibc: few malloc arenas, and freed pages handed back.
+
+glibc gives a thread that allocates while another holds the main arena an arena of its own, up to
+8 per core; an agent's engine, trainer, gRPC and HTTP threads each grow one, and what is freed in
+one arena is reused only by allocations that land in it. After a round the agent frees megabytes of
+tensors (decoded updates, the evaluation's activations) whose pages stay resident. Both showed as a
+replica's resident memory climbing through a soak (docs/reliability.md), with no Python object or
+tensor count growing. So the agent caps the arenas at start (as MALLOC_ARENA_MAX=2 would; an
+operator's own MALLOC_ARENA_MAX wins) and calls malloc_trim after each round, which returns free
+pages of every arena to the system. Elsewhere than glibc (musl, macOS) both do nothing. `heap()`
+tells the two apart from outside: the agent exports it as `collm_process_heap_bytes`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt's parameter number in glibc's malloc.h
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def limit_arenas(arenas: int = ARENAS) -> bool:
+    """Cap glibc's malloc arenas; call it before the threads start. False when not done: not glibc,
+    or MALLOC_ARENA_MAX set in the environment (glibc has read it already)."""
+    libc = _glibc()
+    if libc is None or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap() -> dict[str, int] | None:
+    """The malloc heap of the whole process, every arena (glibc's mallinfo2): `in_use` (allocated,
+    mmapped blocks included), `free` (free chunks kept in the arenas: fragmentation shows here,
+    a leak in `in_use`). None elsewhere than glibc 2.33 or later."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return {"in_use": info.uordblks + info.hblkhd, "free": info.fordblks}
+
+
+def trim() -> bool:
+    """Hand free heap pages back to the system; True when glibc released any."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

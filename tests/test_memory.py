@@ -1,0 +1,29 @@
+"""replica_agent.memory: glibc's arena cap and malloc_trim, through ctypes (nothing elsewhere)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from replica_agent import memory
+
+glibc = pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
+
+
+@glibc
+def test_trim_hands_freed_pages_back():
+    blocks = [bytearray(64 * 1024) for _ in range(2000)]  # below the mmap threshold: on the heap
+    kept = blocks[1::2]  # every other block stays: the freed ones are holes, not the heap's top (which free() trims itself)
+    del blocks
+    assert memory.trim()  # pages inside the holes went back
+    assert len(kept) == 1000
+
+
+@glibc
+def test_limit_arenas_defers_to_malloc_arena_max_in_the_environment():
+    code = "from replica_agent import memory; print(memory.limit_arenas())"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()  # noqa: E731
+    assert run({"PATH": ""}) == "True"
+    assert run({"PATH": "", "MALLOC_ARENA_MAX": "4"}) == "False"
