@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
-
-log = logging.getLogger(__name__)
 
 ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt's parameter number in glibc's malloc.h
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 @functools.cache
@@ -30,7 +31,11 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 def limit_arenas(arenas: int = ARENAS) -> bool:
@@ -42,10 +47,6 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
     return bool(libc.mallopt(_M_ARENA_MAX, arenas))
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def heap() -> dict[str, int] | None:
     """The malloc heap of the whole process, every arena (glibc's mallinfo2): `in_use` (allocated,
     mmapped blocks included), `free` (free chunks kept in the arenas: fragmentation shows here,
@@ -53,7 +54,6 @@ def heap() -> dict[str, int] | None:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     return {"in_use": info.uordblks + info.hblkhd, "free": info.fordblks}
 
