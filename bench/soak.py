@@ -48,6 +48,8 @@ ENGINE_GAUGES = {
 # The process's malloc heap by state (replica_agent/memory.py): what is allocated and what the
 # allocator keeps free. Their slopes tell a leak (in use grows) from fragmentation (free grows).
 HEAP_GAUGE = "collm_process_heap_bytes"
+# The longest of the agent's periodic malloc_trim calls (memory.Trimmer): what handing pages back costs.
+TRIM_GAUGE = "collm_process_heap_trim_longest_seconds"
 FREED_WAIT_S = 10.0  # after the load: how long the engines may take to drop their last rows
 
 
@@ -189,6 +191,8 @@ def read_engine(url: str) -> dict[str, int]:
             values[ENGINE_GAUGES[family.name]] = round(sum(s.value for s in family.samples))
         elif family.name == HEAP_GAUGE:  # glibc only: absent elsewhere
             values |= {f"heap_{s.labels['state']}_bytes": round(s.value) for s in family.samples}
+        elif family.name == TRIM_GAUGE:  # absent when the agent does not trim
+            values["heap_trim_longest_us"] = round(family.samples[0].value * 1e6)
     return values
 
 
@@ -209,19 +213,23 @@ def _engine_figures(idle: dict, samples: list[dict], end: dict, config, warmup_s
         for state in ("in_use", "free")
         if len(post) >= 3 and all(f"heap_{state}_bytes" in x for x in post)
     }
-    return heap | {
-        "kv_rows_total": config.max_batch,
-        "kv_rows_in_use_idle": idle["kv_rows_in_use"],
-        "kv_rows_in_use_max": max((s["kv_rows_in_use"] for s in samples), default=0),
-        "kv_rows_in_use_end": end["kv_rows_in_use"],
-        "kv_rows_free_end": config.max_batch - end["kv_rows_in_use"],
-        "queue_max": max((s["queue"] for s in samples), default=0),
-        "adapter_slots_total": config.lora_slots,
-        "adapter_slots_in_use_idle": idle["adapter_slots_in_use"],
-        "adapter_slots_in_use_max": max((s["adapter_slots_in_use"] for s in samples), default=0),
-        "adapter_slots_in_use_end": end["adapter_slots_in_use"],
-        "pinned_requests_end": end["pinned_requests"],
-    }
+    return (
+        heap
+        | {
+            "kv_rows_total": config.max_batch,
+            "kv_rows_in_use_idle": idle["kv_rows_in_use"],
+            "kv_rows_in_use_max": max((s["kv_rows_in_use"] for s in samples), default=0),
+            "kv_rows_in_use_end": end["kv_rows_in_use"],
+            "kv_rows_free_end": config.max_batch - end["kv_rows_in_use"],
+            "queue_max": max((s["queue"] for s in samples), default=0),
+            "adapter_slots_total": config.lora_slots,
+            "adapter_slots_in_use_idle": idle["adapter_slots_in_use"],
+            "adapter_slots_in_use_max": max((s["adapter_slots_in_use"] for s in samples), default=0),
+            "adapter_slots_in_use_end": end["adapter_slots_in_use"],
+            "pinned_requests_end": end["pinned_requests"],
+        }
+        | ({"heap_trim_longest_ms": end["heap_trim_longest_us"] / 1000} if "heap_trim_longest_us" in end else {})
+    )
 
 
 def _verdict(value: bool | None) -> str:
@@ -275,6 +283,7 @@ def print_summary(result: dict) -> None:
     heap = "; ".join(
         f"{n}: {e['heap_in_use_mb_per_hour']:+.1f} / {e['heap_free_mb_per_hour']:+.1f}" for n, e in result["engines"].items() if "heap_in_use_mb_per_hour" in e
     )
+    trims = "; ".join(f"{n}: {e['heap_trim_longest_ms']:.1f} ms" for n, e in result["engines"].items() if "heap_trim_longest_ms" in e)
     print_table(
         "Soak: requests, rounds, KV-cache rows",
         ["figure", "value", "verdict"],
@@ -283,6 +292,7 @@ def print_summary(result: dict) -> None:
             ["rounds started / succeeded", f"{rounds['started']} / {rounds['succeeded']}", ""],
             ["KV rows in use: idle / max sampled / after the load", kv, _verdict(p["kv_freed"])],
             ["malloc heap after warm-up, in use / free (MB/h)", heap or "not glibc", ""],
+            ["longest periodic malloc_trim", trims or "none ran", ""],
             ["all targets", "", _verdict(p["all"])],
         ],
     )

@@ -120,6 +120,7 @@ class Agent:
         limits = EdgeLimits(c.edge_max_sessions, int(c.edge_max_kv_mb * (1 << 20)), c.edge_idle_seconds)
         self.edge = EdgeSessions(self.runtime, self.store, self.spec, model=self.base.name, replica=c.replica_id, limits=limits)
         self.profiler = CapacityProfiler(tpot_ms=c.tpot_ms, max_batch=c.max_batch)
+        self.trimmer: memory.Trimmer | None = None
         self._training_tokens_seen = 0
         # Finished requests and those within the SLO: the operator's goodput and SLO attainment.
         self.requests_finished = 0
@@ -161,6 +162,8 @@ class Agent:
         """Start serving the initial adapter (global version 0, or what state_dir restored) and, with data, training."""
         first = self.store.current
         self.engine.start()
+        if self.config.heap_trim_interval_s > 0:
+            self.trimmer = memory.Trimmer(self.config.heap_trim_interval_s).start()
         if self.trainer is not None and self.training:
             self.trainer.start()
             if self.state is not None and self.config.checkpoint_interval_s > 0:
@@ -174,6 +177,8 @@ class Agent:
         if self.state is not None:
             self.state.close(self.trainer)  # the last checkpoint of the shadow, after its last step
         self.engine.stop()
+        if self.trimmer is not None:
+            self.trimmer.stop()
 
     # -- control ------------------------------------------------------------------------------
     def apply_plan(self, plan: Plan) -> None:

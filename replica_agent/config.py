@@ -97,6 +97,9 @@ class AgentConfig(BaseModel):
     checkpoint_interval_s: float = Field(
         60.0, ge=0, description="seconds between checkpoints of the shadow and its optimizer state to state_dir (0: only at shutdown)"
     )
+    heap_trim_interval_s: float = Field(
+        10.0, ge=0, description="seconds between handing the heap's free pages back to the system (glibc only; 0: never, see replica_agent/memory.py)"
+    )
     # Deprecated (accepted and ignored for one release, so that an old ConfigMap still starts the agent):
     # secure rounds agree on pair seeds with per-round X25519 keys now; no shared secret is read.
     secure_aggregation_secret_file: str | None = Field(

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
+import time
 
 ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt's parameter number in glibc's malloc.h
@@ -62,3 +64,36 @@ def trim() -> bool:
     """Hand free heap pages back to the system; True when glibc released any."""
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+class Trimmer:
+    """malloc_trim every `interval_s` on a thread of its own: free pages go back to the system a few
+    seconds after they are freed, whenever in the agent's life that is (jemalloc's and tcmalloc's
+    decay, which glibc lacks). One trim walks the free chunks of every arena with each arena's lock
+    held: `longest_s` says what that has cost."""
+
+    def __init__(self, interval_s: float) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"heap trim interval must be positive, got {interval_s}")
+        self.interval_s = interval_s
+        self.trims = 0
+        self.longest_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heap-trim", daemon=True)
+
+    def start(self) -> Trimmer:
+        if _glibc() is not None:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            began = time.perf_counter()
+            trim()
+            self.longest_s = max(self.longest_s, time.perf_counter() - began)
+            self.trims += 1

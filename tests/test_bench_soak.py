@@ -141,6 +141,7 @@ def _check_report(saved: dict) -> None:
         if memory.heap() is not None:  # glibc: the agent exports its malloc heap, in use above the model's weights
             assert all(x["heap_in_use_bytes"] > 10 * MB and x["heap_free_bytes"] >= 0 for x in saved["engine_samples"][name])
             assert isinstance(engine["heap_in_use_mb_per_hour"], float) and isinstance(engine["heap_free_mb_per_hour"], float)
+            assert 0 <= engine["heap_trim_longest_ms"] < 10_000, "the agent trims its heap on a timer (memory.Trimmer)"
     assert set(saved["passed"]) == VERDICTS | {"requests", "kv_freed", "all"}
     assert saved["machine"]["cpu_count"] >= 1 and saved["machine"]["cpu_model"] and saved["machine"]["torch"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,3 +28,21 @@ def test_limit_arenas_defers_to_malloc_arena_max_in_the_environment():
     run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()  # noqa: E731
     assert run({"PATH": ""}) == "True"
     assert run({"PATH": "", "MALLOC_ARENA_MAX": "4"}) == "False"
+
+
+@glibc
+def test_trimmer_trims_on_its_own_thread_until_stopped():
+    trimmer = memory.Trimmer(0.01).start()
+    deadline = time.monotonic() + 10
+    while trimmer.trims < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    trimmer.stop()
+    assert trimmer.trims >= 3 and trimmer.longest_s > 0
+    done = trimmer.trims
+    time.sleep(0.05)
+    assert trimmer.trims == done  # stopped means stopped
+
+
+def test_trimmer_wants_a_positive_interval():
+    with pytest.raises(ValueError, match="heap trim interval must be positive"):
+        memory.Trimmer(0)

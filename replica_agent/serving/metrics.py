@@ -144,5 +144,9 @@ class _StateCollector:
                 [([state], float(n)) for state, n in heap.items()],
                 labels=["state"],
             )
+        trimmer = self.metrics.agent.trimmer
+        if trimmer is not None:
+            yield gauge("collm_process_heap_trims_total", "Periodic malloc_trim calls (heap_trim_interval_s)", trimmer.trims)
+            yield gauge("collm_process_heap_trim_longest_seconds", "The longest periodic malloc_trim so far", trimmer.longest_s)
         attainment = self.metrics.slo_attainment()
         yield gauge("collm_slo_attainment", "Share of requests in the last 60 s that met the SLO", attainment)
