@@ -22,8 +22,12 @@ growth, no failed request.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
@@ -50,6 +54,7 @@ ENGINE_GAUGES = {
 HEAP_GAUGE = "collm_process_heap_bytes"
 # The longest of the agent's periodic malloc_trim calls (memory.Trimmer): what handing pages back costs.
 TRIM_GAUGE = "collm_process_heap_trim_longest_seconds"
+ALLOCATOR_GAUGE = "collm_process_allocator_info"  # which malloc the agent runs on (jemalloc when preloaded)
 FREED_WAIT_S = 10.0  # after the load: how long the engines may take to drop their last rows
 
 
@@ -65,10 +70,13 @@ def run(
     model: str = "tiny",
     local_steps: int = 10,
     drain_s: float = 120.0,
+    preload: str | None = None,
     targets: Targets | None = None,
     json_path: str | None = None,
 ) -> dict:
     targets = targets or Targets()
+    if preload is not None and not Path(preload).is_file():
+        raise ValueError(f"--preload {preload}: no such file (jemalloc is libjemalloc.so.2, in Debian's and Ubuntu's libjemalloc2)")
     duration = minutes * 60.0
     warmup_s = warmup_minutes * 60.0 if warmup_minutes is not None else WARMUP_SHARE * duration
     if duration <= 0 or sample_every_s <= 0 or round_every_s <= 0 or rate <= 0:
@@ -81,7 +89,20 @@ def run(
         raise ValueError(f"the {trace} trace has {len(arrivals)} requests, fewer than {minutes:g} minutes at {rate:g} req/s need: lower --rate")
     workload = workload_for(configs, arrivals, load_base_model(model).tokenizer)
     settings = ControllerSettings(policy="coexec", slow_interval_s=min(5.0, round_every_s / 2), round_interval_s=round_every_s, local_steps=local_steps)
-    deployment = LocalDeployment.start(configs, settings, processes=True)
+    run_settings = {
+        "minutes": minutes,
+        "round_every_s": round_every_s,
+        "sample_every_s": sample_every_s,
+        "warmup_s": warmup_s,
+        "replicas": replicas,
+        "rate": rate,
+        "trace": trace,
+        "model": model,
+        "local_steps": local_steps,
+        "preload": preload,
+    }
+    with _preloaded(preload):  # the agents and the router start with it (local mode restarts none)
+        deployment = LocalDeployment.start(configs, settings, processes=True)
     try:
         processes = deployment.managed_processes()
         watched = {name: psutil.Process(p.pid) for name, p in processes.items()}
@@ -93,6 +114,7 @@ def run(
         samples, engine_samples = _watch(traffic, processes, watched, urls, every_s=sample_every_s, deadline_s=duration + drain_s)
         elapsed = time.time() - traffic.started_at
         engines_end = {name: wait_freed(url) for name, url in urls.items()}
+        allocators = {name: read_allocator(url) for name, url in urls.items()}
         at_end = {name: sample_process(watched[name], time.time() - traffic.started_at) for name in watched}
         deployment.controller.stop()  # lets a round in progress finish
         history = deployment.controller.history
@@ -104,22 +126,15 @@ def run(
     failed = traffic.sent - answered  # failed at the client, or still unanswered at the deadline
     figures = {name: {**process_figures(s, warmup_s, targets), "at_end": at_end[name].as_list()} for name, s in samples.items()}
     config = {c.replica_id: c for c in configs}
-    engines = {name: _engine_figures(engines_idle[name], engine_samples[name], engines_end[name], config[name], warmup_s) for name in urls}
+    engines = {
+        name: _engine_figures(engines_idle[name], engine_samples[name], engines_end[name], config[name], warmup_s) | {"allocator": allocators[name]}
+        for name in urls
+    }
     kv_freed = all(e["kv_rows_in_use_end"] == 0 and e["pinned_requests_end"] == 0 for e in engines.values())
     rounds = [r.summary() for r in history.rounds]
     result = {
         "benchmark": "soak",
-        "settings": {
-            "minutes": minutes,
-            "round_every_s": round_every_s,
-            "sample_every_s": sample_every_s,
-            "warmup_s": warmup_s,
-            "replicas": replicas,
-            "rate": rate,
-            "trace": trace,
-            "model": model,
-            "local_steps": local_steps,
-        },
+        "settings": run_settings,
         "duration_s": elapsed,
         "processes": figures,
         "engines": engines,
@@ -176,17 +191,42 @@ def _watch(
             return samples, engine_samples
 
 
+@contextlib.contextmanager
+def _preloaded(library: str | None) -> Iterator[None]:
+    """LD_PRELOAD `library` into the processes started inside (as the image preloads jemalloc)."""
+    if library is None:
+        yield
+        return
+    before = os.environ.get("LD_PRELOAD")
+    os.environ["LD_PRELOAD"] = str(Path(library).resolve())
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LD_PRELOAD"]
+        else:
+            os.environ["LD_PRELOAD"] = before
+
+
 def sample_process(process: psutil.Process, t: float) -> ProcessSample:
     with process.oneshot():
         return ProcessSample(t, process.memory_info().rss, process.num_threads(), process.num_fds(), len(process.open_files()))
 
 
+def _exposition(url: str):
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
+        return text_string_to_metric_families(reply.read().decode())
+
+
+def read_allocator(url: str) -> str:
+    """The malloc the agent runs on, as it says (`unknown` from an agent that does not)."""
+    return next((f.samples[0].labels["allocator"] for f in _exposition(url) if f.name == ALLOCATOR_GAUGE), "unknown")
+
+
 def read_engine(url: str) -> dict[str, int]:
     """The agent's ENGINE_GAUGES from its Prometheus exposition (labelled series summed)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
-        text = reply.read().decode()
     values = dict.fromkeys(ENGINE_GAUGES.values(), 0)
-    for family in text_string_to_metric_families(text):
+    for family in _exposition(url):
         if family.name in ENGINE_GAUGES:  # every one a count
             values[ENGINE_GAUGES[family.name]] = round(sum(s.value for s in family.samples))
         elif family.name == HEAP_GAUGE:  # glibc only: absent elsewhere
@@ -283,7 +323,10 @@ def print_summary(result: dict) -> None:
     heap = "; ".join(
         f"{n}: {e['heap_in_use_mb_per_hour']:+.1f} / {e['heap_free_mb_per_hour']:+.1f}" for n, e in result["engines"].items() if "heap_in_use_mb_per_hour" in e
     )
-    trims = "; ".join(f"{n}: {e['heap_trim_longest_ms']:.1f} ms" for n, e in result["engines"].items() if "heap_trim_longest_ms" in e)
+    trims = "; ".join(
+        f"{n}: {e['allocator']}" + (f", longest trim {e['heap_trim_longest_ms']:.1f} ms" if "heap_trim_longest_ms" in e else "")
+        for n, e in result["engines"].items()
+    )
     print_table(
         "Soak: requests, rounds, KV-cache rows",
         ["figure", "value", "verdict"],
@@ -292,7 +335,7 @@ def print_summary(result: dict) -> None:
             ["rounds started / succeeded", f"{rounds['started']} / {rounds['succeeded']}", ""],
             ["KV rows in use: idle / max sampled / after the load", kv, _verdict(p["kv_freed"])],
             ["malloc heap after warm-up, in use / free (MB/h)", heap or "not glibc", ""],
-            ["longest periodic malloc_trim", trims or "none ran", ""],
+            ["malloc; the longest of its periodic trims", trims, ""],
             ["all targets", "", _verdict(p["all"])],
         ],
     )

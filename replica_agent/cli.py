@@ -173,6 +173,9 @@ def collm_main(argv: list[str] | None = None) -> int:
     soak.add_argument("--replicas", type=int, default=2, help="replica agent processes, each on a core of its own (default 2)")
     soak.add_argument("--rate", type=float, default=2.0, help="offered requests/s through the router (default 2)")
     soak.add_argument("--trace", default="conv", choices=["conv", "code"])
+    soak.add_argument(
+        "--preload", metavar="LIB", help="a malloc to preload into the agents, as the image does: /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (default: glibc's)"
+    )
     over = kinds.add_parser("overload", help="1x, 2x and 3x the measured capacity through the router: SLO-aware shedding keeps admitted requests in the SLO")
     over.add_argument("--json", help="write the figures to this file")
     over.add_argument("--replicas", type=int, default=1, help="replica processes, one core each (default 1: the router and the client take the other core)")
@@ -300,6 +303,7 @@ def collm_main(argv: list[str] | None = None) -> int:
             replicas=args.replicas,
             rate=args.rate,
             trace=args.trace,
+            preload=args.preload,
             json_path=args.json,
         )
     elif args.bench == "allocation":

@@ -7,8 +7,17 @@ tensors (decoded updates, the evaluation's activations) whose pages stay residen
 replica's resident memory climbing through a soak (docs/reliability.md), with no Python object or
 tensor count growing. So the agent caps the arenas at start (as MALLOC_ARENA_MAX=2 would; an
 operator's own MALLOC_ARENA_MAX wins) and calls malloc_trim after each round, which returns free
-pages of every arena to the system. Elsewhere than glibc (musl, macOS) both do nothing. `heap()`
-tells the two apart from outside: the agent exports it as `collm_process_heap_bytes`.
+pages of every arena to the system. That was not enough: requests and training steps free
+activations all the time, not only at rounds, and glibc keeps them (jemalloc and tcmalloc hand
+pages back some seconds after they are freed; glibc has no such decay). So a `Trimmer` thread calls
+malloc_trim every few seconds (`heap_trim_interval_s`). A fixed low mmap threshold would also hand
+activations back, at every free, but page-faults them in again at every allocation: it cost 40% of
+the time to first token on CPU (docs/reliability.md). Elsewhere than glibc (musl, macOS) all of
+this does nothing. Even so, a 30-minute soak on glibc still climbed; on jemalloc, which the agent
+image preloads, it did not. Under jemalloc the glibc knobs stand down (its own decay hands pages
+back) and `heap()` reads jemalloc's statistics instead. `heap()` tells a leak from fragmentation
+from outside: the agent exports it as `collm_process_heap_bytes`, and `allocator()` as
+`collm_process_allocator_info`.
 """
 
 from __future__ import annotations
@@ -28,7 +37,25 @@ class _MallInfo2(ctypes.Structure):
 
 
 @functools.cache
+def _jemalloc() -> ctypes.CDLL | None:
+    """The process's own symbols when jemalloc is its allocator (preloaded, as the image does)."""
+    this = ctypes.CDLL(None)
+    if not hasattr(this, "mallctl"):
+        return None
+    this.mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p, ctypes.c_size_t]
+    return this
+
+
+def allocator() -> str:
+    """`jemalloc` (preloaded), `glibc` (its malloc), or `other` (musl, macOS...)."""
+    return "jemalloc" if _jemalloc() is not None else "glibc" if _glibc() is not None else "other"
+
+
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """glibc, when its malloc is the process's: not when jemalloc replaces it."""
+    if _jemalloc() is not None:
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -50,14 +77,31 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
 
 
 def heap() -> dict[str, int] | None:
-    """The malloc heap of the whole process, every arena (glibc's mallinfo2): `in_use` (allocated,
-    mmapped blocks included), `free` (free chunks kept in the arenas: fragmentation shows here,
-    a leak in `in_use`). None elsewhere than glibc 2.33 or later."""
+    """The malloc heap of the whole process, every arena: `in_use` (allocated, mmapped blocks
+    included), `free` (kept by the allocator but not allocated: fragmentation shows here, a leak in
+    `in_use`). glibc 2.33 or later: mallinfo2's allocated and free chunks. jemalloc: its
+    `stats.allocated`, and `stats.resident` less that. None elsewhere."""
+    je = _jemalloc()
+    if je is not None:
+        return _jemalloc_heap(je)
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     info = libc.mallinfo2()
     return {"in_use": info.uordblks + info.hblkhd, "free": info.fordblks}
+
+
+def _jemalloc_heap(je: ctypes.CDLL) -> dict[str, int] | None:
+    epoch, size = ctypes.c_uint64(1), ctypes.c_size_t(8)
+    if je.mallctl(b"epoch", ctypes.byref(epoch), ctypes.byref(size), ctypes.byref(epoch), 8) != 0:  # refresh the stats
+        return None
+    read = {}
+    for name in ("stats.allocated", "stats.resident"):
+        value, size = ctypes.c_size_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        if je.mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+            return None  # a jemalloc built without statistics
+        read[name] = value.value
+    return {"in_use": read["stats.allocated"], "free": max(0, read["stats.resident"] - read["stats.allocated"])}
 
 
 def trim() -> bool:

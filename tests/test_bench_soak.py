@@ -109,6 +109,8 @@ def test_settings_that_cannot_give_a_verdict_are_refused_before_anything_starts(
         soak.run(minutes=1, sample_every_s=0)
     with pytest.raises(ValueError, match="lower --rate"):
         soak.run(minutes=600, rate=2.0)  # 72,000 requests: more than the conv trace holds
+    with pytest.raises(ValueError, match="--preload /nowhere/libjemalloc.so.2: no such file"):
+        soak.run(minutes=1, preload="/nowhere/libjemalloc.so.2")
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -138,6 +140,7 @@ def _check_report(saved: dict) -> None:
         assert engine["kv_rows_in_use_end"] + engine["kv_rows_free_end"] == 16
         assert engine["adapter_slots_in_use_end"] >= 1, "the served adapter holds a slot"
         assert len(saved["engine_samples"][name]) == len(saved["samples"][name])
+        assert engine["allocator"] == memory.allocator(), "the agents run on the malloc this process runs on (nothing preloaded)"
         if memory.heap() is not None:  # glibc: the agent exports its malloc heap, in use above the model's weights
             assert all(x["heap_in_use_bytes"] > 10 * MB and x["heap_free_bytes"] >= 0 for x in saved["engine_samples"][name])
             assert isinstance(engine["heap_in_use_mb_per_hour"], float) and isinstance(engine["heap_free_mb_per_hour"], float)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -46,3 +47,23 @@ def test_trimmer_trims_on_its_own_thread_until_stopped():
 def test_trimmer_wants_a_positive_interval():
     with pytest.raises(ValueError, match="heap trim interval must be positive"):
         memory.Trimmer(0)
+
+
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2")
+JEMALLOC = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+
+
+def test_the_allocator_is_named():
+    assert memory.allocator() in {"glibc", "other"}  # nothing preloaded into the test process
+    assert (memory.allocator() == "glibc") == (memory._glibc() is not None)
+
+
+@pytest.mark.skipif(JEMALLOC is None, reason="needs jemalloc (Debian's libjemalloc2), which the agent image installs")
+def test_under_jemalloc_the_heap_is_jemallocs_and_glibcs_knobs_stand_down():
+    code = (
+        "import torch; from replica_agent import memory; x = torch.ones(10**7); "
+        "h = memory.heap(); print(memory.allocator(), h['in_use'] > 40_000_000, memory.limit_arenas(), memory.trim())"
+    )
+    env = {"PATH": "", "LD_PRELOAD": JEMALLOC}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert out == ["jemalloc", "True", "False", "False"]

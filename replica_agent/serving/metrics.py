@@ -136,6 +136,9 @@ class _StateCollector:
         yield gauge(
             "collm_pinned_requests", "Requests holding each adapter version", [([label], float(n)) for label, n in sorted(pins.items())], labels=["version"]
         )
+        yield gauge(
+            "collm_process_allocator_info", "The process's malloc: jemalloc (preloaded), glibc or other", [([memory.allocator()], 1.0)], labels=["allocator"]
+        )
         heap = memory.heap()
         if heap is not None:
             yield gauge(
