@@ -46,6 +46,19 @@ def _jemalloc() -> ctypes.CDLL | None:
     return this
 
 
+JEMALLOC_PATHS = (
+    "/usr/local/lib/libjemalloc.so.2",
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+)
+
+
+def find_jemalloc() -> str | None:
+    """Where this machine's jemalloc is (the image's first, then Debian's, Ubuntu's and Fedora's places)."""
+    return next((path for path in JEMALLOC_PATHS if os.path.exists(path)), None)
+
+
 def allocator() -> str:
     """`jemalloc` (preloaded), `glibc` (its malloc), or `other` (musl, macOS...)."""
     return "jemalloc" if _jemalloc() is not None else "glibc" if _glibc() is not None else "other"

@@ -114,7 +114,7 @@ def test_settings_that_cannot_give_a_verdict_are_refused_before_anything_starts(
 
 
 # -- end to end ---------------------------------------------------------------------------------
-def _check_report(saved: dict) -> None:
+def _check_report(saved: dict, allocator: str | None = None) -> None:
     assert saved["benchmark"] == "soak"
     assert all(math.isfinite(v) for v in numbers_in(saved))
     assert set(saved["processes"]) == PROCESSES and set(saved["samples"]) == PROCESSES
@@ -140,7 +140,7 @@ def _check_report(saved: dict) -> None:
         assert engine["kv_rows_in_use_end"] + engine["kv_rows_free_end"] == 16
         assert engine["adapter_slots_in_use_end"] >= 1, "the served adapter holds a slot"
         assert len(saved["engine_samples"][name]) == len(saved["samples"][name])
-        assert engine["allocator"] == memory.allocator(), "the agents run on the malloc this process runs on (nothing preloaded)"
+        assert engine["allocator"] == (allocator or memory.allocator()), "the agents run on the malloc preloaded, else on this process's"
         if memory.heap() is not None:  # glibc: the agent exports its malloc heap, in use above the model's weights
             assert all(x["heap_in_use_bytes"] > 10 * MB and x["heap_free_bytes"] >= 0 for x in saved["engine_samples"][name])
             assert isinstance(engine["heap_in_use_mb_per_hour"], float) and isinstance(engine["heap_free_mb_per_hour"], float)
@@ -161,10 +161,13 @@ def test_a_short_soak_through_the_cli_writes_real_figures(tmp_path, tiny_model_d
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_ten_minute_soak_meets_the_targets(tmp_path, tiny_model_dir):
+    jemalloc = memory.find_jemalloc()
+    if jemalloc is None:  # on glibc's malloc the target was not met (docs/reliability.md, Soak)
+        pytest.skip("needs jemalloc, as the agent image preloads it (Debian's and Ubuntu's libjemalloc2)")
     out = tmp_path / "soak.json"
-    result = soak.run(minutes=10, round_every_s=60, sample_every_s=10, json_path=str(out))
+    result = soak.run(minutes=10, round_every_s=60, sample_every_s=10, preload=jemalloc, json_path=str(out))
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    _check_report(result)
+    _check_report(result, allocator="jemalloc")
     assert result["rounds"]["succeeded"] >= 5, result["rounds"]
     for name, figures in result["processes"].items():
         assert figures["passed"] == dict.fromkeys(VERDICTS, True), (name, figures)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -49,8 +48,7 @@ def test_trimmer_wants_a_positive_interval():
         memory.Trimmer(0)
 
 
-JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2")
-JEMALLOC = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+JEMALLOC = memory.find_jemalloc()
 
 
 def test_the_allocator_is_named():
