@@ -3,7 +3,7 @@
 What each replica keeps per round is bounded: an aggregator's last ROUNDS_KEPT rounds (uploads
 released once a round has its result), their candidates, a participant's fetched candidates
 (FETCHED_KEPT), the adapter store's `adapter_retain` versions. So once those bounds are reached,
-more rounds add no tensor bytes. A soak showed replicas' resident memory climbing at rounds
+more rounds add no tensor bytes (beyond a revision or two alive at the moment of a count). A soak showed replicas' resident memory climbing at rounds
 (docs/reliability.md); this test tells a kept tensor from the allocator's behaviour, which the
 process's resident size cannot.
 """
@@ -11,6 +11,7 @@ process's resident size cannot.
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from dataclasses import replace
 
@@ -55,7 +56,7 @@ def test_rounds_past_every_retention_bound_hold_no_more_tensors(tiny_base):
     # The store keeps 2 versions, so its bound is reached first; local revisions on, as in a soak.
     two = [c.model_copy(update={"revision_every_seconds": 0.5}) for c in configs(adapter_retain=2)[:2]]
     names = tuple(c.replica_id for c in two)
-    plateau, extra = ROUNDS_KEPT + 2, 4
+    plateau, extra = ROUNDS_KEPT + 2, 6
     with LocalCluster(two, base=tiny_base) as cluster:
         adapter_bytes = sum(t.nbytes for t in cluster["agent-0"].agent.store.current.tensors.values())
         held = []
@@ -74,5 +75,8 @@ def test_rounds_past_every_retention_bound_hold_no_more_tensors(tiny_base):
             assert state.succeeded, state.conditions[R.Condition.SUCCEEDED]
             if n >= plateau:
                 held.append(quiet_tensor_bytes(cluster))
-    growth = held[-1] - held[0]
-    assert growth < adapter_bytes, f"{extra} more rounds kept {growth} more tensor bytes (one adapter is {adapter_bytes}): {held}"
+    # Medians of the first and last three counts: whether a local revision or two (an adapter each)
+    # are alive at the moment of a count depends on timing, so one count moves by up to two adapters;
+    # a round's candidate and delta kept add two adapters a round, eight between those medians.
+    growth = statistics.median(held[-3:]) - statistics.median(held[:3])
+    assert growth < 3 * adapter_bytes, f"{extra} more rounds kept {growth} more tensor bytes (one adapter is {adapter_bytes}): {held}"
