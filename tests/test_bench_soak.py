@@ -159,13 +159,14 @@ def test_a_short_soak_through_the_cli_writes_real_figures(tmp_path, tiny_model_d
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_a_ten_minute_soak_meets_the_targets(tmp_path, tiny_model_dir):
+@pytest.mark.timeout(2400)
+def test_a_thirty_minute_soak_meets_the_targets(tmp_path, tiny_model_dir):
     jemalloc = memory.find_jemalloc()
     if jemalloc is None:  # on glibc's malloc the target was not met (docs/reliability.md, Soak)
         pytest.skip("needs jemalloc, as the agent image preloads it (Debian's and Ubuntu's libjemalloc2)")
     out = tmp_path / "soak.json"
-    result = soak.run(minutes=10, round_every_s=60, sample_every_s=10, preload=jemalloc, json_path=str(out))
+    # 30 minutes, as the documented run: the first ten climb even on jemalloc (docs/reliability.md, Soak)
+    result = soak.run(minutes=30, round_every_s=60, sample_every_s=10, preload=jemalloc, json_path=str(out))
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     _check_report(result, allocator="jemalloc")
     assert result["rounds"]["succeeded"] >= 5, result["rounds"]
