@@ -3,9 +3,9 @@
 What each replica keeps per round is bounded: an aggregator's last ROUNDS_KEPT rounds (uploads
 released once a round has its result), their candidates, a participant's fetched candidates
 (FETCHED_KEPT), the adapter store's `adapter_retain` versions. So once those bounds are reached,
-more rounds add no tensor bytes (beyond a revision or two alive at the moment of a count). A soak showed replicas' resident memory climbing at rounds
-(docs/reliability.md); this test tells a kept tensor from the allocator's behaviour, which the
-process's resident size cannot.
+more rounds add no tensor bytes (beyond a revision or two alive at the moment of a count). A soak
+showed replicas' resident memory climbing at rounds (docs/reliability.md); this test tells a kept
+tensor from the allocator's behaviour, which the process's resident size cannot.
 """
 
 from __future__ import annotations
